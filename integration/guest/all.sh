@@ -1,0 +1,82 @@
+#!/bin/bash
+# Inside the VM: the whole in-VM test run of integration/test.sh.
+#   integration/vm.sh integration/guest/all.sh [PART...]
+# PARTs (default: all of them, in this order):
+#   rust         root-only cargo tests on real dm-thin       (guest/rust-root-tests.sh)
+#   conformance  containerd's snapshotter conformance suite  (guest/conformance.sh)
+#   e2e          containerd end to end, if integration/e2e/run-guest.sh exists
+# Each part runs in its own process, so one failing part does not stop the others. A part's
+# count is the last "N passed, N failed" line it prints (or 1 passed/1 failed by its exit status
+# when it prints none). The last line of the output is the total: "N passed, N failed".
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+# shellcheck source=lib.sh
+. "$here/lib.sh"
+guest_prelude
+
+parts=("$@")
+((${#parts[@]})) || parts=(rust conformance e2e)
+
+# Device-mapper and loop devices left over by a part (all of ours live in this VM only).
+leftovers() {
+  local dm loops
+  dm=$(dmsetup ls 2>/dev/null | grep -v '^No devices found' || true)
+  loops=$(losetup -a 2>/dev/null || true)
+  if [[ -n $dm || -n $loops ]]; then
+    echo "WARNING: devices left behind after part '$1':"
+    [[ -n $dm ]] && sed 's/^/  dm:   /' <<<"$dm"
+    [[ -n $loops ]] && sed 's/^/  loop: /' <<<"$loops"
+  fi
+}
+
+total_pass=0 total_fail=0 any_status=0
+table=()
+run_part() {
+  local part=$1 cmd=("${@:2}") log status start secs counts p f
+  log=$VM_RESULTS/part-$part.log
+  say "PART $part: ${cmd[*]#"$GUEST_REPO"/}"
+  start=$(date +%s)
+  "${cmd[@]}" 2>&1 | tee "$log"
+  status=${PIPESTATUS[0]}
+  secs=$(($(date +%s) - start))
+  counts=$(counts_from_log "$log")
+  if [[ -n $counts ]]; then
+    read -r p f <<<"$counts"
+  elif ((status == 0)); then
+    p=1 f=0
+  else
+    p=0 f=1
+  fi
+  ((status != 0 && f == 0)) && f=1
+  ((status != 0)) && any_status=1
+  ((total_pass += p, total_fail += f))
+  table+=("$(printf '%-12s %4d passed, %4d failed   exit %-3d %5ds' "$part" "$p" "$f" "$status" "$secs")")
+  leftovers "$part" | tee -a "$log"
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    rust) run_part rust "$here/rust-root-tests.sh" ;;
+    conformance) run_part conformance "$here/conformance.sh" ;;
+    e2e)
+      # ---- HOOK: end-to-end test owned by integration/e2e/ (runs only if the script exists) ----
+      e2e=$GUEST_REPO/integration/e2e/run-guest.sh
+      if [[ -f $e2e ]]; then
+        run_part e2e /bin/bash "$e2e"
+      else
+        say "PART e2e: skipped ($e2e does not exist)"
+        table+=("$(printf '%-12s skipped (no integration/e2e/run-guest.sh)' e2e)")
+      fi
+      ;;
+    *)
+      echo "all.sh: unknown part '$part'" >&2
+      table+=("$(printf '%-12s unknown part' "$part")")
+      ((total_fail++))
+      ;;
+  esac
+done
+
+say "SUMMARY (in the VM)"
+printf '  %s\n' "${table[@]}"
+echo "$total_pass passed, $total_fail failed"
+((total_fail == 0 && any_status == 0))

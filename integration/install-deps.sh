@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything the build and the test bed need on a fresh Debian 12 machine (run as root).
+# Idempotent: a second run only checks.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+PKGS=(
+  # build: the devicemapper crate links libdevmapper and runs bindgen (libclang); tonic-build needs protoc
+  libdevmapper-dev libclang-dev clang pkg-config protobuf-compiler
+  # the VM test bed (../shared/TESTBED.md): a Debian kernel with dm modules, booted by qemu via virtme-ng
+  qemu-system-x86 linux-image-amd64 kmod
+  # virtme-ng comes from PyPI (below): needs python3 and pip when no other Python is installed
+  python3 python3-pip
+  # used inside the VM
+  e2fsprogs xfsprogs thin-provisioning-tools dmsetup lvm2 util-linux
+  # containerd's conformance suite and the end-to-end test
+  golang-go golang-github-containerd-containerd-dev containerd runc umoci skopeo busybox-static
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+export PATH="$HOME/.pyenv/shims:$HOME/.local/bin:/usr/local/bin:$PATH"
+if ! command -v vng >/dev/null 2>&1; then
+  # Debian 12's own pip refuses system-wide installs (PEP 668) unless told otherwise.
+  pip install --quiet --root-user-action=ignore virtme-ng ||
+    pip install --quiet --root-user-action=ignore --break-system-packages virtme-ng
+fi
+echo "install-deps: ok ($(ls /boot/vmlinuz-*-amd64 2>/dev/null | grep -v cloud | tail -1))"

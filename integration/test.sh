@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The project's test command (README): run as root on a Debian 12 machine, from anywhere.
+#
+#   integration/test.sh
+#
+# 1. integration/install-deps.sh            (SKIP_INSTALL_DEPS=1 to skip)
+# 2. cargo fmt --check
+# 3. cargo clippy --all-targets -- -D warnings
+# 4. cargo test                             (unit + host tests; the VM-only ones show as ignored)
+# 5. cargo build; the list of test executables (cargo test --no-run --message-format=json)
+# 6. the Go conformance binary              (integration/conformance/build.sh)
+# 7. ONE VM (integration/vm.sh integration/guest/all.sh): root-only cargo tests on real dm-thin,
+#    containerd's snapshotter conformance suite, and the end-to-end test if it exists
+# 8. a summary; exit status non-zero if anything failed.
+#
+# Steps 2-4 failing do not stop the run (so one CI run shows everything); a failed build does
+# stop it before the VM. Results and logs: integration/.results/test-<date>/.
+# Environment: VM_TIMEOUT (seconds, default 4200), GUEST_PARTS (e.g. "rust conformance"),
+# CONFORMANCE_PARALLEL, CONFORMANCE_FS, RUST_LOG; see integration/vm.sh and integration/guest/.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+cd "$REPO" || exit 1
+# CI may run a non-login shell: cargo (rustup) and vng (pip, maybe under pyenv) live here
+export PATH="$HOME/.cargo/bin:$HOME/.pyenv/shims:$HOME/.local/bin:/usr/local/bin:$PATH"
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+RESULTS=$REPO/integration/.results/test-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$RESULTS"
+t0=$(date +%s)
+steps=()
+failed=0
+
+hms() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+# step NAME CMD...: runs CMD with its output on the terminal and in $RESULTS/NAME.log
+step() {
+  local name=$1 start status secs
+  shift
+  printf '\n######## %s: %s\n' "$name" "$*"
+  start=$(date +%s)
+  "$@" 2>&1 | tee "$RESULTS/$name.log"
+  status=${PIPESTATUS[0]}
+  secs=$(($(date +%s) - start))
+  if ((status == 0)); then
+    steps+=("$(printf '%-14s ok      %s' "$name" "$(hms "$secs")")")
+  else
+    steps+=("$(printf '%-14s FAILED  %s  (exit %d, log %s)' "$name" "$(hms "$secs")" "$status" "${RESULTS#"$REPO"/}/$name.log")")
+    failed=1
+  fi
+  return "$status"
+}
+summary() {
+  printf '\n######## summary (%s in total; results in %s)\n' "$(hms $(($(date +%s) - t0)))" "${RESULTS#"$REPO"/}"
+  printf '  %s\n' "${steps[@]}"
+  if [[ -n ${vm_line:-} ]]; then
+    echo "  in the VM: $vm_line"
+    [[ -s $RESULTS/vm-summary.txt ]] && cat "$RESULTS/vm-summary.txt"
+  fi
+  if ((failed)); then
+    echo "integration/test.sh: FAILED"
+  else
+    echo "integration/test.sh: all passed"
+  fi
+}
+abort() {
+  echo "integration/test.sh: $*; not starting the VM" >&2
+  failed=1
+  summary
+  exit 1
+}
+
+if [[ ${SKIP_INSTALL_DEPS:-0} != 1 ]]; then
+  step install-deps bash integration/install-deps.sh || abort "installing dependencies failed"
+fi
+command -v cargo >/dev/null 2>&1 || abort "cargo not found (looked in PATH and ~/.cargo/bin)"
+
+step fmt cargo fmt --all -- --check
+step clippy cargo clippy --all-targets -- -D warnings
+step cargo-test cargo test
+
+# The binary and the list of test executables for the VM.
+build_all() {
+  local json=$RESULTS/cargo-test-no-run.json bin
+  cargo build --bins --message-format=json-render-diagnostics >"$RESULTS/cargo-build.json" || return 1
+  bin=$(grep '"reason":"compiler-artifact"' "$RESULTS/cargo-build.json" |
+    grep '"kind":\["bin"\]' | grep '"name":"thinsnap"' |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
+  [[ -n $bin && -x $bin ]] || { echo "cannot find the thinsnap binary in cargo's output" >&2; return 1; }
+  echo "$bin" >"$RESULTS/thinsnap-bin.txt"
+  cargo test --no-run --message-format=json-render-diagnostics >"$json" || return 1
+  # test executables: compiler-artifact messages whose profile has "test":true
+  grep '"reason":"compiler-artifact"' "$json" | grep -E '"profile":\{[^}]*"test":true' |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | sort -u >"$RESULTS/rust-test-executables.txt"
+  echo "thinsnap binary: $bin"
+  echo "test executables:"
+  sed 's/^/  /' "$RESULTS/rust-test-executables.txt"
+  [[ -s $RESULTS/rust-test-executables.txt ]] || { echo "no test executables found" >&2; return 1; }
+  case "$bin" in /tmp/* | /var/tmp/*)
+    echo "the cargo target dir is under /tmp or /var/tmp, which the VM cannot see; set CARGO_TARGET_DIR elsewhere" >&2
+    return 1 ;;
+  esac
+}
+step build build_all || abort "building thinsnap or its tests failed"
+step conformance-build bash integration/conformance/build.sh || abort "building the conformance suite failed"
+
+export THINSNAP_BIN
+THINSNAP_BIN=$(<"$RESULTS/thinsnap-bin.txt")
+export VM_RESULTS=$RESULTS/vm VM_TIMEOUT=${VM_TIMEOUT:-4200}
+export VM_PASS_ENV="${VM_PASS_ENV:-} CONFORMANCE_PARALLEL CONFORMANCE_FS CONFORMANCE_TIMEOUT RUST_ROOT_TEST_TIMEOUT GUEST_UDEV"
+mkdir -p "$VM_RESULTS"
+cp "$RESULTS/rust-test-executables.txt" "$VM_RESULTS/"
+# shellcheck disable=SC2086
+step vm bash integration/vm.sh integration/guest/all.sh ${GUEST_PARTS:-}
+vm_line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$RESULTS/vm.log" | tail -n1)
+[[ -n $vm_line ]] || vm_line="no result line (see ${RESULTS#"$REPO"/}/vm.log)"
+if [[ -f $VM_RESULTS/exit-status ]]; then
+  sed -n '/^==== SUMMARY (in the VM)/,$p' "$RESULTS/vm.log" | sed '1d;$d' | sed 's/^  /    /' >"$RESULTS/vm-summary.txt"
+fi
+summary
+exit "$failed"

@@ -1,0 +1,87 @@
+//! thinsnap's own admin service (proto/thinsnap/admin/v1): pool status for `thinsnap status`.
+//! It converts; the engine decides.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::engine::Engine;
+
+/// Generated code of proto/thinsnap/admin/v1/admin.proto.
+pub mod api {
+    #![allow(clippy::all)]
+    tonic::include_proto!("thinsnap.admin.v1");
+}
+
+use api::admin_server::Admin;
+use api::{LoopFile, Space, StatusRequest, StatusResponse};
+
+/// The Admin service over an engine.
+pub struct AdminService {
+    engine: Arc<Engine>,
+    root: String,
+}
+
+impl AdminService {
+    pub fn new(engine: Arc<Engine>, root: String) -> AdminService {
+        AdminService { engine, root }
+    }
+
+    /// The service ready to add to a tonic server.
+    pub fn into_server(self) -> api::admin_server::AdminServer<AdminService> {
+        api::admin_server::AdminServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let st = self.engine.status().await?;
+        let info = self.engine.pool_info();
+        let base = st.base.clone().unwrap_or_else(|| crate::store::BaseRecord {
+            thin_id: 0,
+            fs_type: String::new(),
+            size: 0,
+            mapped: 0,
+        });
+        Ok(Response::new(StatusResponse {
+            pool_name: info.name,
+            pool_mode: info.mode,
+            block_size_bytes: st.pool.block_size_bytes,
+            base_size_bytes: base.size,
+            fs_type: base.fs_type,
+            data: Some(Space {
+                used_bytes: st.pool.data_used_bytes,
+                total_bytes: st.pool.data_total_bytes,
+            }),
+            metadata: Some(Space {
+                used_bytes: st.pool.metadata_used_bytes,
+                total_bytes: st.pool.metadata_total_bytes,
+            }),
+            transaction_id: st.pool.transaction_id,
+            read_only: st.pool.read_only,
+            out_of_data_space: st.pool.out_of_data_space,
+            needs_check: st.pool.needs_check,
+            error_if_no_space: st.pool.error_if_no_space,
+            snapshots_active: st.active,
+            snapshots_view: st.views,
+            snapshots_committed: st.committed,
+            thin_ids_in_use: st.thin_ids,
+            loop_files: info
+                .loop_files
+                .into_iter()
+                .map(|(role, file, device)| LoopFile {
+                    role,
+                    file: file.display().to_string(),
+                    device: device.display().to_string(),
+                })
+                .collect(),
+            root: self.root.clone(),
+            base_thin_id: base.thin_id,
+            min_free_space_percent: 0.0,
+        }))
+    }
+}

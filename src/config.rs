@@ -1,0 +1,362 @@
+//! Typed configuration: the TOML file `thinsnap serve --config FILE` reads, with every default in
+//! one place ([`Config::default`]) and validation that names the offending key.
+//!
+//! This module only parses and checks values; it must not touch the pool, the store or the disk
+//! (beyond reading the file).
+
+use std::path::{Path, PathBuf};
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Default socket path, also what deploy/containerd-config.toml points containerd at.
+pub const DEFAULT_ADDRESS: &str = "/run/thinsnap/thinsnap.sock";
+/// Default state directory: sled database and, in loop mode, the pool's files.
+pub const DEFAULT_ROOT: &str = "/var/lib/thinsnap";
+
+/// dm-thin data block size bounds (thin-provisioning.rst: a multiple of 64KiB, 64KiB..1GiB).
+const MIN_BLOCK: u64 = 64 * 1024;
+const MAX_BLOCK: u64 = 1024 * 1024 * 1024;
+/// dm-thin metadata device bounds: below 2MiB is useless, above ~16GiB the kernel ignores the rest.
+const MIN_META: u64 = 2 * 1024 * 1024;
+const MAX_META: u64 = 16 * 1024 * 1024 * 1024;
+
+/// Errors of loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration. Every key is optional.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// State directory: the sled database (`root/db`) and, in loop mode, the pool files
+    /// (`root/pool/data`, `root/pool/metadata`).
+    pub root: PathBuf,
+    /// The unix socket containerd and `thinsnap status` talk to.
+    pub address: PathBuf,
+    pub pool: PoolConfig,
+    pub fs: FsConfig,
+}
+
+/// How the thin pool is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Sparse files under `root` on loop devices (Docker's loop-lvm); thinsnap creates the pool.
+    Loop,
+    /// A thin pool someone else made (LVM, say), adopted by its dm name.
+    Existing,
+}
+
+impl std::fmt::Display for PoolMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PoolMode::Loop => "loop",
+            PoolMode::Existing => "existing",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// dm name of the thin pool; also the prefix of every device name thinsnap derives.
+    pub name: String,
+    pub mode: PoolMode,
+    /// Loop mode: size of the sparse data file.
+    pub data_size: ByteSize,
+    /// Loop mode: size of the sparse metadata file.
+    pub metadata_size: ByteSize,
+    /// Loop mode: dm-thin data block size (allocation unit).
+    pub block_size: ByteSize,
+    /// Loop mode: zero newly provisioned blocks. Off by default, as in Docker and containerd:
+    /// the filesystem never exposes blocks it did not write.
+    pub zero_blocks: bool,
+}
+
+/// Filesystem of the base device (and so of every snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    /// The name used for mkfs.<name> and as the mount type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+}
+
+impl std::fmt::Display for FsType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FsConfig {
+    #[serde(rename = "type")]
+    pub fs_type: FsType,
+    /// Virtual size of the base device, and so of every snapshot.
+    pub base_size: ByteSize,
+    /// Extra arguments for mkfs, run once when the base device is made.
+    pub mkfs_options: Vec<String>,
+    /// Extra mount options returned with every mount.
+    pub mount_options: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from(DEFAULT_ROOT),
+            address: PathBuf::from(DEFAULT_ADDRESS),
+            pool: PoolConfig::default(),
+            fs: FsConfig::default(),
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            name: "thinsnap-pool".to_string(),
+            mode: PoolMode::Loop,
+            data_size: ByteSize::gib(100),
+            metadata_size: ByteSize::gib(2),
+            block_size: ByteSize::kib(64),
+            zero_blocks: false,
+        }
+    }
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            fs_type: FsType::Ext4,
+            base_size: ByteSize::gib(10),
+            mkfs_options: Vec::new(),
+            mount_options: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`; `None` gives the embedded defaults.
+    ///
+    /// Returns an error naming the file, or the key, when it cannot be read, parsed or validated.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Config::parse(&text).map_err(|e| match e {
+                    ConfigError::Parse { source, .. } => ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                    other => other,
+                })?
+            }
+        };
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    ///
+    /// Returns an error when the text is not valid TOML, has unknown keys, or fails [`Config::validate`].
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value that the type system does not.
+    ///
+    /// Returns an error naming the first key whose value is out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.root.is_absolute() {
+            return Err(invalid("root", "must be an absolute path"));
+        }
+        if !self.address.is_absolute() {
+            return Err(invalid("address", "must be an absolute path"));
+        }
+        // sockaddr_un.sun_path is 108 bytes including the NUL.
+        if self.address.as_os_str().len() > 107 {
+            return Err(invalid(
+                "address",
+                "longer than the 107 bytes a unix socket path may have",
+            ));
+        }
+        let name = &self.pool.name;
+        // Derived names add "-snap-16777215" (14 bytes); dm names are at most 127 bytes.
+        if name.is_empty() || name.len() > 100 {
+            return Err(invalid("pool.name", "must be 1 to 100 characters"));
+        }
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+        {
+            return Err(invalid(
+                "pool.name",
+                format!("{name:?}: only ASCII letters, digits and - _ . + are allowed"),
+            ));
+        }
+        let block = self.pool.block_size.as_u64();
+        if !(MIN_BLOCK..=MAX_BLOCK).contains(&block) || !block.is_multiple_of(MIN_BLOCK) {
+            return Err(invalid(
+                "pool.block_size",
+                format!("{block} bytes: must be a multiple of 64KiB between 64KiB and 1GiB"),
+            ));
+        }
+        let meta = self.pool.metadata_size.as_u64();
+        if !(MIN_META..=MAX_META).contains(&meta) || !meta.is_multiple_of(4096) {
+            return Err(invalid(
+                "pool.metadata_size",
+                format!("{meta} bytes: must be a multiple of 4KiB between 2MiB and 16GiB"),
+            ));
+        }
+        let data = self.pool.data_size.as_u64();
+        if data < 16 * block || !data.is_multiple_of(block) {
+            return Err(invalid(
+                "pool.data_size",
+                format!(
+                    "{data} bytes: must be a multiple of pool.block_size ({block}) and at least 16 blocks"
+                ),
+            ));
+        }
+        let base = self.fs.base_size.as_u64();
+        let min_base = match self.fs.fs_type {
+            FsType::Ext4 => 16 * 1024 * 1024,
+            // mkfs.xfs refuses filesystems under 300MiB.
+            FsType::Xfs => 300 * 1024 * 1024,
+        };
+        if base < min_base || !base.is_multiple_of(4096) {
+            return Err(invalid(
+                "fs.base_size",
+                format!(
+                    "{base} bytes: must be a multiple of 4KiB and at least {} for {}",
+                    ByteSize::b(min_base).display().iec(),
+                    self.fs.fs_type
+                ),
+            ));
+        }
+        for opt in &self.fs.mount_options {
+            if opt.is_empty() || opt.contains(',') {
+                return Err(invalid(
+                    "fs.mount_options",
+                    format!("{opt:?}: give one option per list entry"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the sled database lives.
+    pub fn db_path(&self) -> PathBuf {
+        self.root.join("db")
+    }
+
+    /// Where the loop mode's sparse files live.
+    pub fn pool_dir(&self) -> PathBuf {
+        self.root.join("pool")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = Config::parse("").expect("empty config is valid");
+        assert_eq!(c.root, PathBuf::from("/var/lib/thinsnap"));
+        assert_eq!(c.address, PathBuf::from("/run/thinsnap/thinsnap.sock"));
+        assert_eq!(c.pool.name, "thinsnap-pool");
+        assert_eq!(c.pool.mode, PoolMode::Loop);
+        assert_eq!(c.pool.data_size, ByteSize::gib(100));
+        assert_eq!(c.pool.metadata_size, ByteSize::gib(2));
+        assert_eq!(c.pool.block_size, ByteSize::kib(64));
+        assert_eq!(c.fs.fs_type, FsType::Ext4);
+        assert_eq!(c.fs.base_size, ByteSize::gib(10));
+    }
+
+    #[test]
+    fn human_units_are_accepted() {
+        let c = Config::parse(
+            r#"
+            root = "/tmp/x"
+            [pool]
+            data_size = "2GiB"
+            metadata_size = "64 MiB"
+            block_size = "128KiB"
+            mode = "existing"
+            [fs]
+            type = "xfs"
+            base_size = "1GiB"
+            mount_options = ["noatime"]
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.pool.data_size.as_u64(), 2 << 30);
+        assert_eq!(c.pool.metadata_size.as_u64(), 64 << 20);
+        assert_eq!(c.pool.block_size.as_u64(), 128 << 10);
+        assert_eq!(c.pool.mode, PoolMode::Existing);
+        assert_eq!(c.fs.fs_type, FsType::Xfs);
+    }
+
+    fn err_of(text: &str) -> String {
+        Config::parse(text)
+            .expect_err("must be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        assert!(err_of("[pool]\nblock_size = \"100KiB\"").contains("pool.block_size"));
+        assert!(err_of("[pool]\nmetadata_size = \"1MiB\"").contains("pool.metadata_size"));
+        assert!(err_of("[pool]\ndata_size = \"64KiB\"").contains("pool.data_size"));
+        assert!(err_of("[pool]\nname = \"a/b\"").contains("pool.name"));
+        assert!(err_of("root = \"relative\"").contains("root"));
+        assert!(err_of("[fs]\ntype = \"xfs\"\nbase_size = \"100MiB\"").contains("fs.base_size"));
+        assert!(err_of("[fs]\nmount_options = [\"a,b\"]").contains("fs.mount_options"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_refused() {
+        assert!(err_of("colour = 1").contains("colour"));
+        assert!(err_of("[pool]\nmode = \"lvm2\"").contains("mode"));
+        assert!(err_of("[pool]\ndata_size = \"lots\"").contains("data_size"));
+    }
+}

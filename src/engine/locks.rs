@@ -1,0 +1,90 @@
+//! Per-key locks: mutating calls on the same snapshot key run one at a time, calls on different
+//! keys run concurrently. Entries are dropped when nobody holds or waits for them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::OwnedMutexGuard;
+
+type Slot = Arc<tokio::sync::Mutex<()>>;
+
+/// A set of named async mutexes.
+#[derive(Default)]
+pub struct KeyLocks {
+    map: Mutex<HashMap<String, Slot>>,
+}
+
+/// Holds the locks of some keys; releases them on drop.
+pub struct KeyGuard<'a> {
+    locks: &'a KeyLocks,
+    held: Vec<(String, Option<OwnedMutexGuard<()>>)>,
+}
+
+impl KeyLocks {
+    /// Locks every key in `keys`, in sorted order so that two callers never deadlock.
+    pub async fn lock(&self, keys: &[&str]) -> KeyGuard<'_> {
+        let mut keys: Vec<&str> = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut held = Vec::with_capacity(keys.len());
+        for key in keys {
+            let slot = {
+                let mut map = self.map.lock().expect("key lock map poisoned");
+                map.entry(key.to_string()).or_default().clone()
+            };
+            let guard = slot.lock_owned().await;
+            held.push((key.to_string(), Some(guard)));
+        }
+        KeyGuard { locks: self, held }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.lock().expect("poisoned").len()
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.locks.map.lock().expect("key lock map poisoned");
+        for (key, guard) in &mut self.held {
+            drop(guard.take());
+            // Only the map holds it: nobody waits, so the entry can go.
+            if map
+                .get(key)
+                .is_some_and(|slot| Arc::strong_count(slot) == 1)
+            {
+                map.remove(key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn same_key_is_exclusive_and_entries_are_dropped() {
+        let locks = Arc::new(KeyLocks::default());
+        let inside = Arc::new(AtomicUsize::new(0));
+        let max = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (locks, inside, max) = (locks.clone(), inside.clone(), max.clone());
+            tasks.push(tokio::spawn(async move {
+                let _g = locks.lock(&["k", "other"]).await;
+                let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(n, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert_eq!(max.load(Ordering::SeqCst), 1);
+        assert_eq!(locks.len(), 0);
+    }
+}

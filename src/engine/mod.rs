@@ -1,0 +1,657 @@
+//! The snapshot engine: containerd's snapshot semantics on top of a [`ThinPool`] and the
+//! [`Store`]. It owns the order of every mutating call (intent recorded and flushed, then the
+//! kernel, then the outcome recorded and flushed), per-key locking, rollback of a failed call, and
+//! recovery at start ([`recovery`]).
+//!
+//! It must not know gRPC (the `grpc` module converts) nor device-mapper (the pool does); pool
+//! calls are blocking ioctls and always go through `spawn_blocking`.
+
+pub mod filter;
+mod locks;
+pub mod recovery;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::{info, warn};
+
+use crate::config::FsConfig;
+use crate::fs::{mount_options, FsError};
+use crate::pool::{PoolError, PoolStatus, ThinId, ThinPool};
+use crate::store::{BaseRecord, Kind, NewSnapshot, SnapshotRecord, State, Store, StoreError};
+use locks::KeyLocks;
+
+/// Longest snapshot key or name accepted, in bytes (containerd's keys are a namespace, a counter
+/// and a digest: far below this).
+pub const MAX_KEY_LEN: usize = 4096;
+/// Longest label key plus value, in bytes (containerd's own limit for labels).
+pub const MAX_LABEL_LEN: usize = 4096;
+/// Most labels one snapshot may carry.
+pub const MAX_LABELS: usize = 256;
+
+/// Errors of the engine. The first five are the caller's; the rest are ours and carry their cause.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{context}: {source}")]
+    Pool { context: String, source: PoolError },
+    #[error("store: {0}")]
+    Store(StoreError),
+    #[error("filesystem: {0}")]
+    Fs(#[from] FsError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(k) => EngineError::NotFound(format!("snapshot {k:?} not found")),
+            StoreError::AlreadyExists(k) => {
+                EngineError::AlreadyExists(format!("snapshot {k:?} already exists"))
+            }
+            StoreError::FailedPrecondition(m) => EngineError::FailedPrecondition(m),
+            StoreError::NoFreeThinId => EngineError::ResourceExhausted(e.to_string()),
+            other => EngineError::Store(other),
+        }
+    }
+}
+
+fn pool_err(context: impl Into<String>) -> impl FnOnce(PoolError) -> EngineError {
+    let context = context.into();
+    move |source| match source {
+        PoolError::Busy(dev) => EngineError::FailedPrecondition(format!(
+            "{context}: dm device {dev} is busy; unmount it first"
+        )),
+        PoolError::NoSpace(pool) => {
+            EngineError::ResourceExhausted(format!("{context}: thin pool {pool} is out of space"))
+        }
+        source => EngineError::Pool { context, source },
+    }
+}
+
+/// What a client sees of a snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotInfo {
+    pub key: String,
+    pub kind: Kind,
+    pub parent: String,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+}
+
+/// A mount for containerd: `mount -t <fs_type> -o <options> <source> <target>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mount {
+    pub fs_type: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Space a snapshot uses, excluding its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Usage {
+    pub size: u64,
+    pub inodes: u64,
+}
+
+/// Counts for `thinsnap status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStatus {
+    pub pool: PoolStatus,
+    pub active: u64,
+    pub views: u64,
+    pub committed: u64,
+    pub thin_ids: u64,
+    pub base: Option<BaseRecord>,
+}
+
+/// Nanoseconds since the epoch, for records.
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn to_time(ns: u64) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_nanos(ns)
+}
+
+fn check_key(what: &str, key: &str) -> Result<(), EngineError> {
+    if key.is_empty() {
+        return Err(EngineError::InvalidArgument(format!(
+            "{what} must not be empty"
+        )));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(EngineError::InvalidArgument(format!(
+            "{what} is {} bytes long; at most {MAX_KEY_LEN} are allowed",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks labels against the documented limits.
+///
+/// Returns InvalidArgument naming the offending label.
+pub fn check_labels<'a>(
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), EngineError> {
+    let mut n = 0;
+    for (k, v) in labels {
+        n += 1;
+        if k.is_empty() {
+            return Err(EngineError::InvalidArgument(
+                "label key must not be empty".into(),
+            ));
+        }
+        if k.len() + v.len() > MAX_LABEL_LEN {
+            let shown: String = k.chars().take(64).collect();
+            return Err(EngineError::InvalidArgument(format!(
+                "label {shown:?}: key and value are {} bytes; at most {MAX_LABEL_LEN} are allowed",
+                k.len() + v.len()
+            )));
+        }
+    }
+    if n > MAX_LABELS {
+        return Err(EngineError::InvalidArgument(format!(
+            "{n} labels; at most {MAX_LABELS} are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// The snapshot engine. Shared between gRPC handlers through an `Arc`.
+pub struct Engine {
+    pool: Arc<dyn ThinPool>,
+    store: Store,
+    base: BaseRecord,
+    fs: FsConfig,
+    locks: KeyLocks,
+}
+
+impl Engine {
+    /// Builds the engine on a recovered store (see [`recovery::start`]).
+    fn new(pool: Arc<dyn ThinPool>, store: Store, base: BaseRecord, fs: FsConfig) -> Engine {
+        Engine {
+            pool,
+            store,
+            base,
+            fs,
+            locks: KeyLocks::default(),
+        }
+    }
+
+    /// Runs `f` on the pool in the blocking thread pool.
+    async fn on_pool<T, F>(&self, f: F) -> Result<T, EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn ThinPool) -> Result<T, EngineError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || f(&*pool))
+            .await
+            .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
+    }
+
+    fn mounts_of(&self, rec: &SnapshotRecord) -> Vec<Mount> {
+        vec![Mount {
+            fs_type: self.fs.fs_type.as_str().to_string(),
+            source: self.pool.device_path(rec.thin_id).display().to_string(),
+            options: mount_options(&self.fs, rec.kind == Kind::View),
+        }]
+    }
+
+    fn info_of(key: &str, rec: &SnapshotRecord) -> SnapshotInfo {
+        SnapshotInfo {
+            key: key.to_string(),
+            kind: rec.kind,
+            parent: rec.parent.clone().unwrap_or_default(),
+            labels: rec.labels.clone(),
+            created_at: to_time(rec.created_at),
+            updated_at: to_time(rec.updated_at),
+        }
+    }
+
+    fn ready(&self, key: &str) -> Result<SnapshotRecord, EngineError> {
+        match self.store.get(key)? {
+            Some(rec) if rec.state == State::Ready => Ok(rec),
+            _ => Err(EngineError::NotFound(format!("snapshot {key:?} not found"))),
+        }
+    }
+
+    /// Prepare (`kind` Active) or View (`kind` View): a thin snapshot of the parent (or of the
+    /// base device), activated, returned as one mount.
+    ///
+    /// Returns InvalidArgument for an empty key or bad labels, AlreadyExists if the key is taken,
+    /// NotFound if the parent does not exist, FailedPrecondition if it is not committed,
+    /// ResourceExhausted if the pool is out of space or thin ids.
+    pub async fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, EngineError> {
+        check_key("key", key)?;
+        check_labels(&labels)?;
+        let _guard = self.locks.lock(&[key]).await;
+        let new = NewSnapshot {
+            key: key.to_string(),
+            kind,
+            parent: (!parent.is_empty()).then(|| parent.to_string()),
+            labels,
+            now: now_ns(),
+        };
+        // 1. Intent: records in state Creating, durable before the kernel is touched.
+        let plan = self.store.begin_create(&new, &self.base)?;
+        self.store.flush().await?;
+        // 2. The kernel: create_snap, then activate.
+        let (id, origin, size) = (plan.thin_id, plan.origin, plan.size);
+        let made = self
+            .on_pool(move |pool| {
+                pool.create_snap(id, origin)
+                    .map_err(pool_err(format!("create thin id {id} from {origin}")))?;
+                pool.activate(id, size)
+                    .map_err(pool_err(format!("activate thin id {id}")))?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = made {
+            warn!(key, thin_id = id, error = %e, "prepare failed; undoing");
+            self.undo_create(key, id).await;
+            return Err(e);
+        }
+        // 3. Outcome.
+        let finished = async {
+            self.store.finish_create(key)?;
+            self.store.flush().await?;
+            Ok::<_, EngineError>(())
+        }
+        .await;
+        if let Err(e) = finished {
+            self.undo_create(key, id).await;
+            return Err(e);
+        }
+        let rec = self.ready(key)?;
+        info!(
+            key,
+            thin_id = id,
+            origin,
+            kind = kind.as_str(),
+            "created snapshot"
+        );
+        Ok(self.mounts_of(&rec))
+    }
+
+    /// Undoes a half-made snapshot: its record goes, its device is reaped.
+    async fn undo_create(&self, key: &str, id: ThinId) {
+        if let Err(e) = self.store.forget_snapshot_keep_device(key) {
+            warn!(key, thin_id = id, error = %e, "cannot drop the record of an undone snapshot");
+            return;
+        }
+        let _ = self.store.flush().await;
+        self.reap(id).await;
+    }
+
+    /// Deactivates and deletes thin device `id`, whose record is in state Deleting, then forgets
+    /// it. A failure leaves the record for [`Engine::cleanup`] and recovery to retry.
+    async fn reap(&self, id: ThinId) -> bool {
+        let deleted = self
+            .on_pool(move |pool| {
+                pool.deactivate(id)
+                    .map_err(pool_err(format!("deactivate thin id {id}")))?;
+                match pool.delete_thin(id) {
+                    Ok(()) | Err(PoolError::ThinNotFound(_)) => Ok(()),
+                    Err(e) => Err(pool_err(format!("delete thin id {id}"))(e)),
+                }
+            })
+            .await;
+        match deleted {
+            Ok(()) => {
+                if let Err(e) = self.store.forget_device(id) {
+                    warn!(thin_id = id, error = %e, "cannot forget deleted device");
+                    return false;
+                }
+                if let Err(e) = self.store.flush().await {
+                    warn!(thin_id = id, error = %e, "cannot flush after deleting device");
+                    return false;
+                }
+                true
+            }
+            Err(e) => {
+                warn!(thin_id = id, error = %e, "cannot delete thin device; left for cleanup");
+                false
+            }
+        }
+    }
+
+    /// The mounts of an active snapshot or view.
+    ///
+    /// Returns NotFound if there is no such snapshot, FailedPrecondition if it is committed.
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, EngineError> {
+        check_key("key", key)?;
+        let rec = self.ready(key)?;
+        if rec.kind == Kind::Committed {
+            return Err(EngineError::FailedPrecondition(format!(
+                "snapshot {key:?} is committed; only active snapshots and views have mounts"
+            )));
+        }
+        Ok(self.mounts_of(&rec))
+    }
+
+    /// Commits active snapshot `key` as `name`: the device keeps its thin id and is deactivated.
+    ///
+    /// Returns NotFound if `key` does not exist, FailedPrecondition if it is a view or committed
+    /// or still mounted, AlreadyExists if `name` is taken.
+    pub async fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), EngineError> {
+        check_key("name", name)?;
+        check_key("key", key)?;
+        check_labels(&labels)?;
+        let _guard = self.locks.lock(&[key, name]).await;
+        let rec = self.ready(key)?;
+        if rec.kind != Kind::Active {
+            return Err(EngineError::FailedPrecondition(format!(
+                "snapshot {key:?} is {}; only an active snapshot can be committed",
+                rec.kind.as_str()
+            )));
+        }
+        if self.store.get(name)?.is_some() {
+            return Err(EngineError::AlreadyExists(format!(
+                "snapshot {name:?} already exists"
+            )));
+        }
+        let (id, size) = (rec.thin_id, rec.size);
+        let what = format!("commit snapshot {key:?}");
+        let mapped = self
+            .on_pool(move |pool| {
+                pool.activate(id, size)
+                    .map_err(pool_err(format!("{what}: activate thin id {id}")))?;
+                let mapped = pool
+                    .mapped_bytes(id)
+                    .map_err(pool_err(format!("{what}: read usage of thin id {id}")))?;
+                pool.deactivate(id).map_err(pool_err(what))?;
+                Ok(mapped)
+            })
+            .await?;
+        let committed = self.store.commit(key, name, labels, mapped, now_ns());
+        let committed = match committed {
+            Ok(c) => self
+                .store
+                .flush()
+                .await
+                .map(|_| c)
+                .map_err(EngineError::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = committed {
+            // The active snapshot is still what the store has: give it its device back.
+            let _ = self
+                .on_pool(move |pool| {
+                    pool.activate(id, size)
+                        .map_err(pool_err(format!("reactivate thin id {id}")))
+                })
+                .await;
+            return Err(e);
+        }
+        info!(key, name, thin_id = id, mapped, "committed snapshot");
+        Ok(())
+    }
+
+    /// Removes a snapshot and deletes its thin device.
+    ///
+    /// Returns NotFound if it does not exist, FailedPrecondition if it has children or its
+    /// device is still mounted.
+    pub async fn remove(&self, key: &str) -> Result<(), EngineError> {
+        check_key("key", key)?;
+        let _guard = self.locks.lock(&[key]).await;
+        let rec = self.ready(key)?;
+        if rec.kind == Kind::Committed && rec.children > 0 {
+            return Err(EngineError::FailedPrecondition(format!(
+                "snapshot {key:?} has {} child snapshot(s); remove them first",
+                rec.children
+            )));
+        }
+        let id = rec.thin_id;
+        if rec.kind != Kind::Committed {
+            // Deactivate first: a device still mounted refuses, and the snapshot stays intact.
+            let what = format!("remove snapshot {key:?}");
+            self.on_pool(move |pool| pool.deactivate(id).map_err(pool_err(what)))
+                .await?;
+        }
+        let removed = async {
+            self.store.begin_remove(key)?;
+            self.store.flush().await?;
+            Ok::<_, EngineError>(())
+        }
+        .await;
+        if let Err(e) = removed {
+            if rec.kind != Kind::Committed {
+                let size = rec.size;
+                let _ = self
+                    .on_pool(move |pool| {
+                        pool.activate(id, size)
+                            .map_err(pool_err(format!("reactivate thin id {id}")))
+                    })
+                    .await;
+            }
+            return Err(e);
+        }
+        self.reap(id).await;
+        info!(key, thin_id = id, "removed snapshot");
+        Ok(())
+    }
+
+    /// Info of a snapshot.
+    ///
+    /// Returns NotFound if it does not exist.
+    pub async fn stat(&self, key: &str) -> Result<SnapshotInfo, EngineError> {
+        check_key("key", key)?;
+        let rec = self.ready(key)?;
+        Ok(Self::info_of(key, &rec))
+    }
+
+    /// Updates the labels of a snapshot, the only mutable field. `paths` empty replaces all
+    /// labels; `labels` replaces all; `labels.<k>` sets or (absent from `labels`) removes one.
+    ///
+    /// Returns NotFound if it does not exist, InvalidArgument for any other field path.
+    pub async fn update(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<SnapshotInfo, EngineError> {
+        check_key("name", key)?;
+        let _guard = self.locks.lock(&[key]).await;
+        let rec = self.ready(key)?;
+        let mut new_labels = rec.labels.clone();
+        if paths.is_empty() {
+            new_labels = labels;
+        } else {
+            for path in paths {
+                if path == "labels" {
+                    new_labels = labels.clone();
+                } else if let Some(l) = path.strip_prefix("labels.") {
+                    match labels.get(l) {
+                        Some(v) => {
+                            new_labels.insert(l.to_string(), v.clone());
+                        }
+                        None => {
+                            new_labels.remove(l);
+                        }
+                    }
+                } else {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "cannot update field {path:?} of snapshot {key:?}: only labels are mutable"
+                    )));
+                }
+            }
+        }
+        check_labels(&new_labels)?;
+        let rec = self.store.set_labels(key, new_labels, now_ns())?;
+        self.store.flush().await?;
+        Ok(Self::info_of(key, &rec))
+    }
+
+    /// Bytes the snapshot maps beyond what its parent mapped when it was made: read live from the
+    /// device for active snapshots and views, recorded at commit for committed ones.
+    ///
+    /// Returns NotFound if it does not exist.
+    pub async fn usage(&self, key: &str) -> Result<Usage, EngineError> {
+        check_key("key", key)?;
+        let rec = self.ready(key)?;
+        let mapped = match rec.kind {
+            Kind::Committed => rec.mapped,
+            Kind::Active | Kind::View => {
+                let id = rec.thin_id;
+                self.on_pool(move |pool| {
+                    pool.mapped_bytes(id)
+                        .map_err(pool_err(format!("read usage of thin id {id}")))
+                })
+                .await?
+            }
+        };
+        Ok(Usage {
+            size: mapped.saturating_sub(rec.origin_mapped),
+            inodes: 0,
+        })
+    }
+
+    /// Every snapshot that passes `filters` (containerd's syntax: several filters OR, `,` AND).
+    ///
+    /// Returns InvalidArgument for a malformed filter.
+    pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, EngineError> {
+        let parsed =
+            filter::parse_all(filters).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        let mut out = Vec::new();
+        for (key, rec) in self.store.snapshots()? {
+            if rec.state != State::Ready {
+                continue;
+            }
+            let parent = rec.parent.clone().unwrap_or_default();
+            let fields = filter::Fields {
+                kind: rec.kind.as_str(),
+                name: &key,
+                parent: &parent,
+                labels: &rec.labels,
+            };
+            if filter::any_matches(&parsed, &fields) {
+                out.push(Self::info_of(&key, &rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes thin devices left behind by removals that could not finish (a device that was
+    /// busy, a crash), and dm devices with our prefix that no record owns.
+    ///
+    /// Returns an error if the store or the pool cannot be read.
+    pub async fn cleanup(&self) -> Result<usize, EngineError> {
+        let mut reaped = 0;
+        for dev in self.store.devices()? {
+            if dev.state == State::Deleting && self.reap(dev.thin_id).await {
+                reaped += 1;
+            }
+        }
+        let known: std::collections::BTreeSet<ThinId> =
+            self.store.devices()?.iter().map(|d| d.thin_id).collect();
+        let active = self
+            .on_pool(|pool| pool.active_ids().map_err(pool_err("list active devices")))
+            .await?;
+        for id in active.into_iter().filter(|id| !known.contains(id)) {
+            // Every device we activate has a record first; one without is an orphan.
+            warn!(thin_id = id, "active device with no record; deleting");
+            let gone = self
+                .on_pool(move |pool| {
+                    pool.deactivate(id)
+                        .map_err(pool_err(format!("deactivate orphan thin id {id}")))?;
+                    match pool.delete_thin(id) {
+                        Ok(()) | Err(PoolError::ThinNotFound(_)) => Ok(()),
+                        Err(e) => Err(pool_err(format!("delete orphan thin id {id}"))(e)),
+                    }
+                })
+                .await;
+            match gone {
+                Ok(()) => reaped += 1,
+                Err(e) => warn!(thin_id = id, error = %e, "cannot delete orphan"),
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// Pool space and health with the snapshot counts.
+    ///
+    /// Returns an error if the pool status cannot be read.
+    pub async fn status(&self) -> Result<EngineStatus, EngineError> {
+        let pool = self
+            .on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
+            .await?;
+        let mut st = EngineStatus {
+            pool,
+            base: Some(self.base.clone()),
+            thin_ids: self.store.devices()?.len() as u64,
+            ..EngineStatus::default()
+        };
+        for (_, rec) in self.store.snapshots()? {
+            if rec.state != State::Ready {
+                continue;
+            }
+            match rec.kind {
+                Kind::Active => st.active += 1,
+                Kind::View => st.views += 1,
+                Kind::Committed => st.committed += 1,
+            }
+        }
+        Ok(st)
+    }
+
+    /// What the pool is made of.
+    pub fn pool_info(&self) -> crate::pool::PoolInfo {
+        self.pool.info()
+    }
+
+    /// The configured filesystem.
+    pub fn fs(&self) -> &FsConfig {
+        &self.fs
+    }
+
+    /// Flushes the store; called once more at shutdown.
+    ///
+    /// Returns an error if the store cannot be flushed.
+    pub async fn shutdown(&self) -> Result<(), EngineError> {
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    /// The device path of a thin id (for tests and status).
+    pub fn device_path(&self, id: ThinId) -> PathBuf {
+        self.pool.device_path(id)
+    }
+
+    /// The record of a snapshot, for tests.
+    pub fn record(&self, key: &str) -> Result<Option<SnapshotRecord>, EngineError> {
+        Ok(self.store.get(key)?)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+//! containerd's Snapshots service: the `containerd-snapshots` crate's [`Snapshotter`] trait mapped
+//! onto the [`Engine`], and the one exact mapping of [`EngineError`] to gRPC status codes
+//! (containerd branches on them: its unpacker relies on AlreadyExists). Nothing else lives here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use containerd_snapshots::{
+    api::types::Mount as ApiMount, Info, Kind as ApiKind, Snapshotter, Usage,
+};
+use tonic::Status;
+
+use crate::engine::{Engine, EngineError, SnapshotInfo};
+use crate::store::Kind;
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Status {
+        match &e {
+            EngineError::NotFound(m) => Status::not_found(m.clone()),
+            EngineError::AlreadyExists(m) => Status::already_exists(m.clone()),
+            EngineError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+            EngineError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+            EngineError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
+            _ => {
+                // Internal: the whole source chain, so the log on containerd's side says why.
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(": ");
+                    msg.push_str(&s.to_string());
+                    src = s.source();
+                }
+                Status::internal(msg)
+            }
+        }
+    }
+}
+
+/// The Snapshots service over an engine.
+pub struct Service {
+    engine: Arc<Engine>,
+}
+
+impl Service {
+    pub fn new(engine: Arc<Engine>) -> Service {
+        Service { engine }
+    }
+}
+
+fn labels(l: HashMap<String, String>) -> BTreeMap<String, String> {
+    l.into_iter().collect()
+}
+
+fn info(i: SnapshotInfo) -> Info {
+    Info {
+        kind: match i.kind {
+            Kind::Active => ApiKind::Active,
+            Kind::View => ApiKind::View,
+            Kind::Committed => ApiKind::Committed,
+        },
+        name: i.key,
+        parent: i.parent,
+        labels: i.labels.into_iter().collect(),
+        created_at: i.created_at,
+        updated_at: i.updated_at,
+    }
+}
+
+fn mounts(m: Vec<crate::engine::Mount>) -> Vec<ApiMount> {
+    m.into_iter()
+        .map(|m| ApiMount {
+            r#type: m.fs_type,
+            source: m.source,
+            target: String::new(),
+            options: m.options,
+        })
+        .collect()
+}
+
+// The trait fixes the error type to tonic::Status, whose size clippy dislikes.
+#[allow(clippy::result_large_err)]
+#[tonic::async_trait]
+impl Snapshotter for Service {
+    type Error = Status;
+
+    async fn stat(&self, key: String) -> Result<Info, Status> {
+        Ok(info(self.engine.stat(&key).await?))
+    }
+
+    async fn update(&self, i: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Status> {
+        let paths = fieldpaths.unwrap_or_default();
+        Ok(info(
+            self.engine
+                .update(&i.name, labels(i.labels), &paths)
+                .await?,
+        ))
+    }
+
+    async fn usage(&self, key: String) -> Result<Usage, Status> {
+        let u = self.engine.usage(&key).await?;
+        Ok(Usage {
+            size: i64::try_from(u.size).unwrap_or(i64::MAX),
+            inodes: i64::try_from(u.inodes).unwrap_or(i64::MAX),
+        })
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<ApiMount>, Status> {
+        Ok(mounts(self.engine.mounts(&key).await?))
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        l: HashMap<String, String>,
+    ) -> Result<Vec<ApiMount>, Status> {
+        Ok(mounts(
+            self.engine
+                .create(Kind::Active, &key, &parent, labels(l))
+                .await?,
+        ))
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        l: HashMap<String, String>,
+    ) -> Result<Vec<ApiMount>, Status> {
+        Ok(mounts(
+            self.engine
+                .create(Kind::View, &key, &parent, labels(l))
+                .await?,
+        ))
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        l: HashMap<String, String>,
+    ) -> Result<(), Status> {
+        Ok(self.engine.commit(&name, &key, labels(l)).await?)
+    }
+
+    async fn remove(&self, key: String) -> Result<(), Status> {
+        Ok(self.engine.remove(&key).await?)
+    }
+
+    async fn clear(&self) -> Result<(), Status> {
+        self.engine.cleanup().await?;
+        Ok(())
+    }
+
+    type InfoStream = futures::stream::Iter<std::vec::IntoIter<Result<Info, Status>>>;
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> Result<Self::InfoStream, Status> {
+        let infos = self.engine.list(&filters).await?;
+        Ok(futures::stream::iter(
+            infos.into_iter().map(|i| Ok(info(i))).collect::<Vec<_>>(),
+        ))
+    }
+}

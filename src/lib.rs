@@ -1,0 +1,26 @@
+//! thinsnap: a containerd snapshotter on device-mapper thin provisioning. Every image layer and
+//! every container gets its own copy-on-write block device: a thin snapshot of its parent's, or of
+//! a base device formatted once per pool.
+//!
+//! # Layout
+//! - [`config`]: typed TOML configuration, every default, validation naming the key.
+//! - [`server`]: the tonic server on the unix socket (both services), graceful stop; the client side.
+//! - [`grpc`]: containerd's Snapshots service -> [`engine`]; `EngineError` -> gRPC status codes.
+//! - [`admin`]: thinsnap's own Admin service (proto/) -> [`engine`].
+//! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
+//!   recovery at start ([`engine::recovery`]), containerd's filter syntax ([`engine::filter`]).
+//! - [`store`]: the sled database: snapshot and device records, thin id allocation, schema version.
+//! - [`pool`]: the `ThinPool` trait, its device-mapper implementation, loop-device provisioning.
+//! - [`fs`]: formatting the base device, mount options per filesystem.
+//!
+//! Dependencies point one way: grpc/admin -> engine -> (pool, store, fs). Only `pool` uses the
+//! `devicemapper` crate and only `store` uses `sled`.
+
+pub mod admin;
+pub mod config;
+pub mod engine;
+pub mod fs;
+pub mod grpc;
+pub mod pool;
+pub mod server;
+pub mod store;

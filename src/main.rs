@@ -1,0 +1,311 @@
+//! The `thinsnap` command: `serve` (the daemon), `status` (asks the daemon), `pool destroy`.
+//! The composition root: the only place that builds the real pool and store together, and the
+//! only place `anyhow` is used.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tracing::{error, info};
+
+use thinsnap::admin::api::admin_client::AdminClient;
+use thinsnap::admin::api::StatusRequest;
+use thinsnap::config::Config;
+use thinsnap::engine::recovery;
+use thinsnap::pool::dm::{self, DmPool};
+use thinsnap::pool::ThinPool;
+use thinsnap::store::Store;
+use thinsnap::{fs, server};
+
+#[derive(Parser)]
+#[command(
+    name = "thinsnap",
+    version,
+    about = "containerd snapshotter on device-mapper thin provisioning"
+)]
+struct Cli {
+    /// Log format: "text" or "json".
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "THINSNAP_LOG_FORMAT"
+    )]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve containerd's Snapshots API on the configured unix socket.
+    Serve {
+        /// TOML configuration file; without it the embedded defaults are used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print the pool's space, health and snapshot counts (asks the running daemon).
+    Status {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pool maintenance.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Remove every device of this pool, the pool and its loop devices (loop mode); with
+    /// --remove-files also the pool files and the database. The daemon must be stopped.
+    Destroy {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        remove_files: bool,
+    },
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    if let Err(e) = run(cli) {
+        error!("{e:#}");
+        eprintln!("thinsnap: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    match cli.command {
+        Command::Serve { config } => rt.block_on(serve(config.as_deref())),
+        Command::Status { config, json } => rt.block_on(status(config.as_deref(), json)),
+        Command::Pool {
+            command:
+                PoolCommand::Destroy {
+                    config,
+                    remove_files,
+                },
+        } => destroy(config.as_deref(), remove_files),
+    }
+}
+
+fn ensure_root(root: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .with_context(|| format!("cannot create root directory {}", root.display()))
+}
+
+async fn serve(config_path: Option<&Path>) -> Result<()> {
+    let config = Config::load(config_path)?;
+    info!(root = %config.root.display(), socket = %config.address.display(),
+          pool = %config.pool.name, mode = %config.pool.mode, "starting");
+    server::check_not_in_use(&config.address)?;
+    ensure_root(&config.root)?;
+    let store = Store::open(&config.db_path())
+        .with_context(|| "cannot open the database (is another thinsnap using this root?)")?;
+    let c = config.clone();
+    let engine = tokio::task::spawn_blocking(move || -> Result<_> {
+        let pool: Arc<dyn ThinPool> = Arc::new(DmPool::open(&c)?);
+        let fs_config = c.fs.clone();
+        let scratch = c.root.clone();
+        let format = move |dev: &Path| fs::format_base(dev, &fs_config, &scratch);
+        let (engine, _report) = recovery::start(pool, store, c.fs.clone(), &format)?;
+        Ok(engine)
+    })
+    .await??;
+    let engine = Arc::new(engine);
+    let listener = server::bind(&config.address)?;
+    info!(socket = %config.address.display(), "serving");
+    // Tell systemd (Type=notify) that the socket is there; a no-op outside systemd.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    };
+    server::run(
+        listener,
+        engine,
+        config.root.display().to_string(),
+        shutdown,
+    )
+    .await?;
+    let _ = std::fs::remove_file(&config.address);
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
+}
+
+fn pct(used: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        used as f64 * 100.0 / total as f64
+    }
+}
+
+async fn status(config_path: Option<&Path>, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let channel = server::connect(&config.address).await.with_context(|| {
+        format!(
+            "cannot reach thinsnap at {} (is it running?)",
+            config.address.display()
+        )
+    })?;
+    let st = AdminClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .context("status call failed")?
+        .into_inner();
+    let data = st.data.clone().unwrap_or_default();
+    let meta = st.metadata.clone().unwrap_or_default();
+    if json {
+        let v = serde_json::json!({
+            "pool_name": st.pool_name,
+            "pool_mode": st.pool_mode,
+            "root": st.root,
+            "block_size_bytes": st.block_size_bytes,
+            "base_size_bytes": st.base_size_bytes,
+            "base_thin_id": st.base_thin_id,
+            "fs_type": st.fs_type,
+            "data": {"used_bytes": data.used_bytes, "total_bytes": data.total_bytes,
+                     "available_bytes": data.total_bytes.saturating_sub(data.used_bytes)},
+            "metadata": {"used_bytes": meta.used_bytes, "total_bytes": meta.total_bytes,
+                         "available_bytes": meta.total_bytes.saturating_sub(meta.used_bytes)},
+            "transaction_id": st.transaction_id,
+            "health": {"read_only": st.read_only, "out_of_data_space": st.out_of_data_space,
+                       "needs_check": st.needs_check, "error_if_no_space": st.error_if_no_space},
+            "snapshots": {"active": st.snapshots_active, "view": st.snapshots_view,
+                          "committed": st.snapshots_committed},
+            "thin_ids_in_use": st.thin_ids_in_use,
+            "loop_files": st.loop_files.iter().map(|l| serde_json::json!(
+                {"role": l.role, "file": l.file, "device": l.device})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("Pool Name:                 {}", st.pool_name);
+    println!("Pool Mode:                 {}", st.pool_mode);
+    println!("Root:                      {}", st.root);
+    println!("Pool Blocksize:            {}", human(st.block_size_bytes));
+    println!("Base Device Size:          {}", human(st.base_size_bytes));
+    println!("Backing Filesystem:        {}", st.fs_type);
+    for (what, s) in [("Data", &data), ("Metadata", &meta)] {
+        println!(
+            "{:<27}{} ({:.1}%)",
+            format!("{what} Space Used:"),
+            human(s.used_bytes),
+            pct(s.used_bytes, s.total_bytes)
+        );
+        println!(
+            "{:<27}{}",
+            format!("{what} Space Total:"),
+            human(s.total_bytes)
+        );
+        println!(
+            "{:<27}{}",
+            format!("{what} Space Available:"),
+            human(s.total_bytes.saturating_sub(s.used_bytes))
+        );
+    }
+    println!("Transaction Id:            {}", st.transaction_id);
+    let mut health = Vec::new();
+    if st.read_only {
+        health.push("read-only");
+    }
+    if st.out_of_data_space {
+        health.push("out of data space");
+    }
+    if st.needs_check {
+        health.push("needs_check");
+    }
+    println!(
+        "Health:                    {}",
+        if health.is_empty() {
+            "ok".to_string()
+        } else {
+            health.join(", ")
+        }
+    );
+    println!("Error If No Space:         {}", st.error_if_no_space);
+    println!(
+        "Snapshots:                 {} active, {} view, {} committed",
+        st.snapshots_active, st.snapshots_view, st.snapshots_committed
+    );
+    println!(
+        "Thin Ids In Use:           {} (base: {})",
+        st.thin_ids_in_use, st.base_thin_id
+    );
+    for l in &st.loop_files {
+        println!(
+            "{:<27}{} on {}",
+            format!("Loop {} File:", l.role),
+            l.file,
+            l.device
+        );
+    }
+    Ok(())
+}
+
+fn destroy(config_path: Option<&Path>, remove_files: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    if server::check_not_in_use(&config.address).is_err() {
+        bail!(
+            "thinsnap is still serving on {}; stop it first",
+            config.address.display()
+        );
+    }
+    let db = config.db_path();
+    let thin_ids: Vec<u32> = if db.exists() {
+        let store =
+            Store::open(&db).context("cannot open the database (is thinsnap still running?)")?;
+        store.devices()?.iter().map(|d| d.thin_id).collect()
+    } else {
+        Vec::new()
+    };
+    dm::destroy(&config, &thin_ids, remove_files)?;
+    if remove_files {
+        match std::fs::remove_dir_all(&db) {
+            Ok(()) => info!(path = %db.display(), "removed database"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", db.display())),
+        }
+        let _ = std::fs::remove_dir(&config.root);
+    }
+    info!(pool = %config.pool.name, "pool destroyed");
+    Ok(())
+}

@@ -1,0 +1,548 @@
+//! The device-mapper implementation of [`ThinPool`]: ioctls through the `devicemapper` crate's
+//! `DM` handle (device create, table load, suspend/resume, target messages, status). No process is
+//! spawned here.
+//!
+//! Device names: the pool is `<pool.name>`; thin device `N` is `<pool.name>-snap-N`. Nothing else
+//! is ever named with that prefix, so recovery can tell ours from the rest.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use devicemapper::{
+    errors, DevId, Device, DmError, DmFlags, DmName, DmNameBuf, DmOptions, ThinPoolStatus,
+    ThinPoolStatusSummary, ThinPoolTargetParams, ThinStatus, DM,
+};
+use nix::errno::Errno;
+use tracing::{debug, info, warn};
+
+use super::{loopback, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
+use crate::config::{Config, PoolMode};
+
+const SECTOR: u64 = 512;
+const META_BLOCK: u64 = 4096;
+
+/// A thin pool driven through device-mapper ioctls.
+pub struct DmPool {
+    dm: DM,
+    name: String,
+    prefix: String,
+    mode: PoolMode,
+    block_size: u64,
+    loop_files: Vec<(String, PathBuf, PathBuf)>,
+}
+
+/// The errno behind a devicemapper ioctl error, if it is one.
+fn errno_of(err: &DmError) -> Option<Errno> {
+    match err {
+        // The crate's nix may be another version than ours: go through the raw number.
+        DmError::Core(errors::Error::Ioctl(_, _, _, errno)) => {
+            Some(Errno::from_raw(**errno as i32))
+        }
+        _ => None,
+    }
+}
+
+fn dm_err(op: &'static str, target: impl Into<String>) -> impl FnOnce(DmError) -> PoolError {
+    let target = target.into();
+    move |source| PoolError::Dm { op, target, source }
+}
+
+fn dm_name(name: &str) -> Result<DmNameBuf, PoolError> {
+    DmNameBuf::new(name.to_string()).map_err(dm_err("name", name))
+}
+
+/// Opens the device-mapper control device.
+///
+/// Returns [`PoolError::NoDeviceMapper`] if the kernel has no device-mapper.
+pub fn open_dm() -> Result<DM, PoolError> {
+    if !Path::new("/dev/mapper/control").exists() {
+        let misc = std::fs::read_to_string("/proc/misc").unwrap_or_default();
+        if !misc.contains("device-mapper") {
+            return Err(PoolError::NoDeviceMapper(
+                "no device-mapper in /proc/misc, no /dev/mapper/control".to_string(),
+            ));
+        }
+    }
+    DM::new().map_err(|e| PoolError::NoDeviceMapper(e.to_string()))
+}
+
+impl DmPool {
+    /// Sets up the pool the configuration describes: in loop mode creates or reuses the sparse
+    /// files, their loop devices and the `thin-pool` table; in existing mode adopts the named pool
+    /// after checking its target type.
+    ///
+    /// Returns an error if device-mapper is missing, the pool cannot be made, or an existing device
+    /// of that name is not a thin pool.
+    pub fn open(config: &Config) -> Result<DmPool, PoolError> {
+        let dm = open_dm()?;
+        let name = config.pool.name.clone();
+        let mut loop_files = Vec::new();
+        let exists = device_exists(&dm, &name)?;
+        match config.pool.mode {
+            PoolMode::Loop => {
+                let dir = config.pool_dir();
+                std::fs::create_dir_all(&dir).map_err(|source| PoolError::Io {
+                    op: "create",
+                    path: dir.clone(),
+                    source,
+                })?;
+                let data_file = dir.join("data");
+                let meta_file = dir.join("metadata");
+                let block = config.pool.block_size.as_u64();
+                let data_len =
+                    loopback::ensure_sparse_file(&data_file, config.pool.data_size.as_u64())?;
+                loopback::ensure_sparse_file(&meta_file, config.pool.metadata_size.as_u64())?;
+                let data_dev = loopback::attach(&data_file)?;
+                let meta_dev = loopback::attach(&meta_file)?;
+                loop_files.push(("data".to_string(), data_file, data_dev.clone()));
+                loop_files.push(("metadata".to_string(), meta_file, meta_dev.clone()));
+                if !exists {
+                    let data_sectors = data_len / block * block / SECTOR;
+                    let block_sectors = block / SECTOR;
+                    let blocks = data_sectors / block_sectors;
+                    // Ask for an event when 1% (at least one block) of the data space is left.
+                    let low_water = (blocks / 100).max(1);
+                    let features = if config.pool.zero_blocks {
+                        "0".to_string()
+                    } else {
+                        "1 skip_block_zeroing".to_string()
+                    };
+                    let params = format!(
+                        "{} {} {block_sectors} {low_water} {features}",
+                        meta_dev.display(),
+                        data_dev.display()
+                    );
+                    create_device(&dm, &name, "thin-pool", data_sectors, &params)?;
+                    info!(pool = %name, data = %data_dev.display(), metadata = %meta_dev.display(),
+                          data_bytes = data_sectors * SECTOR, block_bytes = block, "created thin pool");
+                }
+            }
+            PoolMode::Existing => {
+                if !exists {
+                    return Err(PoolError::PoolMissing(name));
+                }
+            }
+        }
+        // Whatever made it, the device must be a thin pool; its table gives the block size.
+        let table = table_of(&dm, &name, true)?;
+        let (target, params) = match table.as_slice() {
+            [(_, _, t, p)] => (t.clone(), p.clone()),
+            _ => {
+                return Err(PoolError::NotAThinPool {
+                    name,
+                    found: format!("{}-target", table.len()),
+                })
+            }
+        };
+        if target != "thin-pool" {
+            return Err(PoolError::NotAThinPool {
+                name,
+                found: target,
+            });
+        }
+        let params =
+            ThinPoolTargetParams::from_str(&params).map_err(dm_err("parse table of", &name))?;
+        let block_size = *params.data_block_size * SECTOR;
+        if config.pool.mode == PoolMode::Loop && block_size != config.pool.block_size.as_u64() {
+            warn!(pool = %name, existing = block_size, configured = config.pool.block_size.as_u64(),
+                  "pool.block_size differs from the existing pool's; the pool's own is used");
+        }
+        if exists {
+            info!(pool = %name, mode = %config.pool.mode, "using existing thin pool");
+        }
+        Ok(DmPool {
+            dm,
+            prefix: format!("{name}-snap-"),
+            name,
+            mode: config.pool.mode,
+            block_size,
+            loop_files,
+        })
+    }
+
+    fn thin_name(&self, id: ThinId) -> String {
+        format!("{}{id}", self.prefix)
+    }
+
+    fn message(&self, msg: &str) -> Result<(), DmError> {
+        let name = DmName::new(&self.name).expect("pool name validated by config");
+        self.dm
+            .target_msg(&DevId::Name(name), None, msg)
+            .map(|_| ())
+    }
+
+    fn pool_device(&self) -> Result<Device, PoolError> {
+        let name = dm_name(&self.name)?;
+        let info = self
+            .dm
+            .device_info(&DevId::Name(&name))
+            .map_err(dm_err("info", &self.name))?;
+        Ok(info.device())
+    }
+
+    /// Maps a failed thin message to the error the engine can act on.
+    fn message_err(&self, op: &'static str, id: ThinId, err: DmError) -> PoolError {
+        match errno_of(&err) {
+            Some(Errno::EEXIST) => PoolError::ThinExists(id),
+            Some(Errno::ENODATA) | Some(Errno::ENOENT) => PoolError::ThinNotFound(id),
+            Some(Errno::ENOSPC) => PoolError::NoSpace(self.name.clone()),
+            _ => PoolError::Dm {
+                op,
+                target: format!("thin id {id} in pool {}", self.name),
+                source: err,
+            },
+        }
+    }
+
+    /// Removes every dm device with this pool's prefix, then (loop mode) the pool itself and
+    /// its loop devices. Thin devices stay in the pool's metadata.
+    ///
+    /// Returns an error if a device is busy or cannot be removed.
+    pub fn teardown(&self, remove_pool: bool) -> Result<(), PoolError> {
+        for id in self.active_ids()? {
+            self.deactivate(id)?;
+        }
+        if remove_pool {
+            remove_device(&self.dm, &self.name)?;
+            info!(pool = %self.name, "removed thin pool device");
+            for (_, file, _) in &self.loop_files {
+                loopback::detach(file)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The dm name of the base device's temporary activation, and of every thin device.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+/// Whether a dm device called `name` exists.
+pub fn device_exists(dm: &DM, name: &str) -> Result<bool, PoolError> {
+    let n = dm_name(name)?;
+    match dm.device_info(&DevId::Name(&n)) {
+        Ok(_) => Ok(true),
+        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => Ok(false),
+        Err(e) => Err(dm_err("info", name)(e)),
+    }
+}
+
+fn table_of(
+    dm: &DM,
+    name: &str,
+    table: bool,
+) -> Result<Vec<(u64, u64, String, String)>, PoolError> {
+    let n = dm_name(name)?;
+    let opts = if table {
+        DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE)
+    } else {
+        // Status without flushing: never block on a pool that is out of space.
+        DmOptions::default().set_flags(DmFlags::DM_NOFLUSH)
+    };
+    let (_, lines) = dm
+        .table_status(&DevId::Name(&n), opts)
+        .map_err(dm_err(if table { "table" } else { "status" }, name))?;
+    Ok(lines)
+}
+
+/// Creates dm device `name` with one target, loads its table and resumes it; a device left half
+/// made is removed again.
+fn create_device(
+    dm: &DM,
+    name: &str,
+    target: &str,
+    sectors: u64,
+    params: &str,
+) -> Result<Device, PoolError> {
+    let n = dm_name(name)?;
+    let info = dm
+        .device_create(&n, None, DmOptions::default())
+        .map_err(dm_err("create", name))?;
+    let id = DevId::Name(&n);
+    let table = vec![(0u64, sectors, target.to_string(), params.to_string())];
+    let loaded = dm
+        .table_load(&id, &table, DmOptions::default())
+        .map_err(dm_err("load table of", name))
+        .and_then(|_| {
+            dm.device_suspend(&id, DmOptions::default())
+                .map_err(dm_err("resume", name))
+        });
+    if let Err(e) = loaded {
+        if let Err(e2) = dm.device_remove(&id, DmOptions::default()) {
+            warn!(device = %name, error = %e2, "cannot remove half-made dm device");
+        }
+        return Err(e);
+    }
+    let dev = info.device();
+    ensure_node(name, dev);
+    Ok(dev)
+}
+
+/// Removes dm device `name`; nothing to do if it does not exist.
+fn remove_device(dm: &DM, name: &str) -> Result<(), PoolError> {
+    let n = dm_name(name)?;
+    let id = DevId::Name(&n);
+    match dm.device_info(&id) {
+        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => {
+            remove_node(name);
+            return Ok(());
+        }
+        Err(e) => return Err(dm_err("info", name)(e)),
+        Ok(info) if info.open_count() > 0 => return Err(PoolError::Busy(name.to_string())),
+        Ok(_) => {}
+    }
+    match dm.device_remove(&id, DmOptions::default()) {
+        Ok(_) => {}
+        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => {}
+        Err(e) if errno_of(&e) == Some(Errno::EBUSY) => {
+            return Err(PoolError::Busy(name.to_string()))
+        }
+        Err(e) => return Err(dm_err("remove", name)(e)),
+    }
+    remove_node(name);
+    Ok(())
+}
+
+/// Makes sure `/dev/mapper/<name>` exists. udev makes it where udev runs; where it does not (a
+/// minimal VM, a container), the node is made here, as libdevmapper does without udev.
+fn ensure_node(name: &str, dev: Device) {
+    let path = Path::new("/dev/mapper").join(name);
+    if path.exists() {
+        return;
+    }
+    let devno = nix::sys::stat::makedev(dev.major.into(), dev.minor.into());
+    match nix::sys::stat::mknod(
+        &path,
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        devno,
+    ) {
+        Ok(()) | Err(Errno::EEXIST) => debug!(device = %name, "made device node"),
+        Err(e) => warn!(device = %name, error = %e, "cannot make device node"),
+    }
+}
+
+fn remove_node(name: &str) {
+    let path = Path::new("/dev/mapper").join(name);
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_block_device() || meta.file_type().is_symlink() {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Resumes a suspended device when dropped, on every path (the crate's own
+/// `ThinDev::snapshot` leaves the origin suspended when the message fails).
+struct ResumeGuard<'a> {
+    dm: &'a DM,
+    name: DmNameBuf,
+}
+
+impl Drop for ResumeGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self
+            .dm
+            .device_suspend(&DevId::Name(&self.name), DmOptions::default())
+        {
+            warn!(device = %self.name.to_string(), error = %e, "cannot resume device");
+        }
+    }
+}
+
+impl ThinPool for DmPool {
+    fn create_thin(&self, id: ThinId) -> Result<(), PoolError> {
+        self.message(&format!("create_thin {id}"))
+            .map_err(|e| self.message_err("create_thin", id, e))
+    }
+
+    fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<(), PoolError> {
+        // thin-provisioning.rst: an active origin must be suspended while the snapshot is taken.
+        let origin_name = self.thin_name(origin);
+        let _guard = if device_exists(&self.dm, &origin_name)? {
+            let n = dm_name(&origin_name)?;
+            self.dm
+                .device_suspend(
+                    &DevId::Name(&n),
+                    DmOptions::default().set_flags(DmFlags::DM_SUSPEND),
+                )
+                .map_err(dm_err("suspend", &origin_name))?;
+            Some(ResumeGuard {
+                dm: &self.dm,
+                name: n,
+            })
+        } else {
+            None
+        };
+        self.message(&format!("create_snap {id} {origin}"))
+            .map_err(|e| match self.message_err("create_snap", id, e) {
+                // The id is new; a missing device can only be the origin.
+                PoolError::ThinNotFound(_) => PoolError::ThinNotFound(origin),
+                other => other,
+            })
+    }
+
+    fn delete_thin(&self, id: ThinId) -> Result<(), PoolError> {
+        self.message(&format!("delete {id}"))
+            .map_err(|e| self.message_err("delete", id, e))
+    }
+
+    fn activate(&self, id: ThinId, size_bytes: u64) -> Result<PathBuf, PoolError> {
+        let name = self.thin_name(id);
+        let path = self.device_path(id);
+        if device_exists(&self.dm, &name)? {
+            let n = dm_name(&name)?;
+            let info = self
+                .dm
+                .device_info(&DevId::Name(&n))
+                .map_err(dm_err("info", &name))?;
+            ensure_node(&name, info.device());
+            return Ok(path);
+        }
+        let pool = self.pool_device()?;
+        create_device(
+            &self.dm,
+            &name,
+            "thin",
+            size_bytes / SECTOR,
+            &format!("{pool} {id}"),
+        )?;
+        Ok(path)
+    }
+
+    fn deactivate(&self, id: ThinId) -> Result<(), PoolError> {
+        remove_device(&self.dm, &self.thin_name(id))
+    }
+
+    fn mapped_bytes(&self, id: ThinId) -> Result<u64, PoolError> {
+        let name = self.thin_name(id);
+        let lines = table_of(&self.dm, &name, false)?;
+        let params = lines.first().map(|l| l.3.clone()).unwrap_or_default();
+        match ThinStatus::from_str(&params).map_err(dm_err("parse status of", &name))? {
+            ThinStatus::Working(w) => Ok(*w.nr_mapped_sectors * SECTOR),
+            other => Err(PoolError::PoolFailed {
+                name,
+                status: format!("{other:?}"),
+            }),
+        }
+    }
+
+    fn active_ids(&self) -> Result<Vec<ThinId>, PoolError> {
+        let devices = self
+            .dm
+            .list_devices()
+            .map_err(dm_err("list devices", &self.name))?;
+        Ok(devices
+            .iter()
+            .filter_map(|(n, _, _)| n.to_string().strip_prefix(&self.prefix)?.parse().ok())
+            .collect())
+    }
+
+    fn device_path(&self, id: ThinId) -> PathBuf {
+        Path::new("/dev/mapper").join(self.thin_name(id))
+    }
+
+    fn status(&self) -> Result<PoolStatus, PoolError> {
+        let lines = table_of(&self.dm, &self.name, false)?;
+        let params = lines.first().map(|l| l.3.clone()).unwrap_or_default();
+        let status =
+            ThinPoolStatus::from_str(&params).map_err(dm_err("parse status of", &self.name))?;
+        match status {
+            ThinPoolStatus::Working(w) => Ok(PoolStatus {
+                transaction_id: w.transaction_id,
+                data_used_bytes: *w.usage.used_data * self.block_size,
+                data_total_bytes: *w.usage.total_data * self.block_size,
+                metadata_used_bytes: *w.usage.used_meta * META_BLOCK,
+                metadata_total_bytes: *w.usage.total_meta * META_BLOCK,
+                block_size_bytes: self.block_size,
+                read_only: w.summary == ThinPoolStatusSummary::ReadOnly,
+                out_of_data_space: w.summary == ThinPoolStatusSummary::OutOfSpace,
+                needs_check: w.needs_check,
+                error_if_no_space: w.no_space_policy == devicemapper::ThinPoolNoSpacePolicy::Error,
+            }),
+            other => Err(PoolError::PoolFailed {
+                name: self.name.clone(),
+                status: format!("{other:?}"),
+            }),
+        }
+    }
+
+    fn set_transaction_id(&self, old: u64, new: u64) -> Result<(), PoolError> {
+        self.message(&format!("set_transaction_id {old} {new}"))
+            .map_err(dm_err("set_transaction_id", &self.name))
+    }
+
+    fn info(&self) -> PoolInfo {
+        PoolInfo {
+            name: self.name.clone(),
+            mode: self.mode.to_string(),
+            loop_files: self.loop_files.clone(),
+        }
+    }
+}
+
+/// `thinsnap pool destroy`: removes every dm device with this pool's prefix; in existing mode
+/// deletes `thin_ids` (the ones the store knows) from the pool, which stays; in loop mode removes
+/// the pool and detaches its loop devices, and with `remove_files` deletes the sparse files.
+///
+/// Returns an error if device-mapper is missing or a device is busy.
+pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Result<(), PoolError> {
+    let dm = open_dm()?;
+    let name = &config.pool.name;
+    let prefix = format!("{name}-snap-");
+    let devices = dm.list_devices().map_err(dm_err("list devices", name))?;
+    for (n, _, _) in &devices {
+        let n = n.to_string();
+        if n.strip_prefix(&prefix)
+            .is_some_and(|id| id.parse::<ThinId>().is_ok())
+        {
+            remove_device(&dm, &n)?;
+            info!(device = %n, "removed dm device");
+        }
+    }
+    let exists = device_exists(&dm, name)?;
+    match config.pool.mode {
+        PoolMode::Existing => {
+            if exists {
+                let n = dm_name(name)?;
+                for id in thin_ids {
+                    match dm.target_msg(&DevId::Name(&n), None, &format!("delete {id}")) {
+                        Ok(_) => info!(pool = %name, thin_id = id, "deleted thin device"),
+                        Err(e) if matches!(errno_of(&e), Some(Errno::ENODATA)) => {}
+                        Err(e) => {
+                            return Err(dm_err("delete thin id", format!("{id} in {name}"))(e))
+                        }
+                    }
+                }
+            }
+        }
+        PoolMode::Loop => {
+            if exists {
+                remove_device(&dm, name)?;
+                info!(pool = %name, "removed thin pool");
+            }
+            let dir = config.pool_dir();
+            for file in [dir.join("data"), dir.join("metadata")] {
+                loopback::detach(&file)?;
+                if remove_files {
+                    match std::fs::remove_file(&file) {
+                        Ok(()) => info!(file = %file.display(), "removed pool file"),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(source) => {
+                            return Err(PoolError::Io {
+                                op: "remove",
+                                path: file,
+                                source,
+                            })
+                        }
+                    }
+                }
+            }
+            if remove_files {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+    }
+    Ok(())
+}

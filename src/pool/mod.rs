@@ -1,0 +1,128 @@
+//! The thin pool: the [`ThinPool`] trait the engine talks to, its device-mapper implementation
+//! ([`dm::DmPool`], ioctls through the `devicemapper` crate) and loop-device provisioning
+//! ([`loopback`]).
+//!
+//! Only this module imports `devicemapper`. It knows dm names (derived from the pool name and a
+//! thin id, so recovery can recognise every device that is ours), tables and messages; it knows
+//! nothing of snapshots, keys or the store. Every call is a blocking ioctl: callers in async code
+//! go through `spawn_blocking`.
+
+pub mod dm;
+#[cfg(test)]
+pub mod fake;
+pub mod loopback;
+
+use std::path::PathBuf;
+
+/// A dm-thin device id: the kernel accepts 24 bits (thin-provisioning.rst, "create_thin").
+pub type ThinId = u32;
+
+/// The largest thin id the kernel accepts.
+pub const MAX_THIN_ID: ThinId = (1 << 24) - 1;
+
+/// Errors of the pool layer. Each names the device or thin id it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "device-mapper is not available in this kernel ({0}): load it with `modprobe dm-thin-pool`"
+    )]
+    NoDeviceMapper(String),
+    #[error("thin pool {0} does not exist")]
+    PoolMissing(String),
+    #[error("dm device {name} is a {found} target, not a thin-pool")]
+    NotAThinPool { name: String, found: String },
+    #[error("thin id {0} already exists in the pool")]
+    ThinExists(ThinId),
+    #[error("thin id {0} does not exist in the pool")]
+    ThinNotFound(ThinId),
+    #[error("dm device {0} is busy (still mounted or open)")]
+    Busy(String),
+    #[error("thin pool {0} is out of space")]
+    NoSpace(String),
+    #[error("thin pool {name} failed: {status}")]
+    PoolFailed { name: String, status: String },
+    #[error("{op} on {target}: {source}")]
+    Dm {
+        op: &'static str,
+        target: String,
+        source: devicemapper::DmError,
+    },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Space and health of the pool, from the thin-pool target's status line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolStatus {
+    pub transaction_id: u64,
+    pub data_used_bytes: u64,
+    pub data_total_bytes: u64,
+    pub metadata_used_bytes: u64,
+    pub metadata_total_bytes: u64,
+    pub block_size_bytes: u64,
+    pub read_only: bool,
+    pub out_of_data_space: bool,
+    pub needs_check: bool,
+    pub error_if_no_space: bool,
+}
+
+/// What the pool is made of, for `thinsnap status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolInfo {
+    pub name: String,
+    pub mode: String,
+    /// (role, file, loop device) in loop mode.
+    pub loop_files: Vec<(String, PathBuf, PathBuf)>,
+}
+
+/// The operations the engine needs from a thin pool. Implementations are synchronous.
+///
+/// Thin ids are the engine's; device names are derived from them by the implementation.
+pub trait ThinPool: Send + Sync + 'static {
+    /// Creates a new, empty thin device `id` (message `create_thin`).
+    ///
+    /// Returns [`PoolError::ThinExists`] if `id` is taken, [`PoolError::NoSpace`] if the metadata is full.
+    fn create_thin(&self, id: ThinId) -> Result<(), PoolError>;
+
+    /// Creates thin device `id` as a snapshot of `origin` (message `create_snap`), suspending the
+    /// origin's dm device for the duration if it is active.
+    ///
+    /// Returns [`PoolError::ThinExists`] if `id` is taken, [`PoolError::ThinNotFound`] if `origin` is missing.
+    fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<(), PoolError>;
+
+    /// Deletes thin device `id` from the pool (message `delete`); it must not be active.
+    ///
+    /// Returns [`PoolError::ThinNotFound`] if the pool has no such device.
+    fn delete_thin(&self, id: ThinId) -> Result<(), PoolError>;
+
+    /// Activates thin device `id` as a dm device of `size_bytes`, returning its /dev/mapper path.
+    /// Idempotent: an already active device is returned as is.
+    fn activate(&self, id: ThinId, size_bytes: u64) -> Result<PathBuf, PoolError>;
+
+    /// Removes the dm device of `id`; nothing to do if it is not active.
+    ///
+    /// Returns [`PoolError::Busy`] if it is open (mounted).
+    fn deactivate(&self, id: ThinId) -> Result<(), PoolError>;
+
+    /// Bytes mapped (provisioned) by the active device of `id`, shared blocks included.
+    fn mapped_bytes(&self, id: ThinId) -> Result<u64, PoolError>;
+
+    /// Thin ids whose dm devices (named with this pool's prefix) are active.
+    fn active_ids(&self) -> Result<Vec<ThinId>, PoolError>;
+
+    /// The /dev/mapper path the device of `id` has when active.
+    fn device_path(&self, id: ThinId) -> PathBuf;
+
+    /// The pool's space and health.
+    fn status(&self) -> Result<PoolStatus, PoolError>;
+
+    /// Sets the pool's transaction id from `old` to `new` (message `set_transaction_id`).
+    fn set_transaction_id(&self, old: u64, new: u64) -> Result<(), PoolError>;
+
+    /// What the pool is made of.
+    fn info(&self) -> PoolInfo;
+}

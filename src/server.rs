@@ -1,0 +1,108 @@
+//! The gRPC server on the unix socket: containerd's Snapshots service and thinsnap's Admin
+//! service side by side, with graceful stop (in-flight calls finish, then the store is flushed).
+//! Also the client side of the socket, for the CLI and tests.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Endpoint, Server};
+use tracing::{info, warn};
+
+use crate::admin::AdminService;
+use crate::engine::Engine;
+use crate::grpc::Service;
+
+/// Errors of binding, serving and connecting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("another process is serving on {0}; stop it first")]
+    InUse(PathBuf),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Fails if a live process answers on `address` (a stale socket file is fine).
+///
+/// Returns [`ServerError::InUse`] if something accepts connections there.
+pub fn check_not_in_use(address: &Path) -> Result<(), ServerError> {
+    if address.exists() && std::os::unix::net::UnixStream::connect(address).is_ok() {
+        return Err(ServerError::InUse(address.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Binds the socket: creates its parent directory, replaces a stale socket file left by a dead
+/// process, refuses a live one, and makes the socket 0600 (only root may drive the snapshotter).
+///
+/// Returns an error if the socket is in use or cannot be created.
+pub fn bind(address: &Path) -> Result<UnixListener, ServerError> {
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ServerError::Io { op, path, source }
+    };
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    }
+    check_not_in_use(address)?;
+    match std::fs::remove_file(address) {
+        Ok(()) => warn!(socket = %address.display(), "replaced stale socket file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove stale socket", address)(e)),
+    }
+    // Bind under a umask that leaves no window in which the socket is open to others.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(address);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(io("bind", address))?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("chmod", address))?;
+    Ok(listener)
+}
+
+/// Serves both services on `listener` until `shutdown` completes, then lets in-flight calls
+/// finish and flushes the store.
+///
+/// Returns an error if the transport fails.
+pub async fn run(
+    listener: UnixListener,
+    engine: Arc<Engine>,
+    root: String,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let snapshots = containerd_snapshots::server(Arc::new(Service::new(engine.clone())));
+    let admin = AdminService::new(engine.clone(), root).into_server();
+    Server::builder()
+        .add_service(snapshots)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    if let Err(e) = engine.shutdown().await {
+        warn!(error = %e, "cannot flush the store at shutdown");
+    }
+    info!("server stopped");
+    Ok(())
+}
+
+/// A gRPC channel to the socket at `address`.
+///
+/// Returns an error if nothing listens there.
+pub async fn connect(address: &Path) -> Result<Channel, ServerError> {
+    let path = address.to_path_buf();
+    // The URI is required by tonic but unused: the connector dials the socket.
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            UnixStream::connect(path.clone())
+        }))
+        .await?;
+    Ok(channel)
+}

@@ -1,0 +1,709 @@
+//! The sled database: snapshot records, device records, thin id allocation, the base device and
+//! a schema version.
+//!
+//! Only this module imports `sled`. Every method that changes more than one record does it in one
+//! sled transaction across the trees, so a reader never sees half an operation; nothing is durable
+//! until [`Store::flush`] returns, and the engine flushes before it answers a call. The store knows
+//! nothing of the kernel.
+
+pub mod records;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sled::transaction::{abort, ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+
+pub use records::{BaseRecord, DeviceRecord, Kind, SnapshotRecord, State, BASE_OWNER};
+
+use crate::pool::{ThinId, MAX_THIN_ID};
+
+/// The layout version this code reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_NEXT_ID: &[u8] = b"next_thin_id";
+const META_BASE: &[u8] = b"base";
+
+/// Errors of the store. Semantic ones name the key; the engine maps them to gRPC codes.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("snapshot {0:?} not found")]
+    NotFound(String),
+    #[error("snapshot {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("no free thin id left in the 24-bit space")]
+    NoFreeThinId,
+    #[error("database schema version {found} is not the supported version {expected}")]
+    Schema { found: u32, expected: u32 },
+    #[error("corrupt record {what}: {source}")]
+    Corrupt {
+        what: String,
+        source: serde_json::Error,
+    },
+    #[error("database at {path}: {source}")]
+    Open { path: String, source: sled::Error },
+    #[error("database: {0}")]
+    Db(#[from] sled::Error),
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Db(e),
+        }
+    }
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize to JSON infallibly")
+}
+
+fn dec<T: serde::de::DeserializeOwned>(
+    what: impl Into<String>,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        what: what.into(),
+        source,
+    })
+}
+
+fn tx_dec<T: serde::de::DeserializeOwned>(what: impl Into<String>, bytes: &[u8]) -> TxResult<T> {
+    dec(what, bytes).or_else(abort)
+}
+
+fn id_key(id: ThinId) -> [u8; 4] {
+    id.to_be_bytes()
+}
+
+/// A new snapshot to record (see [`Store::begin_create`]).
+#[derive(Debug, Clone)]
+pub struct NewSnapshot {
+    pub key: String,
+    pub kind: Kind,
+    pub parent: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub now: u64,
+}
+
+/// What [`Store::begin_create`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreatePlan {
+    pub thin_id: ThinId,
+    /// The thin id to snapshot: the parent's, or the base's.
+    pub origin: ThinId,
+    pub size: u64,
+    pub origin_mapped: u64,
+}
+
+/// The sled database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    snapshots: sled::Tree,
+    devices: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path` and checks its schema version.
+    ///
+    /// Returns an error if the database cannot be opened (another process holds it) or was
+    /// written by an incompatible version.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let store = Store {
+            snapshots: db.open_tree("snapshots")?,
+            devices: db.open_tree("devices")?,
+            meta: db.open_tree("meta")?,
+            db,
+        };
+        match store.meta.get(META_SCHEMA)? {
+            None => {
+                store
+                    .meta
+                    .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                store.db.flush()?;
+            }
+            Some(v) => {
+                let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0xff; 4]));
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// Makes every change so far durable.
+    ///
+    /// Returns an error if the write-ahead log cannot be synced.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Blocking form of [`Store::flush`], for start-up and shutdown.
+    pub fn flush_sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The snapshot stored under `key`, in any state.
+    pub fn get(&self, key: &str) -> Result<Option<SnapshotRecord>, StoreError> {
+        self.snapshots
+            .get(key.as_bytes())?
+            .map(|v| dec(key, &v))
+            .transpose()
+    }
+
+    /// Every snapshot record, in key order.
+    pub fn snapshots(&self) -> Result<Vec<(String, SnapshotRecord)>, StoreError> {
+        self.snapshots
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let key = String::from_utf8_lossy(&k).into_owned();
+                let rec = dec(key.clone(), &v)?;
+                Ok((key, rec))
+            })
+            .collect()
+    }
+
+    /// Every device record, in thin id order.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.devices
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                dec(format!("device {k:?}"), &v)
+            })
+            .collect()
+    }
+
+    /// The base device, once made.
+    pub fn base(&self) -> Result<Option<BaseRecord>, StoreError> {
+        self.meta
+            .get(META_BASE)?
+            .map(|v| dec("base", &v))
+            .transpose()
+    }
+
+    /// Allocates a thin id and records a device in state Creating for `owner` (used for the base
+    /// device, whose snapshot record does not exist).
+    ///
+    /// Returns [`StoreError::NoFreeThinId`] when the 24-bit space is exhausted.
+    pub fn begin_device(&self, owner: &str, size: u64) -> Result<ThinId, StoreError> {
+        let id = (&self.devices, &self.meta).transaction(|(devices, meta)| {
+            let id = allocate_id(devices, meta)?;
+            let rec = DeviceRecord {
+                thin_id: id,
+                state: State::Creating,
+                size,
+                origin: None,
+                owner: owner.to_string(),
+            };
+            devices.insert(&id_key(id), enc(&rec))?;
+            Ok(id)
+        })?;
+        Ok(id)
+    }
+
+    /// Records the finished base device and marks its device record Ready.
+    pub fn set_base(&self, base: &BaseRecord) -> Result<(), StoreError> {
+        (&self.devices, &self.meta).transaction(|(devices, meta)| {
+            set_device_state(devices, base.thin_id, State::Ready)?;
+            meta.insert(META_BASE, enc(base))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Records the intent to create snapshot `new.key`: checks that the key is free and the parent
+    /// is a committed snapshot, allocates a thin id, and stores the snapshot and device records in
+    /// state Creating, all in one transaction.
+    ///
+    /// Returns AlreadyExists if the key is taken, NotFound if the parent does not exist,
+    /// FailedPrecondition if it is not committed, or NoFreeThinId.
+    pub fn begin_create(
+        &self,
+        new: &NewSnapshot,
+        base: &BaseRecord,
+    ) -> Result<CreatePlan, StoreError> {
+        let plan = (&self.snapshots, &self.devices, &self.meta).transaction(
+            |(snapshots, devices, meta)| {
+                if snapshots.get(new.key.as_bytes())?.is_some() {
+                    return abort(StoreError::AlreadyExists(new.key.clone()));
+                }
+                let (origin, size, origin_mapped) = match &new.parent {
+                    None => (base.thin_id, base.size, base.mapped),
+                    Some(p) => {
+                        let Some(v) = snapshots.get(p.as_bytes())? else {
+                            return abort(StoreError::NotFound(p.clone()));
+                        };
+                        let mut parent: SnapshotRecord = tx_dec(p.clone(), &v)?;
+                        if parent.state != State::Ready {
+                            return abort(StoreError::NotFound(p.clone()));
+                        }
+                        if parent.kind != Kind::Committed {
+                            return abort(StoreError::FailedPrecondition(format!(
+                                "parent {p:?} is not a committed snapshot (it is {})",
+                                parent.kind.as_str()
+                            )));
+                        }
+                        // The count in the parent's record makes "has children" transactional:
+                        // a concurrent Remove of the parent conflicts with this write.
+                        parent.children += 1;
+                        snapshots.insert(p.as_bytes(), enc(&parent))?;
+                        (parent.thin_id, parent.size, parent.mapped)
+                    }
+                };
+                let thin_id = allocate_id(devices, meta)?;
+                let rec = SnapshotRecord {
+                    kind: new.kind,
+                    state: State::Creating,
+                    parent: new.parent.clone(),
+                    labels: new.labels.clone(),
+                    created_at: new.now,
+                    updated_at: new.now,
+                    thin_id,
+                    size,
+                    origin_mapped,
+                    mapped: 0,
+                    children: 0,
+                };
+                snapshots.insert(new.key.as_bytes(), enc(&rec))?;
+                let dev = DeviceRecord {
+                    thin_id,
+                    state: State::Creating,
+                    size,
+                    origin: Some(origin),
+                    owner: new.key.clone(),
+                };
+                devices.insert(&id_key(thin_id), enc(&dev))?;
+                Ok(CreatePlan {
+                    thin_id,
+                    origin,
+                    size,
+                    origin_mapped,
+                })
+            },
+        )?;
+        Ok(plan)
+    }
+
+    /// Marks a created snapshot and its device Ready.
+    pub fn finish_create(&self, key: &str) -> Result<(), StoreError> {
+        (&self.snapshots, &self.devices).transaction(|(snapshots, devices)| {
+            let Some(v) = snapshots.get(key.as_bytes())? else {
+                return abort(StoreError::NotFound(key.to_string()));
+            };
+            let mut rec: SnapshotRecord = tx_dec(key, &v)?;
+            rec.state = State::Ready;
+            snapshots.insert(key.as_bytes(), enc(&rec))?;
+            set_device_state(devices, rec.thin_id, State::Ready)?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Forgets a snapshot whose creation was undone, with its device record and children entry.
+    pub fn forget_snapshot(&self, key: &str) -> Result<(), StoreError> {
+        (&self.snapshots, &self.devices).transaction(|(snapshots, devices)| {
+            let Some(v) = snapshots.remove(key.as_bytes())? else {
+                return Ok(());
+            };
+            let rec: SnapshotRecord = tx_dec(key, &v)?;
+            if let Some(p) = &rec.parent {
+                release_child(snapshots, p)?;
+            }
+            devices.remove(&id_key(rec.thin_id))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Drops the record of a snapshot whose creation is being undone, keeping its device record
+    /// in state Deleting so the thin id is not reused before the device is reaped.
+    pub fn forget_snapshot_keep_device(&self, key: &str) -> Result<(), StoreError> {
+        (&self.snapshots, &self.devices).transaction(|(snapshots, devices)| {
+            let Some(v) = snapshots.remove(key.as_bytes())? else {
+                return Ok(());
+            };
+            let rec: SnapshotRecord = tx_dec(key, &v)?;
+            if let Some(p) = &rec.parent {
+                release_child(snapshots, p)?;
+            }
+            if devices.get(id_key(rec.thin_id))?.is_some() {
+                set_device_state(devices, rec.thin_id, State::Deleting)?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Marks a device record Deleting (recovery found it orphaned).
+    pub fn mark_deleting(&self, id: ThinId) -> Result<(), StoreError> {
+        self.devices
+            .transaction(|devices| set_device_state(devices, id, State::Deleting))?;
+        Ok(())
+    }
+
+    /// Forgets a device record (its thin device is gone from the pool).
+    pub fn forget_device(&self, id: ThinId) -> Result<(), StoreError> {
+        self.devices.remove(id_key(id))?;
+        Ok(())
+    }
+
+    /// Turns active snapshot `key` into committed snapshot `name` with `labels`, keeping its thin
+    /// id; records `mapped` bytes for Usage.
+    ///
+    /// Returns NotFound if `key` is not there, FailedPrecondition if it is a view or committed,
+    /// AlreadyExists if `name` is taken.
+    pub fn commit(
+        &self,
+        key: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        mapped: u64,
+        now: u64,
+    ) -> Result<SnapshotRecord, StoreError> {
+        let rec = (&self.snapshots, &self.devices).transaction(|(snapshots, devices)| {
+            let rec = ready_snapshot(snapshots, key)?;
+            if rec.kind != Kind::Active {
+                return abort(StoreError::FailedPrecondition(format!(
+                    "snapshot {key:?} is {}, only an active snapshot can be committed",
+                    rec.kind.as_str()
+                )));
+            }
+            if snapshots.get(name.as_bytes())?.is_some() {
+                return abort(StoreError::AlreadyExists(name.to_string()));
+            }
+            snapshots.remove(key.as_bytes())?;
+            let mut committed = rec.clone();
+            committed.kind = Kind::Committed;
+            committed.labels = labels.clone();
+            committed.mapped = mapped;
+            committed.updated_at = now;
+            committed.created_at = now;
+            snapshots.insert(name.as_bytes(), enc(&committed))?;
+            let Some(v) = devices.get(id_key(rec.thin_id))? else {
+                return abort(StoreError::FailedPrecondition(format!(
+                    "snapshot {key:?}: thin id {} has no device record",
+                    rec.thin_id
+                )));
+            };
+            let mut dev: DeviceRecord = tx_dec(format!("device {}", rec.thin_id), &v)?;
+            dev.owner = name.to_string();
+            devices.insert(&id_key(rec.thin_id), enc(&dev))?;
+            Ok(committed)
+        })?;
+        Ok(rec)
+    }
+
+    /// Removes snapshot `key` for clients and marks its device Deleting; the caller deletes the
+    /// thin device and then calls [`Store::forget_device`].
+    ///
+    /// Returns NotFound if `key` is not there, FailedPrecondition if it has children.
+    pub fn begin_remove(&self, key: &str) -> Result<SnapshotRecord, StoreError> {
+        let rec = (&self.snapshots, &self.devices).transaction(|(snapshots, devices)| {
+            let rec = ready_snapshot(snapshots, key)?;
+            if rec.children > 0 {
+                return abort(StoreError::FailedPrecondition(format!(
+                    "snapshot {key:?} has {} child snapshot(s); remove them first",
+                    rec.children
+                )));
+            }
+            snapshots.remove(key.as_bytes())?;
+            if let Some(p) = &rec.parent {
+                release_child(snapshots, p)?;
+            }
+            set_device_state(devices, rec.thin_id, State::Deleting)?;
+            Ok(rec)
+        })?;
+        Ok(rec)
+    }
+
+    /// Whether `key` has children.
+    pub fn has_children(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.get(key)?.is_some_and(|r| r.children > 0))
+    }
+
+    /// Replaces the labels of `key`.
+    ///
+    /// Returns NotFound if there is no such snapshot.
+    pub fn set_labels(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        now: u64,
+    ) -> Result<SnapshotRecord, StoreError> {
+        let rec = self.snapshots.transaction(|snapshots| {
+            let Some(v) = snapshots.get(key.as_bytes())? else {
+                return abort(StoreError::NotFound(key.to_string()));
+            };
+            let mut rec: SnapshotRecord = tx_dec(key, &v)?;
+            if rec.state != State::Ready {
+                return abort(StoreError::NotFound(key.to_string()));
+            }
+            rec.labels = labels.clone();
+            rec.updated_at = now;
+            snapshots.insert(key.as_bytes(), enc(&rec))?;
+            Ok(rec)
+        })?;
+        Ok(rec)
+    }
+}
+
+fn ready_snapshot(snapshots: &TransactionalTree, key: &str) -> TxResult<SnapshotRecord> {
+    let Some(v) = snapshots.get(key.as_bytes())? else {
+        return abort(StoreError::NotFound(key.to_string()));
+    };
+    let rec: SnapshotRecord = tx_dec(key, &v)?;
+    if rec.state != State::Ready {
+        return abort(StoreError::NotFound(key.to_string()));
+    }
+    Ok(rec)
+}
+
+fn release_child(snapshots: &TransactionalTree, parent: &str) -> TxResult<()> {
+    if let Some(v) = snapshots.get(parent.as_bytes())? {
+        let mut p: SnapshotRecord = tx_dec(parent, &v)?;
+        p.children = p.children.saturating_sub(1);
+        snapshots.insert(parent.as_bytes(), enc(&p))?;
+    }
+    Ok(())
+}
+
+fn set_device_state(devices: &TransactionalTree, id: ThinId, state: State) -> TxResult<()> {
+    let Some(v) = devices.get(id_key(id))? else {
+        return abort(StoreError::FailedPrecondition(format!(
+            "thin id {id} has no device record"
+        )));
+    };
+    let mut dev: DeviceRecord = tx_dec(format!("device {id}"), &v)?;
+    dev.state = state;
+    devices.insert(&id_key(id), enc(&dev))?;
+    Ok(())
+}
+
+/// Takes the next thin id not held by any device record. Ids are handed out in increasing order
+/// and wrap at 2^24, so an id is not reused soon after it was freed; one with a record (whatever
+/// its state) is never reused.
+fn allocate_id(devices: &TransactionalTree, meta: &TransactionalTree) -> TxResult<ThinId> {
+    let mut next = match meta.get(META_NEXT_ID)? {
+        Some(v) => u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4])),
+        None => 0,
+    };
+    for _ in 0..=MAX_THIN_ID {
+        let candidate = next & MAX_THIN_ID;
+        next = (candidate + 1) & MAX_THIN_ID;
+        if devices.get(id_key(candidate))?.is_none() {
+            meta.insert(META_NEXT_ID, &next.to_be_bytes())?;
+            return Ok(candidate);
+        }
+    }
+    abort(StoreError::NoFreeThinId)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        (dir, store)
+    }
+
+    fn base(store: &Store) -> BaseRecord {
+        let id = store.begin_device(BASE_OWNER, 1 << 30).expect("base id");
+        let b = BaseRecord {
+            thin_id: id,
+            fs_type: "ext4".into(),
+            size: 1 << 30,
+            mapped: 4096,
+        };
+        store.set_base(&b).expect("set base");
+        b
+    }
+
+    fn new(key: &str, kind: Kind, parent: Option<&str>) -> NewSnapshot {
+        NewSnapshot {
+            key: key.to_string(),
+            kind,
+            parent: parent.map(str::to_string),
+            labels: BTreeMap::new(),
+            now: 1,
+        }
+    }
+
+    #[test]
+    fn create_commit_remove_cycle() {
+        let (_d, s) = open();
+        let b = base(&s);
+        let plan = s
+            .begin_create(&new("a", Kind::Active, None), &b)
+            .expect("begin");
+        assert_eq!(plan.origin, b.thin_id);
+        assert_ne!(plan.thin_id, b.thin_id);
+        assert_eq!(s.get("a").expect("get").expect("a").state, State::Creating);
+        s.finish_create("a").expect("finish");
+        let c = s.commit("a", "c", BTreeMap::new(), 100, 2).expect("commit");
+        assert_eq!(c.kind, Kind::Committed);
+        assert_eq!(c.thin_id, plan.thin_id);
+        assert!(s.get("a").expect("get").is_none());
+        let child = s
+            .begin_create(&new("b", Kind::Active, Some("c")), &b)
+            .expect("child");
+        assert_eq!(child.origin, plan.thin_id);
+        s.finish_create("b").expect("finish b");
+        assert!(s.has_children("c").expect("has"));
+        let removed = s.begin_remove("b").expect("remove b");
+        assert_eq!(removed.thin_id, child.thin_id);
+        assert!(!s.has_children("c").expect("has"));
+        let dev = s.devices().expect("devices");
+        assert!(dev
+            .iter()
+            .any(|d| d.thin_id == child.thin_id && d.state == State::Deleting));
+        s.forget_device(child.thin_id).expect("forget");
+        assert!(!s
+            .devices()
+            .expect("devices")
+            .iter()
+            .any(|d| d.thin_id == child.thin_id));
+    }
+
+    #[test]
+    fn duplicate_keys_and_bad_parents_are_refused_without_change() {
+        let (_d, s) = open();
+        let b = base(&s);
+        s.begin_create(&new("a", Kind::Active, None), &b)
+            .expect("a");
+        s.finish_create("a").expect("finish");
+        let before = s.devices().expect("devices");
+        assert!(matches!(
+            s.begin_create(&new("a", Kind::Active, None), &b),
+            Err(StoreError::AlreadyExists(k)) if k == "a"
+        ));
+        assert!(matches!(
+            s.begin_create(&new("x", Kind::Active, Some("missing")), &b),
+            Err(StoreError::NotFound(k)) if k == "missing"
+        ));
+        assert!(matches!(
+            s.begin_create(&new("x", Kind::Active, Some("a")), &b),
+            Err(StoreError::FailedPrecondition(_))
+        ));
+        assert_eq!(s.devices().expect("devices"), before);
+        assert!(s.get("x").expect("get").is_none());
+    }
+
+    #[test]
+    fn commit_checks_kind_and_name() {
+        let (_d, s) = open();
+        let b = base(&s);
+        s.begin_create(&new("v", Kind::View, None), &b).expect("v");
+        s.finish_create("v").expect("finish");
+        assert!(matches!(
+            s.commit("v", "n", BTreeMap::new(), 0, 1),
+            Err(StoreError::FailedPrecondition(_))
+        ));
+        s.begin_create(&new("a", Kind::Active, None), &b)
+            .expect("a");
+        s.finish_create("a").expect("finish");
+        assert!(matches!(
+            s.commit("a", "v", BTreeMap::new(), 0, 1),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            s.commit("zz", "n", BTreeMap::new(), 0, 1),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(s.get("a").expect("get").expect("a").kind, Kind::Active);
+    }
+
+    #[test]
+    fn thin_ids_are_unique_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let mut ids = std::collections::BTreeSet::new();
+        {
+            let s = Store::open(&path).expect("open");
+            let b = base(&s);
+            ids.insert(b.thin_id);
+            for i in 0..20 {
+                let p = s
+                    .begin_create(&new(&format!("k{i}"), Kind::Active, None), &b)
+                    .expect("c");
+                assert!(ids.insert(p.thin_id), "thin id {} reused", p.thin_id);
+            }
+            s.flush_sync().expect("flush");
+        }
+        let s = Store::open(&path).expect("reopen");
+        let b = s.base().expect("base").expect("base kept");
+        let p = s
+            .begin_create(&new("after", Kind::Active, None), &b)
+            .expect("c");
+        assert!(
+            ids.insert(p.thin_id),
+            "thin id {} reused after reopen",
+            p.thin_id
+        );
+        assert_eq!(s.snapshots().expect("list").len(), 21);
+    }
+
+    #[test]
+    fn concurrent_creates_of_one_key_have_one_winner() {
+        let (_d, s) = open();
+        let b = base(&s);
+        let wins: usize = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let s = s.clone();
+                    let b = b.clone();
+                    scope
+                        .spawn(move || s.begin_create(&new("same", Kind::Active, None), &b).is_ok())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("join") as usize)
+                .sum()
+        });
+        assert_eq!(wins, 1);
+        assert_eq!(s.devices().expect("devices").len(), 2);
+    }
+
+    #[test]
+    fn keys_with_any_bytes_keep_children_apart() {
+        let (_d, s) = open();
+        let b = base(&s);
+        for key in ["p", "p\u{0}x"] {
+            s.begin_create(&new(key, Kind::Active, None), &b)
+                .expect("c");
+            s.finish_create(key).expect("f");
+            s.commit(key, &format!("{key}-c"), BTreeMap::new(), 0, 1)
+                .expect("commit");
+        }
+        s.begin_create(&new("child", Kind::Active, Some("p\u{0}x-c")), &b)
+            .expect("child");
+        assert!(!s.has_children("p-c").expect("has"));
+        assert!(s.has_children("p\u{0}x-c").expect("has"));
+    }
+}

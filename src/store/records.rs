@@ -1,0 +1,93 @@
+//! The typed records kept in sled, serialized as JSON (readable with any sled dump, and
+//! tolerant of added fields through `#[serde(default)]`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pool::ThinId;
+
+/// containerd's snapshot kinds (Unknown is never stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Active,
+    View,
+    Committed,
+}
+
+impl Kind {
+    /// The name containerd's filters use (`kind==committed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Active => "active",
+            Kind::View => "view",
+            Kind::Committed => "committed",
+        }
+    }
+}
+
+/// Whether the kernel side of a record is known to exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Intent recorded; the kernel may or may not have the device yet. Invisible to clients.
+    Creating,
+    /// The device exists; the record is what clients see.
+    Ready,
+    /// The snapshot is gone for clients; the thin device is still to be deleted.
+    Deleting,
+}
+
+/// A snapshot, keyed by its key (active, view) or name (committed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub kind: Kind,
+    pub state: State,
+    /// Key of the committed parent, if any.
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Nanoseconds since the Unix epoch.
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub thin_id: ThinId,
+    /// Virtual size of the device in bytes.
+    pub size: u64,
+    /// Bytes the parent (or base) had mapped when this snapshot was made: Usage subtracts them.
+    #[serde(default)]
+    pub origin_mapped: u64,
+    /// Committed snapshots: bytes mapped by the device at commit time.
+    #[serde(default)]
+    pub mapped: u64,
+    /// How many snapshots name this one as parent (Remove refuses while non-zero).
+    #[serde(default)]
+    pub children: u32,
+}
+
+/// A thin device of the pool, keyed by thin id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub thin_id: ThinId,
+    pub state: State,
+    pub size: u64,
+    /// The thin id it is a snapshot of (None for the base).
+    #[serde(default)]
+    pub origin: Option<ThinId>,
+    /// The snapshot key that owns it, or [`BASE_OWNER`].
+    pub owner: String,
+}
+
+/// Owner name of the base device's record.
+pub const BASE_OWNER: &str = "<base>";
+
+/// The base device every parentless snapshot is a thin snapshot of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseRecord {
+    pub thin_id: ThinId,
+    pub fs_type: String,
+    pub size: u64,
+    /// Bytes mapped by the formatted base device.
+    pub mapped: u64,
+}
