@@ -89,10 +89,25 @@ fn main() {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     if let Err(e) = run(cli) {
-        error!("{e:#}");
-        eprintln!("thinsnap: {e:#}");
+        let msg = describe(&e);
+        error!("{msg}");
+        eprintln!("thinsnap: {msg}");
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message before already carries
+/// (our error types print their source inline).
+fn describe(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -124,6 +139,11 @@ fn ensure_root(root: &Path) -> Result<()> {
 
 async fn serve(config_path: Option<&Path>) -> Result<()> {
     let config = Config::load(config_path)?;
+    // Signal handlers first: a SIGTERM during a long start-up (mkfs of the base) is kept and
+    // stops the server as soon as it serves, instead of killing it half way.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     info!(root = %config.root.display(), socket = %config.address.display(),
           pool = %config.pool.name, mode = %config.pool.mode, "starting");
     server::check_not_in_use(&config.address)?;
@@ -145,10 +165,7 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
     info!(socket = %config.address.display(), "serving");
     // Tell systemd (Type=notify) that the socket is there; a no-op outside systemd.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let shutdown = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping"),
             _ = int.recv() => info!("SIGINT: stopping"),

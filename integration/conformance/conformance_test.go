@@ -3,7 +3,11 @@
 // its unix socket, exactly as containerd talks to a proxy snapshotter plugin.
 //
 // Every subtest of the suite gets a fresh thinsnap: its own config, state dir, socket, loop-backed
-// thin pool with a unique name, and its own log file. The cleanup stops thinsnap with SIGTERM and
+// thin pool with a unique name, and its own log file. The config and the socket live in the root
+// dir the suite gives us; the state dir (sled database, sparse pool files) lives beside it, in
+// $TMPDIR/thinsnap-conformance/POOL, because on a failed subtest the suite dumps its whole temp
+// dir, reading every file in full: a 2 GiB sparse pool file per failing subtest runs the VM out of
+// memory. The cleanup stops thinsnap with SIGTERM and
 // runs `thinsnap pool destroy --remove-files`, and checks that no dm device or loop device of the
 // pool is left behind.
 //
@@ -123,6 +127,7 @@ type instance struct {
 	bin     string
 	config  string
 	root    string
+	state   string
 	sock    string
 	pool    string
 	logPath string
@@ -148,9 +153,25 @@ func newThinsnap(ctx context.Context, root string) (snapshots.Snapshotter, func(
 		// dm names must be unique among all pools running at once in this kernel
 		pool: fmt.Sprintf("thinsnap-ct%d-%d", os.Getpid(), n),
 	}
+	in.state = filepath.Join(os.TempDir(), "thinsnap-conformance", in.pool)
+	if err := os.MkdirAll(in.state, 0o755); err != nil {
+		return nil, nil, err
+	}
 	in.label = fmt.Sprintf("%03d", n)
-	if in.tb != nil {
-		in.label += "-" + sanitize(strings.TrimPrefix(in.tb.Name(), "TestThinsnapConformance/"))
+	if tb := in.tb; tb != nil {
+		in.label += "-" + sanitize(strings.TrimPrefix(tb.Name(), "TestThinsnapConformance/"))
+		// Runs once the subtest and all its defers (our cleanup included) are done.
+		tb.Cleanup(func() {
+			r := "pass"
+			if tb.Failed() {
+				r = "fail"
+			} else if tb.Skipped() {
+				r = "skip"
+			}
+			resultsMu.Lock()
+			results[tb.Name()] = r
+			resultsMu.Unlock()
+		})
 	}
 
 	fsType := os.Getenv("CONFORMANCE_FS")
@@ -171,7 +192,7 @@ block_size = "64KiB"
 [fs]
 type = %q
 base_size = "256MiB"
-`, filepath.Join(root, "state"), in.sock, in.pool, fsType)
+`, in.state, in.sock, in.pool, fsType)
 	if err := os.WriteFile(in.config, []byte(cfg), 0o644); err != nil {
 		return nil, nil, err
 	}
@@ -192,7 +213,7 @@ base_size = "256MiB"
 	if os.Getenv("RUST_LOG") == "" {
 		in.cmd.Env = append(in.cmd.Env, "RUST_LOG=info,thinsnap=debug")
 	}
-	in.cmd.Env = append(in.cmd.Env, "RUST_BACKTRACE=1")
+	in.cmd.Env = append(in.cmd.Env, "RUST_BACKTRACE=1", "NO_COLOR=1")
 	// If this test binary dies, do not leave a daemon behind.
 	in.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	started := time.Now()
@@ -285,7 +306,7 @@ func (in *instance) stop() error {
 // destroy runs `thinsnap pool destroy --remove-files` and checks that nothing of the pool is left.
 func (in *instance) destroy() error {
 	cmd := exec.Command(in.bin, "pool", "destroy", "--config", in.config, "--remove-files")
-	cmd.Env = os.Environ()
+	cmd.Env = append(os.Environ(), "NO_COLOR=1")
 	out, err := cmd.CombinedOutput()
 	fmt.Fprintf(in.logFile, "\n---- harness: thinsnap pool destroy --remove-files (%v)\n%s", err, out)
 	if err != nil {
@@ -312,12 +333,12 @@ func (in *instance) destroy() error {
 				continue
 			}
 			backing := strings.TrimSpace(string(b))
-			if strings.HasPrefix(backing, in.root+"/") {
+			if strings.HasPrefix(backing, in.state+"/") {
 				leftovers = append(leftovers, fmt.Sprintf("loop device %s -> %s", strings.Split(p, "/")[3], backing))
 			}
 		}
 	}
-	if entries, err := os.ReadDir(filepath.Join(in.root, "state")); err == nil && len(entries) > 0 {
+	if entries, err := os.ReadDir(in.state); err == nil && len(entries) > 0 {
 		// Not an error by the contract (pool files + database must go; other files may stay),
 		// but worth seeing.
 		var names []string
@@ -333,7 +354,7 @@ func (in *instance) destroy() error {
 	if len(leftovers) > 0 {
 		return fmt.Errorf("left behind after pool destroy --remove-files: %s", strings.Join(leftovers, "; "))
 	}
-	return nil
+	return os.RemoveAll(in.state)
 }
 
 func (in *instance) cleanup() error {
@@ -351,19 +372,8 @@ func (in *instance) cleanup() error {
 	}
 	in.logFile.Close()
 
-	failed := len(errs) > 0
 	if in.tb != nil {
-		failed = failed || in.tb.Failed()
-		r := "pass"
-		if failed {
-			r = "fail"
-		} else if in.tb.Skipped() {
-			r = "skip"
-		}
-		resultsMu.Lock()
-		results[in.tb.Name()] = r
-		resultsMu.Unlock()
-		if failed {
+		if len(errs) > 0 || in.tb.Failed() {
 			in.tb.Logf("thinsnap instance %s FAILED; its log (%s):\n%s", in.label, in.logPath, in.logText())
 		}
 	}

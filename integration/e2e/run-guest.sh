@@ -533,7 +533,7 @@ while ((SECONDS - t0 < 120)); do
   fi
   sleep 2
 done
-echo "after ${SECONDS}s - ${t0}s: $(snaps ls 2>&1 | wc -l) ls lines"
+echo "cleanup settled (or gave up) after $((SECONDS - t0))s"
 n=$(($(snaps ls 2>/dev/null | wc -l) - 1))
 ((n == 0)) && pass "ctr snapshots ls: no snapshot left" || fail "ctr snapshots ls: no snapshot left ($n)" "$(snaps ls 2>&1)"
 [[ -z $(ctr_ content ls -q 2>/dev/null) ]] && pass "ctr content ls: no blob left" || fail "ctr content ls: no blob left" "$(ctr content ls 2>&1)"

@@ -76,6 +76,14 @@ for part in "${parts[@]}"; do
   esac
 done
 
+# The kernel log: saved whole, and its alarming lines shown (OOM kills, BUGs, hung tasks, dm errors).
+dmesg >"$VM_RESULTS/dmesg.txt" 2>&1
+alarms=$(grep -E -i 'out of memory|oom-kill|killed process|BUG:|WARNING:|Call Trace|blocked for more than|device-mapper: .*(error|fail)|thin.*(error|fail|needs_check|read-only|out of data)' "$VM_RESULTS/dmesg.txt" | head -n 40)
+if [[ -n $alarms ]]; then
+  say "kernel log: alarming lines (all of it in $VM_RESULTS/dmesg.txt)"
+  echo "$alarms"
+fi
+
 say "SUMMARY (in the VM)"
 printf '  %s\n' "${table[@]}"
 echo "$total_pass passed, $total_fail failed"

@@ -1,1 +1,445 @@
+//! Engine semantics against the in-memory fake pool: every call's success path, status codes,
+//! every rollback branch (by failing the N-th pool call), and recovery after a crash or reboot.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::recovery::{self, Report};
+use super::*;
+use crate::pool::fake::FakePool;
+use crate::store::{DeviceRecord, Store};
+
+struct T {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    pool: Arc<FakePool>,
+    engine: Engine,
+}
+
+fn no_format(_: &std::path::Path) -> Result<(), FsError> {
+    Ok(())
+}
+
+fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Engine, Report) {
+    let store = Store::open(path).expect("store");
+    recovery::start(pool, store, FsConfig::default(), &no_format).expect("start")
+}
+
+fn setup() -> T {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("db");
+    let pool = Arc::new(FakePool::new());
+    let (engine, report) = start_on(&path, pool.clone());
+    assert!(report.base_created);
+    T {
+        _dir: dir,
+        path,
+        pool,
+        engine,
+    }
+}
+
+impl T {
+    /// Drops the engine (as a crash would, without any further call) and starts a new one.
+    fn restart(self) -> (T, Report) {
+        let T {
+            _dir,
+            path,
+            pool,
+            engine,
+        } = self;
+        drop(engine);
+        let (engine, report) = start_on(&path, pool.clone());
+        (
+            T {
+                _dir,
+                path,
+                pool,
+                engine,
+            },
+            report,
+        )
+    }
+
+    fn base_id(&self) -> ThinId {
+        self.engine.base.thin_id
+    }
+}
+
+fn no_labels() -> BTreeMap<String, String> {
+    BTreeMap::new()
+}
+
+async fn prep(t: &T, key: &str, parent: &str) -> Result<Vec<Mount>, EngineError> {
+    t.engine
+        .create(Kind::Active, key, parent, no_labels())
+        .await
+}
+
+#[tokio::test]
+async fn prepare_commit_prepare_child_remove() {
+    let t = setup();
+    let m = prep(&t, "a", "").await.expect("prepare");
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].fs_type, "ext4");
+    let a = t.engine.record("a").expect("rec").expect("a");
+    assert_eq!(m[0].source, format!("/dev/mapper/fake-snap-{}", a.thin_id));
+    assert!(t.pool.active().contains(&a.thin_id));
+    assert!(t
+        .pool
+        .calls()
+        .contains(&format!("create_snap {} {}", a.thin_id, t.base_id())));
+
+    t.engine
+        .commit("c", "a", no_labels())
+        .await
+        .expect("commit");
+    assert!(
+        !t.pool.active().contains(&a.thin_id),
+        "committed device still active"
+    );
+    assert_eq!(
+        t.engine.stat("c").await.expect("stat").kind,
+        Kind::Committed
+    );
+    assert!(matches!(
+        t.engine.stat("a").await,
+        Err(EngineError::NotFound(_))
+    ));
+
+    prep(&t, "b", "c").await.expect("child");
+    let b = t.engine.record("b").expect("rec").expect("b");
+    assert!(t
+        .pool
+        .calls()
+        .contains(&format!("create_snap {} {}", b.thin_id, a.thin_id)));
+    assert!(matches!(
+        t.engine.remove("c").await,
+        Err(EngineError::FailedPrecondition(_))
+    ));
+    t.engine.remove("b").await.expect("remove b");
+    t.engine.remove("c").await.expect("remove c");
+    assert_eq!(t.pool.thin_ids(), [t.base_id()].into());
+    assert!(t.pool.active().is_empty());
+}
+
+#[tokio::test]
+async fn status_codes_for_bad_requests() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("a");
+    t.engine
+        .create(Kind::View, "v", "", no_labels())
+        .await
+        .expect("view");
+    assert!(matches!(
+        prep(&t, "a", "").await,
+        Err(EngineError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        prep(&t, "", "").await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        prep(&t, "x", "nope").await,
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(matches!(
+        prep(&t, "x", "a").await,
+        Err(EngineError::FailedPrecondition(_))
+    ));
+    assert!(matches!(
+        t.engine.commit("n", "v", no_labels()).await,
+        Err(EngineError::FailedPrecondition(_))
+    ));
+    assert!(matches!(
+        t.engine.commit("v", "a", no_labels()).await,
+        Err(EngineError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        t.engine.remove("zz").await,
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(matches!(
+        t.engine.mounts("zz").await,
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(matches!(
+        t.engine.list(&["name==\"x".to_string()]).await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    let huge = "k".repeat(MAX_KEY_LEN + 1);
+    assert!(matches!(
+        prep(&t, &huge, "").await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    let mut labels = BTreeMap::new();
+    labels.insert("l".to_string(), "v".repeat(MAX_LABEL_LEN));
+    assert!(matches!(
+        t.engine.create(Kind::Active, "big", "", labels).await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    // Nothing of the refused calls was stored.
+    let names: Vec<_> = t
+        .engine
+        .list(&[])
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|i| i.key)
+        .collect();
+    assert_eq!(names, vec!["a", "v"]);
+    assert_eq!(t.pool.thin_ids().len(), 3);
+}
+
+#[tokio::test]
+async fn failed_kernel_steps_of_prepare_are_undone() {
+    for op in ["create_snap", "activate"] {
+        let t = setup();
+        t.pool.fail_nth(op, 1);
+        let err = prep(&t, "a", "").await.expect_err("injected failure");
+        assert!(matches!(err, EngineError::Pool { .. }), "{op}: {err}");
+        assert_eq!(
+            t.pool.thin_ids(),
+            [t.base_id()].into(),
+            "{op}: thin id leaked"
+        );
+        assert!(t.pool.active().is_empty(), "{op}: device left active");
+        assert!(t.engine.record("a").expect("rec").is_none());
+        assert_eq!(t.engine.store.devices().expect("devices").len(), 1);
+        prep(&t, "a", "").await.expect("retry works");
+    }
+}
+
+#[tokio::test]
+async fn failed_delete_is_reaped_by_cleanup() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("a");
+    let id = t.engine.record("a").expect("rec").expect("a").thin_id;
+    t.pool.fail_nth("delete_thin", 1);
+    t.engine
+        .remove("a")
+        .await
+        .expect("remove answers once the record is gone");
+    assert!(t.engine.record("a").expect("rec").is_none());
+    assert!(t.pool.thin_ids().contains(&id));
+    let dev: Vec<DeviceRecord> = t.engine.store.devices().expect("devices");
+    assert!(dev
+        .iter()
+        .any(|d| d.thin_id == id && d.state == State::Deleting));
+    assert_eq!(t.engine.cleanup().await.expect("cleanup"), 1);
+    assert!(!t.pool.thin_ids().contains(&id));
+    assert_eq!(t.engine.store.devices().expect("devices").len(), 1);
+}
+
+#[tokio::test]
+async fn busy_devices_refuse_commit_and_remove_without_loss() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("a");
+    let id = t.engine.record("a").expect("rec").expect("a").thin_id;
+    t.pool.set_busy(id, true);
+    assert!(matches!(
+        t.engine.commit("c", "a", no_labels()).await,
+        Err(EngineError::FailedPrecondition(m)) if m.contains("busy")
+    ));
+    assert!(matches!(
+        t.engine.remove("a").await,
+        Err(EngineError::FailedPrecondition(_))
+    ));
+    assert_eq!(t.engine.stat("a").await.expect("a").kind, Kind::Active);
+    assert!(t.pool.active().contains(&id));
+    t.pool.set_busy(id, false);
+    t.engine
+        .commit("c", "a", no_labels())
+        .await
+        .expect("commit after unmount");
+}
+
+#[tokio::test]
+async fn usage_excludes_the_parent() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("a");
+    let a = t.engine.record("a").expect("rec").expect("a").thin_id;
+    t.pool.write(a, 1000);
+    assert_eq!(t.engine.usage("a").await.expect("usage").size, 1000);
+    t.engine
+        .commit("c", "a", no_labels())
+        .await
+        .expect("commit");
+    assert_eq!(t.engine.usage("c").await.expect("usage").size, 1000);
+    prep(&t, "b", "c").await.expect("b");
+    let b = t.engine.record("b").expect("rec").expect("b").thin_id;
+    assert_eq!(t.engine.usage("b").await.expect("usage").size, 0);
+    t.pool.write(b, 300);
+    assert_eq!(t.engine.usage("b").await.expect("usage").size, 300);
+}
+
+#[tokio::test]
+async fn update_changes_only_labels() {
+    let t = setup();
+    let mut l = BTreeMap::new();
+    l.insert("a".to_string(), "1".to_string());
+    l.insert("b".to_string(), "2".to_string());
+    t.engine.create(Kind::Active, "k", "", l).await.expect("k");
+    let mut new = BTreeMap::new();
+    new.insert("b".to_string(), "3".to_string());
+    new.insert("c".to_string(), "4".to_string());
+    let info = t
+        .engine
+        .update("k", new.clone(), &["labels.b".into(), "labels.a".into()])
+        .await
+        .expect("update");
+    let want: BTreeMap<String, String> = [("b".to_string(), "3".to_string())].into();
+    assert_eq!(
+        info.labels, want,
+        "labels.a removed, labels.b set, c untouched"
+    );
+    let info = t
+        .engine
+        .update("k", new.clone(), &[])
+        .await
+        .expect("replace all");
+    assert_eq!(info.labels, new);
+    assert!(matches!(
+        t.engine.update("k", new.clone(), &["parent".into()]).await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        t.engine.update("nope", new, &[]).await,
+        Err(EngineError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn list_filters() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("a");
+    t.engine
+        .commit("c", "a", no_labels())
+        .await
+        .expect("commit");
+    let mut l = BTreeMap::new();
+    l.insert("containerd.io/gc.root".to_string(), "y".to_string());
+    t.engine.create(Kind::Active, "b", "c", l).await.expect("b");
+    t.engine
+        .create(Kind::View, "v", "c", no_labels())
+        .await
+        .expect("v");
+    let names = |v: Vec<SnapshotInfo>| v.into_iter().map(|i| i.key).collect::<Vec<_>>();
+    let l = |f: &[&str]| f.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        names(t.engine.list(&l(&["kind==committed"])).await.expect("l")),
+        ["c"]
+    );
+    assert_eq!(
+        names(
+            t.engine
+                .list(&l(&["kind==view", "name==b"]))
+                .await
+                .expect("l")
+        ),
+        ["b", "v"]
+    );
+    assert_eq!(
+        names(t.engine.list(&l(&["parent!=\"\""])).await.expect("l")),
+        ["b", "v"]
+    );
+    assert_eq!(
+        names(
+            t.engine
+                .list(&l(&["labels.\"containerd.io/gc.root\"==y,kind==active"]))
+                .await
+                .expect("l")
+        ),
+        ["b"]
+    );
+}
+
+#[tokio::test]
+async fn crash_between_intent_and_outcome_is_undone_at_start() {
+    let t = setup();
+    prep(&t, "keep", "").await.expect("keep");
+    // A crash after the intent and create_snap but before the outcome: simulate by recording the
+    // intent and doing the kernel step by hand.
+    let new = crate::store::NewSnapshot {
+        key: "lost".into(),
+        kind: Kind::Active,
+        parent: None,
+        labels: no_labels(),
+        now: 1,
+    };
+    let plan = t
+        .engine
+        .store
+        .begin_create(&new, &t.engine.base)
+        .expect("intent");
+    t.pool
+        .create_snap(plan.thin_id, plan.origin)
+        .expect("kernel");
+    t.pool.activate(plan.thin_id, plan.size).expect("kernel");
+    t.engine.store.flush_sync().expect("flush");
+    let (t, report) = t.restart();
+    assert_eq!(report.undone_creates, vec![plan.thin_id]);
+    assert!(!t.pool.thin_ids().contains(&plan.thin_id));
+    assert!(t.engine.record("lost").expect("rec").is_none());
+    prep(&t, "lost", "")
+        .await
+        .expect("the interrupted key can be prepared again");
+    assert!(t.engine.stat("keep").await.is_ok());
+}
+
+#[tokio::test]
+async fn reboot_reactivates_active_snapshots_and_views_only() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("a");
+    t.engine
+        .commit("c", "a", no_labels())
+        .await
+        .expect("commit");
+    prep(&t, "b", "c").await.expect("b");
+    t.engine
+        .create(Kind::View, "v", "c", no_labels())
+        .await
+        .expect("v");
+    let ids: Vec<ThinId> = ["b", "v", "c"]
+        .iter()
+        .map(|k| t.engine.record(k).expect("rec").expect("k").thin_id)
+        .collect();
+    t.pool.reboot();
+    let (t, report) = t.restart();
+    let mut re = report.reactivated.clone();
+    re.sort();
+    let mut want = vec![ids[0], ids[1]];
+    want.sort();
+    assert_eq!(re, want);
+    assert!(!t.pool.active().contains(&ids[2]));
+    assert!(!report.base_created);
+}
+
+#[tokio::test]
+async fn orphan_devices_are_deleted_at_start() {
+    let t = setup();
+    // A device with our prefix that no record owns (e.g. left by a lost database).
+    t.pool.create_thin(4242).expect("orphan");
+    t.pool.activate(4242, 1).expect("orphan active");
+    let (t, report) = t.restart();
+    assert_eq!(report.orphans_deleted, vec![4242]);
+    assert!(!t.pool.thin_ids().contains(&4242));
+}
+
+#[tokio::test]
+async fn concurrent_prepares_of_one_key_have_one_winner() {
+    let t = Arc::new(setup());
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let t = t.clone();
+        tasks.push(tokio::spawn(
+            async move { prep(&t, "same", "").await.is_ok() },
+        ));
+    }
+    let mut wins = 0;
+    for task in tasks {
+        wins += task.await.expect("join") as usize;
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(t.pool.thin_ids().len(), 2);
+}

@@ -140,8 +140,8 @@ impl DmPool {
                 found: target,
             });
         }
-        let params =
-            ThinPoolTargetParams::from_str(&params).map_err(dm_err("parse table of", &name))?;
+        let params = ThinPoolTargetParams::from_str(&format!("thin-pool {params}"))
+            .map_err(dm_err("parse table of", &name))?;
         let block_size = *params.data_block_size * SECTOR;
         if config.pool.mode == PoolMode::Loop && block_size != config.pool.block_size.as_u64() {
             warn!(pool = %name, existing = block_size, configured = config.pool.block_size.as_u64(),

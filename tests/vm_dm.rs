@@ -1,0 +1,568 @@
+//! Root-only tests on real dm-thin: they start the `thinsnap` binary on a loop pool under a
+//! temporary directory and drive it over its socket as containerd would, mounting what it returns.
+//!
+//! They need root and a kernel with device-mapper, so they are `#[ignore]`d: plain `cargo test`
+//! lists them as ignored (this host kernel has no device-mapper), and `integration/test.sh` runs
+//! them inside the VM with `--ignored`. Inside the VM a missing device-mapper is a failure, never
+//! a skip.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::api::snapshots::v1::*;
+use containerd_snapshots::api::types::Mount;
+use thinsnap::admin::api::admin_client::AdminClient;
+use thinsnap::admin::api::{StatusRequest, StatusResponse};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const IGNORE: &str = "needs root and device-mapper: run in the VM by integration/test.sh";
+
+struct Daemon {
+    dir: PathBuf,
+    config: PathBuf,
+    pool: String,
+    child: Option<Child>,
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_thinsnap")
+}
+
+fn require_dm() {
+    assert!(
+        Path::new("/dev/mapper/control").exists(),
+        "device-mapper is missing: these tests must run in the VM (modprobe dm-thin-pool)"
+    );
+    assert!(nix::unistd::geteuid().is_root(), "these tests need root");
+}
+
+impl Daemon {
+    fn new(name: &str, extra: &str) -> Daemon {
+        require_dm();
+        let dir = PathBuf::from(format!(
+            "/tmp/thinsnap-vmtest-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let pool = format!("tsvm-{name}-{}", std::process::id());
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "root = \"{root}\"\naddress = \"{sock}\"\n[pool]\nname = \"{pool}\"\ndata_size = \"1GiB\"\nmetadata_size = \"32MiB\"\n[fs]\n{fs}\n",
+                root = dir.join("state").display(),
+                sock = dir.join("thinsnap.sock").display(),
+                fs = if extra.is_empty() { "base_size = \"128MiB\"" } else { extra },
+            ),
+        )
+        .expect("config");
+        let mut d = Daemon {
+            dir,
+            config,
+            pool,
+            child: None,
+        };
+        d.start();
+        d
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.join("thinsnap.sock")
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("thinsnap.log"))
+            .expect("log");
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn thinsnap");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        // Connectable, not merely present: a killed daemon leaves a stale socket file behind.
+        while std::os::unix::net::UnixStream::connect(self.sock()).is_err() {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("thinsnap exited with {st}: {}", self.log());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "no socket: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .expect("SIGTERM");
+            let st = c.wait().expect("wait");
+            assert!(st.success(), "thinsnap exited with {st}: {}", self.log());
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("thinsnap.log")).unwrap_or_default()
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run thinsnap")
+    }
+
+    async fn client(&self) -> (SnapshotsClient<Channel>, AdminClient<Channel>) {
+        let ch = thinsnap::server::connect(&self.sock())
+            .await
+            .expect("connect");
+        (SnapshotsClient::new(ch.clone()), AdminClient::new(ch))
+    }
+
+    fn our_dm_devices(&self) -> Vec<String> {
+        let prefix = format!("{}-snap-", self.pool);
+        std::fs::read_dir("/dev/mapper")
+            .expect("/dev/mapper")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let out = self.run(&["pool", "destroy", "--remove-files"]);
+        if !out.status.success() {
+            eprintln!("destroy failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn prepare(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+    parent: &str,
+) -> Result<Vec<Mount>, tonic::Status> {
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn view(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+    parent: &str,
+) -> Result<Vec<Mount>, tonic::Status> {
+    c.view(ViewSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn commit(
+    c: &mut SnapshotsClient<Channel>,
+    name: &str,
+    key: &str,
+) -> Result<(), tonic::Status> {
+    c.commit(CommitSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<(), tonic::Status> {
+    c.remove(RemoveSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn list(
+    c: &mut SnapshotsClient<Channel>,
+    filters: &[&str],
+) -> Result<Vec<String>, tonic::Status> {
+    let mut stream = c
+        .list(ListSnapshotsRequest {
+            snapshotter: "thinsnap".into(),
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+        })
+        .await?
+        .into_inner();
+    let mut names = Vec::new();
+    while let Some(resp) = stream.message().await? {
+        names.extend(resp.info.into_iter().map(|i| i.name));
+    }
+    names.sort();
+    Ok(names)
+}
+
+async fn status(a: &mut AdminClient<Channel>) -> StatusResponse {
+    a.status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+/// Mounts `m` on a fresh directory under `dir`, runs `f`, unmounts.
+fn with_mount<T>(dir: &Path, m: &Mount, f: impl FnOnce(&Path) -> T) -> T {
+    let target = dir.join(format!(
+        "mnt-{}",
+        m.source.rsplit('-').next().unwrap_or("x")
+    ));
+    std::fs::create_dir_all(&target).expect("mountpoint");
+    let mut flags = nix::mount::MsFlags::empty();
+    let mut data = Vec::new();
+    for o in &m.options {
+        if o == "ro" {
+            flags |= nix::mount::MsFlags::MS_RDONLY;
+        } else {
+            data.push(o.as_str());
+        }
+    }
+    let data = data.join(",");
+    nix::mount::mount(
+        Some(m.source.as_str()),
+        &target,
+        Some(m.r#type.as_str()),
+        flags,
+        (!data.is_empty()).then_some(data.as_str()),
+    )
+    .unwrap_or_else(|e| panic!("mount {m:?}: {e}"));
+    let out = f(&target);
+    nix::mount::umount(&target).expect("umount");
+    out
+}
+
+fn code(r: Result<impl std::fmt::Debug, tonic::Status>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_lifecycle_on_real_dm_thin() {
+    let _ = IGNORE;
+    let d = Daemon::new("life", "");
+    let (mut c, mut a) = d.client().await;
+
+    // A parentless snapshot is an empty filesystem: no lost+found.
+    let m = prepare(&mut c, "a", "").await.expect("prepare a");
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].r#type, "ext4");
+    assert!(
+        m[0].source
+            .starts_with(&format!("/dev/mapper/{}-snap-", d.pool)),
+        "{m:?}"
+    );
+    assert!(Path::new(&m[0].source).exists());
+    with_mount(&d.dir, &m[0], |root| {
+        let entries: Vec<_> = std::fs::read_dir(root).expect("readdir").collect();
+        assert!(entries.is_empty(), "new snapshot is not empty: {entries:?}");
+        std::fs::write(root.join("hello"), b"layer one").expect("write");
+        std::fs::write(root.join("big"), vec![7u8; 4 << 20]).expect("write big");
+    });
+    let usage = c
+        .usage(UsageRequest {
+            snapshotter: "thinsnap".into(),
+            key: "a".into(),
+        })
+        .await
+        .expect("usage")
+        .into_inner();
+    assert!(
+        usage.size >= 4 << 20,
+        "usage {} below the 4MiB written",
+        usage.size
+    );
+    commit(&mut c, "c1", "a").await.expect("commit");
+    assert!(
+        !Path::new(&m[0].source).exists(),
+        "committed device still active"
+    );
+    assert_eq!(code(prepare(&mut c, "c1", "").await), Code::AlreadyExists);
+
+    // A child sees its parent's files, and its writes stay its own.
+    let mb = prepare(&mut c, "b", "c1").await.expect("prepare b");
+    with_mount(&d.dir, &mb[0], |root| {
+        assert_eq!(
+            std::fs::read(root.join("hello")).expect("read"),
+            b"layer one"
+        );
+        std::fs::write(root.join("hello"), b"changed in b").expect("write");
+    });
+    let mv = view(&mut c, "v", "c1").await.expect("view");
+    assert!(mv[0].options.contains(&"ro".to_string()), "{mv:?}");
+    with_mount(&d.dir, &mv[0], |root| {
+        assert_eq!(
+            std::fs::read(root.join("hello")).expect("read"),
+            b"layer one"
+        );
+        assert!(
+            std::fs::write(root.join("x"), b"x").is_err(),
+            "view is writable"
+        );
+    });
+
+    // Status codes containerd relies on.
+    assert_eq!(code(prepare(&mut c, "b", "c1").await), Code::AlreadyExists);
+    assert_eq!(code(prepare(&mut c, "x", "missing").await), Code::NotFound);
+    assert_eq!(
+        code(prepare(&mut c, "x", "b").await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(code(prepare(&mut c, "", "").await), Code::InvalidArgument);
+    assert_eq!(code(remove(&mut c, "c1").await), Code::FailedPrecondition);
+    assert_eq!(
+        code(commit(&mut c, "n", "v").await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(code(remove(&mut c, "nope").await), Code::NotFound);
+    assert_eq!(
+        code(list(&mut c, &["name==\"open"]).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        list(&mut c, &["kind==committed"]).await.expect("list"),
+        vec!["c1"]
+    );
+    assert_eq!(
+        list(&mut c, &["parent==c1"]).await.expect("list"),
+        vec!["b", "v"]
+    );
+    assert_eq!(list(&mut c, &[]).await.expect("list"), vec!["b", "c1", "v"]);
+
+    // Removing a mounted snapshot is refused and loses nothing.
+    let target = d.dir.join("busy");
+    std::fs::create_dir_all(&target).expect("dir");
+    nix::mount::mount(
+        Some(mb[0].source.as_str()),
+        &target,
+        Some("ext4"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mount b");
+    assert_eq!(code(remove(&mut c, "b").await), Code::FailedPrecondition);
+    nix::mount::umount(&target).expect("umount");
+    assert!(Path::new(&mb[0].source).exists());
+
+    let st = status(&mut a).await;
+    assert_eq!(
+        (
+            st.snapshots_active,
+            st.snapshots_view,
+            st.snapshots_committed
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(st.thin_ids_in_use, 4, "base + c1 + b + v");
+    assert!(st.data.expect("data").used_bytes >= 4 << 20);
+
+    // Remove everything: no device and no thin id is left but the base.
+    remove(&mut c, "v").await.expect("remove v");
+    remove(&mut c, "b").await.expect("remove b");
+    remove(&mut c, "c1").await.expect("remove c1");
+    assert!(d.our_dm_devices().is_empty(), "{:?}", d.our_dm_devices());
+    let st = status(&mut a).await;
+    assert_eq!(st.thin_ids_in_use, 1);
+    assert_eq!(
+        st.snapshots_active + st.snapshots_view + st.snapshots_committed,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_restart_and_reboot_keep_everything() {
+    let mut d = Daemon::new("reboot", "");
+    {
+        let (mut c, _) = d.client().await;
+        let m = prepare(&mut c, "a", "").await.expect("prepare");
+        with_mount(&d.dir, &m[0], |root| {
+            std::fs::write(root.join("f"), b"one").expect("write")
+        });
+        commit(&mut c, "c", "a").await.expect("commit");
+        let m = prepare(&mut c, "active", "c")
+            .await
+            .expect("prepare active");
+        with_mount(&d.dir, &m[0], |root| {
+            std::fs::write(root.join("g"), b"two").expect("write")
+        });
+        view(&mut c, "view", "c").await.expect("view");
+    }
+    // A restart: devices stay, nothing is lost.
+    d.stop();
+    d.start();
+    {
+        let (mut c, _) = d.client().await;
+        assert_eq!(
+            list(&mut c, &[]).await.expect("list"),
+            vec!["active", "c", "view"]
+        );
+    }
+    // A reboot: every dm device and loop device gone, files kept.
+    d.stop();
+    let out = d.run(&["pool", "destroy"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.our_dm_devices().is_empty());
+    assert!(!Path::new("/dev/mapper").join(&d.pool).exists());
+    d.start();
+    let (mut c, mut a) = d.client().await;
+    assert_eq!(
+        list(&mut c, &[]).await.expect("list"),
+        vec!["active", "c", "view"]
+    );
+    let m = c
+        .mounts(MountsRequest {
+            snapshotter: "thinsnap".into(),
+            key: "active".into(),
+        })
+        .await
+        .expect("mounts")
+        .into_inner()
+        .mounts;
+    assert!(
+        Path::new(&m[0].source).exists(),
+        "active snapshot not reactivated"
+    );
+    with_mount(&d.dir, &m[0], |root| {
+        assert_eq!(std::fs::read(root.join("f")).expect("f"), b"one");
+        assert_eq!(std::fs::read(root.join("g")).expect("g"), b"two");
+    });
+    let st = status(&mut a).await;
+    assert_eq!(st.thin_ids_in_use, 4);
+    assert_eq!(
+        d.our_dm_devices().len(),
+        2,
+        "active + view: {:?}",
+        d.our_dm_devices()
+    );
+    // The interrupted key can be prepared again after everything is removed.
+    for k in ["view", "active", "c"] {
+        remove(&mut c, k).await.expect("remove");
+    }
+    prepare(&mut c, "a", "").await.expect("prepare again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_concurrent_prepares_of_one_key_have_one_winner() {
+    let d = Daemon::new("race", "");
+    let (c, mut a) = d.client().await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            prepare(&mut c, "same", "").await.map(|_| ())
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(()) => ok += 1,
+            Err(s) => assert_eq!(s.code(), Code::AlreadyExists, "{s}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(status(&mut a).await.thin_ids_in_use, 2);
+    assert_eq!(d.our_dm_devices().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_xfs_snapshots_mount_with_nouuid() {
+    let d = Daemon::new("xfs", "type = \"xfs\"\nbase_size = \"320MiB\"");
+    let (mut c, _) = d.client().await;
+    let m = prepare(&mut c, "a", "").await.expect("prepare");
+    assert_eq!(m[0].r#type, "xfs");
+    assert!(m[0].options.contains(&"nouuid".to_string()));
+    with_mount(&d.dir, &m[0], |root| {
+        std::fs::write(root.join("f"), b"x").expect("write")
+    });
+    commit(&mut c, "c", "a").await.expect("commit");
+    let m1 = prepare(&mut c, "b1", "c").await.expect("b1");
+    let m2 = prepare(&mut c, "b2", "c").await.expect("b2");
+    // Two snapshots of one filesystem mounted at once: only possible with nouuid.
+    with_mount(&d.dir, &m1[0], |r1| {
+        with_mount(&d.dir, &m2[0], |r2| {
+            assert_eq!(std::fs::read(r1.join("f")).expect("f1"), b"x");
+            assert_eq!(std::fs::read(r2.join("f")).expect("f2"), b"x");
+        })
+    });
+}
+
+#[test]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+fn vm_live_socket_is_refused_and_stale_one_replaced() {
+    let mut d = Daemon::new("sock", "");
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&d.config)
+        .output()
+        .expect("second serve");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta = std::fs::metadata(d.sock()).expect("socket");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // Kill -9 leaves a stale socket file; the next start replaces it.
+    if let Some(mut c) = d.child.take() {
+        c.kill().expect("kill");
+        c.wait().expect("wait");
+    }
+    assert!(d.sock().exists());
+    d.start();
+    d.stop();
+}
