@@ -4,9 +4,15 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-PKGS=(
+# --runtime: only what building and running thinsnap needs (run.sh), not the VM test bed.
+RUNTIME_PKGS=(
   # build: the devicemapper crate links libdevmapper and runs bindgen (libclang); tonic-build needs protoc
   libdevmapper-dev libclang-dev clang pkg-config protobuf-compiler
+  # run: mkfs for the base device, once per pool
+  e2fsprogs xfsprogs kmod
+)
+PKGS=(
+  "${RUNTIME_PKGS[@]}"
   # the VM test bed (../shared/TESTBED.md): a Debian kernel with dm modules, booted by qemu via virtme-ng
   qemu-system-x86 linux-image-amd64 kmod
   # virtme-ng comes from PyPI (below): needs python3 and pip when no other Python is installed
@@ -16,6 +22,10 @@ PKGS=(
   # containerd's conformance suite and the end-to-end test
   golang-go golang-github-containerd-containerd-dev containerd runc umoci skopeo busybox-static
 )
+
+if [[ ${1:-} == --runtime ]]; then
+  PKGS=("${RUNTIME_PKGS[@]}")
+fi
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -27,6 +37,10 @@ if ((${#missing[@]})); then
 fi
 
 export PATH="$HOME/.pyenv/shims:$HOME/.local/bin:/usr/local/bin:$PATH"
+if [[ ${1:-} == --runtime ]]; then
+  echo "install-deps: runtime ok"
+  exit 0
+fi
 if ! command -v vng >/dev/null 2>&1; then
   # Debian 12's own pip refuses system-wide installs (PEP 668) unless told otherwise.
   pip install --quiet --root-user-action=ignore virtme-ng ||

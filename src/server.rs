@@ -106,3 +106,125 @@ pub async fn connect(address: &Path) -> Result<Channel, ServerError> {
         .await?;
     Ok(channel)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+    use containerd_snapshots::api::snapshots::v1::*;
+    use tonic::Code;
+
+    use super::*;
+    use crate::admin::api::admin_client::AdminClient;
+    use crate::admin::api::StatusRequest;
+    use crate::config::FsConfig;
+    use crate::engine::recovery;
+    use crate::pool::fake::FakePool;
+    use crate::store::Store;
+
+    fn prep(key: &str, parent: &str) -> PrepareSnapshotRequest {
+        PrepareSnapshotRequest {
+            snapshotter: "thinsnap".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: HashMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_over_unix_socket_maps_status_codes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("store");
+        let (engine, _) = recovery::start(
+            Arc::new(FakePool::new()),
+            store,
+            FsConfig::default(),
+            &|_: &Path| Ok(()),
+        )
+        .expect("engine");
+        let sock = dir.path().join("run/thinsnap.sock");
+        let listener = bind(&sock).expect("bind");
+        let meta = std::fs::metadata(&sock).expect("socket");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(
+            matches!(bind(&sock), Err(ServerError::InUse(_))),
+            "live socket taken over"
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(listener, Arc::new(engine), "root".into(), async {
+            let _ = stop_rx.await;
+        }));
+
+        let ch = connect(&sock).await.expect("connect");
+        let mut c = SnapshotsClient::new(ch.clone());
+        let m = c
+            .prepare(prep("a", ""))
+            .await
+            .expect("prepare")
+            .into_inner()
+            .mounts;
+        assert_eq!(m[0].r#type, "ext4");
+        let code = |r: Result<tonic::Response<PrepareSnapshotResponse>, tonic::Status>| {
+            r.expect_err("must fail").code()
+        };
+        assert_eq!(code(c.prepare(prep("a", "")).await), Code::AlreadyExists);
+        assert_eq!(code(c.prepare(prep("", "")).await), Code::InvalidArgument);
+        assert_eq!(code(c.prepare(prep("b", "missing")).await), Code::NotFound);
+        assert_eq!(
+            code(c.prepare(prep("b", "a")).await),
+            Code::FailedPrecondition
+        );
+        let st = c
+            .stat(StatSnapshotRequest {
+                snapshotter: "thinsnap".into(),
+                key: "a".into(),
+            })
+            .await
+            .expect("stat")
+            .into_inner()
+            .info
+            .expect("info");
+        assert_eq!(st.kind, 2, "active");
+        let err = c
+            .list(ListSnapshotsRequest {
+                snapshotter: "thinsnap".into(),
+                filters: vec!["name==".into()],
+            })
+            .await;
+        // The wrapper streams: the error arrives with the first message.
+        let code = match err {
+            Err(s) => s.code(),
+            Ok(r) => r
+                .into_inner()
+                .message()
+                .await
+                .expect_err("bad filter")
+                .code(),
+        };
+        assert_eq!(code, Code::InvalidArgument);
+        let upd = c
+            .update(UpdateSnapshotRequest {
+                snapshotter: "thinsnap".into(),
+                info: Some(Info {
+                    name: "a".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["kind".into()],
+                }),
+            })
+            .await;
+        assert_eq!(upd.expect_err("immutable").code(), Code::InvalidArgument);
+        let status = AdminClient::new(ch)
+            .status(StatusRequest {})
+            .await
+            .expect("admin")
+            .into_inner();
+        assert_eq!(status.snapshots_active, 1);
+        assert_eq!(status.thin_ids_in_use, 2);
+
+        stop_tx.send(()).expect("stop");
+        server.await.expect("join").expect("server");
+    }
+}
