@@ -56,6 +56,8 @@ pub struct Config {
     pub address: PathBuf,
     pub pool: PoolConfig,
     pub fs: FsConfig,
+    pub remove: RemoveConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// How the thin pool is obtained.
@@ -66,6 +68,8 @@ pub enum PoolMode {
     Loop,
     /// A thin pool someone else made (LVM, say), adopted by its dm name.
     Existing,
+    /// An LVM thin pool provisioned by thinsnap on `pool.device` (Docker's direct-lvm).
+    Lvm,
 }
 
 impl std::fmt::Display for PoolMode {
@@ -73,6 +77,7 @@ impl std::fmt::Display for PoolMode {
         f.write_str(match self {
             PoolMode::Loop => "loop",
             PoolMode::Existing => "existing",
+            PoolMode::Lvm => "lvm",
         })
     }
 }
@@ -92,6 +97,107 @@ pub struct PoolConfig {
     /// Loop mode: zero newly provisioned blocks. Off by default, as in Docker and containerd:
     /// the filesystem never exposes blocks it did not write.
     pub zero_blocks: bool,
+    /// Prepare and View are refused while free data or metadata space is below this share.
+    pub min_free_space: Percent,
+    /// Existing mode: adopt a pool that holds thin devices thinsnap does not know.
+    pub allow_foreign_devices: bool,
+    /// Lvm mode: how to provision the pool.
+    pub lvm: LvmConfig,
+}
+
+/// A percentage, written `"10%"` or `10` in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PercentRepr", into = "String")]
+pub struct Percent(pub f64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PercentRepr {
+    Num(f64),
+    Text(String),
+}
+
+impl TryFrom<PercentRepr> for Percent {
+    type Error = String;
+    fn try_from(r: PercentRepr) -> Result<Percent, String> {
+        let v = match r {
+            PercentRepr::Num(n) => n,
+            PercentRepr::Text(t) => t
+                .trim()
+                .trim_end_matches('%')
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| format!("{t:?} is not a percentage like \"10%\""))?,
+        };
+        if !(0.0..=100.0).contains(&v) {
+            return Err(format!("{v}% is not between 0% and 100%"));
+        }
+        Ok(Percent(v))
+    }
+}
+
+impl From<Percent> for String {
+    fn from(p: Percent) -> String {
+        format!("{}%", p.0)
+    }
+}
+
+/// Lvm mode settings (Docker's `dm.directlvm_device` and friends).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LvmConfig {
+    /// The block device to give to LVM (it is wiped: a device holding a filesystem is refused
+    /// unless `force`).
+    pub device: Option<PathBuf>,
+    /// Volume group name.
+    pub volume_group: String,
+    /// Thin pool logical volume name.
+    pub thin_pool: String,
+    /// Share of the volume group for data.
+    pub thinp_percent: u32,
+    /// Share of the volume group for metadata.
+    pub thinp_metapercent: u32,
+    /// LVM autoextends the pool when its data usage crosses this percentage...
+    pub autoextend_threshold: u32,
+    /// ...by this percentage of its size.
+    pub autoextend_percent: u32,
+    /// Wipe a device that holds a filesystem or other signature.
+    pub force: bool,
+}
+
+impl Default for LvmConfig {
+    fn default() -> Self {
+        LvmConfig {
+            device: None,
+            volume_group: "thinsnap".to_string(),
+            thin_pool: "thinpool".to_string(),
+            thinp_percent: 95,
+            thinp_metapercent: 1,
+            autoextend_threshold: 80,
+            autoextend_percent: 20,
+            force: false,
+        }
+    }
+}
+
+/// How Remove deletes thin devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoveConfig {
+    /// Answer Remove once the snapshot is gone from the store; a background reaper deletes the
+    /// device (retried while busy, and after a restart).
+    #[serde(rename = "async")]
+    pub asynchronous: bool,
+    /// Discard a device's blocks before deleting it, so a loop pool's files give the space back.
+    pub discard: bool,
+}
+
+/// The opt-in Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `/metrics` on (loopback recommended); unset: no endpoint.
+    pub address: Option<String>,
 }
 
 /// Filesystem of the base device (and so of every snapshot).
@@ -138,6 +244,8 @@ impl Default for Config {
             address: PathBuf::from(DEFAULT_ADDRESS),
             pool: PoolConfig::default(),
             fs: FsConfig::default(),
+            remove: RemoveConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -151,6 +259,9 @@ impl Default for PoolConfig {
             metadata_size: ByteSize::gib(2),
             block_size: ByteSize::kib(64),
             zero_blocks: false,
+            min_free_space: Percent(10.0),
+            allow_foreign_devices: false,
+            lvm: LvmConfig::default(),
         }
     }
 }
@@ -272,6 +383,38 @@ impl Config {
                 ),
             ));
         }
+        if self.pool.mode == PoolMode::Lvm {
+            let l = &self.pool.lvm;
+            if l.device.is_none() {
+                return Err(invalid(
+                    "pool.lvm.device",
+                    "lvm mode needs the block device to use",
+                ));
+            }
+            if l.thinp_percent == 0
+                || l.thinp_percent + l.thinp_metapercent > 100
+                || l.thinp_metapercent == 0
+            {
+                return Err(invalid(
+                    "pool.lvm.thinp_percent",
+                    "thinp_percent and thinp_metapercent must be above 0 and add up to at most 100",
+                ));
+            }
+            if l.autoextend_threshold > 100 {
+                return Err(invalid(
+                    "pool.lvm.autoextend_threshold",
+                    "must be at most 100",
+                ));
+            }
+        }
+        if let Some(addr) = &self.metrics.address {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics.address",
+                    format!("{addr:?} is not host:port"),
+                ));
+            }
+        }
         for opt in &self.fs.mount_options {
             if opt.is_empty() || opt.contains(',') {
                 return Err(invalid(
@@ -310,6 +453,29 @@ mod tests {
         assert_eq!(c.pool.block_size, ByteSize::kib(64));
         assert_eq!(c.fs.fs_type, FsType::Ext4);
         assert_eq!(c.fs.base_size, ByteSize::gib(10));
+        assert_eq!(c.pool.min_free_space, Percent(10.0));
+        assert!(!c.remove.asynchronous && !c.remove.discard);
+        assert_eq!(c.metrics.address, None);
+    }
+
+    #[test]
+    fn percentages_and_sections() {
+        let c = Config::parse(
+            "[pool]\nmin_free_space = \"5%\"\n[remove]\nasync = true\ndiscard = true\n[metrics]\naddress = \"127.0.0.1:9323\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.pool.min_free_space, Percent(5.0));
+        assert!(c.remove.asynchronous && c.remove.discard);
+        assert_eq!(
+            Config::parse("[pool]\nmin_free_space = 0")
+                .expect("num")
+                .pool
+                .min_free_space,
+            Percent(0.0)
+        );
+        assert!(err_of("[pool]\nmin_free_space = \"150%\"").contains("min_free_space"));
+        assert!(err_of("[pool]\nmode = \"lvm\"").contains("pool.lvm.device"));
+        assert!(err_of("[metrics]\naddress = \"nowhere\"").contains("metrics.address"));
     }
 
     #[test]

@@ -193,7 +193,7 @@ compare_views() {
   snaps ls >"$W/ls.txt" 2>&1 || { echo "ctr snapshots ls failed: $(cat "$W/ls.txt")"; return 1; }
   read -r a v c < <(ls_counts "$W/ls.txt")
   if [[ $SNAP == thinsnap ]]; then
-    ts_status >"$W/status.json" 2>&1 || { echo "thinsnap status failed: $(cat "$W/status.json")"; return 1; }
+    ts_status >"$W/status.json" 2>&1 || { echo "thinsnap status failed (exit $?): $(cat "$W/status.json")"; return 1; }
     read -r sa sv sc ids < <(jq -r '"\(.snapshots.active) \(.snapshots.view) \(.snapshots.committed) \(.thin_ids_in_use)"' "$W/status.json")
     [[ "$a $v $c" == "$sa $sv $sc" ]] || bad+=("ctr ls active/view/committed = $a/$v/$c, thinsnap status = $sa/$sv/$sc")
     ((ids == a + v + c + 1)) || bad+=("thinsnap thin_ids_in_use = $ids, want snapshots + base = $((a + v + c + 1))")
@@ -306,6 +306,12 @@ if [[ $SNAP == thinsnap ]]; then
 fi
 rm -rf "$W"
 mkdir -p "$W/thinsnap" "$CROOT"
+if [[ $SNAP == thinsnap ]]; then
+  # A private copy: a `cargo build` on the host during the run must not swap the binary under us.
+  cp "$BIN" "$W/thinsnap.bin" || abort "copy $BIN into the guest"
+  echo "thinsnap binary: $BIN ($(stat -c '%s bytes, modified %y' "$BIN")), run from a copy"
+  BIN=$W/thinsnap.bin
+fi
 
 # containerd's root on ext4: overlayfs (E2E_SNAPSHOTTER=overlayfs) needs user xattrs, which the
 # guest's tmpfs does not have

@@ -15,7 +15,7 @@ use devicemapper::{
 use nix::errno::Errno;
 use tracing::{debug, info, warn};
 
-use super::{loopback, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
+use super::{loopback, lvm, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
 use crate::config::{Config, PoolMode};
 
 const SECTOR: u64 = 512;
@@ -75,7 +75,10 @@ impl DmPool {
     /// of that name is not a thin pool.
     pub fn open(config: &Config) -> Result<DmPool, PoolError> {
         let dm = open_dm()?;
-        let name = config.pool.name.clone();
+        let name = match config.pool.mode {
+            PoolMode::Lvm => lvm::provision(config)?,
+            PoolMode::Loop | PoolMode::Existing => config.pool.name.clone(),
+        };
         let mut loop_files = Vec::new();
         let exists = device_exists(&dm, &name)?;
         match config.pool.mode {
@@ -117,7 +120,7 @@ impl DmPool {
                           data_bytes = data_sectors * SECTOR, block_bytes = block, "created thin pool");
                 }
             }
-            PoolMode::Existing => {
+            PoolMode::Existing | PoolMode::Lvm => {
                 if !exists {
                     return Err(PoolError::PoolMissing(name));
                 }
@@ -152,7 +155,7 @@ impl DmPool {
         }
         Ok(DmPool {
             dm,
-            prefix: format!("{name}-snap-"),
+            prefix: format!("{}-snap-", config.pool.name),
             name,
             mode: config.pool.mode,
             block_size,
@@ -501,11 +504,19 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
             info!(device = %n, "removed dm device");
         }
     }
-    let exists = device_exists(&dm, name)?;
+    let pool_dev = match config.pool.mode {
+        PoolMode::Lvm => format!(
+            "{}-{}-tpool",
+            config.pool.lvm.volume_group.replace('-', "--"),
+            config.pool.lvm.thin_pool.replace('-', "--")
+        ),
+        _ => name.clone(),
+    };
+    let exists = device_exists(&dm, &pool_dev)?;
     match config.pool.mode {
-        PoolMode::Existing => {
+        PoolMode::Existing | PoolMode::Lvm => {
             if exists {
-                let n = dm_name(name)?;
+                let n = dm_name(&pool_dev)?;
                 for id in thin_ids {
                     match dm.target_msg(&DevId::Name(&n), None, &format!("delete {id}")) {
                         Ok(_) => info!(pool = %name, thin_id = id, "deleted thin device"),

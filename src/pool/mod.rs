@@ -11,6 +11,7 @@ pub mod dm;
 #[cfg(test)]
 pub mod fake;
 pub mod loopback;
+pub mod lvm;
 
 use std::path::PathBuf;
 
