@@ -14,7 +14,7 @@ pub mod api {
 }
 
 use api::admin_server::Admin;
-use api::{LoopFile, Space, StatusRequest, StatusResponse};
+use api::{GrowRequest, LoopFile, Space, StatusRequest, StatusResponse};
 
 /// The Admin service over an engine.
 pub struct AdminService {
@@ -35,6 +35,19 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn grow(&self, req: Request<GrowRequest>) -> Result<Response<StatusResponse>, Status> {
+        let req = req.into_inner();
+        let nz = |v: u64| (v != 0).then_some(v);
+        let (data, meta) = (nz(req.data_size_bytes), nz(req.metadata_size_bytes));
+        if data.is_none() && meta.is_none() {
+            return Err(Status::invalid_argument(
+                "give a data size, a metadata size or both",
+            ));
+        }
+        self.engine.grow(data, meta).await?;
+        self.status(Request::new(StatusRequest {})).await
+    }
+
     async fn status(
         &self,
         _req: Request<StatusRequest>,
@@ -81,7 +94,7 @@ impl Admin for AdminService {
                 .collect(),
             root: self.root.clone(),
             base_thin_id: base.thin_id,
-            min_free_space_percent: 0.0,
+            min_free_space_percent: self.engine.min_free_percent(),
         }))
     }
 }

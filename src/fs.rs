@@ -138,6 +138,61 @@ pub fn format_base(device: &Path, fs: &FsConfig, scratch: &Path) -> Result<(), F
     unmounted
 }
 
+/// Grows the filesystem on `device` (unmounted) to fill the device: for a snapshot made larger
+/// than its parent with the size label. ext4: `e2fsck -f -p` (resize2fs insists on a checked
+/// filesystem) then `resize2fs`; xfs grows only mounted, so it is mounted under `scratch` for
+/// `xfs_growfs`.
+///
+/// Returns an error if a tool fails.
+pub fn grow(device: &Path, fs: &FsConfig, scratch: &Path) -> Result<(), FsError> {
+    match fs.fs_type {
+        FsType::Ext4 => {
+            run(
+                Command::new("e2fsck").args(["-f", "-p"]).arg(device),
+                device,
+            )?;
+            run(Command::new("resize2fs").arg(device), device)?;
+        }
+        FsType::Xfs => {
+            let dir = scratch.join(format!(
+                "grow-{}",
+                device
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            std::fs::create_dir_all(&dir).map_err(|source| FsError::Io {
+                op: "create",
+                path: dir.clone(),
+                source,
+            })?;
+            nix::mount::mount(
+                Some(device),
+                &dir,
+                Some("xfs"),
+                nix::mount::MsFlags::empty(),
+                Some("nouuid"),
+            )
+            .map_err(|e| FsError::Io {
+                op: "mount for growing",
+                path: dir.clone(),
+                source: e.into(),
+            })?;
+            let grown = run(Command::new("xfs_growfs").arg(&dir), device);
+            let unmounted = nix::mount::umount(&dir).map_err(|e| FsError::Io {
+                op: "unmount",
+                path: dir.clone(),
+                source: e.into(),
+            });
+            let _ = std::fs::remove_dir(&dir);
+            grown?;
+            unmounted?;
+        }
+    }
+    info!(device = %device.display(), fs = %fs.fs_type, "grew filesystem");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

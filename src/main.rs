@@ -62,6 +62,17 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PoolCommand {
+    /// Grow a loop pool online (asks the running daemon): data and/or metadata file.
+    Grow {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// New size of the data file (human units, e.g. 200GiB).
+        #[arg(long)]
+        data_size: Option<bytesize::ByteSize>,
+        /// New size of the metadata file.
+        #[arg(long)]
+        metadata_size: Option<bytesize::ByteSize>,
+    },
     /// Remove every device of this pool, the pool and its loop devices (loop mode); with
     /// --remove-files also the pool files and the database. The daemon must be stopped.
     Destroy {
@@ -125,16 +136,43 @@ fn run(cli: Cli) -> Result<()> {
                     remove_files,
                 },
         } => destroy(config.as_deref(), remove_files),
+        Command::Pool {
+            command:
+                PoolCommand::Grow {
+                    config,
+                    data_size,
+                    metadata_size,
+                },
+        } => rt.block_on(grow(config.as_deref(), data_size, metadata_size)),
     }
 }
 
+/// Creates the root directory 0700, or checks an existing one: it holds the device metadata, so
+/// it must be root's and closed to others. A looser one is refused with the fix.
 fn ensure_root(root: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(root)
-        .with_context(|| format!("cannot create root directory {}", root.display()))
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !nix::unistd::geteuid().is_root() {
+        bail!("thinsnap must run as root (it drives device-mapper and mounts)");
+    }
+    if !root.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .with_context(|| format!("cannot create root directory {}", root.display()))?;
+    }
+    let meta =
+        std::fs::metadata(root).with_context(|| format!("cannot stat {}", root.display()))?;
+    if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+        bail!(
+            "root directory {} is owned by uid {} with mode {:o}; it must be root's and 0700: \
+             run `chown root:root {0} && chmod 700 {0}`",
+            root.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 async fn serve(config_path: Option<&Path>) -> Result<()> {
@@ -156,11 +194,17 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
         let fs_config = c.fs.clone();
         let scratch = c.root.clone();
         let format = move |dev: &Path| fs::format_base(dev, &fs_config, &scratch);
-        let (engine, _report) = recovery::start(pool, store, c.fs.clone(), &format)?;
+        let (engine, _report) = recovery::start(
+            pool,
+            store,
+            thinsnap::engine::Settings::from_config(&c),
+            &format,
+        )?;
         Ok(engine)
     })
     .await??;
     let engine = Arc::new(engine);
+    engine.spawn_reaper();
     let listener = server::bind(&config.address)?;
     info!(socket = %config.address.display(), "serving");
     // Tell systemd (Type=notify) that the socket is there; a no-op outside systemd.
@@ -223,6 +267,7 @@ async fn status(config_path: Option<&Path>, json: bool) -> Result<()> {
                      "available_bytes": data.total_bytes.saturating_sub(data.used_bytes)},
             "metadata": {"used_bytes": meta.used_bytes, "total_bytes": meta.total_bytes,
                          "available_bytes": meta.total_bytes.saturating_sub(meta.used_bytes)},
+            "min_free_space_percent": st.min_free_space_percent,
             "transaction_id": st.transaction_id,
             "health": {"read_only": st.read_only, "out_of_data_space": st.out_of_data_space,
                        "needs_check": st.needs_check, "error_if_no_space": st.error_if_no_space},
@@ -259,6 +304,7 @@ async fn status(config_path: Option<&Path>, json: bool) -> Result<()> {
             human(s.total_bytes.saturating_sub(s.used_bytes))
         );
     }
+    println!("Minimum Free Space:        {}%", st.min_free_space_percent);
     println!("Transaction Id:            {}", st.transaction_id);
     let mut health = Vec::new();
     if st.read_only {
@@ -295,6 +341,39 @@ async fn status(config_path: Option<&Path>, json: bool) -> Result<()> {
             l.device
         );
     }
+    Ok(())
+}
+
+async fn grow(
+    config_path: Option<&Path>,
+    data: Option<bytesize::ByteSize>,
+    meta: Option<bytesize::ByteSize>,
+) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let channel = server::connect(&config.address).await.with_context(|| {
+        format!(
+            "cannot reach thinsnap at {} (is it running?)",
+            config.address.display()
+        )
+    })?;
+    let st = AdminClient::new(channel)
+        .grow(thinsnap::admin::api::GrowRequest {
+            data_size_bytes: data.map(|b| b.as_u64()).unwrap_or(0),
+            metadata_size_bytes: meta.map(|b| b.as_u64()).unwrap_or(0),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("grow refused ({:?}): {}", s.code(), s.message()))?
+        .into_inner();
+    let d = st.data.unwrap_or_default();
+    let m = st.metadata.unwrap_or_default();
+    println!(
+        "pool {}: data {} of {}, metadata {} of {}",
+        st.pool_name,
+        human(d.used_bytes),
+        human(d.total_bytes),
+        human(m.used_bytes),
+        human(m.total_bytes)
+    );
     Ok(())
 }
 

@@ -139,7 +139,7 @@ mod tests {
         let (engine, _) = recovery::start(
             Arc::new(FakePool::new()),
             store,
-            FsConfig::default(),
+            crate::engine::Settings::with_fs(FsConfig::default()),
             &|_: &Path| Ok(()),
         )
         .expect("engine");

@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
-use crate::config::FsConfig;
+use crate::config::{Config, FsConfig};
 use crate::fs::{mount_options, FsError};
 use crate::pool::{PoolError, PoolStatus, ThinId, ThinPool};
 use crate::store::{BaseRecord, Kind, NewSnapshot, SnapshotRecord, State, Store, StoreError};
@@ -175,24 +175,71 @@ pub fn check_labels<'a>(
     Ok(())
 }
 
+/// The label that makes a snapshot's device larger than its parent's (human units).
+pub const SIZE_LABEL: &str = "containerd.io/snapshot/thinsnap.size";
+
+/// What the engine takes from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub fs: FsConfig,
+    /// Prepare and View are refused below this share (percent) of free data or metadata space.
+    pub min_free_percent: f64,
+    /// Remove answers once the record is gone; a background reaper deletes the device.
+    pub remove_async: bool,
+    /// Discard a device's blocks before deleting it.
+    pub discard: bool,
+    /// A directory for temporary mounts (formatting the base, growing xfs).
+    pub scratch: PathBuf,
+}
+
+impl Settings {
+    /// The engine's part of `config`.
+    pub fn from_config(config: &Config) -> Settings {
+        Settings {
+            fs: config.fs.clone(),
+            min_free_percent: config.pool.min_free_space.0,
+            remove_async: config.remove.asynchronous,
+            discard: config.remove.discard,
+            scratch: config.root.clone(),
+        }
+    }
+
+    /// Defaults with `fs`, for tests.
+    pub fn with_fs(fs: FsConfig) -> Settings {
+        Settings {
+            fs,
+            min_free_percent: 10.0,
+            remove_async: false,
+            discard: false,
+            scratch: std::env::temp_dir(),
+        }
+    }
+}
+
 /// The snapshot engine. Shared between gRPC handlers through an `Arc`.
 pub struct Engine {
     pool: Arc<dyn ThinPool>,
     store: Store,
     base: BaseRecord,
-    fs: FsConfig,
+    settings: Settings,
     locks: KeyLocks,
+    /// Kernel calls hold it shared; growing the pool (which suspends it) holds it exclusively.
+    kernel: tokio::sync::RwLock<()>,
+    /// The background reaper of `remove.async`, once started.
+    reaper: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ThinId>>>,
 }
 
 impl Engine {
     /// Builds the engine on a recovered store (see [`recovery::start`]).
-    fn new(pool: Arc<dyn ThinPool>, store: Store, base: BaseRecord, fs: FsConfig) -> Engine {
+    fn new(pool: Arc<dyn ThinPool>, store: Store, base: BaseRecord, settings: Settings) -> Engine {
         Engine {
             pool,
             store,
             base,
-            fs,
+            settings,
             locks: KeyLocks::default(),
+            kernel: tokio::sync::RwLock::new(()),
+            reaper: std::sync::Mutex::new(None),
         }
     }
 
@@ -203,16 +250,52 @@ impl Engine {
         F: FnOnce(&dyn ThinPool) -> Result<T, EngineError> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let _shared = self.kernel.read().await;
         tokio::task::spawn_blocking(move || f(&*pool))
             .await
             .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
     }
 
+    /// Refuses to create while free data or metadata space is under the floor
+    /// (`pool.min_free_space`), or while the pool cannot take writes.
+    async fn check_space(&self) -> Result<(), EngineError> {
+        let floor = self.settings.min_free_percent;
+        let st = self
+            .on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
+            .await?;
+        let name = self.pool.info().name;
+        if st.read_only || st.out_of_data_space || st.needs_check {
+            return Err(EngineError::ResourceExhausted(format!(
+                "thin pool {name} cannot take writes (read_only={}, out_of_data_space={}, needs_check={}); \
+                 remove snapshots or grow the pool",
+                st.read_only, st.out_of_data_space, st.needs_check
+            )));
+        }
+        for (what, used, total) in [
+            ("data", st.data_used_bytes, st.data_total_bytes),
+            ("metadata", st.metadata_used_bytes, st.metadata_total_bytes),
+        ] {
+            let free = total.saturating_sub(used);
+            let required = (total as f64 * floor / 100.0).ceil() as u64;
+            if free < required {
+                let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+                return Err(EngineError::ResourceExhausted(format!(
+                    "thin pool {name}: {} of {what} space free ({:.1}%), pool.min_free_space requires {} ({floor}%); \
+                     remove snapshots or grow the pool",
+                    human(free),
+                    free as f64 * 100.0 / total.max(1) as f64,
+                    human(required)
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn mounts_of(&self, rec: &SnapshotRecord) -> Vec<Mount> {
         vec![Mount {
-            fs_type: self.fs.fs_type.as_str().to_string(),
+            fs_type: self.settings.fs.fs_type.as_str().to_string(),
             source: self.pool.device_path(rec.thin_id).display().to_string(),
-            options: mount_options(&self.fs, rec.kind == Kind::View),
+            options: mount_options(&self.settings.fs, rec.kind == Kind::View),
         }]
     }
 
@@ -249,25 +332,55 @@ impl Engine {
     ) -> Result<Vec<Mount>, EngineError> {
         check_key("key", key)?;
         check_labels(&labels)?;
+        let size = match labels.get(SIZE_LABEL) {
+            None => None,
+            Some(v) => Some(
+                v.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map_err(|e| {
+                        EngineError::InvalidArgument(format!(
+                            "label {SIZE_LABEL}={v:?} of {key:?} is not a size: {e}"
+                        ))
+                    })?
+                    .as_u64(),
+            ),
+        };
         let _guard = self.locks.lock(&[key]).await;
+        self.check_space().await?;
         let new = NewSnapshot {
             key: key.to_string(),
             kind,
             parent: (!parent.is_empty()).then(|| parent.to_string()),
             labels,
             now: now_ns(),
+            size,
         };
         // 1. Intent: records in state Creating, durable before the kernel is touched.
-        let plan = self.store.begin_create(&new, &self.base)?;
+        let plan = self
+            .store
+            .begin_create(&new, &self.base)
+            .map_err(|e| match e {
+                StoreError::FailedPrecondition(m) if size.is_some() && m.starts_with("size ") => {
+                    EngineError::InvalidArgument(format!("label {SIZE_LABEL} of {key:?}: {m}"))
+                }
+                e => e.into(),
+            })?;
         self.store.flush().await?;
         // 2. The kernel: create_snap, then activate.
         let (id, origin, size) = (plan.thin_id, plan.origin, plan.size);
+        let grow = (size > plan.parent_size)
+            .then(|| (self.settings.fs.clone(), self.settings.scratch.clone()));
         let made = self
             .on_pool(move |pool| {
                 pool.create_snap(id, origin)
                     .map_err(pool_err(format!("create thin id {id} from {origin}")))?;
-                pool.activate(id, size)
+                let dev = pool
+                    .activate(id, size)
                     .map_err(pool_err(format!("activate thin id {id}")))?;
+                if let Some((fs, scratch)) = grow {
+                    // Only with the size label: a process spawn, off the common Prepare path.
+                    crate::fs::grow(&dev, &fs, &scratch)?;
+                }
                 Ok(())
             })
             .await;
@@ -311,10 +424,21 @@ impl Engine {
     /// Deactivates and deletes thin device `id`, whose record is in state Deleting, then forgets
     /// it. A failure leaves the record for [`Engine::cleanup`] and recovery to retry.
     async fn reap(&self, id: ThinId) -> bool {
+        let discard = self
+            .settings
+            .discard
+            .then(|| self.store.device(id).ok().flatten().map(|d| d.size))
+            .flatten();
         let deleted = self
             .on_pool(move |pool| {
                 pool.deactivate(id)
                     .map_err(pool_err(format!("deactivate thin id {id}")))?;
+                if let Some(size) = discard {
+                    match pool.discard(id, size) {
+                        Ok(()) | Err(PoolError::ThinNotFound(_)) => {}
+                        Err(e) => return Err(pool_err(format!("discard thin id {id}"))(e)),
+                    }
+                }
                 match pool.delete_thin(id) {
                     Ok(()) | Err(PoolError::ThinNotFound(_)) => Ok(()),
                     Err(e) => Err(pool_err(format!("delete thin id {id}"))(e)),
@@ -432,6 +556,20 @@ impl Engine {
             )));
         }
         let id = rec.thin_id;
+        let reaper = self.reaper.lock().expect("reaper mutex poisoned").clone();
+        if let Some(reaper) = reaper {
+            // remove.async: answer once the record is gone; the reaper deletes the device,
+            // retrying while it is busy, so Remove never blocks containerd's garbage collector.
+            self.store.begin_remove(key)?;
+            self.store.flush().await?;
+            let _ = reaper.send(id);
+            info!(
+                key,
+                thin_id = id,
+                "removed snapshot; device queued for the reaper"
+            );
+            return Ok(());
+        }
         if rec.kind != Kind::Committed {
             // Deactivate first: a device still mounted refuses, and the snapshot stays intact.
             let what = format!("remove snapshot {key:?}");
@@ -598,6 +736,52 @@ impl Engine {
         Ok(reaped)
     }
 
+    /// Starts the background reaper when `remove.async` is on, and queues every device left in
+    /// state Deleting (by a crash or a busy device). Needs a tokio runtime.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        if !self.settings.remove_async {
+            return;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ThinId>();
+        if let Ok(devices) = self.store.devices() {
+            for d in devices.iter().filter(|d| d.state == State::Deleting) {
+                let _ = tx.send(d.thin_id);
+            }
+        }
+        *self.reaper.lock().expect("reaper mutex poisoned") = Some(tx.clone());
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(id) = rx.recv().await {
+                let Some(e) = engine.upgrade() else { break };
+                if !e.reap(id).await {
+                    // Busy (still mounted) or a passing failure: try again a little later.
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        let _ = tx.send(id);
+                    });
+                }
+            }
+        });
+    }
+
+    /// Grows the pool online (loop mode): data and/or metadata to the given sizes.
+    ///
+    /// Returns FailedPrecondition for pools thinsnap did not make, InvalidArgument for a size
+    /// smaller than now.
+    pub async fn grow(&self, data: Option<u64>, metadata: Option<u64>) -> Result<(), EngineError> {
+        let _exclusive = self.kernel.write().await;
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || pool.grow(data, metadata))
+            .await
+            .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
+            .map_err(|e| match e {
+                PoolError::Unsupported(m) => EngineError::FailedPrecondition(m),
+                PoolError::Invalid(m) => EngineError::InvalidArgument(m),
+                e => pool_err("grow the pool")(e),
+            })
+    }
+
     /// Pool space and health with the snapshot counts.
     ///
     /// Returns an error if the pool status cannot be read.
@@ -631,7 +815,12 @@ impl Engine {
 
     /// The configured filesystem.
     pub fn fs(&self) -> &FsConfig {
-        &self.fs
+        &self.settings.fs
+    }
+
+    /// The free-space floor, in percent.
+    pub fn min_free_percent(&self) -> f64 {
+        self.settings.min_free_percent
     }
 
     /// Flushes the store; called once more at shutdown.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::{pool_err, Engine, EngineError};
+use super::{pool_err, Engine, EngineError, Settings};
 use crate::config::FsConfig;
 use crate::fs::FsError;
 use crate::pool::{PoolError, ThinId, ThinPool};
@@ -55,9 +55,10 @@ fn delete_if_present(pool: &dyn ThinPool, id: ThinId) -> Result<(), EngineError>
 pub fn start(
     pool: Arc<dyn ThinPool>,
     store: Store,
-    fs: FsConfig,
+    settings: Settings,
     format: Formatter<'_>,
 ) -> Result<(Engine, Report), EngineError> {
+    let fs = settings.fs.clone();
     let mut report = Report::default();
     let p: &dyn ThinPool = &*pool;
     let active: BTreeSet<ThinId> = p
@@ -86,9 +87,17 @@ pub fn start(
             }
             State::Deleting => {
                 info!(thin_id = id, owner = %dev.owner, "finishing interrupted delete");
-                delete_if_present(p, id)?;
-                store.forget_device(id)?;
-                report.finished_deletes.push(id);
+                match delete_if_present(p, id) {
+                    Ok(()) => {
+                        store.forget_device(id)?;
+                        report.finished_deletes.push(id);
+                    }
+                    // Busy (mounted by someone): the snapshot is already gone for clients; the
+                    // reaper or Cleanup retries. Starting must not depend on it.
+                    Err(e) => {
+                        warn!(thin_id = id, error = %e, "cannot delete yet; left for cleanup")
+                    }
+                }
             }
             State::Ready => {
                 if dev.owner == BASE_OWNER {
@@ -182,7 +191,7 @@ pub fn start(
     {
         info!(?report, "recovery done");
     }
-    Ok((Engine::new(pool, store, base, fs), report))
+    Ok((Engine::new(pool, store, base, settings), report))
 }
 
 /// Makes the base device: intent, create_thin, activate, mkfs, record. Runs once per pool.

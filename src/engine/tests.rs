@@ -13,16 +13,23 @@ struct T {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
     pool: Arc<FakePool>,
-    engine: Engine,
+    engine: Arc<Engine>,
 }
 
 fn no_format(_: &std::path::Path) -> Result<(), FsError> {
     Ok(())
 }
 
-fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Engine, Report) {
+fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Arc<Engine>, Report) {
     let store = Store::open(path).expect("store");
-    recovery::start(pool, store, FsConfig::default(), &no_format).expect("start")
+    let (e, r) = recovery::start(
+        pool,
+        store,
+        Settings::with_fs(FsConfig::default()),
+        &no_format,
+    )
+    .expect("start");
+    (Arc::new(e), r)
 }
 
 fn setup() -> T {
@@ -366,6 +373,7 @@ async fn crash_between_intent_and_outcome_is_undone_at_start() {
         parent: None,
         labels: no_labels(),
         now: 1,
+        size: None,
     };
     let plan = t
         .engine
@@ -441,5 +449,127 @@ async fn concurrent_prepares_of_one_key_have_one_winner() {
         wins += task.await.expect("join") as usize;
     }
     assert_eq!(wins, 1);
+    assert_eq!(t.pool.thin_ids().len(), 2);
+}
+
+fn setup_with(settings: Settings) -> T {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("db");
+    let pool = Arc::new(FakePool::new());
+    let store = Store::open(&path).expect("store");
+    let (engine, _) = recovery::start(pool.clone(), store, settings, &no_format).expect("start");
+    let engine = Arc::new(engine);
+    T {
+        _dir: dir,
+        path,
+        pool,
+        engine,
+    }
+}
+
+#[tokio::test]
+async fn prepare_below_the_free_space_floor_is_refused_and_remove_still_works() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("a");
+    // 1000 bytes total, 950 used: 5% free, under the default 10% floor.
+    t.pool.set_space(1000, 950);
+    let err = prep(&t, "b", "").await.expect_err("below floor");
+    match &err {
+        EngineError::ResourceExhausted(m) => {
+            assert!(m.contains("data space free") && m.contains("10%"), "{m}")
+        }
+        e => panic!("wrong error {e}"),
+    }
+    assert!(
+        t.engine.record("b").expect("rec").is_none(),
+        "nothing half made"
+    );
+    assert!(matches!(
+        t.engine.create(Kind::View, "v", "", no_labels()).await,
+        Err(EngineError::ResourceExhausted(_))
+    ));
+    t.engine
+        .commit("c", "a", no_labels())
+        .await
+        .expect("commit works on a full pool");
+    t.engine
+        .remove("c")
+        .await
+        .expect("remove works on a full pool");
+    t.pool.set_space(1000, 0);
+    prep(&t, "b", "").await.expect("prepare works again");
+}
+
+#[tokio::test]
+async fn async_remove_answers_at_once_and_reaps_when_unmounted() {
+    let mut settings = Settings::with_fs(FsConfig::default());
+    settings.remove_async = true;
+    let t = Arc::new(setup_with(settings));
+    t.engine.spawn_reaper();
+    prep(&t, "a", "").await.expect("a");
+    let id = t.engine.record("a").expect("rec").expect("a").thin_id;
+    t.pool.set_busy(id, true);
+    t.engine
+        .remove("a")
+        .await
+        .expect("remove does not wait for a busy device");
+    assert!(t.engine.record("a").expect("rec").is_none());
+    prep(&t, "a", "")
+        .await
+        .expect("the key is free again at once");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(t.pool.thin_ids().contains(&id), "busy device deleted");
+    t.pool.set_busy(id, false);
+    let t0 = std::time::Instant::now();
+    while t.pool.thin_ids().contains(&id) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "reaper never retried"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn discard_precedes_delete_when_configured() {
+    let mut settings = Settings::with_fs(FsConfig::default());
+    settings.discard = true;
+    let t = setup_with(settings);
+    prep(&t, "a", "").await.expect("a");
+    let id = t.engine.record("a").expect("rec").expect("a").thin_id;
+    t.engine.remove("a").await.expect("remove");
+    let calls = t.pool.calls();
+    let d = calls
+        .iter()
+        .position(|c| c == &format!("discard {id}"))
+        .expect("discarded");
+    let del = calls
+        .iter()
+        .position(|c| c == &format!("delete {id}"))
+        .expect("deleted");
+    assert!(d < del);
+}
+
+#[tokio::test]
+async fn size_label_is_checked() {
+    let t = setup();
+    let mut l = BTreeMap::new();
+    l.insert(SIZE_LABEL.to_string(), "1MiB".to_string());
+    assert!(matches!(
+        t.engine.create(Kind::Active, "small", "", l).await,
+        Err(EngineError::InvalidArgument(m)) if m.contains("smaller")
+    ));
+    let mut l = BTreeMap::new();
+    l.insert(SIZE_LABEL.to_string(), "lots".to_string());
+    assert!(matches!(
+        t.engine.create(Kind::Active, "bad", "", l).await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+    let mut l = BTreeMap::new();
+    l.insert(SIZE_LABEL.to_string(), "10GiB".to_string());
+    t.engine
+        .create(Kind::Active, "same", "", l)
+        .await
+        .expect("equal size needs no growth");
     assert_eq!(t.pool.thin_ids().len(), 2);
 }

@@ -19,6 +19,9 @@ use super::{loopback, lvm, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
 use crate::config::{Config, PoolMode};
 
 const SECTOR: u64 = 512;
+
+// BLKDISCARD = _IO(0x12, 119), argument: u64[2] {start, length} in bytes.
+nix::ioctl_write_ptr_bad!(blk_discard, 0x1277, [u64; 2]);
 const META_BLOCK: u64 = 4096;
 
 /// A thin pool driven through device-mapper ioctls.
@@ -474,6 +477,106 @@ impl ThinPool for DmPool {
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<(), PoolError> {
         self.message(&format!("set_transaction_id {old} {new}"))
             .map_err(dm_err("set_transaction_id", &self.name))
+    }
+
+    fn discard(&self, id: ThinId, size_bytes: u64) -> Result<(), PoolError> {
+        use std::os::fd::AsRawFd;
+        let was_active = device_exists(&self.dm, &self.thin_name(id))?;
+        let path = self.activate(id, size_bytes)?;
+        let discarded = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| {
+                let range: [u64; 2] = [0, size_bytes];
+                // SAFETY: BLKDISCARD reads two u64s (start, length) from the pointer, which
+                // points at `range`, alive for the call.
+                unsafe { blk_discard(f.as_raw_fd(), &range) }
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            })
+            .map_err(|source| PoolError::Io {
+                op: "discard",
+                path: path.clone(),
+                source,
+            });
+        if !was_active {
+            self.deactivate(id)?;
+        }
+        discarded
+    }
+
+    fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
+        if self.mode != PoolMode::Loop {
+            return Err(PoolError::Unsupported(format!(
+                "pool {} is in {} mode: thinsnap grows loop pools only; grow it with its own tools (lvextend)",
+                self.name, self.mode
+            )));
+        }
+        let mut data_file = None;
+        for (role, file, dev) in &self.loop_files {
+            let want = if role == "data" {
+                data_bytes
+            } else {
+                metadata_bytes
+            };
+            if role == "data" {
+                data_file = Some(file.clone());
+            }
+            let Some(want) = want else { continue };
+            let cur = std::fs::metadata(file)
+                .map_err(|source| PoolError::Io {
+                    op: "stat",
+                    path: file.clone(),
+                    source,
+                })?
+                .len();
+            if want < cur {
+                return Err(PoolError::Invalid(format!(
+                    "{role} size {want} is smaller than the current {cur} of {}: pools only grow",
+                    file.display()
+                )));
+            }
+            if want > cur {
+                loopback::ensure_sparse_file(file, want)?;
+                loopback::refresh_capacity(dev)?;
+                info!(file = %file.display(), device = %dev.display(), from = cur, to = want, "grew pool file");
+            }
+        }
+        let data_file = data_file.expect("loop pools have a data file");
+        let len = std::fs::metadata(&data_file)
+            .map_err(|source| PoolError::Io {
+                op: "stat",
+                path: data_file.clone(),
+                source,
+            })?
+            .len();
+        let sectors = len / self.block_size * self.block_size / SECTOR;
+        let table = table_of(&self.dm, &self.name, true)?;
+        let Some((_, old, target, params)) = table.first().cloned() else {
+            return Err(PoolError::PoolMissing(self.name.clone()));
+        };
+        if sectors == old && metadata_bytes.is_none() {
+            return Ok(());
+        }
+        // Reload the same table with the new length; the kernel also notices a larger metadata
+        // device when the pool resumes (thin-provisioning.rst, "Resizing the metadata device").
+        let n = dm_name(&self.name)?;
+        let id = DevId::Name(&n);
+        self.dm
+            .table_load(&id, &[(0, sectors, target, params)], DmOptions::default())
+            .map_err(dm_err("load table of", &self.name))?;
+        self.dm
+            .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .map_err(dm_err("suspend", &self.name))?;
+        // Resumes here, and on every path out of this block.
+        {
+            let _resume = ResumeGuard {
+                dm: &self.dm,
+                name: n.clone(),
+            };
+        }
+        info!(pool = %self.name, data_bytes = sectors * SECTOR, "reloaded pool table");
+        Ok(())
     }
 
     fn info(&self) -> PoolInfo {

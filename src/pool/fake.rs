@@ -19,6 +19,8 @@ struct State {
     /// op -> the 1-based call number that fails
     fail_at: HashMap<&'static str, usize>,
     transaction_id: u64,
+    data_total: u64,
+    data_used_extra: u64,
 }
 
 /// See the module doc.
@@ -55,6 +57,13 @@ impl FakePool {
         if let Some(m) = s.thins.get_mut(&id) {
             *m += bytes;
         }
+    }
+
+    /// Sets the pool's total data space and extra used bytes, to test the free-space floor.
+    pub fn set_space(&self, total: u64, used_extra: u64) {
+        let mut s = self.lock();
+        s.data_total = total;
+        s.data_used_extra = used_extra;
     }
 
     pub fn thin_ids(&self) -> BTreeSet<ThinId> {
@@ -168,8 +177,12 @@ impl ThinPool for FakePool {
         let s = self.lock();
         Ok(PoolStatus {
             transaction_id: s.transaction_id,
-            data_used_bytes: s.thins.values().sum(),
-            data_total_bytes: 1 << 40,
+            data_used_bytes: s.thins.values().sum::<u64>() + s.data_used_extra,
+            data_total_bytes: if s.data_total == 0 {
+                1 << 40
+            } else {
+                s.data_total
+            },
             metadata_used_bytes: 4096 * s.thins.len() as u64,
             metadata_total_bytes: 1 << 30,
             block_size_bytes: 65536,
@@ -190,6 +203,21 @@ impl ThinPool for FakePool {
             });
         }
         s.transaction_id = new;
+        Ok(())
+    }
+
+    fn discard(&self, id: ThinId, _size_bytes: u64) -> Result<(), PoolError> {
+        let mut s = self.enter("discard", format!("discard {id}"))?;
+        let m = s.thins.get_mut(&id).ok_or(PoolError::ThinNotFound(id))?;
+        *m = 0;
+        Ok(())
+    }
+
+    fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
+        let mut s = self.enter("grow", format!("grow {data_bytes:?} {metadata_bytes:?}"))?;
+        if let Some(d) = data_bytes {
+            s.data_total = d;
+        }
         Ok(())
     }
 

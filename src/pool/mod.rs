@@ -40,6 +40,10 @@ pub enum PoolError {
     Busy(String),
     #[error("thin pool {0} is out of space")]
     NoSpace(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("thin pool {name} failed: {status}")]
     PoolFailed { name: String, status: String },
     #[error("{op} on {target}: {source}")]
@@ -126,4 +130,13 @@ pub trait ThinPool: Send + Sync + 'static {
 
     /// What the pool is made of.
     fn info(&self) -> PoolInfo;
+
+    /// Discards every block of thin device `id` (BLKDISCARD over the whole device), so the pool
+    /// frees them and, with discard passdown, a loop pool's file gives the space back to the host.
+    /// Activates the device for the call if it is not active, and leaves it as it found it.
+    fn discard(&self, id: ThinId, size_bytes: u64) -> Result<(), PoolError>;
+
+    /// Grows the pool's data and/or metadata space online (loop mode: the files, the loop
+    /// devices' capacity, then the pool table is reloaded). Sizes smaller than now are refused.
+    fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError>;
 }

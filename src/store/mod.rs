@@ -90,6 +90,8 @@ pub struct NewSnapshot {
     pub parent: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub now: u64,
+    /// A device larger than the parent's (the size label); None: the parent's size.
+    pub size: Option<u64>,
 }
 
 /// What [`Store::begin_create`] decided.
@@ -99,6 +101,8 @@ pub struct CreatePlan {
     /// The thin id to snapshot: the parent's, or the base's.
     pub origin: ThinId,
     pub size: u64,
+    /// The origin's size: when `size` is larger, the filesystem must be grown.
+    pub parent_size: u64,
     pub origin_mapped: u64,
 }
 
@@ -184,6 +188,14 @@ impl Store {
                 Ok((key, rec))
             })
             .collect()
+    }
+
+    /// The device record of thin id `id`.
+    pub fn device(&self, id: ThinId) -> Result<Option<DeviceRecord>, StoreError> {
+        self.devices
+            .get(id_key(id))?
+            .map(|v| dec(format!("device {id}"), &v))
+            .transpose()
     }
 
     /// Every device record, in thin id order.
@@ -274,6 +286,15 @@ impl Store {
                         (parent.thin_id, parent.size, parent.mapped)
                     }
                 };
+                if let Some(want) = new.size {
+                    if want < size {
+                        return abort(StoreError::FailedPrecondition(format!(
+                            "size {want} is smaller than the parent's {size}"
+                        )));
+                    }
+                }
+                let parent_size = size;
+                let size = new.size.unwrap_or(size);
                 let thin_id = allocate_id(devices, meta)?;
                 let rec = SnapshotRecord {
                     kind: new.kind,
@@ -301,6 +322,7 @@ impl Store {
                     thin_id,
                     origin,
                     size,
+                    parent_size,
                     origin_mapped,
                 })
             },
@@ -551,6 +573,7 @@ mod tests {
             parent: parent.map(str::to_string),
             labels: BTreeMap::new(),
             now: 1,
+            size: None,
         }
     }
 

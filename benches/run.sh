@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The benchmark command (benches/README.md): builds everything on the host, runs every phase in
+# ONE VM on real dm-thin, and writes benches/RESULTS.md from what that run measured.
+#
+#   benches/run.sh                 # the issue's counts; about 30-45 minutes on a 2-core host
+#   BENCH_OPS=100 BENCH_SNAPSHOTS=2000 BENCH_ACTIVE=200 benches/run.sh    # a quicker, smaller run
+#
+# Environment (defaults in brackets): BENCH_OPS [500] calls per kind in (b); BENCH_BATCH [25];
+# BENCH_CHAIN [16] parent chain depth; BENCH_CLIENTS [8] and BENCH_CONC_OPS [64] per client for
+# (c); BENCH_ITERS [3] benchsuite iterations; BENCH_SNAPSHOTS [10000] and BENCH_ACTIVE [1000] for
+# (d); BENCH_RESTARTS [3]; pool: BENCH_DATA_MIB [2048], BENCH_META_MIB [256], BENCH_BLOCK_KIB [64],
+# BENCH_BASE_MIB [128]; BENCH_PHASES ["devmapper thinsnap startup floor"]; BENCH_RESULTS (the
+# results dir, default benches/.results/run-<date>); BENCH_REPORT (default benches/RESULTS.md);
+# VM_TIMEOUT [3600] and the rest of integration/vm.sh's variables.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+cd "$REPO"
+export PATH="$HOME/.cargo/bin:$HOME/.pyenv/shims:$HOME/.local/bin:/usr/local/bin:$PATH"
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+# The exact command, with every BENCH_/VM_ variable that was set, for the report.
+cmdline="benches/run.sh"
+for v in $(compgen -e | grep -E '^(BENCH_|VM_)' | grep -vE '^(BENCH_RESULTS|BENCH_REPORT)$' | sort); do
+  cmdline="$v=${!v} $cmdline"
+done
+
+echo "run.sh: building (release)"
+cargo build --release --bin thinsnap
+floor=$(cargo bench --bench dm_floor --no-run --message-format=json 2>/dev/null |
+  sed -n 's/.*"executable":"\([^"]*\/dm_floor-[^"]*\)".*/\1/p' | tail -n1)
+[[ -x $floor ]] || { echo "run.sh: cannot find the dm_floor bench executable" >&2; exit 1; }
+
+echo "run.sh: building the Go driver (GOPATH mode, Debian's containerd 1.6 source)"
+[[ -d /usr/share/gocode/src/github.com/containerd/containerd/snapshots/devmapper ]] ||
+  { echo "run.sh: golang-github-containerd-containerd-dev is not installed (integration/install-deps.sh)" >&2; exit 1; }
+build=$REPO/benches/.build
+mkdir -p "$build/gopath"
+(cd benches/driver && GO111MODULE=off GOPATH="$build/gopath:/usr/share/gocode" GOFLAGS= GOPROXY=off \
+  go build -o "$build/driver" .)
+
+results=${BENCH_RESULTS:-$REPO/benches/.results/run-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$results"
+results=$(cd "$results" && pwd -P)
+export BENCH_DRIVER=$build/driver BENCH_FLOOR=$floor THINSNAP_BIN=$REPO/target/release/thinsnap
+pass="BENCH_DRIVER BENCH_FLOOR"
+for v in $(compgen -e | grep -E '^BENCH_' | grep -vE '^(BENCH_DRIVER|BENCH_FLOOR|BENCH_RESULTS|BENCH_REPORT)$'); do
+  pass="$pass $v"
+done
+
+echo "run.sh: one VM, results in ${results#"$REPO"/}"
+status=0
+VM_RESULTS=$results VM_PASS_ENV="$pass ${VM_PASS_ENV:-}" VM_TIMEOUT=${VM_TIMEOUT:-3600} \
+  integration/vm.sh benches/guest.sh || status=$?
+
+report=${BENCH_REPORT:-$REPO/benches/RESULTS.md}
+BENCH_REPO=$REPO "$build/driver" -mode report -dir "$results" -out "$report" -command "$cmdline" \
+  -clients "${BENCH_CLIENTS:-8}"
+echo "run.sh: report in ${report#"$REPO"/} (VM exit status $status)"
+exit "$status"

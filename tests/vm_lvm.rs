@@ -1,0 +1,658 @@
+//! Root-only tests of lvm mode on real LVM and dm-thin: a sparse file under /tmp attached to a
+//! loop device stands in for the disk given as `pool.lvm.device`; the `thinsnap` binary
+//! provisions the volume group and thin pool on it with the lvm2 tools and serves snapshots from
+//! it, then reuses it after a restart and after a "reboot" (everything deactivated).
+//!
+//! Like tests/vm_dm.rs they need root, device-mapper and lvm2, so they are `#[ignore]`d: plain
+//! `cargo test` lists them as ignored, and `integration/test.sh` runs them inside the VM with
+//! `--ignored`. Every test cleans up (thinsnap's devices, the volume group, the physical volume
+//! label, the profile, the loop device) also when it fails.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::api::snapshots::v1::*;
+use containerd_snapshots::api::types::Mount;
+use devicemapper::{DevId, DmName, DmOptions, DM};
+use thinsnap::config::Config;
+use tonic::transport::Channel;
+
+const DISK_SIZE: u64 = 2 << 30;
+/// lvm2 under software emulation is slow: provisioning takes tens of seconds.
+const START_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_thinsnap")
+}
+
+fn require_root_dm_lvm() {
+    assert!(
+        Path::new("/dev/mapper/control").exists(),
+        "device-mapper is missing: these tests must run in the VM (modprobe dm-thin-pool)"
+    );
+    assert!(nix::unistd::geteuid().is_root(), "these tests need root");
+    let v = Command::new("lvm").arg("version").output();
+    assert!(
+        v.is_ok_and(|o| o.status.success()),
+        "lvm2 is missing (apt-get install lvm2)"
+    );
+}
+
+/// Runs a tool (never through a shell).
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Runs a tool that must succeed; returns its stdout.
+fn ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Rows of an lvm2 report (`--noheadings --nameprefixes`), keys without the `LVM2_` prefix,
+/// lower case.
+fn report(program: &str, args: &[&str]) -> Vec<HashMap<String, String>> {
+    let mut all = vec![
+        "--noheadings",
+        "--nameprefixes",
+        "--units",
+        "b",
+        "--nosuffix",
+    ];
+    all.extend_from_slice(args);
+    ok(program, &all)
+        .lines()
+        .filter(|l| l.contains("LVM2_"))
+        .map(|l| {
+            l.split("' ")
+                .filter_map(|kv| {
+                    let (k, v) = kv.trim().split_once("='")?;
+                    Some((
+                        k.trim_start_matches("LVM2_").to_ascii_lowercase(),
+                        v.trim_end_matches('\'').to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn vg_exists(vg: &str) -> bool {
+    report("vgs", &["-o", "vg_name"])
+        .iter()
+        .any(|r| r["vg_name"] == vg)
+}
+
+/// Signature types wipefs finds on `dev`.
+fn signatures(dev: &str) -> Vec<String> {
+    ok(
+        "wipefs",
+        &["--noheadings", "--parsable", "--output", "TYPE", dev],
+    )
+    .lines()
+    .map(|l| l.trim().to_string())
+    .filter(|l| !l.is_empty())
+    .collect()
+}
+
+fn dm_device_exists(name: &str) -> bool {
+    let dm = DM::new().expect("device-mapper");
+    let n = DmName::new(name).expect("dm name");
+    dm.device_info(&DevId::Name(n)).is_ok()
+}
+
+/// Removes every dm device whose name starts with `prefix` (what a reboot does to thinsnap's).
+fn remove_dm_devices(prefix: &str) {
+    let dm = DM::new().expect("device-mapper");
+    for (name, _, _) in dm.list_devices().expect("list dm devices") {
+        if name.to_string().starts_with(prefix) {
+            dm.device_remove(&DevId::Name(&name), DmOptions::default())
+                .unwrap_or_else(|e| panic!("remove {}: {e}", name.to_string()));
+        }
+    }
+}
+
+/// A sparse file on a loop device: the "disk".
+struct Disk {
+    file: PathBuf,
+    dev: String,
+}
+
+impl Disk {
+    fn new(name: &str) -> Disk {
+        require_root_dm_lvm();
+        let file = PathBuf::from(format!(
+            "/tmp/thinsnap-lvmdisk-{name}-{}",
+            std::process::id()
+        ));
+        let f = std::fs::File::create(&file).expect("disk file");
+        f.set_len(DISK_SIZE).expect("sparse disk file");
+        drop(f);
+        let dev = ok(
+            "losetup",
+            &["--find", "--show", file.to_str().expect("utf-8 path")],
+        )
+        .trim()
+        .to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+        Disk { file, dev }
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let out = run("losetup", &["--detach", &self.dev]);
+        if !out.status.success() {
+            eprintln!(
+                "losetup -d {} failed: {}",
+                self.dev,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+struct Daemon {
+    dir: PathBuf,
+    config: PathBuf,
+    /// pool.name: the prefix of thinsnap's dm device names.
+    pool: String,
+    vg: String,
+    lv: String,
+    dev: String,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Writes the config (lvm mode on `disk`); does not start thinsnap.
+    fn new(name: &str, disk: &Disk, force: bool) -> Daemon {
+        let pid = std::process::id();
+        let dir = PathBuf::from(format!("/tmp/thinsnap-vmlvm-{name}-{pid}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let d = Daemon {
+            config: dir.join("config.toml"),
+            dir,
+            pool: format!("tslvm-{name}-{pid}"),
+            // Dashes on purpose: LVM doubles them in dm names.
+            vg: format!("ts-vg-{name}-{pid}"),
+            lv: "thin-pool".to_string(),
+            dev: disk.dev.clone(),
+            child: None,
+        };
+        d.write_config(force);
+        d
+    }
+
+    fn write_config(&self, force: bool) {
+        std::fs::write(
+            &self.config,
+            format!(
+                "root = \"{root}\"\naddress = \"{sock}\"\n\
+                 [pool]\nname = \"{pool}\"\nmode = \"lvm\"\n\
+                 [pool.lvm]\ndevice = \"{dev}\"\nvolume_group = \"{vg}\"\nthin_pool = \"{lv}\"\n\
+                 autoextend_threshold = 70\nautoextend_percent = 25\nforce = {force}\n\
+                 [fs]\nbase_size = \"128MiB\"\n",
+                root = self.dir.join("state").display(),
+                sock = self.sock().display(),
+                pool = self.pool,
+                dev = self.dev,
+                vg = self.vg,
+                lv = self.lv,
+            ),
+        )
+        .expect("config");
+    }
+
+    fn load_config(&self) -> Config {
+        Config::load(Some(&self.config)).expect("config is valid")
+    }
+
+    /// The dm name of the thin-pool device LVM makes (no LVM thin volumes: no -tpool layer).
+    fn pool_dm(&self) -> String {
+        format!(
+            "{}-{}",
+            self.vg.replace('-', "--"),
+            self.lv.replace('-', "--")
+        )
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.join("thinsnap.sock")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("thinsnap.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log");
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn thinsnap")
+    }
+
+    fn start(&mut self) {
+        self.child = Some(self.spawn());
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.sock()).is_err() {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!("thinsnap exited with {st}: {}", self.log());
+            }
+            assert!(t0.elapsed() < START_TIMEOUT, "no socket: {}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `serve`, which must give up: returns its exit status and what it logged.
+    fn serve_until_exit(&self) -> (std::process::ExitStatus, String) {
+        let _ = std::fs::remove_file(self.log_path());
+        let mut child = self.spawn();
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return (st, self.log());
+            }
+            if t0.elapsed() > START_TIMEOUT || self.sock().exists() {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("thinsnap did not refuse to start: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .expect("SIGTERM");
+            let st = c.wait().expect("wait");
+            assert!(st.success(), "thinsnap exited with {st}: {}", self.log());
+        }
+    }
+
+    fn thinsnap(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run thinsnap")
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.thinsnap(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    async fn client(&self) -> SnapshotsClient<Channel> {
+        let ch = thinsnap::server::connect(&self.sock())
+            .await
+            .expect("connect");
+        SnapshotsClient::new(ch)
+    }
+
+    /// The visible logical volumes of the group, with the fields the tests look at.
+    fn lvs(&self) -> Vec<HashMap<String, String>> {
+        report(
+            "lvs",
+            &[
+                "-o",
+                "lv_name,segtype,lv_active,lv_profile,chunk_size,lv_size,seg_monitor,zero",
+                &self.vg,
+            ],
+        )
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let out = self.thinsnap(&["pool", "destroy", "--remove-files"]);
+        if !out.status.success() {
+            eprintln!(
+                "pool destroy failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if let Ok(config) = Config::load(Some(&self.config)) {
+            if let Err(e) = thinsnap::pool::lvm::teardown(&config) {
+                eprintln!("lvm teardown failed: {e}");
+            }
+        }
+        // Backstop, so one failure does not leave the next test a busy loop device.
+        if DM::new().is_ok() {
+            remove_dm_devices(&format!("{}-snap-", self.pool));
+        }
+        if vg_exists(&self.vg) {
+            eprintln!("volume group {} left behind: removing it by force", self.vg);
+            let _ = run("vgremove", &["--force", "--force", "--yes", &self.vg]);
+            let _ = run("pvremove", &["--force", "--force", "--yes", &self.dev]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn prepare(c: &mut SnapshotsClient<Channel>, key: &str, parent: &str) -> Vec<Mount> {
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("prepare {key}: {e}"))
+    .into_inner()
+    .mounts
+}
+
+async fn commit(c: &mut SnapshotsClient<Channel>, name: &str, key: &str) {
+    c.commit(CommitSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: HashMap::new(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("commit {key}: {e}"));
+}
+
+async fn mounts(c: &mut SnapshotsClient<Channel>, key: &str) -> Vec<Mount> {
+    c.mounts(MountsRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("mounts {key}: {e}"))
+    .into_inner()
+    .mounts
+}
+
+async fn list(c: &mut SnapshotsClient<Channel>) -> Vec<String> {
+    let mut stream = c
+        .list(ListSnapshotsRequest {
+            snapshotter: "thinsnap".into(),
+            filters: Vec::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let mut names = Vec::new();
+    while let Some(resp) = stream.message().await.expect("list stream") {
+        names.extend(resp.info.into_iter().map(|i| i.name));
+    }
+    names.sort();
+    names
+}
+
+/// Mounts `m` on a fresh directory under `dir`, runs `f`, unmounts.
+fn with_mount<T>(dir: &Path, m: &Mount, f: impl FnOnce(&Path) -> T) -> T {
+    let target = dir.join(format!(
+        "mnt-{}",
+        m.source.rsplit('-').next().unwrap_or("x")
+    ));
+    std::fs::create_dir_all(&target).expect("mountpoint");
+    let mut flags = nix::mount::MsFlags::empty();
+    let mut data = Vec::new();
+    for o in &m.options {
+        if o == "ro" {
+            flags |= nix::mount::MsFlags::MS_RDONLY;
+        } else {
+            data.push(o.as_str());
+        }
+    }
+    let data = data.join(",");
+    nix::mount::mount(
+        Some(m.source.as_str()),
+        &target,
+        Some(m.r#type.as_str()),
+        flags,
+        (!data.is_empty()).then_some(data.as_str()),
+    )
+    .unwrap_or_else(|e| panic!("mount {m:?}: {e}"));
+    let out = f(&target);
+    nix::mount::umount(&target).expect("umount");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, device-mapper and lvm2: run in the VM by integration/test.sh"]
+async fn vm_lvm_provisions_reuses_after_restart_and_reboot_and_tears_down() {
+    let disk = Disk::new("life");
+    let mut d = Daemon::new("life", &disk, false);
+    d.start();
+
+    // What LVM has: one visible volume, the thin pool, as configured.
+    let lvs = d.lvs();
+    assert_eq!(lvs.len(), 1, "{lvs:?}");
+    let pool = &lvs[0];
+    assert_eq!(pool["lv_name"], d.lv);
+    assert_eq!(pool["segtype"], "thin-pool", "{pool:?}");
+    assert_eq!(pool["lv_active"], "active", "{pool:?}");
+    let profile = format!("{}-{}", d.vg, d.lv);
+    assert_eq!(pool["lv_profile"], profile, "{pool:?}");
+    assert_eq!(pool["chunk_size"], "65536", "pool.block_size: {pool:?}");
+    assert_ne!(pool["zero"], "zero", "--zero n: {pool:?}");
+    let vg = report("vgs", &["-o", "vg_name,vg_size,vg_tags", &d.vg]);
+    assert!(vg[0]["vg_tags"].contains("thinsnap"), "{vg:?}");
+    let vg_size: u64 = vg[0]["vg_size"].parse().expect("vg_size");
+    let data_size: u64 = pool["lv_size"].parse().expect("lv_size");
+    let share = data_size as f64 * 100.0 / vg_size as f64;
+    assert!((94.0..=95.5).contains(&share), "data is {share}% of the VG");
+    let pv = report("pvs", &["-o", "pv_name,vg_name", &d.dev]);
+    assert_eq!(pv[0]["vg_name"], d.vg, "{pv:?}");
+    let config = d.load_config();
+    let profile_file = thinsnap::pool::lvm::profile_path(&config.pool.lvm);
+    assert!(profile_file.ends_with(format!("{profile}.profile")));
+    let text = std::fs::read_to_string(&profile_file).expect("profile file");
+    assert!(
+        text.contains("thin_pool_autoextend_threshold = 70")
+            && text.contains("thin_pool_autoextend_percent = 25"),
+        "{text}"
+    );
+    // LVM's own view of the setting through the profile.
+    let eff = ok(
+        "lvmconfig",
+        &[
+            "--type",
+            "full",
+            "--metadataprofile",
+            &profile,
+            "activation/thin_pool_autoextend_threshold",
+        ],
+    );
+    assert!(eff.contains("=70"), "lvmconfig says {eff}");
+    eprintln!(
+        "seg_monitor of the pool: {:?}",
+        pool.get("seg_monitor").cloned().unwrap_or_default()
+    );
+
+    // thinsnap serves from the LVM pool's dm device.
+    let st = d.status_json();
+    assert_eq!(st["pool_name"], d.pool_dm(), "{st}");
+    assert_eq!(st["pool_mode"], "lvm", "{st}");
+    assert_eq!(st["data"]["total_bytes"], data_size, "{st}");
+    assert_eq!(st["block_size_bytes"], 65536, "{st}");
+
+    {
+        let mut c = d.client().await;
+        let m = prepare(&mut c, "a", "").await;
+        assert!(
+            m[0].source
+                .starts_with(&format!("/dev/mapper/{}-snap-", d.pool)),
+            "{m:?}"
+        );
+        with_mount(&d.dir, &m[0], |root| {
+            std::fs::write(root.join("hello"), b"on lvm").expect("write")
+        });
+        commit(&mut c, "c1", "a").await;
+        let mb = prepare(&mut c, "b", "c1").await;
+        with_mount(&d.dir, &mb[0], |root| {
+            assert_eq!(std::fs::read(root.join("hello")).expect("read"), b"on lvm");
+            std::fs::write(root.join("mine"), b"b's own").expect("write");
+        });
+    }
+
+    // A restart reuses the group and the pool: nothing new is made.
+    d.stop();
+    d.start();
+    let lvs = d.lvs();
+    assert_eq!(lvs.len(), 1, "{lvs:?}");
+    assert_eq!(lvs[0]["lv_name"], d.lv);
+    {
+        let mut c = d.client().await;
+        assert_eq!(list(&mut c).await, vec!["b", "c1"]);
+    }
+
+    // A reboot: every dm device gone, the pool inactive; the next start activates it again.
+    d.stop();
+    remove_dm_devices(&format!("{}-snap-", d.pool));
+    ok("vgchange", &["--activate", "n", &d.vg]);
+    assert!(!dm_device_exists(&d.pool_dm()), "pool still active");
+    assert_eq!(d.lvs()[0]["lv_active"], "", "{:?}", d.lvs());
+    d.start();
+    assert_eq!(d.lvs()[0]["lv_active"], "active", "{:?}", d.lvs());
+    assert!(dm_device_exists(&d.pool_dm()));
+    {
+        let mut c = d.client().await;
+        assert_eq!(list(&mut c).await, vec!["b", "c1"]);
+        let mb = mounts(&mut c, "b").await;
+        assert!(Path::new(&mb[0].source).exists(), "b not reactivated");
+        with_mount(&d.dir, &mb[0], |root| {
+            assert_eq!(std::fs::read(root.join("hello")).expect("read"), b"on lvm");
+            assert_eq!(std::fs::read(root.join("mine")).expect("read"), b"b's own");
+        });
+        // And it still takes new snapshots.
+        let m = prepare(&mut c, "after-reboot", "c1").await;
+        with_mount(&d.dir, &m[0], |root| {
+            assert_eq!(std::fs::read(root.join("hello")).expect("read"), b"on lvm")
+        });
+    }
+    let st = d.status_json();
+    assert_eq!(st["pool_name"], d.pool_dm(), "{st}");
+    assert_eq!(st["snapshots"]["active"], 2, "{st}");
+
+    // Tear down: pool, group, PV label and profile go; a second teardown has nothing to do.
+    d.stop();
+    let out = d.thinsnap(&["pool", "destroy", "--remove-files"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    thinsnap::pool::lvm::teardown(&config).expect("teardown");
+    assert!(!vg_exists(&d.vg), "volume group left");
+    assert!(
+        !report("pvs", &["-o", "pv_name"])
+            .iter()
+            .any(|r| r["pv_name"] == d.dev),
+        "physical volume left"
+    );
+    assert!(signatures(&d.dev).is_empty(), "{:?}", signatures(&d.dev));
+    assert!(!profile_file.exists(), "profile left");
+    thinsnap::pool::lvm::teardown(&config).expect("second teardown");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, device-mapper and lvm2: run in the VM by integration/test.sh"]
+async fn vm_lvm_refuses_a_device_with_a_filesystem_unless_forced() {
+    let disk = Disk::new("fs");
+    ok("mkfs.ext4", &["-q", "-F", &disk.dev]);
+    let mut d = Daemon::new("fs", &disk, false);
+
+    let (st, log) = d.serve_until_exit();
+    assert!(!st.success(), "{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&disk.dev) && last.contains("ext4") && last.contains("force"),
+        "the refusal must name the device, what it holds and the way out: {log}"
+    );
+    assert_eq!(
+        signatures(&disk.dev),
+        vec!["ext4"],
+        "the device was touched"
+    );
+    assert!(!vg_exists(&d.vg));
+
+    // With force the filesystem is wiped and the pool made.
+    d.write_config(true);
+    d.start();
+    assert!(
+        signatures(&disk.dev).contains(&"LVM2_member".to_string()),
+        "{:?}",
+        signatures(&disk.dev)
+    );
+    assert_eq!(d.lvs()[0]["segtype"], "thin-pool");
+    let mut c = d.client().await;
+    let m = prepare(&mut c, "a", "").await;
+    with_mount(&d.dir, &m[0], |root| {
+        std::fs::write(root.join("f"), b"x").expect("write")
+    });
+    assert_eq!(d.status_json()["pool_name"], d.pool_dm());
+    d.stop();
+}
+
+#[test]
+#[ignore = "needs root, device-mapper and lvm2: run in the VM by integration/test.sh"]
+fn vm_lvm_never_takes_over_another_volume_group() {
+    let disk = Disk::new("other");
+    let other = format!("tsother{}", std::process::id());
+    ok("pvcreate", &["--yes", &disk.dev]);
+    ok("vgcreate", &[&other, &disk.dev]);
+    let d = Daemon::new("other", &disk, true);
+    let (st, log) = d.serve_until_exit();
+    assert!(!st.success(), "{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&disk.dev) && last.contains(&other),
+        "the refusal must name the device and its group: {log}"
+    );
+    assert!(vg_exists(&other), "force must not take over a group");
+    assert!(!vg_exists(&d.vg));
+    drop(d);
+    ok("vgremove", &["--yes", &other]);
+    ok("pvremove", &["--yes", &disk.dev]);
+}
