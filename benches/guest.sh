@@ -121,8 +121,7 @@ run_thinsnap() {
 
 run_startup() {
   tsconfig bst /tmp/bst
-  # Its log would hold one line per call of the 20,000 that fill the store: keep warnings only.
-  RUST_LOG=${BENCH_STARTUP_LOG:-warn} "$DRIVER" -mode startup -bin "$THINSNAP" -config /tmp/bst/config.toml \
+  "$DRIVER" -mode startup -bin "$THINSNAP" -config /tmp/bst/config.toml \
     -sock /tmp/bst/thinsnap.sock -pool bst -log /tmp/bst/daemon.log \
     -clients "${BENCH_CLIENTS:-8}" -snapshots "${BENCH_SNAPSHOTS:-10000}" -active "${BENCH_ACTIVE:-1000}" \
     -restarts "${BENCH_RESTARTS:-3}" -out "$R/startup.json"

@@ -45,14 +45,20 @@ impl Admin for AdminService {
             ));
         }
         self.engine.grow(data, meta).await?;
-        self.status(Request::new(StatusRequest {})).await
+        self.status(Request::new(StatusRequest::default())).await
     }
 
     async fn status(
         &self,
-        _req: Request<StatusRequest>,
+        req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        let list = req.into_inner().list_thin_ids;
         let st = self.engine.status().await?;
+        let thin_ids = if list {
+            self.engine.thin_ids()?
+        } else {
+            Vec::new()
+        };
         let info = self.engine.pool_info();
         let base = st.base.clone().unwrap_or_else(|| crate::store::BaseRecord {
             thin_id: 0,
@@ -95,6 +101,7 @@ impl Admin for AdminService {
             root: self.root.clone(),
             base_thin_id: base.thin_id,
             min_free_space_percent: self.engine.min_free_percent(),
+            thin_ids,
         }))
     }
 }

@@ -12,6 +12,7 @@
 //! - [`store`]: the sled database: snapshot and device records, thin id allocation, schema version.
 //! - [`pool`]: the `ThinPool` trait, its device-mapper implementation, loop-device provisioning.
 //! - [`fs`]: formatting the base device, mount options per filesystem.
+//! - [`failpoint`]: named crash points, inert unless `THINSNAP_FAILPOINT` names one.
 //!
 //! Dependencies point one way: grpc/admin -> engine -> (pool, store, fs). Only `pool` uses the
 //! `devicemapper` crate and only `store` uses `sled`.
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod config;
 pub mod engine;
+pub mod failpoint;
 pub mod fs;
 pub mod grpc;
 pub mod pool;

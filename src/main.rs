@@ -248,7 +248,7 @@ async fn status(config_path: Option<&Path>, json: bool) -> Result<()> {
         )
     })?;
     let st = AdminClient::new(channel)
-        .status(StatusRequest {})
+        .status(StatusRequest::default())
         .await
         .context("status call failed")?
         .into_inner();

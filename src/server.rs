@@ -217,7 +217,7 @@ mod tests {
             .await;
         assert_eq!(upd.expect_err("immutable").code(), Code::InvalidArgument);
         let status = AdminClient::new(ch)
-            .status(StatusRequest {})
+            .status(StatusRequest::default())
             .await
             .expect("admin")
             .into_inner();

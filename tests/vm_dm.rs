@@ -239,7 +239,7 @@ async fn list(
 }
 
 async fn status(a: &mut AdminClient<Channel>) -> StatusResponse {
-    a.status(StatusRequest {})
+    a.status(StatusRequest::default())
         .await
         .expect("status")
         .into_inner()

@@ -366,6 +366,7 @@ impl Engine {
                 e => e.into(),
             })?;
         self.store.flush().await?;
+        crate::failpoint!("prepare:after-intent");
         // 2. The kernel: create_snap, then activate.
         let (id, origin, size) = (plan.thin_id, plan.origin, plan.size);
         let grow = (size > plan.parent_size)
@@ -374,6 +375,7 @@ impl Engine {
             .on_pool(move |pool| {
                 pool.create_snap(id, origin)
                     .map_err(pool_err(format!("create thin id {id} from {origin}")))?;
+                crate::failpoint!("prepare:after-create-snap");
                 let dev = pool
                     .activate(id, size)
                     .map_err(pool_err(format!("activate thin id {id}")))?;
@@ -381,6 +383,7 @@ impl Engine {
                     // Only with the size label: a process spawn, off the common Prepare path.
                     crate::fs::grow(&dev, &fs, &scratch)?;
                 }
+                crate::failpoint!("prepare:after-activate");
                 Ok(())
             })
             .await;
@@ -400,6 +403,7 @@ impl Engine {
             self.undo_create(key, id).await;
             return Err(e);
         }
+        crate::failpoint!("prepare:after-outcome");
         let rec = self.ready(key)?;
         info!(
             key,
@@ -440,9 +444,11 @@ impl Engine {
                     }
                 }
                 match pool.delete_thin(id) {
-                    Ok(()) | Err(PoolError::ThinNotFound(_)) => Ok(()),
-                    Err(e) => Err(pool_err(format!("delete thin id {id}"))(e)),
+                    Ok(()) | Err(PoolError::ThinNotFound(_)) => {}
+                    Err(e) => return Err(pool_err(format!("delete thin id {id}"))(e)),
                 }
+                crate::failpoint!("remove:after-delete");
+                Ok(())
             })
             .await;
         match deleted {
@@ -455,6 +461,7 @@ impl Engine {
                     warn!(thin_id = id, error = %e, "cannot flush after deleting device");
                     return false;
                 }
+                crate::failpoint!("remove:after-forget");
                 true
             }
             Err(e) => {
@@ -514,6 +521,7 @@ impl Engine {
                     .mapped_bytes(id)
                     .map_err(pool_err(format!("{what}: read usage of thin id {id}")))?;
                 pool.deactivate(id).map_err(pool_err(what))?;
+                crate::failpoint!("commit:after-deactivate");
                 Ok(mapped)
             })
             .await?;
@@ -537,6 +545,7 @@ impl Engine {
                 .await;
             return Err(e);
         }
+        crate::failpoint!("commit:after-record");
         info!(key, name, thin_id = id, mapped, "committed snapshot");
         Ok(())
     }
@@ -575,6 +584,7 @@ impl Engine {
             let what = format!("remove snapshot {key:?}");
             self.on_pool(move |pool| pool.deactivate(id).map_err(pool_err(what)))
                 .await?;
+            crate::failpoint!("remove:after-deactivate");
         }
         let removed = async {
             self.store.begin_remove(key)?;
@@ -594,6 +604,7 @@ impl Engine {
             }
             return Err(e);
         }
+        crate::failpoint!("remove:after-intent");
         self.reap(id).await;
         info!(key, thin_id = id, "removed snapshot");
         Ok(())
@@ -816,6 +827,13 @@ impl Engine {
     /// The configured filesystem.
     pub fn fs(&self) -> &FsConfig {
         &self.settings.fs
+    }
+
+    /// Every thin id the store holds a device record for (any state), in order.
+    ///
+    /// Returns an error if the store cannot be read.
+    pub fn thin_ids(&self) -> Result<Vec<ThinId>, EngineError> {
+        Ok(self.store.devices()?.iter().map(|d| d.thin_id).collect())
     }
 
     /// The free-space floor, in percent.

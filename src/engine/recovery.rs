@@ -204,13 +204,16 @@ fn make_base(
     let size = fs.base_size.as_u64();
     let id = store.begin_device(BASE_OWNER, size)?;
     store.flush_sync()?;
+    crate::failpoint!("base:after-intent");
     let made = (|| {
         pool.create_thin(id)
             .map_err(pool_err(format!("create base thin id {id}")))?;
+        crate::failpoint!("base:after-create");
         let dev = pool
             .activate(id, size)
             .map_err(pool_err(format!("activate base thin id {id}")))?;
         let formatted = format(&dev).map_err(EngineError::from);
+        crate::failpoint!("base:after-format");
         let mapped = formatted.and_then(|_| {
             pool.mapped_bytes(id)
                 .map_err(pool_err(format!("read usage of base thin id {id}")))

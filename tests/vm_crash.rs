@@ -1,0 +1,607 @@
+//! Crash safety on real dm-thin (root + device-mapper; run in the VM by integration/test.sh with
+//! `--ignored`): every mutating call is killed with SIGKILL at each named failpoint
+//! (`THINSNAP_FAILPOINT`, see src/failpoint.rs), thinsnap is restarted, and then
+//! - every snapshot it lists can be mounted and holds what was written;
+//! - the thin ids in the pool's metadata (thin_ls on a metadata snapshot) are exactly the ones the
+//!   store knows: nothing leaked, nothing pointing at nothing;
+//! - the interrupted call can be made again.
+//!
+//! Then random SIGKILLs under a concurrent load of Prepare/Commit/Remove, repeated.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::api::snapshots::v1::*;
+use containerd_snapshots::api::types::Mount;
+use thinsnap::admin::api::admin_client::AdminClient;
+use thinsnap::admin::api::{StatusRequest, StatusResponse};
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Daemon {
+    dir: PathBuf,
+    config: PathBuf,
+    pool: String,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn new(name: &str) -> Daemon {
+        assert!(
+            Path::new("/dev/mapper/control").exists(),
+            "device-mapper is missing: run in the VM"
+        );
+        let tag = name.replace(':', "-");
+        let dir = PathBuf::from(format!("/tmp/thinsnap-crash-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pool = format!("tscr-{tag}-{}", std::process::id());
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "root = \"{}\"\naddress = \"{}\"\n[pool]\nname = \"{pool}\"\ndata_size = \"1GiB\"\nmetadata_size = \"16MiB\"\nmin_free_space = \"1%\"\n[fs]\nbase_size = \"64MiB\"\n",
+                dir.join("state").display(),
+                dir.join("s.sock").display(),
+            ),
+        )
+        .expect("config");
+        Daemon {
+            dir,
+            config,
+            pool,
+            child: None,
+        }
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.join("s.sock")
+    }
+
+    fn spawn(&mut self, failpoint: Option<&str>) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log"))
+            .expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinsnap"));
+        cmd.args(["serve", "--config"])
+            .arg(&self.config)
+            .stderr(log)
+            .stdout(Stdio::null());
+        if let Some(fp) = failpoint {
+            cmd.env("THINSNAP_FAILPOINT", fp);
+        }
+        self.child = Some(cmd.spawn().expect("spawn"));
+    }
+
+    /// Starts and waits until it serves.
+    fn start(&mut self, failpoint: Option<&str>) {
+        self.spawn(failpoint);
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.sock()).is_err() {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("thinsnap exited with {st}: {}", self.log());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "no socket: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to die of SIGKILL (the failpoint), failing otherwise.
+    fn expect_killed(&mut self, what: &str) {
+        let mut c = self.child.take().expect("running");
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(
+                    st.signal(),
+                    Some(9),
+                    "{what}: exited with {st}, not SIGKILL: {}",
+                    self.log()
+                );
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{what}: failpoint never hit: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let st = c.wait().expect("wait");
+            assert!(st.success(), "thinsnap exited with {st}: {}", self.log());
+        }
+    }
+
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    async fn clients(&self) -> (SnapshotsClient<Channel>, AdminClient<Channel>) {
+        let ch = thinsnap::server::connect(&self.sock())
+            .await
+            .expect("connect");
+        (SnapshotsClient::new(ch.clone()), AdminClient::new(ch))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        let out = Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+            .args(["pool", "destroy", "--remove-files", "--config"])
+            .arg(&self.config)
+            .output();
+        if let Ok(o) = out {
+            if !o.status.success() {
+                eprintln!("destroy: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn req_labels() -> HashMap<String, String> {
+    HashMap::new()
+}
+
+async fn prepare(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+    parent: &str,
+) -> Result<Vec<Mount>, tonic::Status> {
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: req_labels(),
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn view(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+    parent: &str,
+) -> Result<Vec<Mount>, tonic::Status> {
+    c.view(ViewSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: req_labels(),
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn commit(
+    c: &mut SnapshotsClient<Channel>,
+    name: &str,
+    key: &str,
+) -> Result<(), tonic::Status> {
+    c.commit(CommitSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: req_labels(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<(), tonic::Status> {
+    c.remove(RemoveSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn list(c: &mut SnapshotsClient<Channel>) -> BTreeMap<String, i32> {
+    let mut s = c
+        .list(ListSnapshotsRequest {
+            snapshotter: "thinsnap".into(),
+            filters: vec![],
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let mut out = BTreeMap::new();
+    while let Some(r) = s.message().await.expect("list stream") {
+        for i in r.info {
+            out.insert(i.name, i.kind);
+        }
+    }
+    out
+}
+
+async fn mounts(c: &mut SnapshotsClient<Channel>, key: &str) -> Vec<Mount> {
+    c.mounts(MountsRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("mounts {key}: {e}"))
+    .into_inner()
+    .mounts
+}
+
+async fn status(a: &mut AdminClient<Channel>) -> StatusResponse {
+    a.status(StatusRequest {
+        list_thin_ids: true,
+    })
+    .await
+    .expect("status")
+    .into_inner()
+}
+
+/// Mounts, runs `f` on the root, unmounts.
+fn with_mount<T>(dir: &Path, m: &Mount, f: impl FnOnce(&Path) -> T) -> T {
+    let target = dir.join(format!(
+        "mnt-{}",
+        m.source.rsplit('-').next().unwrap_or("x")
+    ));
+    std::fs::create_dir_all(&target).expect("mountpoint");
+    let mut flags = nix::mount::MsFlags::empty();
+    if m.options.iter().any(|o| o == "ro") {
+        flags |= nix::mount::MsFlags::MS_RDONLY;
+    }
+    nix::mount::mount(
+        Some(m.source.as_str()),
+        &target,
+        Some(m.r#type.as_str()),
+        flags,
+        None::<&str>,
+    )
+    .unwrap_or_else(|e| panic!("mount {m:?}: {e}"));
+    let out = f(&target);
+    nix::mount::umount(&target).expect("umount");
+    out
+}
+
+fn write_file(dir: &Path, m: &Mount, name: &str, content: &str) {
+    with_mount(dir, m, |root| {
+        std::fs::write(root.join(name), content).expect("write");
+        nix::unistd::sync();
+    });
+}
+
+/// The thin ids in the pool's metadata, read with thin_ls from a metadata snapshot.
+fn kernel_thin_ids(pool: &str, meta_dev: &str) -> BTreeSet<u32> {
+    use devicemapper::{DevId, DmName, DM};
+    let dm = DM::new().expect("dm");
+    let name = DmName::new(pool).expect("name");
+    dm.target_msg(&DevId::Name(name), None, "reserve_metadata_snap")
+        .expect("reserve_metadata_snap");
+    let out = Command::new("thin_ls")
+        .args(["--no-headers", "-m", "-o", "DEV", meta_dev])
+        .output();
+    let _ = dm.target_msg(&DevId::Name(name), None, "release_metadata_snap");
+    let out = out.expect("run thin_ls");
+    assert!(
+        out.status.success(),
+        "thin_ls: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|t| t.parse().expect("thin id"))
+        .collect()
+}
+
+async fn assert_no_leak(d: &Daemon, a: &mut AdminClient<Channel>, what: &str) {
+    let st = status(a).await;
+    let meta = st
+        .loop_files
+        .iter()
+        .find(|l| l.role == "metadata")
+        .expect("metadata loop device")
+        .device
+        .clone();
+    let store: BTreeSet<u32> = st.thin_ids.iter().copied().collect();
+    let kernel = kernel_thin_ids(&st.pool_name, &meta);
+    assert_eq!(
+        kernel,
+        store,
+        "{what}: pool thin ids != store thin ids\n{}",
+        d.log()
+    );
+    // Every active dm device with our prefix belongs to an active snapshot or view.
+    let prefix = format!("{}-snap-", d.pool);
+    let active: usize = std::fs::read_dir("/dev/mapper")
+        .expect("/dev/mapper")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .count();
+    assert_eq!(
+        active as u64,
+        st.snapshots_active + st.snapshots_view,
+        "{what}: active dm devices != active snapshots + views"
+    );
+}
+
+/// The fixture every failpoint run starts from: (key, kind, files it must hold).
+async fn fixture(
+    d: &Daemon,
+    c: &mut SnapshotsClient<Channel>,
+) -> Vec<(String, &'static str, Vec<(String, String)>)> {
+    let m = prepare(c, "l1", "").await.expect("l1");
+    write_file(&d.dir, &m[0], "f", "L1");
+    commit(c, "C1", "l1").await.expect("C1");
+    let m = prepare(c, "A", "C1").await.expect("A");
+    write_file(&d.dir, &m[0], "a", "A");
+    view(c, "V", "C1").await.expect("V");
+    let m = prepare(c, "toCommit", "C1").await.expect("toCommit");
+    write_file(&d.dir, &m[0], "t", "T");
+    prepare(c, "toRemoveActive", "C1")
+        .await
+        .expect("toRemoveActive");
+    let m = prepare(c, "r1", "C1").await.expect("r1");
+    write_file(&d.dir, &m[0], "r", "R");
+    commit(c, "toRemoveCommitted", "r1")
+        .await
+        .expect("toRemoveCommitted");
+    let f = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    };
+    vec![
+        ("C1".into(), "committed", f(&[("f", "L1")])),
+        ("A".into(), "active", f(&[("f", "L1"), ("a", "A")])),
+        ("V".into(), "view", f(&[("f", "L1")])),
+    ]
+}
+
+/// Checks that `key` holds `files`: active and view through their mounts, committed through a
+/// view of it.
+async fn check_content(
+    d: &Daemon,
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+    files: &[(String, String)],
+) {
+    let st = c
+        .stat(StatSnapshotRequest {
+            snapshotter: "thinsnap".into(),
+            key: key.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{key} lost: {e}\n{}", d.log()))
+        .into_inner()
+        .info
+        .expect("info");
+    let (m, tmp) = if st.kind == 3 {
+        let k = format!("check-{key}");
+        (view(c, &k, key).await.expect("view for check"), Some(k))
+    } else {
+        (mounts(c, key).await, None)
+    };
+    with_mount(&d.dir, &m[0], |root| {
+        for (name, want) in files {
+            let got = std::fs::read_to_string(root.join(name))
+                .unwrap_or_else(|e| panic!("{key}/{name}: {e}"));
+            assert_eq!(&got, want, "{key}/{name}");
+        }
+    });
+    if let Some(k) = tmp {
+        remove(c, &k).await.expect("remove check view");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_sigkill_at_every_failpoint_converges() {
+    let mut report = Vec::new();
+    for &fp in thinsnap::failpoint::ALL {
+        let mut d = Daemon::new(fp);
+        if fp.starts_with("base:") {
+            // The base device is made at the first start: die there, then start clean.
+            d.spawn(Some(fp));
+            d.expect_killed(fp);
+            d.start(None);
+            let (mut c, mut a) = d.clients().await;
+            assert_no_leak(&d, &mut a, fp).await;
+            let m = prepare(&mut c, "after", "")
+                .await
+                .expect("prepare after base crash");
+            with_mount(&d.dir, &m[0], |root| {
+                let n = std::fs::read_dir(root).expect("readdir").count();
+                assert_eq!(n, 0, "{fp}: base not empty (lost+found?)");
+            });
+            assert_no_leak(&d, &mut a, fp).await;
+            report.push(format!("{fp}: ok"));
+            continue;
+        }
+        d.start(None);
+        let expected = {
+            let (mut c, _) = d.clients().await;
+            fixture(&d, &mut c).await
+        };
+        d.stop();
+        d.start(Some(fp));
+        let (mut c, _) = d.clients().await;
+        let (group, _) = fp.split_once(':').expect("group:step");
+        let call = match (group, fp) {
+            ("prepare", _) => prepare(&mut c, "victim", "C1").await.map(|_| ()),
+            ("commit", _) => commit(&mut c, "victimC", "toCommit").await,
+            (_, "remove:after-deactivate") => remove(&mut c, "toRemoveActive").await,
+            _ => remove(&mut c, "toRemoveCommitted").await,
+        };
+        assert!(
+            call.is_err(),
+            "{fp}: the call answered; failpoint not reached"
+        );
+        d.expect_killed(fp);
+        d.start(None);
+        let (mut c, mut a) = d.clients().await;
+        assert_no_leak(&d, &mut a, fp).await;
+        for (key, _, files) in &expected {
+            check_content(&d, &mut c, key, files).await;
+        }
+        let names = list(&mut c).await;
+        let outcome = match group {
+            "prepare" => {
+                // Undone (the usual case) or, if the outcome was durable, complete.
+                if names.contains_key("victim") {
+                    assert_eq!(
+                        prepare(&mut c, "victim", "C1")
+                            .await
+                            .expect_err("dup")
+                            .code(),
+                        Code::AlreadyExists
+                    );
+                    check_content(&d, &mut c, "victim", &[("f".into(), "L1".into())]).await;
+                    remove(&mut c, "victim").await.expect("remove victim");
+                }
+                prepare(&mut c, "victim", "C1")
+                    .await
+                    .expect("prepare the interrupted key again");
+                "prepare again: ok"
+            }
+            "commit" => {
+                let before = names.contains_key("toCommit");
+                let after = names.contains_key("victimC");
+                assert!(before ^ after, "{fp}: commit half done: {names:?}");
+                let files = [
+                    ("f".to_string(), "L1".to_string()),
+                    ("t".to_string(), "T".to_string()),
+                ];
+                if before {
+                    check_content(&d, &mut c, "toCommit", &files).await;
+                    commit(&mut c, "victimC", "toCommit")
+                        .await
+                        .expect("commit again");
+                }
+                check_content(&d, &mut c, "victimC", &files).await;
+                if before {
+                    "commit undone, then again: ok"
+                } else {
+                    "commit complete: ok"
+                }
+            }
+            _ => {
+                let key = if fp == "remove:after-deactivate" {
+                    "toRemoveActive"
+                } else {
+                    "toRemoveCommitted"
+                };
+                if names.contains_key(key) {
+                    if key == "toRemoveCommitted" {
+                        check_content(&d, &mut c, key, &[("r".into(), "R".into())]).await;
+                    }
+                    remove(&mut c, key).await.expect("remove again");
+                    "remove undone, then again: ok"
+                } else {
+                    "remove complete: ok"
+                }
+            }
+        };
+        assert_no_leak(&d, &mut a, fp).await;
+        report.push(format!("{fp}: {outcome}"));
+        d.stop();
+    }
+    println!("{}", report.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_random_sigkill_under_concurrent_load() {
+    let rounds: u64 = std::env::var("CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let mut d = Daemon::new("random");
+    d.start(None);
+    let mut seed: u64 = 0x5eed ^ std::process::id() as u64;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..rounds {
+        let (c, _) = d.clients().await;
+        let mut tasks = Vec::new();
+        for client in 0..4u64 {
+            let mut c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut committed: Vec<String> = Vec::new();
+                for i in 0u64.. {
+                    let key = format!("r{round}-c{client}-{i}");
+                    let parent = committed.last().cloned().unwrap_or_default();
+                    if prepare(&mut c, &key, &parent).await.is_err() {
+                        return;
+                    }
+                    if i % 3 == 2 {
+                        if remove(&mut c, &key).await.is_err() {
+                            return;
+                        }
+                    } else {
+                        let name = format!("{key}-c");
+                        if commit(&mut c, &name, &key).await.is_err() {
+                            return;
+                        }
+                        committed.push(name);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300 + rand(2000))).await;
+        d.kill9();
+        for t in tasks {
+            let _ = t.await;
+        }
+        d.start(None);
+        let (mut c, mut a) = d.clients().await;
+        assert_no_leak(&d, &mut a, &format!("round {round}")).await;
+        // Every listed snapshot is usable: active ones have their device.
+        for (key, kind) in list(&mut c).await {
+            if kind != 3 {
+                let m = mounts(&mut c, &key).await;
+                assert!(
+                    Path::new(&m[0].source).exists(),
+                    "round {round}: {key} has no device"
+                );
+            }
+        }
+        println!(
+            "round {round}: {} snapshots, no leak",
+            list(&mut c).await.len()
+        );
+    }
+    d.stop();
+}

@@ -1,0 +1,380 @@
+//! Operating the pool on real dm-thin (root + device-mapper; run in the VM by
+//! integration/test.sh with `--ignored`): the free-space floor on a pool filled by writes, online
+//! growth, discard on remove, asynchronous removal of a busy device, the size label.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::api::snapshots::v1::*;
+use containerd_snapshots::api::types::Mount;
+use thinsnap::admin::api::admin_client::AdminClient;
+use thinsnap::admin::api::{StatusRequest, StatusResponse};
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Daemon {
+    dir: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn new(name: &str, pool: &str, extra: &str) -> Daemon {
+        assert!(
+            Path::new("/dev/mapper/control").exists(),
+            "device-mapper is missing: run in the VM"
+        );
+        let dir = PathBuf::from(format!("/tmp/thinsnap-ops-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "root = \"{}\"\naddress = \"{}\"\n{extra}\n[pool]\nname = \"tsops-{name}-{}\"\n{pool}\n",
+                dir.join("state").display(),
+                dir.join("s.sock").display(),
+                std::process::id()
+            ),
+        )
+        .expect("config");
+        let mut d = Daemon {
+            dir,
+            config,
+            child: None,
+        };
+        d.start();
+        d
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log"))
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.dir.join("s.sock")).is_err() {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("thinsnap exited with {st}: {}", self.log());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "no socket: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run")
+    }
+
+    async fn clients(&self) -> (SnapshotsClient<Channel>, AdminClient<Channel>) {
+        let ch = thinsnap::server::connect(&self.dir.join("s.sock"))
+            .await
+            .expect("connect");
+        (SnapshotsClient::new(ch.clone()), AdminClient::new(ch))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+        let _ = self.cli(&["pool", "destroy", "--remove-files"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn prepare(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+    parent: &str,
+    labels: &[(&str, &str)],
+) -> Result<Vec<Mount>, tonic::Status> {
+    c.prepare(PrepareSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<(), tonic::Status> {
+    c.remove(RemoveSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn status(a: &mut AdminClient<Channel>) -> StatusResponse {
+    a.status(StatusRequest::default())
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+fn mount(m: &Mount, target: &Path) {
+    std::fs::create_dir_all(target).expect("mountpoint");
+    let opts = m.options.join(",");
+    nix::mount::mount(
+        Some(m.source.as_str()),
+        target,
+        Some(m.r#type.as_str()),
+        nix::mount::MsFlags::empty(),
+        (!opts.is_empty()).then_some(opts.as_str()),
+    )
+    .unwrap_or_else(|e| panic!("mount {m:?}: {e}"));
+}
+
+fn umount(target: &Path) {
+    nix::mount::umount(target).expect("umount");
+}
+
+/// Writes `mib` MiB of incompressible-enough data (dm-thin does not compress; any data maps blocks).
+fn fill(path: &Path, mib: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let mut block = vec![0u8; 1 << 20];
+    for i in 0..mib {
+        block[0] = i as u8;
+        f.write_all(&block)?;
+    }
+    f.sync_all()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_full_pool_refuses_prepare_and_remove_wins_space_back() {
+    // 256MiB of data, a 20% floor: after ~210MiB of writes Prepare must be refused.
+    let d = Daemon::new(
+        "full",
+        "data_size = \"256MiB\"\nmetadata_size = \"16MiB\"\nmin_free_space = \"20%\"\n[fs]\nbase_size = \"512MiB\"",
+        "",
+    );
+    let (mut c, mut a) = d.clients().await;
+    let m = prepare(&mut c, "filler", "", &[]).await.expect("prepare");
+    let keep = prepare(&mut c, "keep", "", &[])
+        .await
+        .expect("prepare keep");
+    let mk = d.dir.join("keep");
+    mount(&keep[0], &mk);
+    std::fs::write(mk.join("precious"), b"must survive").expect("write");
+    umount(&mk);
+    let target = d.dir.join("filler");
+    mount(&m[0], &target);
+    fill(&target.join("blob"), 200).expect("fill 200MiB");
+    umount(&target);
+    let st = status(&mut a).await;
+    let data = st.data.expect("data");
+    assert!(
+        data.used_bytes * 100 / data.total_bytes > 80,
+        "pool not full enough: {data:?}"
+    );
+    let err = prepare(&mut c, "refused", "", &[])
+        .await
+        .expect_err("must be refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message().contains("free") && err.message().contains("20%"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        status(&mut a).await.snapshots_active,
+        2,
+        "nothing half made"
+    );
+    // Remove frees the space; Prepare works again; nothing else was harmed.
+    remove(&mut c, "filler")
+        .await
+        .expect("remove works on a full pool");
+    prepare(&mut c, "again", "", &[])
+        .await
+        .expect("prepare works again");
+    let keep = c
+        .mounts(MountsRequest {
+            snapshotter: "thinsnap".into(),
+            key: "keep".into(),
+        })
+        .await
+        .expect("mounts")
+        .into_inner()
+        .mounts;
+    mount(&keep[0], &mk);
+    assert_eq!(
+        std::fs::read(mk.join("precious")).expect("read"),
+        b"must survive"
+    );
+    umount(&mk);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_grow_loop_pool_online_with_a_mounted_snapshot() {
+    let d = Daemon::new(
+        "grow",
+        "data_size = \"256MiB\"\nmetadata_size = \"8MiB\"\n[fs]\nbase_size = \"128MiB\"",
+        "",
+    );
+    let (mut c, mut a) = d.clients().await;
+    let m = prepare(&mut c, "busy", "", &[]).await.expect("prepare");
+    let target = d.dir.join("busy");
+    mount(&m[0], &target);
+    std::fs::write(target.join("before"), b"x").expect("write");
+    let out = d.cli(&[
+        "pool",
+        "grow",
+        "--data-size",
+        "512MiB",
+        "--metadata-size",
+        "16MiB",
+    ]);
+    assert!(
+        out.status.success(),
+        "grow: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = status(&mut a).await;
+    assert_eq!(st.data.expect("data").total_bytes, 512 << 20);
+    assert_eq!(st.metadata.expect("meta").total_bytes, 16 << 20);
+    // The mounted container went on working through the reload.
+    std::fs::write(target.join("after"), b"y").expect("write after grow");
+    umount(&target);
+    let out = d.cli(&["pool", "grow", "--data-size", "128MiB"]);
+    assert!(!out.status.success(), "shrinking was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("smaller"));
+    prepare(&mut c, "new", "", &[])
+        .await
+        .expect("prepare after grow");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_discard_on_remove_gives_space_back_to_the_host() {
+    let d = Daemon::new(
+        "discard",
+        "data_size = \"512MiB\"\nmetadata_size = \"16MiB\"\n[fs]\nbase_size = \"256MiB\"",
+        "[remove]\ndiscard = true",
+    );
+    let (mut c, mut a) = d.clients().await;
+    let data_file = d.dir.join("state/pool/data");
+    let allocated = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&data_file).expect("data file").blocks() * 512
+    };
+    let m = prepare(&mut c, "a", "", &[]).await.expect("prepare");
+    let target = d.dir.join("a");
+    mount(&m[0], &target);
+    fill(&target.join("blob"), 64).expect("fill");
+    umount(&target);
+    let used_before = status(&mut a).await.data.expect("data").used_bytes;
+    let file_before = allocated();
+    remove(&mut c, "a").await.expect("remove");
+    let used_after = status(&mut a).await.data.expect("data").used_bytes;
+    let file_after = allocated();
+    assert!(
+        used_before - used_after >= 60 << 20,
+        "pool: {used_before} -> {used_after}"
+    );
+    assert!(
+        file_before - file_after >= 60 << 20,
+        "host file kept its blocks: {file_before} -> {file_after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_async_remove_of_a_mounted_snapshot_never_blocks() {
+    let d = Daemon::new(
+        "async",
+        "data_size = \"512MiB\"\nmetadata_size = \"16MiB\"\n[fs]\nbase_size = \"128MiB\"",
+        "[remove]\nasync = true",
+    );
+    let (mut c, mut a) = d.clients().await;
+    let m = prepare(&mut c, "a", "", &[]).await.expect("prepare");
+    let target = d.dir.join("a");
+    mount(&m[0], &target);
+    remove(&mut c, "a")
+        .await
+        .expect("async remove answers while mounted");
+    assert_eq!(status(&mut a).await.snapshots_active, 0);
+    assert!(Path::new(&m[0].source).exists(), "mounted device vanished");
+    umount(&target);
+    let t0 = Instant::now();
+    while status(&mut a).await.thin_ids_in_use != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "reaper never deleted the device"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!Path::new(&m[0].source).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_size_label_grows_the_filesystem() {
+    let d = Daemon::new(
+        "size",
+        "data_size = \"1GiB\"\nmetadata_size = \"16MiB\"\n[fs]\nbase_size = \"128MiB\"",
+        "",
+    );
+    let (mut c, _) = d.clients().await;
+    let label = "containerd.io/snapshot/thinsnap.size";
+    let m = prepare(&mut c, "big", "", &[(label, "512MiB")])
+        .await
+        .expect("prepare big");
+    let target = d.dir.join("big");
+    mount(&m[0], &target);
+    let st = nix::sys::statvfs::statvfs(&target).expect("statvfs");
+    let size = st.blocks() as u64 * st.fragment_size() as u64;
+    umount(&target);
+    assert!(
+        size > 400 << 20,
+        "filesystem is {size} bytes, not grown to ~512MiB"
+    );
+    let err = prepare(&mut c, "small", "", &[(label, "64MiB")])
+        .await
+        .expect_err("smaller");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let _ = HashMap::<String, String>::new();
+}
