@@ -77,6 +77,17 @@ fn mounts(m: Vec<crate::engine::Mount>) -> Vec<ApiMount> {
         .collect()
 }
 
+/// Runs `f`, records its latency and status code in the metrics.
+async fn timed<T>(
+    method: &'static str,
+    f: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, Status> {
+    let start = std::time::Instant::now();
+    let r = f.await.map_err(Status::from);
+    crate::metrics::observe(method, start, r.as_ref().err().map(|s| s.code()));
+    r
+}
+
 // The trait fixes the error type to tonic::Status, whose size clippy dislikes.
 #[allow(clippy::result_large_err)]
 #[tonic::async_trait]
@@ -84,20 +95,21 @@ impl Snapshotter for Service {
     type Error = Status;
 
     async fn stat(&self, key: String) -> Result<Info, Status> {
-        Ok(info(self.engine.stat(&key).await?))
+        timed("stat", self.engine.stat(&key)).await.map(info)
     }
 
     async fn update(&self, i: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Status> {
         let paths = fieldpaths.unwrap_or_default();
-        Ok(info(
-            self.engine
-                .update(&i.name, labels(i.labels), &paths)
-                .await?,
-        ))
+        timed(
+            "update",
+            self.engine.update(&i.name, labels(i.labels), &paths),
+        )
+        .await
+        .map(info)
     }
 
     async fn usage(&self, key: String) -> Result<Usage, Status> {
-        let u = self.engine.usage(&key).await?;
+        let u = timed("usage", self.engine.usage(&key)).await?;
         Ok(Usage {
             size: i64::try_from(u.size).unwrap_or(i64::MAX),
             inodes: i64::try_from(u.inodes).unwrap_or(i64::MAX),
@@ -105,7 +117,7 @@ impl Snapshotter for Service {
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<ApiMount>, Status> {
-        Ok(mounts(self.engine.mounts(&key).await?))
+        timed("mounts", self.engine.mounts(&key)).await.map(mounts)
     }
 
     async fn prepare(
@@ -114,11 +126,12 @@ impl Snapshotter for Service {
         parent: String,
         l: HashMap<String, String>,
     ) -> Result<Vec<ApiMount>, Status> {
-        Ok(mounts(
-            self.engine
-                .create(Kind::Active, &key, &parent, labels(l))
-                .await?,
-        ))
+        timed(
+            "prepare",
+            self.engine.create(Kind::Active, &key, &parent, labels(l)),
+        )
+        .await
+        .map(mounts)
     }
 
     async fn view(
@@ -127,11 +140,12 @@ impl Snapshotter for Service {
         parent: String,
         l: HashMap<String, String>,
     ) -> Result<Vec<ApiMount>, Status> {
-        Ok(mounts(
-            self.engine
-                .create(Kind::View, &key, &parent, labels(l))
-                .await?,
-        ))
+        timed(
+            "view",
+            self.engine.create(Kind::View, &key, &parent, labels(l)),
+        )
+        .await
+        .map(mounts)
     }
 
     async fn commit(
@@ -140,16 +154,15 @@ impl Snapshotter for Service {
         key: String,
         l: HashMap<String, String>,
     ) -> Result<(), Status> {
-        Ok(self.engine.commit(&name, &key, labels(l)).await?)
+        timed("commit", self.engine.commit(&name, &key, labels(l))).await
     }
 
     async fn remove(&self, key: String) -> Result<(), Status> {
-        Ok(self.engine.remove(&key).await?)
+        timed("remove", self.engine.remove(&key)).await
     }
 
     async fn clear(&self) -> Result<(), Status> {
-        self.engine.cleanup().await?;
-        Ok(())
+        timed("cleanup", self.engine.cleanup()).await.map(|_| ())
     }
 
     type InfoStream = futures::stream::Iter<std::vec::IntoIter<Result<Info, Status>>>;
@@ -159,7 +172,7 @@ impl Snapshotter for Service {
         _snapshotter: String,
         filters: Vec<String>,
     ) -> Result<Self::InfoStream, Status> {
-        let infos = self.engine.list(&filters).await?;
+        let infos = timed("list", self.engine.list(&filters)).await?;
         Ok(futures::stream::iter(
             infos.into_iter().map(|i| Ok(info(i))).collect::<Vec<_>>(),
         ))

@@ -7,6 +7,7 @@
 //! - [`server`]: the tonic server on the unix socket (both services), graceful stop; the client side.
 //! - [`grpc`]: containerd's Snapshots service -> [`engine`]; `EngineError` -> gRPC status codes.
 //! - [`admin`]: thinsnap's own Admin service (proto/) -> [`engine`].
+//! - [`metrics`]: the opt-in Prometheus endpoint; call latency and errors, pool space.
 //! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
 //!   recovery at start ([`engine::recovery`]), containerd's filter syntax ([`engine::filter`]).
 //! - [`store`]: the sled database: snapshot and device records, thin id allocation, schema version.
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod fs;
 pub mod grpc;
+pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod store;

@@ -209,12 +209,27 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
     info!(socket = %config.address.display(), "serving");
     // Tell systemd (Type=notify) that the socket is there; a no-op outside systemd.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = &config.metrics.address {
+        let addr: std::net::SocketAddr = addr.parse().context("metrics.address")?;
+        let mut rx = stop_rx.clone();
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.changed().await;
+            };
+            if let Err(e) = thinsnap::metrics::serve(addr, engine, stop).await {
+                error!(address = %addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping"),
             _ = int.recv() => info!("SIGINT: stopping"),
         }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        let _ = stop_tx.send(true);
     };
     server::run(
         listener,

@@ -24,8 +24,9 @@ const DISK_SIZE: u64 = 2 << 30;
 /// lvm2 under software emulation is slow: provisioning takes tens of seconds.
 const START_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_thinsnap")
+/// The binary under test: `THINSNAP_BIN` if set (integration/test.sh sets it), else cargo's.
+fn bin() -> String {
+    std::env::var("THINSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_thinsnap").to_string())
 }
 
 fn require_root_dm_lvm() {
@@ -319,8 +320,11 @@ impl Daemon {
         let out = self.thinsnap(&["status", "--json"]);
         assert!(
             out.status.success(),
-            "status: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "status --json: {}: {}{}\nthinsnap log: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+            self.log()
         );
         serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
     }

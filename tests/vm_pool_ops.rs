@@ -378,3 +378,52 @@ async fn vm_size_label_grows_the_filesystem() {
     assert_eq!(err.code(), Code::InvalidArgument);
     let _ = HashMap::<String, String>::new();
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_metrics_endpoint_reports_pool_and_calls() {
+    let addr = "127.0.0.1:19323";
+    let d = Daemon::new(
+        "metrics",
+        "data_size = \"512MiB\"\nmetadata_size = \"16MiB\"\n[fs]\nbase_size = \"64MiB\"",
+        &format!("[metrics]\naddress = \"{addr}\""),
+    );
+    let (mut c, _) = d.clients().await;
+    prepare(&mut c, "a", "", &[]).await.expect("prepare");
+    let _ = prepare(&mut c, "a", "", &[]).await.expect_err("duplicate");
+    let body = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+        .await
+        .expect("join");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains("thinsnap_pool_bytes{space=\"data\",state=\"total\"} 536870912"),
+        "{body}"
+    );
+    assert!(
+        body.contains("thinsnap_snapshots{kind=\"active\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("thinsnap_call_duration_seconds_count{method=\"prepare\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("thinsnap_call_errors_total{code=\"AlreadyExists\",method=\"prepare\"} 1"),
+        "{body}"
+    );
+}

@@ -54,6 +54,7 @@ import (
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/proxy"
 	"github.com/containerd/containerd/snapshots/testsuite"
+	"github.com/moby/sys/mountinfo"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 )
@@ -367,6 +368,7 @@ func (in *instance) cleanup() error {
 	if err := in.stop(); err != nil {
 		errs = append(errs, err.Error())
 	}
+	in.unmountLeftovers()
 	if err := in.destroy(); err != nil {
 		errs = append(errs, err.Error())
 	}
@@ -385,6 +387,28 @@ func (in *instance) cleanup() error {
 		return errors.New(msg)
 	}
 	return nil
+}
+
+// unmountLeftovers detaches whatever is still mounted in the subtest's temp dir. Some of the
+// suite's checks do not unmount on their failure paths (RemoveIntermediateSnapshot t.Fatal()s with
+// "base" mounted); without this, `pool destroy` would find the device busy and the leftover pool
+// would be blamed on thinsnap and leak into later tests.
+func (in *instance) unmountLeftovers() {
+	dir := filepath.Dir(in.root)
+	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		return
+	}
+	// deepest first
+	sort.Slice(mounts, func(i, j int) bool { return len(mounts[i].Mountpoint) > len(mounts[j].Mountpoint) })
+	for _, m := range mounts {
+		err := syscall.Unmount(m.Mountpoint, syscall.MNT_DETACH)
+		note := fmt.Sprintf("note: the harness unmounted %s (%s), left mounted by the test: %v", m.Mountpoint, m.Source, err)
+		fmt.Fprintln(in.logFile, note)
+		if in.tb != nil {
+			in.tb.Log(note)
+		}
+	}
 }
 
 // logText returns the daemon's log (its last 400 lines), framed, for error messages.

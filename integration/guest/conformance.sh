@@ -55,7 +55,7 @@ for t in "${failed[@]}"; do
   # its first error lines (go test -v streams each test's output under "=== RUN/CONT NAME")
   awk -v want="$t" '
     /^=== (RUN|CONT|PAUSE|NAME) / { cur = $3; next }
-    cur == want && /^ +[A-Za-z0-9_]+\.go:[0-9]+: / && !/thinsnap instance|: unmount |level=/ { print; if (++n >= 4) exit }
+    cur == want && /^ +[A-Za-z0-9_]+\.go:[0-9]+: / && !/thinsnap instance|: unmount |level=|\.go:[0-9]+: [-a-zA-Z][-a-zA-Z][-a-zA-Z][-a-zA-Z][-a-zA-Z][-a-zA-Z][-a-zA-Z][-a-zA-Z][-a-zA-Z][-a-zA-Z] +[0-9]+ \// { print; if (++n >= 4) exit }
   ' "$log" | cut -c1-400 | sed 's/^ */      /'
 done
 for t in "${skipped[@]}"; do echo "  skipped ${t#TestThinsnapConformance/}"; done
