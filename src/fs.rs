@@ -139,9 +139,9 @@ pub fn format_base(device: &Path, fs: &FsConfig, scratch: &Path) -> Result<(), F
 }
 
 /// Grows the filesystem on `device` (unmounted) to fill the device: for a snapshot made larger
-/// than its parent with the size label. ext4: `e2fsck -f -p` (resize2fs insists on a checked
-/// filesystem) then `resize2fs`; xfs grows only mounted, so it is mounted under `scratch` for
-/// `xfs_growfs`.
+/// than its parent with the size label. ext4: `resize2fs -f`: the parent was unmounted cleanly
+/// before it was committed, and e2fsck would recreate the `lost+found` the base removed; xfs
+/// grows only mounted, so it is mounted under `scratch` for `xfs_growfs`.
 ///
 /// Returns an error if a tool fails.
 pub fn grow(device: &Path, fs: &FsConfig, scratch: &Path) -> Result<(), FsError> {

@@ -26,8 +26,12 @@ impl From<EngineError> for Status {
                 let mut msg = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
-                    msg.push_str(": ");
-                    msg.push_str(&s.to_string());
+                    // Our errors print their source inline: add only what is not said yet.
+                    let text = s.to_string();
+                    if !msg.contains(&text) {
+                        msg.push_str(": ");
+                        msg.push_str(&text);
+                    }
                     src = s.source();
                 }
                 Status::internal(msg)

@@ -365,6 +365,7 @@ async fn vm_size_label_grows_the_filesystem() {
         .expect("prepare big");
     let target = d.dir.join("big");
     mount(&m[0], &target);
+    let entries = std::fs::read_dir(&target).expect("readdir").count();
     let st = nix::sys::statvfs::statvfs(&target).expect("statvfs");
     let size = st.blocks() as u64 * st.fragment_size() as u64;
     umount(&target);
