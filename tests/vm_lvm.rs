@@ -122,7 +122,7 @@ fn remove_dm_devices(prefix: &str) {
     for (name, _, _) in dm.list_devices().expect("list dm devices") {
         if name.to_string().starts_with(prefix) {
             dm.device_remove(&DevId::Name(&name), DmOptions::default())
-                .unwrap_or_else(|e| panic!("remove {}: {e}", name.to_string()));
+                .unwrap_or_else(|e| panic!("remove {}: {e}", &*name));
         }
     }
 }
