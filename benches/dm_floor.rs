@@ -105,12 +105,12 @@ impl Floor {
     fn msg(&self, m: &str) -> Result<(), BoxError> {
         self.dm
             .target_msg(&DevId::Name(&self.pool), None, m)
-            .map_err(|e| format!("message {m:?} to {}: {e}", self.pool))?;
+            .map_err(|e| format!("message {m:?} to {}: {e}", &*self.pool))?;
         Ok(())
     }
 
     fn name(&self, id: u32) -> Result<DmNameBuf, BoxError> {
-        Ok(DmNameBuf::new(format!("{}-floor-{id}", self.pool))?)
+        Ok(DmNameBuf::new(format!("{}-floor-{id}", &*self.pool))?)
     }
 
     /// create + load + resume of thin device `id`; returns the three step times.
@@ -119,7 +119,7 @@ impl Floor {
         let t0 = Instant::now();
         self.dm
             .device_create(&name, None, DmOptions::default())
-            .map_err(|e| format!("create {name}: {e}"))?;
+            .map_err(|e| format!("create {}: {e}", &*name))?;
         let t1 = Instant::now();
         let table = vec![(
             0u64,
@@ -129,11 +129,11 @@ impl Floor {
         )];
         self.dm
             .table_load(&DevId::Name(&name), &table, DmOptions::default())
-            .map_err(|e| format!("load {name}: {e}"))?;
+            .map_err(|e| format!("load {}: {e}", &*name))?;
         let t2 = Instant::now();
         self.dm
             .device_suspend(&DevId::Name(&name), DmOptions::default())
-            .map_err(|e| format!("resume {name}: {e}"))?;
+            .map_err(|e| format!("resume {}: {e}", &*name))?;
         let t3 = Instant::now();
         Ok([t1 - t0, t2 - t1, t3 - t2])
     }
@@ -142,7 +142,7 @@ impl Floor {
         let name = self.name(id)?;
         self.dm
             .device_remove(&DevId::Name(&name), DmOptions::default())
-            .map_err(|e| format!("remove {name}: {e}"))?;
+            .map_err(|e| format!("remove {}: {e}", &*name))?;
         Ok(())
     }
 
@@ -153,7 +153,7 @@ impl Floor {
                 &DevId::Name(&name),
                 DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
             )
-            .map_err(|e| format!("status {name}: {e}"))?;
+            .map_err(|e| format!("status {}: {e}", &*name))?;
         Ok(())
     }
 }

@@ -154,8 +154,9 @@ func newThinsnap(ctx context.Context, root string) (snapshots.Snapshotter, func(
 		// dm names must be unique among all pools running at once in this kernel
 		pool: fmt.Sprintf("thinsnap-ct%d-%d", os.Getpid(), n),
 	}
+	// thinsnap creates its root itself (and insists on root:root 0700 if it exists).
 	in.state = filepath.Join(os.TempDir(), "thinsnap-conformance", in.pool)
-	if err := os.MkdirAll(in.state, 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Dir(in.state), 0o755); err != nil {
 		return nil, nil, err
 	}
 	in.label = fmt.Sprintf("%03d", n)
