@@ -8,8 +8,8 @@ export DEBIAN_FRONTEND=noninteractive
 RUNTIME_PKGS=(
   # build: the devicemapper crate links libdevmapper and runs bindgen (libclang); tonic-build needs protoc
   libdevmapper-dev libclang-dev clang pkg-config protobuf-compiler
-  # run: mkfs for the base device, once per pool
-  e2fsprogs xfsprogs kmod
+  # run: mkfs for the base device, once per pool; thin_ls to find orphan thin ids at start
+  e2fsprogs xfsprogs kmod thin-provisioning-tools
 )
 PKGS=(
   "${RUNTIME_PKGS[@]}"

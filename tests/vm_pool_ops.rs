@@ -373,7 +373,10 @@ async fn vm_size_label_grows_the_filesystem() {
         size > 400 << 20,
         "filesystem is {size} bytes, not grown to ~512MiB"
     );
-    assert_eq!(entries, 0, "the grown snapshot is not empty (lost+found back?)");
+    assert_eq!(
+        entries, 0,
+        "the grown snapshot is not empty (lost+found back?)"
+    );
     let err = prepare(&mut c, "small", "", &[(label, "64MiB")])
         .await
         .expect_err("smaller");

@@ -190,6 +190,11 @@ pub struct Settings {
     pub discard: bool,
     /// A directory for temporary mounts (formatting the base, growing xfs).
     pub scratch: PathBuf,
+    /// thinsnap made the pool (loop mode): a thin id in it that the store does not know is an
+    /// orphan of ours and is deleted at start. Otherwise such ids belong to someone else.
+    pub owns_pool: bool,
+    /// Not owning the pool: start even if it holds thin ids the store does not know.
+    pub allow_foreign_devices: bool,
 }
 
 impl Settings {
@@ -201,6 +206,8 @@ impl Settings {
             remove_async: config.remove.asynchronous,
             discard: config.remove.discard,
             scratch: config.root.clone(),
+            owns_pool: config.pool.mode == crate::config::PoolMode::Loop,
+            allow_foreign_devices: config.pool.allow_foreign_devices,
         }
     }
 
@@ -212,6 +219,8 @@ impl Settings {
             remove_async: false,
             discard: false,
             scratch: std::env::temp_dir(),
+            owns_pool: true,
+            allow_foreign_devices: false,
         }
     }
 }

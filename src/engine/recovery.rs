@@ -163,6 +163,7 @@ pub fn start(
         report.orphans_deleted.push(*id);
     }
     store.flush_sync()?;
+    reconcile_thin_ids(p, &store, &settings, &mut report)?;
 
     let base = match base {
         Some(b) => {
@@ -192,6 +193,48 @@ pub fn start(
         info!(?report, "recovery done");
     }
     Ok((Engine::new(pool, store, base, settings), report))
+}
+
+/// Compares the thin ids in the pool's metadata with the store's. In a pool thinsnap made, an
+/// unknown id is an orphan (a lost database, a crash of an older version) and is deleted; in a
+/// pool someone else made it is theirs, and start-up is refused unless `allow_foreign_devices`.
+fn reconcile_thin_ids(
+    pool: &dyn ThinPool,
+    store: &Store,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<(), EngineError> {
+    let Some(kernel) = pool
+        .list_thin_ids()
+        .map_err(pool_err("list the pool's thin ids"))?
+    else {
+        warn!("thin_ls not found (thin-provisioning-tools): orphan thin ids cannot be looked for");
+        return Ok(());
+    };
+    let known: BTreeSet<ThinId> = store.devices()?.iter().map(|d| d.thin_id).collect();
+    let unknown: Vec<ThinId> = kernel.difference(&known).copied().collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    if settings.owns_pool {
+        for id in unknown {
+            warn!(thin_id = id, "thin id in the pool with no record; deleting");
+            delete_if_present(pool, id)?;
+            report.orphans_deleted.push(id);
+        }
+        return Ok(());
+    }
+    if settings.allow_foreign_devices {
+        info!(count = unknown.len(), ids = ?unknown, "the pool holds thin devices thinsnap does not know; leaving them alone");
+        return Ok(());
+    }
+    Err(EngineError::FailedPrecondition(format!(
+        "thin pool {} holds {} thin device(s) thinsnap does not know (ids {:?}); \
+         use a pool of its own, or set pool.allow_foreign_devices = true to share it",
+        pool.info().name,
+        unknown.len(),
+        unknown.iter().take(16).collect::<Vec<_>>()
+    )))
 }
 
 /// Makes the base device: intent, create_thin, activate, mkfs, record. Runs once per pool.

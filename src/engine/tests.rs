@@ -573,3 +573,49 @@ async fn size_label_is_checked() {
         .expect("equal size needs no growth");
     assert_eq!(t.pool.thin_ids().len(), 2);
 }
+
+#[tokio::test]
+async fn unknown_thin_ids_are_orphans_in_our_pool_and_foreign_in_others() {
+    let t = setup();
+    // An inactive thin id no record knows (a lost database write, an older version's crash).
+    t.pool.create_thin(777).expect("orphan");
+    let (t, report) = t.restart();
+    assert_eq!(report.orphans_deleted, vec![777]);
+    assert!(!t.pool.thin_ids().contains(&777));
+
+    // A pool someone else made: refuse to start, unless told to share it.
+    t.pool.create_thin(888).expect("foreign");
+    let T {
+        _dir,
+        path,
+        pool,
+        engine,
+    } = t;
+    drop(engine);
+    let mut settings = Settings::with_fs(FsConfig::default());
+    settings.owns_pool = false;
+    let err = recovery::start(
+        pool.clone(),
+        Store::open(&path).expect("store"),
+        settings.clone(),
+        &no_format,
+    )
+    .err()
+    .expect("foreign ids refused");
+    assert!(
+        matches!(&err, EngineError::FailedPrecondition(m) if m.contains("888") && m.contains("allow_foreign_devices")),
+        "{err}"
+    );
+    settings.allow_foreign_devices = true;
+    recovery::start(
+        pool.clone(),
+        Store::open(&path).expect("store"),
+        settings,
+        &no_format,
+    )
+    .expect("shared pool accepted");
+    assert!(
+        pool.thin_ids().contains(&888),
+        "a foreign device was deleted"
+    );
+}

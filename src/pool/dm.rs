@@ -505,6 +505,64 @@ impl ThinPool for DmPool {
         discarded
     }
 
+    fn list_thin_ids(&self) -> Result<Option<std::collections::BTreeSet<ThinId>>, PoolError> {
+        let table = table_of(&self.dm, &self.name, true)?;
+        let Some((_, _, _, params)) = table.first() else {
+            return Err(PoolError::PoolMissing(self.name.clone()));
+        };
+        let params = ThinPoolTargetParams::from_str(&format!("thin-pool {params}"))
+            .map_err(dm_err("parse table of", &self.name))?;
+        let meta = params.metadata_dev;
+        // The metadata device's node, from sysfs (udev's /dev/block links may not exist).
+        let uevent = format!("/sys/dev/block/{}:{}/uevent", meta.major, meta.minor);
+        let devname = std::fs::read_to_string(&uevent)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("DEVNAME=").map(|n| format!("/dev/{n}")))
+            })
+            .ok_or_else(|| PoolError::Io {
+                op: "find the metadata device in",
+                path: PathBuf::from(&uevent),
+                source: std::io::Error::other("no DEVNAME"),
+            })?;
+        // thin-provisioning.rst: a live pool's metadata may only be read through a snapshot.
+        self.message("reserve_metadata_snap")
+            .map_err(dm_err("reserve_metadata_snap", &self.name))?;
+        let out = std::process::Command::new("thin_ls")
+            .args(["--no-headers", "-m", "-o", "DEV", &devname])
+            .output();
+        if let Err(e) = self.message("release_metadata_snap") {
+            warn!(pool = %self.name, error = %e, "cannot release the metadata snapshot");
+        }
+        let out = match out {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(PoolError::Io {
+                    op: "run thin_ls on",
+                    path: PathBuf::from(devname),
+                    source,
+                })
+            }
+        };
+        if !out.status.success() {
+            return Err(PoolError::Io {
+                op: "thin_ls",
+                path: PathBuf::from(devname),
+                source: std::io::Error::other(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ),
+            });
+        }
+        Ok(Some(
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|t| t.parse().ok())
+                .collect(),
+        ))
+    }
+
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
         if self.mode != PoolMode::Loop {
             return Err(PoolError::Unsupported(format!(

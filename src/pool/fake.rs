@@ -213,6 +213,10 @@ impl ThinPool for FakePool {
         Ok(())
     }
 
+    fn list_thin_ids(&self) -> Result<Option<BTreeSet<ThinId>>, PoolError> {
+        Ok(Some(self.thin_ids()))
+    }
+
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
         let mut s = self.enter("grow", format!("grow {data_bytes:?} {metadata_bytes:?}"))?;
         if let Some(d) = data_bytes {

@@ -136,6 +136,10 @@ pub trait ThinPool: Send + Sync + 'static {
     /// Activates the device for the call if it is not active, and leaves it as it found it.
     fn discard(&self, id: ThinId, size_bytes: u64) -> Result<(), PoolError>;
 
+    /// Every thin id in the pool's metadata, read from a metadata snapshot (start-up only: it runs
+    /// `thin_ls`). `None` when the tool is not installed.
+    fn list_thin_ids(&self) -> Result<Option<std::collections::BTreeSet<ThinId>>, PoolError>;
+
     /// Grows the pool's data and/or metadata space online (loop mode: the files, the loop
     /// devices' capacity, then the pool table is reloaded). Sizes smaller than now are refused.
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError>;
