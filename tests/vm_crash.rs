@@ -553,38 +553,55 @@ async fn vm_random_sigkill_under_concurrent_load() {
         seed ^= seed << 17;
         seed % n
     };
+    let mut total_ops = 0u64;
     for round in 0..rounds {
         let (c, _) = d.clients().await;
         let mut tasks = Vec::new();
         for client in 0..4u64 {
             let mut c = c.clone();
             tasks.push(tokio::spawn(async move {
+                // Counts the calls that answered; ends at the first error (the kill).
+                let mut ok = 0u64;
                 let mut committed: Vec<String> = Vec::new();
                 for i in 0u64.. {
                     let key = format!("r{round}-c{client}-{i}");
                     let parent = committed.last().cloned().unwrap_or_default();
-                    if prepare(&mut c, &key, &parent).await.is_err() {
-                        return;
+                    if let Err(e) = prepare(&mut c, &key, &parent).await {
+                        return (ok, e);
                     }
+                    ok += 1;
                     if i % 3 == 2 {
-                        if remove(&mut c, &key).await.is_err() {
-                            return;
+                        if let Err(e) = remove(&mut c, &key).await {
+                            return (ok, e);
                         }
                     } else {
                         let name = format!("{key}-c");
-                        if commit(&mut c, &name, &key).await.is_err() {
-                            return;
+                        if let Err(e) = commit(&mut c, &name, &key).await {
+                            return (ok, e);
                         }
                         committed.push(name);
                     }
+                    ok += 1;
                 }
+                unreachable!("the loop only ends by returning")
             }));
         }
-        tokio::time::sleep(Duration::from_millis(300 + rand(2000))).await;
+        tokio::time::sleep(Duration::from_millis(1500 + rand(3000))).await;
         d.kill9();
+        let mut ops = 0;
         for t in tasks {
-            let _ = t.await;
+            let (ok, err) = t.await.expect("client task");
+            // The calls in flight die with the connection, nothing else may fail.
+            assert!(
+                matches!(
+                    err.code(),
+                    Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+                ),
+                "round {round}: a call failed before the kill: {err}"
+            );
+            ops += ok;
         }
+        total_ops += ops;
         d.start(None);
         let (mut c, mut a) = d.clients().await;
         assert_no_leak(&d, &mut a, &format!("round {round}")).await;
@@ -599,9 +616,13 @@ async fn vm_random_sigkill_under_concurrent_load() {
             }
         }
         println!(
-            "round {round}: {} snapshots, no leak",
+            "round {round}: {ops} calls answered before the kill, {} snapshots after restart, no leak",
             list(&mut c).await.len()
         );
     }
+    assert!(
+        total_ops > 0,
+        "no call completed before any kill: the load never ran"
+    );
     d.stop();
 }
