@@ -26,8 +26,10 @@ for v in $(compgen -e | grep -E '^(BENCH_|VM_)' | grep -vE '^(BENCH_RESULTS|BENC
 done
 
 echo "run.sh: building (release)"
-cargo build --release --bin thinsnap
-floor=$(cargo bench --bench dm_floor --no-run --message-format=json 2>/dev/null |
+# One build, release profile, for the daemon and the floor bench (`cargo bench --no-run` would
+# build both again under the bench profile).
+cargo build --release --bin thinsnap --bench dm_floor
+floor=$(cargo build --release --bench dm_floor --message-format=json 2>/dev/null |
   sed -n 's/.*"executable":"\([^"]*\/dm_floor-[^"]*\)".*/\1/p' | tail -n1)
 [[ -x $floor ]] || { echo "run.sh: cannot find the dm_floor bench executable" >&2; exit 1; }
 

@@ -356,21 +356,25 @@ async fn assert_no_leak(d: &Daemon, a: &mut AdminClient<Channel>, what: &str) {
 async fn fixture(
     d: &Daemon,
     c: &mut SnapshotsClient<Channel>,
+    p: &str,
 ) -> Vec<(String, &'static str, Vec<(String, String)>)> {
-    let m = prepare(c, "l1", "").await.expect("l1");
+    let k = |s: &str| format!("{p}{s}");
+    let m = prepare(c, &k("l1"), "").await.expect("l1");
     write_file(&d.dir, &m[0], "f", "L1");
-    commit(c, "C1", "l1").await.expect("C1");
-    let m = prepare(c, "A", "C1").await.expect("A");
+    commit(c, &k("C1"), &k("l1")).await.expect("C1");
+    let m = prepare(c, &k("A"), &k("C1")).await.expect("A");
     write_file(&d.dir, &m[0], "a", "A");
-    view(c, "V", "C1").await.expect("V");
-    let m = prepare(c, "toCommit", "C1").await.expect("toCommit");
+    view(c, &k("V"), &k("C1")).await.expect("V");
+    let m = prepare(c, &k("toCommit"), &k("C1"))
+        .await
+        .expect("toCommit");
     write_file(&d.dir, &m[0], "t", "T");
-    prepare(c, "toRemoveActive", "C1")
+    prepare(c, &k("toRemoveActive"), &k("C1"))
         .await
         .expect("toRemoveActive");
-    let m = prepare(c, "r1", "C1").await.expect("r1");
+    let m = prepare(c, &k("r1"), &k("C1")).await.expect("r1");
     write_file(&d.dir, &m[0], "r", "R");
-    commit(c, "toRemoveCommitted", "r1")
+    commit(c, &k("toRemoveCommitted"), &k("r1"))
         .await
         .expect("toRemoveCommitted");
     let f = |pairs: &[(&str, &str)]| {
@@ -380,9 +384,9 @@ async fn fixture(
             .collect::<Vec<_>>()
     };
     vec![
-        ("C1".into(), "committed", f(&[("f", "L1")])),
-        ("A".into(), "active", f(&[("f", "L1"), ("a", "A")])),
-        ("V".into(), "view", f(&[("f", "L1")])),
+        (k("C1"), "committed", f(&[("f", "L1")])),
+        (k("A"), "active", f(&[("f", "L1"), ("a", "A")])),
+        (k("V"), "view", f(&[("f", "L1")])),
     ]
 }
 
@@ -426,9 +430,13 @@ async fn check_content(
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_sigkill_at_every_failpoint_converges() {
     let mut report = Vec::new();
-    for &fp in thinsnap::failpoint::ALL {
-        let mut d = Daemon::new(fp);
+    // One pool for every failpoint but the base's (each needs a pool of its own): each round
+    // works on keys of its own prefix, and the leak check covers the whole pool.
+    let mut shared = Daemon::new("calls");
+    shared.start(None);
+    for (i, &fp) in thinsnap::failpoint::ALL.iter().enumerate() {
         if fp.starts_with("base:") {
+            let mut d = Daemon::new(fp);
             // The base device is made at the first start: die there, then start clean.
             d.spawn(Some(fp));
             d.expect_killed(fp);
@@ -446,20 +454,22 @@ async fn vm_sigkill_at_every_failpoint_converges() {
             report.push(format!("{fp}: ok"));
             continue;
         }
-        d.start(None);
+        let d = &mut shared;
+        let p = format!("p{i}-");
+        let k = |s: &str| format!("{p}{s}");
         let expected = {
             let (mut c, _) = d.clients().await;
-            fixture(&d, &mut c).await
+            fixture(d, &mut c, &p).await
         };
         d.stop();
         d.start(Some(fp));
         let (mut c, _) = d.clients().await;
         let (group, _) = fp.split_once(':').expect("group:step");
         let call = match (group, fp) {
-            ("prepare", _) => prepare(&mut c, "victim", "C1").await.map(|_| ()),
-            ("commit", _) => commit(&mut c, "victimC", "toCommit").await,
-            (_, "remove:after-deactivate") => remove(&mut c, "toRemoveActive").await,
-            _ => remove(&mut c, "toRemoveCommitted").await,
+            ("prepare", _) => prepare(&mut c, &k("victim"), &k("C1")).await.map(|_| ()),
+            ("commit", _) => commit(&mut c, &k("victimC"), &k("toCommit")).await,
+            (_, "remove:after-deactivate") => remove(&mut c, &k("toRemoveActive")).await,
+            _ => remove(&mut c, &k("toRemoveCommitted")).await,
         };
         assert!(
             call.is_err(),
@@ -468,45 +478,46 @@ async fn vm_sigkill_at_every_failpoint_converges() {
         d.expect_killed(fp);
         d.start(None);
         let (mut c, mut a) = d.clients().await;
-        assert_no_leak(&d, &mut a, fp).await;
+        assert_no_leak(d, &mut a, fp).await;
         for (key, _, files) in &expected {
-            check_content(&d, &mut c, key, files).await;
+            check_content(d, &mut c, key, files).await;
         }
         let names = list(&mut c).await;
+        let (victim, victim_c, to_commit) = (k("victim"), k("victimC"), k("toCommit"));
         let outcome = match group {
             "prepare" => {
                 // Undone (the usual case) or, if the outcome was durable, complete.
-                if names.contains_key("victim") {
+                if names.contains_key(&victim) {
                     assert_eq!(
-                        prepare(&mut c, "victim", "C1")
+                        prepare(&mut c, &victim, &k("C1"))
                             .await
                             .expect_err("dup")
                             .code(),
                         Code::AlreadyExists
                     );
-                    check_content(&d, &mut c, "victim", &[("f".into(), "L1".into())]).await;
-                    remove(&mut c, "victim").await.expect("remove victim");
+                    check_content(d, &mut c, &victim, &[("f".into(), "L1".into())]).await;
+                    remove(&mut c, &victim).await.expect("remove victim");
                 }
-                prepare(&mut c, "victim", "C1")
+                prepare(&mut c, &victim, &k("C1"))
                     .await
                     .expect("prepare the interrupted key again");
                 "prepare again: ok"
             }
             "commit" => {
-                let before = names.contains_key("toCommit");
-                let after = names.contains_key("victimC");
+                let before = names.contains_key(&to_commit);
+                let after = names.contains_key(&victim_c);
                 assert!(before ^ after, "{fp}: commit half done: {names:?}");
                 let files = [
                     ("f".to_string(), "L1".to_string()),
                     ("t".to_string(), "T".to_string()),
                 ];
                 if before {
-                    check_content(&d, &mut c, "toCommit", &files).await;
-                    commit(&mut c, "victimC", "toCommit")
+                    check_content(d, &mut c, &to_commit, &files).await;
+                    commit(&mut c, &victim_c, &to_commit)
                         .await
                         .expect("commit again");
                 }
-                check_content(&d, &mut c, "victimC", &files).await;
+                check_content(d, &mut c, &victim_c, &files).await;
                 if before {
                     "commit undone, then again: ok"
                 } else {
@@ -515,25 +526,26 @@ async fn vm_sigkill_at_every_failpoint_converges() {
             }
             _ => {
                 let key = if fp == "remove:after-deactivate" {
-                    "toRemoveActive"
+                    k("toRemoveActive")
                 } else {
-                    "toRemoveCommitted"
+                    k("toRemoveCommitted")
                 };
-                if names.contains_key(key) {
-                    if key == "toRemoveCommitted" {
-                        check_content(&d, &mut c, key, &[("r".into(), "R".into())]).await;
+                if names.contains_key(&key) {
+                    if key.ends_with("toRemoveCommitted") {
+                        check_content(d, &mut c, &key, &[("r".into(), "R".into())]).await;
                     }
-                    remove(&mut c, key).await.expect("remove again");
+                    remove(&mut c, &key).await.expect("remove again");
                     "remove undone, then again: ok"
                 } else {
                     "remove complete: ok"
                 }
             }
         };
-        assert_no_leak(&d, &mut a, fp).await;
+        assert_no_leak(d, &mut a, fp).await;
+        println!("{fp}: {outcome}");
         report.push(format!("{fp}: {outcome}"));
-        d.stop();
     }
+    shared.stop();
     println!("{}", report.join("\n"));
 }
 

@@ -355,6 +355,8 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Captured by the test harness: shown when the test fails, or with --nocapture.
+        eprintln!("---- thinsnap log of {}:\n{}", self.pool, self.log());
         let out = self.thinsnap(&["pool", "destroy", "--remove-files"]);
         if !out.status.success() {
             eprintln!(

@@ -253,11 +253,11 @@ func runReport() {
 	if haveTS || haveDM {
 		w("## (b) Latency per call, %d calls each", maxN(ts, dm))
 		w("")
-		w("\"with parent\": on top of a chain of %d committed snapshots. Remove (active) removes a view (an active device); Remove (committed) a committed snapshot. View's floor is Prepare's (the same kernel work).", ts.Latency.ChainDepth)
+		w("\"with parent\": on top of a chain of %d committed snapshots. Remove (active) removes a view (an active device); Remove (committed) a committed snapshot. View's floor is Prepare's (the same kernel work). Stat (no kernel work: the RPC path and a store read) is there to split thinsnap's time: Prepare - floor - Stat is what the store, locking and extra ioctls add.", ts.Latency.ChainDepth)
 		w("")
 		w("| call | case | thinsnap p50 | thinsnap p99 | devmapper p50 | devmapper p99 | floor p50 | floor p99 | devmapper / thinsnap (p50) | devmapper / thinsnap (p99) | thinsnap / floor (p50) | thinsnap / floor (p99) |")
 		w("|---|---|---|---|---|---|---|---|---|---|---|---|")
-		for _, op := range []string{"prepare", "view", "commit", "remove_active", "remove_committed"} {
+		for _, op := range []string{"prepare", "view", "commit", "remove_active", "remove_committed", "stat"} {
 			for _, parent := range []bool{false, true} {
 				c := "no parent"
 				if parent {

@@ -259,7 +259,7 @@ func removeAll(ctx context.Context, sn snapshots.Snapshotter, names []string) {
 // latency times each call of n Prepares, Commits, Views and Removes on `parent` ("" for none),
 // in batches of `batch` so that the pool never holds more than 2*batch of them at once.
 func latency(ctx context.Context, sn snapshots.Snapshotter, tag, parent string, n, batch int) map[string]Stats {
-	var prep, view, commit, rmActive, rmCommitted []time.Duration
+	var prep, view, commit, rmActive, rmCommitted, stat []time.Duration
 	timed := func(into *[]time.Duration, what string, f func() error) {
 		t := time.Now()
 		err := f()
@@ -275,6 +275,11 @@ func latency(ctx context.Context, sn snapshots.Snapshotter, tag, parent string, 
 		for i := start; i < end; i++ {
 			key := fmt.Sprintf("%s-p-%d", tag, i)
 			timed(&prep, "prepare "+key, func() error { _, err := sn.Prepare(ctx, key, parent); return err })
+		}
+		// Stat: a read-only call, the cost of the RPC path and a store read without the kernel.
+		for i := start; i < end; i++ {
+			key := fmt.Sprintf("%s-p-%d", tag, i)
+			timed(&stat, "stat "+key, func() error { _, err := sn.Stat(ctx, key); return err })
 		}
 		for i := start; i < end; i++ {
 			key, name := fmt.Sprintf("%s-p-%d", tag, i), fmt.Sprintf("%s-c-%d", tag, i)
@@ -302,6 +307,7 @@ func latency(ctx context.Context, sn snapshots.Snapshotter, tag, parent string, 
 		"commit":           summarize(commit),
 		"remove_active":    summarize(rmActive),
 		"remove_committed": summarize(rmCommitted),
+		"stat":             summarize(stat),
 	}
 }
 

@@ -349,6 +349,8 @@ struct Lv {
     chunk_bytes: u64,
     monitor: String,
     size_bytes: u64,
+    /// The thin pool a thin volume lives in.
+    pool_lv: String,
 }
 
 /// The visible logical volumes of `vg` (one row each; hidden sub-volumes are left out).
@@ -364,7 +366,7 @@ fn list_lvs(vg: &str) -> Result<Vec<Lv>, PoolError> {
             "b",
             "--nosuffix",
             "-o",
-            "lv_name,segtype,lv_active,lv_profile,chunk_size,seg_monitor,lv_size",
+            "lv_name,segtype,lv_active,lv_profile,chunk_size,seg_monitor,lv_size,pool_lv",
             vg,
         ],
     )?;
@@ -383,6 +385,7 @@ fn list_lvs(vg: &str) -> Result<Vec<Lv>, PoolError> {
             chunk_bytes: field(&r, "chunk_size").parse().unwrap_or(0),
             monitor: field(&r, "seg_monitor"),
             size_bytes: field(&r, "lv_size").parse().unwrap_or(0),
+            pool_lv: field(&r, "pool_lv"),
         });
     }
     Ok(lvs)
@@ -555,9 +558,19 @@ fn ensure_pool(config: &Config, vg_info: &Vg) -> Result<(), PoolError> {
     let subject = PathBuf::from(format!("{vg}/{lv}"));
     let meta = format!("{lv}meta");
     let lvs = list_lvs(vg)?;
+    let thin_lvs = lvm_thin_volumes(&lvs, lv);
+    if !thin_lvs.is_empty() {
+        warn!(pool = %subject.display(), volumes = %thin_lvs.join(", "),
+              "the pool holds LVM thin volumes: their thin ids may collide with thinsnap's");
+    }
     let pool = lvs.iter().find(|v| v.name == lv);
+    // Whether the pool was made or changed here (then its monitoring state is asked again).
+    let mut changed = true;
     let pool = match pool {
-        Some(p) if p.segtype == "thin-pool" => p.clone(),
+        Some(p) if p.segtype == "thin-pool" => {
+            changed = false;
+            p.clone()
+        }
         _ => {
             let leftovers: Vec<&Lv> = lvs
                 .iter()
@@ -600,6 +613,7 @@ fn ensure_pool(config: &Config, vg_info: &Vg) -> Result<(), PoolError> {
         }
     };
     if !pool.active {
+        changed = true;
         tool(
             "activate",
             &subject,
@@ -625,10 +639,14 @@ fn ensure_pool(config: &Config, vg_info: &Vg) -> Result<(), PoolError> {
     }
     // dmeventd does the autoextending; without it (no dmeventd, monitoring off) the pool still
     // works, it just does not grow.
-    let monitored = list_lvs(vg)?
-        .iter()
-        .find(|v| v.name == lv)
-        .is_some_and(|v| v.monitor == "monitored");
+    let monitored = if changed {
+        list_lvs(vg)?
+            .iter()
+            .find(|v| v.name == lv)
+            .is_some_and(|v| v.monitor == "monitored")
+    } else {
+        pool.monitor == "monitored"
+    };
     if !monitored {
         match tool(
             "monitor",
@@ -642,6 +660,14 @@ fn ensure_pool(config: &Config, vg_info: &Vg) -> Result<(), PoolError> {
         }
     }
     Ok(())
+}
+
+/// The LVM thin volumes in thin pool `lv` (thinsnap's own thin devices are not LVM volumes).
+fn lvm_thin_volumes(lvs: &[Lv], lv: &str) -> Vec<String> {
+    lvs.iter()
+        .filter(|v| v.pool_lv == lv && v.segtype == "thin")
+        .map(|v| v.name.clone())
+        .collect()
 }
 
 /// The dm name of `vg/lv`'s device whose table is a thin-pool target.
@@ -788,10 +814,26 @@ pub fn teardown(config: &Config) -> Result<(), PoolError> {
     let (vg, lv) = (l.volume_group.as_str(), l.thin_pool.as_str());
     if let Some(info) = find_vg(vg)? {
         let lvs = list_lvs(vg)?;
+        let thin_lvs = lvm_thin_volumes(&lvs, lv);
+        if !thin_lvs.is_empty() {
+            return Err(io_err(
+                "not removing the thin pool",
+                format!("{vg}/{lv}"),
+                format!(
+                    "it holds LVM thin volumes thinsnap did not make: {}",
+                    thin_lvs.join(", ")
+                ),
+            ));
+        }
+        let tagged = info.tags.iter().any(|t| t == VG_TAG);
         let meta = format!("{lv}meta");
+        // The pool; in a group thinsnap made, also the linear volumes of a half-made pool.
         let ours: Vec<String> = lvs
             .iter()
-            .filter(|v| v.name == lv || (v.name == meta && v.segtype == "linear"))
+            .filter(|v| {
+                (v.name == lv && v.segtype == "thin-pool")
+                    || (tagged && (v.name == lv || v.name == meta) && v.segtype == "linear")
+            })
             .map(|v| format!("{vg}/{}", v.name))
             .collect();
         if !ours.is_empty() {
@@ -805,7 +847,7 @@ pub fn teardown(config: &Config) -> Result<(), PoolError> {
             )?;
             info!(pool = %format!("{vg}/{lv}"), "removed LVM thin pool");
         }
-        if info.tags.iter().any(|t| t == VG_TAG) {
+        if tagged {
             let others: Vec<String> = list_lvs(vg)?.into_iter().map(|v| v.name).collect();
             if !others.is_empty() {
                 return Err(io_err(
