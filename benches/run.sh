@@ -11,6 +11,7 @@
 # (d); BENCH_RESTARTS [3]; pool: BENCH_DATA_MIB [2048], BENCH_META_MIB [256], BENCH_BLOCK_KIB [64],
 # BENCH_BASE_MIB [128]; BENCH_PHASES ["devmapper thinsnap startup floor"]; BENCH_RESULTS (the
 # results dir, default benches/.results/run-<date>); BENCH_REPORT (default benches/RESULTS.md);
+# BENCH_SKIP_BUILD=1 reuses target/release as it is (the Go driver is always rebuilt: seconds);
 # VM_TIMEOUT [3600] and the rest of integration/vm.sh's variables.
 set -euo pipefail
 
@@ -25,12 +26,19 @@ for v in $(compgen -e | grep -E '^(BENCH_|VM_)' | grep -vE '^(BENCH_RESULTS|BENC
   cmdline="$v=${!v} $cmdline"
 done
 
+if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
+  echo "run.sh: BENCH_SKIP_BUILD=1: using the binaries already built"
+fi
 echo "run.sh: building (release)"
 # One build, release profile, for the daemon and the floor bench (`cargo bench --no-run` would
 # build both again under the bench profile).
-cargo build --release --bin thinsnap --bench dm_floor
-floor=$(cargo build --release --bench dm_floor --message-format=json 2>/dev/null |
-  sed -n 's/.*"executable":"\([^"]*\/dm_floor-[^"]*\)".*/\1/p' | tail -n1)
+if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
+  floor=$(ls -t target/release/deps/dm_floor-* 2>/dev/null | grep -v '\.d$' | head -n1)
+else
+  cargo build --release --bin thinsnap --bench dm_floor
+  floor=$(cargo build --release --bench dm_floor --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\/dm_floor-[^"]*\)".*/\1/p' | tail -n1)
+fi
 [[ -x $floor ]] || { echo "run.sh: cannot find the dm_floor bench executable" >&2; exit 1; }
 
 echo "run.sh: building the Go driver (GOPATH mode, Debian's containerd 1.6 source)"

@@ -529,7 +529,17 @@ impl Engine {
                 let mapped = pool
                     .mapped_bytes(id)
                     .map_err(pool_err(format!("{what}: read usage of thin id {id}")))?;
-                pool.deactivate(id).map_err(pool_err(what))?;
+                match pool.deactivate(id) {
+                    Ok(()) => {}
+                    // containerd's own conformance suite commits snapshots it has not
+                    // unmounted yet (so does a careless client): flush the filesystem now and
+                    // let the device go at its last close, as containerd's devmapper does.
+                    Err(PoolError::Busy(_)) => {
+                        warn!(thin_id = id, "committing a snapshot that is still mounted");
+                        pool.deactivate_deferred(id).map_err(pool_err(what))?;
+                    }
+                    Err(e) => return Err(pool_err(what)(e)),
+                }
                 crate::failpoint!("commit:after-deactivate");
                 Ok(mapped)
             })

@@ -128,9 +128,17 @@ pub fn start(
                     Some(rec) if rec.kind == Kind::Committed => {
                         if active.contains(&id) {
                             info!(thin_id = id, key = %dev.owner, "deactivating committed snapshot");
-                            p.deactivate(id)
-                                .map_err(pool_err(format!("deactivate thin id {id}")))?;
-                            report.deactivated.push(id);
+                            match p.deactivate(id) {
+                                Ok(()) => report.deactivated.push(id),
+                                // Still mounted (committed while mounted): it goes at its last
+                                // close; nothing to repair.
+                                Err(PoolError::Busy(_)) => {
+                                    let _ = p.deactivate_deferred(id);
+                                }
+                                Err(e) => {
+                                    return Err(pool_err(format!("deactivate thin id {id}"))(e))
+                                }
+                            }
                         }
                     }
                     Some(rec) => {

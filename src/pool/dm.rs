@@ -421,6 +421,34 @@ impl ThinPool for DmPool {
         remove_device(&self.dm, &self.thin_name(id))
     }
 
+    fn deactivate_deferred(&self, id: ThinId) -> Result<(), PoolError> {
+        let name = self.thin_name(id);
+        if !device_exists(&self.dm, &name)? {
+            return Ok(());
+        }
+        let n = dm_name(&name)?;
+        let devid = DevId::Name(&n);
+        // Without DM_SKIP_LOCKFS the suspend freezes the mounted filesystem: its dirty pages are
+        // written to the device before the pool sees the suspend.
+        self.dm
+            .device_suspend(&devid, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .map_err(dm_err("suspend", &name))?;
+        {
+            let _resume = ResumeGuard {
+                dm: &self.dm,
+                name: n.clone(),
+            };
+        }
+        self.dm
+            .device_remove(
+                &devid,
+                DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
+            )
+            .map_err(dm_err("deferred remove", &name))?;
+        info!(device = %name, "still open: flushed, removal deferred to its last close");
+        Ok(())
+    }
+
     fn mapped_bytes(&self, id: ThinId) -> Result<u64, PoolError> {
         let name = self.thin_name(id);
         let lines = table_of(&self.dm, &name, false)?;

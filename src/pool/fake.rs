@@ -160,6 +160,12 @@ impl ThinPool for FakePool {
         Ok(())
     }
 
+    fn deactivate_deferred(&self, id: ThinId) -> Result<(), PoolError> {
+        let mut s = self.enter("deactivate_deferred", format!("deactivate_deferred {id}"))?;
+        s.active.remove(&id);
+        Ok(())
+    }
+
     fn mapped_bytes(&self, id: ThinId) -> Result<u64, PoolError> {
         let s = self.lock();
         s.thins.get(&id).copied().ok_or(PoolError::ThinNotFound(id))

@@ -77,13 +77,24 @@ pub fn attach(file: &Path) -> Result<PathBuf, PoolError> {
         return Ok(dev);
     }
     let ctl = LoopControl::open().map_err(io_err("open", Path::new("/dev/loop-control")))?;
-    let dev = ctl
-        .next_free()
-        .map_err(io_err("find a free loop device for", file))?;
-    dev.with()
-        .autoclear(false)
-        .attach(file)
-        .map_err(io_err("attach loop device to", file))?;
+    // LOOP_CTL_GET_FREE hands the same device to processes racing for one (several thinsnap
+    // instances starting at once): the loser's attach fails with EBUSY and takes the next one,
+    // as losetup does.
+    let mut attempt = 0;
+    let dev = loop {
+        attempt += 1;
+        let dev = ctl
+            .next_free()
+            .map_err(io_err("find a free loop device for", file))?;
+        match dev.with().autoclear(false).attach(file) {
+            Ok(()) => break dev,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 20 => {
+                std::thread::sleep(std::time::Duration::from_millis(10 * attempt));
+                continue;
+            }
+            Err(e) => return Err(io_err("attach loop device to", file)(e)),
+        }
+    };
     let path = dev
         .path()
         .ok_or_else(|| io_err("name the loop device of", file)(std::io::Error::other("no path")))?;

@@ -235,7 +235,7 @@ fn profile_dir() -> PathBuf {
         "read config/profile_dir of",
         Path::new("lvm.conf"),
         "lvmconfig",
-        ["--typeconfig", "full", "--valuesonly", "config/profile_dir"],
+        ["--typeconfig", "full", "config/profile_dir"],
     ) {
         Ok(out) => {
             let v = out.trim();
@@ -288,20 +288,36 @@ fn same_device(path: &str, rdev: u64) -> bool {
 struct Pv {
     name: String,
     vg: String,
+    /// The tags of the PV's volume group.
+    vg_tags: Vec<String>,
 }
 
+fn tags(list: &str) -> Vec<String> {
+    list.split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every physical volume with its group (one scan: each lvm2 command scans all devices).
 fn list_pvs(device: &Path) -> Result<Vec<Pv>, PoolError> {
     let out = tool(
         "list physical volumes for",
         device,
         "pvs",
-        ["--noheadings", "--nameprefixes", "-o", "pv_name,vg_name"],
+        [
+            "--noheadings",
+            "--nameprefixes",
+            "-o",
+            "pv_name,vg_name,vg_tags",
+        ],
     )?;
     Ok(parse_report(&out)
         .iter()
         .map(|r| Pv {
             name: field(r, "pv_name"),
             vg: field(r, "vg_name"),
+            vg_tags: tags(&field(r, "vg_tags")),
         })
         .collect())
 }
@@ -331,11 +347,7 @@ fn find_vg(vg: &str) -> Result<Option<Vg>, PoolError> {
         .iter()
         .find(|r| field(r, "vg_name") == vg)
         .map(|r| Vg {
-            tags: field(r, "vg_tags")
-                .split(',')
-                .filter(|t| !t.is_empty())
-                .map(str::to_string)
-                .collect(),
+            tags: tags(&field(r, "vg_tags")),
             free_bytes: field(r, "vg_free").parse().unwrap_or(0),
         }))
 }
@@ -552,7 +564,7 @@ fn write_profile(l: &LvmConfig) -> Result<String, PoolError> {
 /// Makes sure the thin pool `vg/lv` exists (creating it, or cleaning up the half-made volumes of
 /// an interrupted provisioning in a group thinsnap made), is active, carries the autoextend
 /// profile and is monitored where possible.
-fn ensure_pool(config: &Config, vg_info: &Vg) -> Result<(), PoolError> {
+fn ensure_pool(config: &Config, vg_tagged: bool) -> Result<(), PoolError> {
     let l = &config.pool.lvm;
     let (vg, lv) = (l.volume_group.as_str(), l.thin_pool.as_str());
     let subject = PathBuf::from(format!("{vg}/{lv}"));
@@ -577,7 +589,7 @@ fn ensure_pool(config: &Config, vg_info: &Vg) -> Result<(), PoolError> {
                 .filter(|v| v.name == lv || v.name == meta)
                 .collect();
             if !leftovers.is_empty() {
-                let ours = vg_info.tags.iter().any(|t| t == VG_TAG);
+                let ours = vg_tagged;
                 let linear = leftovers.iter().all(|v| v.segtype == "linear");
                 let names = leftovers
                     .iter()
@@ -735,9 +747,10 @@ pub fn provision(config: &Config) -> Result<String, PoolError> {
     let rdev = block_device_number(device)?;
     let pvs = list_pvs(device)?;
     let this = pvs.iter().find(|p| same_device(&p.name, rdev));
-    match this {
+    let tagged = match this {
         Some(pv) if pv.vg == vg => {
             debug!(device = %device.display(), volume_group = %vg, "found the volume group");
+            pv.vg_tags.iter().any(|t| t == VG_TAG)
         }
         Some(pv) if !pv.vg.is_empty() => {
             return Err(io_err(
@@ -781,19 +794,10 @@ pub fn provision(config: &Config) -> Result<String, PoolError> {
                 ],
             )?;
             info!(device = %device.display(), volume_group = %vg, "created LVM volume group");
+            true
         }
-    }
-    let vg_info = find_vg(vg)?.ok_or_else(|| {
-        io_err(
-            "find volume group",
-            vg,
-            format!(
-                "not reported by vgs although {} is its PV",
-                device.display()
-            ),
-        )
-    })?;
-    ensure_pool(config, &vg_info)?;
+    };
+    ensure_pool(config, tagged)?;
     let name = find_pool_device(vg, &l.thin_pool)?;
     info!(pool = %name, device = %device.display(), volume_group = %vg,
           "LVM thin pool ready");

@@ -113,6 +113,11 @@ pub trait ThinPool: Send + Sync + 'static {
     /// Returns [`PoolError::Busy`] if it is open (mounted).
     fn deactivate(&self, id: ThinId) -> Result<(), PoolError>;
 
+    /// For a device still open (mounted): flushes it (a suspend freezes the filesystem on it, so
+    /// its dirty data reaches the device) and schedules its removal for when the last opener
+    /// closes it (DM_DEFERRED_REMOVE). Nothing to do if it is not active.
+    fn deactivate_deferred(&self, id: ThinId) -> Result<(), PoolError>;
+
     /// Bytes mapped (provisioned) by the active device of `id`, shared blocks included.
     fn mapped_bytes(&self, id: ThinId) -> Result<u64, PoolError>;
 
