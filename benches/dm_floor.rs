@@ -169,15 +169,19 @@ fn make_base(f: &Floor, id: u32) -> Result<(), BoxError> {
     let name = f.name(id)?;
     let path = node_path(&name);
     if !Path::new(&path).exists() {
-        // No udev in the VM: make the node as libdevmapper would.
+        // Without udev nobody makes the node: make it as libdevmapper would (as thinsnap's
+        // ensure_node does). Where udev runs it may have made it meanwhile: EEXIST is fine.
         let info = f.dm.device_info(&DevId::Name(&name))?;
         let dev = info.device();
-        nix::sys::stat::mknod(
+        match nix::sys::stat::mknod(
             Path::new(&path),
             nix::sys::stat::SFlag::S_IFBLK,
             nix::sys::stat::Mode::from_bits_truncate(0o600),
             nix::sys::stat::makedev(dev.major.into(), dev.minor.into()),
-        )?;
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(format!("mknod {path}: {e}").into()),
+        }
     }
     let out = Command::new("mkfs.ext4")
         .args([

@@ -11,7 +11,8 @@
 # Environment (all optional):
 #   VM_RESULTS   host dir for results, shared read-write with the guest at the same path
 #                (default: integration/.results/vm-<date>-<pid>); the guest sees it as $VM_RESULTS
-#   VM_TIMEOUT   overall timeout in seconds, boot included (default 3600)
+#   VM_TIMEOUT   overall timeout in seconds, boot included (default 3600); the guest gets
+#                VM_DEADLINE (epoch seconds) a minute before it, see guest/all.sh
 #   VM_MEMORY    guest memory (default 4G)        VM_CPUS  guest vCPUs (default 2)
 #   VM_KERNEL    kernel image (default: newest /boot/vmlinuz-*-amd64 that is not -cloud-)
 #   VM_PASS_ENV  space-separated names of host variables to export in the guest
@@ -55,9 +56,15 @@ case "$results" in
 esac
 rm -f "$results/exit-status" "$results/guest-started"
 
+timeout_s=${VM_TIMEOUT:-3600}
+[[ $timeout_s =~ ^[0-9]+$ ]] || die "VM_TIMEOUT must be a number of seconds"
+
 # Variables for the guest: the guest does not inherit the host environment.
 {
   echo "# written by integration/vm.sh"
+  # Wall-clock time (epoch seconds; the guest's clock is the host's) by which the guest script
+  # should be done, leaving a margin for shutdown, so it can stop its parts and still report.
+  echo "export VM_DEADLINE=$(($(date +%s) + timeout_s - 60))"
   for name in RUST_LOG RUST_BACKTRACE THINSNAP_BIN ${VM_PASS_ENV:-}; do
     [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "bad name in VM_PASS_ENV: $name"
     if [[ -n ${!name+set} ]]; then
@@ -71,7 +78,6 @@ shq() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
 cmd="/bin/bash $(shq "$REPO/integration/guest/entry.sh") $(shq "$results") $(shq "$script")"
 for a in "$@"; do cmd+=" $(shq "$a")"; done
 
-timeout_s=${VM_TIMEOUT:-3600}
 echo "vm.sh: kernel $kver, ${VM_CPUS:-2} vCPUs, ${VM_MEMORY:-4G}, timeout ${timeout_s}s, results $results"
 echo "vm.sh: guest runs: ${script#"$REPO"/} $*"
 

@@ -147,11 +147,7 @@ pub fn format_base(device: &Path, fs: &FsConfig, scratch: &Path) -> Result<(), F
 pub fn grow(device: &Path, fs: &FsConfig, scratch: &Path) -> Result<(), FsError> {
     match fs.fs_type {
         FsType::Ext4 => {
-            run(
-                Command::new("e2fsck").args(["-f", "-p"]).arg(device),
-                device,
-            )?;
-            run(Command::new("resize2fs").arg(device), device)?;
+            run(Command::new("resize2fs").arg("-f").arg(device), device)?;
         }
         FsType::Xfs => {
             let dir = scratch.join(format!(

@@ -36,9 +36,21 @@ run_part() {
   log=$VM_RESULTS/part-$part.log
   say "PART $part: ${cmd[*]#"$GUEST_REPO"/}"
   start=$(date +%s)
-  "${cmd[@]}" 2>&1 | tee "$log"
+  # Stop a part in time for this script to report before vm.sh's own timeout kills the VM.
+  local left=$((${VM_DEADLINE:-$((start + 86400))} - start - 30))
+  if ((left < 60)); then
+    echo "PART $part: NOT RUN: only ${left}s left before the VM's deadline" | tee "$log"
+    table+=("$(printf '%-12s not run: out of time (VM_TIMEOUT)' "$part")")
+    ((total_fail++))
+    any_status=1
+    return
+  fi
+  PART_DEADLINE=$((start + left)) timeout --kill-after=20 "$left" "${cmd[@]}" 2>&1 | tee "$log"
   status=${PIPESTATUS[0]}
   secs=$(($(date +%s) - start))
+  if ((status == 124 || status == 137)); then
+    echo "PART $part: TIMED OUT after ${secs}s (stopped to leave time for the report; raise VM_TIMEOUT)" | tee -a "$log"
+  fi
   counts=$(counts_from_log "$log")
   if [[ -n $counts ]]; then
     read -r p f <<<"$counts"

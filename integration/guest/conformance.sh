@@ -2,7 +2,8 @@
 # Inside the VM: runs containerd's snapshotter conformance suite against thinsnap.
 #   conformance.sh [EXTRA GO TEST FLAGS...]      e.g. -test.run 'TestThinsnapConformance/Basic$'
 # Environment: THINSNAP_BIN (default target/debug/thinsnap of the repo), CONFORMANCE_BIN,
-# CONFORMANCE_PARALLEL (default 2), CONFORMANCE_TIMEOUT (go duration, default 45m),
+# CONFORMANCE_PARALLEL (default 2), CONFORMANCE_TIMEOUT (go duration, default 45m or what is
+# left of all.sh's budget for this part),
 # CONFORMANCE_FS (ext4|xfs). Ends with "N passed, N failed" counting the suite's subtests.
 set -uo pipefail
 # shellcheck source=lib.sh
@@ -13,6 +14,11 @@ bin=${CONFORMANCE_BIN:-$GUEST_REPO/integration/conformance/bin/conformance.test}
 export THINSNAP_BIN=${THINSNAP_BIN:-$GUEST_REPO/target/debug/thinsnap}
 parallel=${CONFORMANCE_PARALLEL:-2}
 gotimeout=${CONFORMANCE_TIMEOUT:-45m}
+if [[ -z ${CONFORMANCE_TIMEOUT:-} && -n ${PART_DEADLINE:-} ]]; then
+  # within all.sh's budget for this part, so go test panics with its goroutine dump first
+  left=$((PART_DEADLINE - $(date +%s) - 60))
+  ((left < 45 * 60)) && gotimeout=$((left > 60 ? left : 60))s
+fi
 for f in "$bin" "$THINSNAP_BIN"; do
   if [[ ! -x $f ]]; then
     echo "conformance: not found or not executable: $f" >&2

@@ -249,6 +249,11 @@ fn profile_dir() -> PathBuf {
             }
             warn!(value = %v, "unexpected config/profile_dir; using {DEFAULT_PROFILE_DIR}");
         }
+        // Without an lvm.conf (a minimal system) lvmconfig cannot print defaults, and LVM uses
+        // the built-in directory anyway.
+        Err(e) if !Path::new("/etc/lvm/lvm.conf").exists() => {
+            debug!(error = %e, "no lvm.conf: using {DEFAULT_PROFILE_DIR}")
+        }
         Err(e) => warn!(error = %e, "using {DEFAULT_PROFILE_DIR}"),
     }
     PathBuf::from(DEFAULT_PROFILE_DIR)
