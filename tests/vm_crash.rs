@@ -568,9 +568,13 @@ async fn vm_random_sigkill_under_concurrent_load() {
     let mut total_ops = 0u64;
     for round in 0..rounds {
         let (c, _) = d.clients().await;
+        // The kill comes after a random number of answered calls, not after a fixed time: a slow
+        // (emulated) machine still gets a real load.
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = Vec::new();
         for client in 0..4u64 {
             let mut c = c.clone();
+            let answered = answered.clone();
             tasks.push(tokio::spawn(async move {
                 // Counts the calls that answered; ends at the first error (the kill).
                 let mut ok = 0u64;
@@ -582,6 +586,7 @@ async fn vm_random_sigkill_under_concurrent_load() {
                         return (ok, e);
                     }
                     ok += 1;
+                    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if i % 3 == 2 {
                         if let Err(e) = remove(&mut c, &key).await {
                             return (ok, e);
@@ -594,11 +599,23 @@ async fn vm_random_sigkill_under_concurrent_load() {
                         committed.push(name);
                     }
                     ok += 1;
+                    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 unreachable!("the loop only ends by returning")
             }));
         }
-        tokio::time::sleep(Duration::from_millis(1500 + rand(3000))).await;
+        let target = 4 + rand(20);
+        let t0 = Instant::now();
+        while answered.load(std::sync::atomic::Ordering::SeqCst) < target {
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "round {round}: only {} calls answered in 300s\n{}",
+                answered.load(std::sync::atomic::Ordering::SeqCst),
+                d.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rand(300))).await;
         d.kill9();
         let mut ops = 0;
         for t in tasks {
