@@ -91,7 +91,7 @@ impl Daemon {
                 panic!("thinsnap exited with {st}: {}", self.log());
             }
             assert!(
-                t0.elapsed() < Duration::from_secs(120),
+                t0.elapsed() < Duration::from_secs(600),
                 "no socket: {}",
                 self.log()
             );
