@@ -21,6 +21,12 @@ const MAX_BLOCK: u64 = 1024 * 1024 * 1024;
 const MIN_META: u64 = 2 * 1024 * 1024;
 const MAX_META: u64 = 16 * 1024 * 1024 * 1024;
 
+/// Writes a size as its exact number of bytes: `ByteSize`'s own form rounds to one decimal
+/// (found by fuzz_config: "1.25GiB" came back as "1.2 GiB").
+fn exact_bytes<S: serde::Serializer>(b: &ByteSize, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(b.as_u64())
+}
+
 /// Errors of loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -89,10 +95,13 @@ pub struct PoolConfig {
     pub name: String,
     pub mode: PoolMode,
     /// Loop mode: size of the sparse data file.
+    #[serde(serialize_with = "exact_bytes")]
     pub data_size: ByteSize,
     /// Loop mode: size of the sparse metadata file.
+    #[serde(serialize_with = "exact_bytes")]
     pub metadata_size: ByteSize,
     /// Loop mode: dm-thin data block size (allocation unit).
+    #[serde(serialize_with = "exact_bytes")]
     pub block_size: ByteSize,
     /// Loop mode: zero newly provisioned blocks. Off by default, as in Docker and containerd:
     /// the filesystem never exposes blocks it did not write.
@@ -230,6 +239,7 @@ pub struct FsConfig {
     #[serde(rename = "type")]
     pub fs_type: FsType,
     /// Virtual size of the base device, and so of every snapshot.
+    #[serde(serialize_with = "exact_bytes")]
     pub base_size: ByteSize,
     /// Extra arguments for mkfs, run once when the base device is made.
     pub mkfs_options: Vec<String>,
@@ -456,6 +466,13 @@ mod tests {
         assert_eq!(c.pool.min_free_space, Percent(10.0));
         assert!(!c.remove.asynchronous && !c.remove.discard);
         assert_eq!(c.metrics.address, None);
+    }
+
+    #[test]
+    fn sizes_survive_a_round_trip_exactly() {
+        let c = Config::parse("[pool]\ndata_size = \"1.25GiB\"\n").expect("valid");
+        let text = toml::to_string(&c).expect("serialize");
+        assert_eq!(Config::parse(&text).expect("reparse"), c);
     }
 
     #[test]

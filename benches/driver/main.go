@@ -64,17 +64,22 @@ func workloads(ctx context.Context, sn snapshots.Snapshotter, tag string,
 
 	logf("(a) benchsuite: %d iterations of %d layers", *iters, layerCount)
 	res["benchsuite"] = benchsuite(ctx, sn, tag+"-bs", *iters)
+	// Partial results after every part: a VM timeout keeps what was measured.
+	writeJSON(*out+".partial", res)
 
 	lat := map[string]interface{}{}
 	if !*skipLatNoP {
 		logf("(b) latency, no parent: %d of each", *ops)
 		lat["no_parent"] = latency(ctx, sn, tag+"-np", "", *ops, *batch)
+		res["latency"] = lat
+		writeJSON(*out+".partial", res)
 	}
 	logf("(b) latency, with a parent chain of %d: %d of each", *chain, *ops)
 	top, chainNames := buildChain(ctx, sn, tag+"-lat", *chain)
 	lat["with_parent"] = latency(ctx, sn, tag+"-wp", top, *ops, *batch)
 	lat["chain_depth"] = *chain
 	res["latency"] = lat
+	writeJSON(*out+".partial", res)
 
 	logf("(c) %d concurrent clients x %d prepares then removes, parent %s", *clients, *perClient, top)
 	cs := clientsFor(*clients)

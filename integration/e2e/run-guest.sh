@@ -12,6 +12,9 @@
 #                   built-in overlayfs, to tell the test's own bugs from thinsnap's
 #
 # Prints PASS/FAIL per check and ends with "N passed, N failed"; exits 1 on any failure.
+# The whole script is one brace group, so bash parses all of it before running any: editing this
+# file while a run is in progress cannot derail that run (bash otherwise reads as it goes).
+{
 set -uo pipefail
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -603,3 +606,4 @@ fi
 teardown
 umount "$CROOT" 2>/dev/null
 finish
+}

@@ -181,11 +181,17 @@ impl<'a> Parser<'a> {
         } else if self.eat("~=") {
             let at = self.pos;
             let v = self.value()?;
-            let re = Regex::new(&v).map_err(|e| FilterError {
-                input: self.input.to_string(),
-                pos: at,
-                reason: format!("invalid regular expression: {e}"),
-            })?;
+            // Bounded: a short Unicode-class repetition can otherwise cost megabytes and tens of
+            // milliseconds to compile (found by fuzz_filter), many times over in one request.
+            let re = regex::RegexBuilder::new(&v)
+                .size_limit(1 << 20)
+                .dfa_size_limit(1 << 20)
+                .build()
+                .map_err(|e| FilterError {
+                    input: self.input.to_string(),
+                    pos: at,
+                    reason: format!("invalid regular expression: {e}"),
+                })?;
             Op::Match(re)
         } else {
             Op::Present
@@ -247,11 +253,35 @@ impl Filter {
     }
 }
 
+/// Most regular expressions (`~=`) one request may carry, across all its filters.
+pub const MAX_REGEXES: usize = 16;
+
 /// Parses every filter of a request.
 ///
-/// Returns the first parse error.
+/// Returns the first parse error, or an error if the request carries more than
+/// [`MAX_REGEXES`] regular expressions.
 pub fn parse_all(filters: &[String]) -> Result<Vec<Filter>, FilterError> {
-    filters.iter().map(|f| Filter::parse(f)).collect()
+    let parsed: Vec<Filter> = filters
+        .iter()
+        .map(|f| Filter::parse(f))
+        .collect::<Result<_, _>>()?;
+    let regexes: usize = parsed
+        .iter()
+        .map(|f| {
+            f.selectors
+                .iter()
+                .filter(|s| matches!(s.op, Op::Match(_)))
+                .count()
+        })
+        .sum();
+    if regexes > MAX_REGEXES {
+        return Err(FilterError {
+            input: format!("{} filters", filters.len()),
+            pos: 0,
+            reason: format!("{regexes} regular expressions; at most {MAX_REGEXES} per request"),
+        });
+    }
+    Ok(parsed)
 }
 
 /// Whether `f` passes a request's filters: any of them (OR); no filters pass everything.
@@ -366,5 +396,9 @@ mod tests {
         }
         let long = "a".repeat(MAX_FILTER_LEN + 1);
         assert!(Filter::parse(&long).is_err());
+        // A regex whose compiled form would be huge is refused, not built.
+        assert!(Filter::parse(r"name~=\w{200}").is_err());
+        let many: Vec<String> = (0..=MAX_REGEXES).map(|i| format!("name~=a{i}")).collect();
+        assert!(parse_all(&many).is_err());
     }
 }
