@@ -694,11 +694,15 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
         }
     }
     let pool_dev = match config.pool.mode {
-        PoolMode::Lvm => format!(
-            "{}-{}-tpool",
-            config.pool.lvm.volume_group.replace('-', "--"),
-            config.pool.lvm.thin_pool.replace('-', "--")
-        ),
+        PoolMode::Lvm => {
+            let l = &config.pool.lvm;
+            let [tpool, plain] = lvm::pool_dm_candidates(&l.volume_group, &l.thin_pool);
+            if device_exists(&dm, &tpool)? {
+                tpool
+            } else {
+                plain
+            }
+        }
         _ => name.clone(),
     };
     let exists = device_exists(&dm, &pool_dev)?;
@@ -715,6 +719,9 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
                         }
                     }
                 }
+            }
+            if config.pool.mode == PoolMode::Lvm && remove_files {
+                lvm::teardown(config)?;
             }
         }
         PoolMode::Loop => {
