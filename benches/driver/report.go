@@ -175,7 +175,7 @@ func runReport() {
 	w("")
 	w("- **Command:** `%s`", *command)
 	if haveEnv {
-		w("- **Kernel:** `%s` (guest), %d vCPUs, %d MiB, CPU `%s`, booted by virtme-ng with **software emulation (TCG, no KVM)**: absolute times are 5-20x a real machine's; compare the ratios, all measured in this one VM run.", env.Kernel, env.VCPUs, env.MemMiB, env.CPU)
+		w("- **Kernel:** `%s` (guest), %d vCPUs, %d MiB, CPU `%s`, booted by virtme-ng with **software emulation (TCG, no KVM)**: absolute times are 5-20x a real machine's; compare ratios, not absolute times.", env.Kernel, env.VCPUs, env.MemMiB, env.CPU)
 		w("- **Pool settings, identical for every pool** (thinsnap's, devmapper's, the floor's; each fresh, one after the other): data %d MiB and metadata %d MiB sparse files on loop devices on the guest's tmpfs, block size %d KiB, low-water mark 1%%, `skip_block_zeroing`; ext4, base size %d MiB. %s; %s.", env.DataMiB, env.MetaMiB, env.BlockKiB, env.BaseMiB, env.Dmsetup, env.Mkfs)
 		for _, d := range strings.Split(*dir, ",") {
 			var e envInfo
@@ -269,7 +269,7 @@ func runReport() {
 	w("")
 
 	if haveTS || haveDM {
-		w("## (b) Latency per call, %d calls each", maxN(ts, dm))
+		w("## (b) Latency per call (calls of each kind and case: thinsnap %d, devmapper %d)", ts.Latency.NoParent["prepare"].N, dm.Latency.NoParent["prepare"].N)
 		w("")
 		w("\"with parent\": on top of a chain of %d committed snapshots. Remove (active) removes a view (an active device); Remove (committed) a committed snapshot. View's floor is Prepare's (the same kernel work). Stat (no kernel work: the RPC path and a store read) is there to split thinsnap's time: Prepare - floor - Stat is what the store, locking and extra ioctls add.", ts.Latency.ChainDepth)
 		w("")
@@ -376,14 +376,6 @@ func runReport() {
 	}
 	must(os.WriteFile(*out, []byte(b.String()), 0644), "write %s", *out)
 	logf("wrote %s", *out)
-}
-
-func maxN(a, b snapResult) int {
-	n := a.Latency.WithParent["prepare"].N
-	if m := b.Latency.WithParent["prepare"].N; m > n {
-		n = m
-	}
-	return n
 }
 
 func repoRoot() string {
