@@ -20,6 +20,8 @@ const MAX_BLOCK: u64 = 1024 * 1024 * 1024;
 /// dm-thin metadata device bounds: below 2MiB is useless, above ~16GiB the kernel ignores the rest.
 const MIN_META: u64 = 2 * 1024 * 1024;
 const MAX_META: u64 = 16 * 1024 * 1024 * 1024;
+/// The largest size a TOML integer holds.
+const MAX_SIZE: u64 = i64::MAX as u64;
 
 /// Writes a size as its exact number of bytes: `ByteSize`'s own form rounds to one decimal
 /// (found by fuzz_config: "1.25GiB" came back as "1.2 GiB").
@@ -377,6 +379,19 @@ impl Config {
                 ),
             ));
         }
+        // TOML integers are i64 (and no filesystem or pool reaches 8EiB): a larger size could
+        // not even be written back to a config file (found by fuzz_config).
+        for (key, size) in [
+            ("pool.data_size", self.pool.data_size),
+            ("fs.base_size", self.fs.base_size),
+        ] {
+            if size.as_u64() > MAX_SIZE {
+                return Err(invalid(
+                    key,
+                    format!("{} bytes: must be below 8EiB", size.as_u64()),
+                ));
+            }
+        }
         let base = self.fs.base_size.as_u64();
         let min_base = match self.fs.fs_type {
             FsType::Ext4 => 16 * 1024 * 1024,
@@ -534,6 +549,12 @@ mod tests {
         assert!(err_of("root = \"relative\"").contains("root"));
         assert!(err_of("[fs]\ntype = \"xfs\"\nbase_size = \"100MiB\"").contains("fs.base_size"));
         assert!(err_of("[fs]\nmount_options = [\"a,b\"]").contains("fs.mount_options"));
+        let huge = err_of("[fs]\nbase_size = \"10EiB\"");
+        assert!(
+            huge.contains("fs.base_size") && huge.contains("8EiB"),
+            "{huge}"
+        );
+        assert!(err_of("[pool]\ndata_size = \"9EiB\"").contains("pool.data_size"));
     }
 
     #[test]

@@ -285,29 +285,68 @@ fn create_device(
     Ok(dev)
 }
 
-/// Removes dm device `name`; nothing to do if it does not exist.
+/// How long a removal waits out a device that is open but not mounted: udev's `blkid` opens a
+/// dm device for a moment after anything closes it for writing (mkfs, a discard, resize2fs), and
+/// the removal must not fail for that. LVM does the same (`activation/retry_deactivation`).
+const BUSY_RETRIES: u32 = 30;
+const BUSY_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Removes dm device `name`; nothing to do if it does not exist. A device that is mounted (in
+/// this mount namespace) is refused at once; one that is only open is waited for a few seconds.
 fn remove_device(dm: &DM, name: &str) -> Result<(), PoolError> {
     let n = dm_name(name)?;
     let id = DevId::Name(&n);
-    match dm.device_info(&id) {
-        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => {
-            remove_node(name);
-            return Ok(());
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let busy = match dm.device_info(&id) {
+            Err(e) if errno_of(&e) == Some(Errno::ENXIO) => {
+                remove_node(name);
+                return Ok(());
+            }
+            Err(e) => return Err(dm_err("info", name)(e)),
+            Ok(info) if info.open_count() > 0 => Some(info.device()),
+            Ok(info) => match dm.device_remove(&id, DmOptions::default()) {
+                Ok(_) => break,
+                Err(e) if errno_of(&e) == Some(Errno::ENXIO) => break,
+                Err(e) if errno_of(&e) == Some(Errno::EBUSY) => Some(info.device()),
+                Err(e) => return Err(dm_err("remove", name)(e)),
+            },
+        };
+        if let Some(dev) = busy {
+            if let Some(at) = mount_point_of(dev) {
+                return Err(PoolError::Busy(format!(
+                    "{name} (mounted at {})",
+                    at.display()
+                )));
+            }
+            if attempt >= BUSY_RETRIES {
+                return Err(PoolError::Busy(name.to_string()));
+            }
+            debug!(device = %name, attempt, "dm device is open; waiting for it to be closed");
+            std::thread::sleep(BUSY_RETRY_DELAY);
         }
-        Err(e) => return Err(dm_err("info", name)(e)),
-        Ok(info) if info.open_count() > 0 => return Err(PoolError::Busy(name.to_string())),
-        Ok(_) => {}
-    }
-    match dm.device_remove(&id, DmOptions::default()) {
-        Ok(_) => {}
-        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => {}
-        Err(e) if errno_of(&e) == Some(Errno::EBUSY) => {
-            return Err(PoolError::Busy(name.to_string()))
-        }
-        Err(e) => return Err(dm_err("remove", name)(e)),
     }
     remove_node(name);
     Ok(())
+}
+
+/// Where block device `dev` is mounted in this process's mount namespace, if it is.
+fn mount_point_of(dev: Device) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    find_mount_point(&text, dev.major, dev.minor)
+}
+
+/// Finds the mount point of `major:minor` in the text of a `/proc/<pid>/mountinfo` file (field 3
+/// is the device number, field 5 the mount point, with spaces written as `\040`).
+fn find_mount_point(mountinfo: &str, major: u32, minor: u32) -> Option<PathBuf> {
+    let want = format!("{major}:{minor}");
+    mountinfo.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let devno = fields.nth(2)?;
+        let mount_point = fields.nth(1)?;
+        (devno == want).then(|| PathBuf::from(mount_point.replace("\\040", " ")))
+    })
 }
 
 /// Makes sure `/dev/mapper/<name>` exists. udev makes it where udev runs; where it does not (a
@@ -752,4 +791,23 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_mount_point;
+    use std::path::PathBuf;
+
+    #[test]
+    fn mount_point_is_found_by_device_number() {
+        let text = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    97 22 253:4 / /run/con\\040tainerd/x rw,relatime shared:50 - ext4 /dev/mapper/p-snap-4 rw\n";
+        assert_eq!(
+            find_mount_point(text, 253, 4),
+            Some(PathBuf::from("/run/con tainerd/x"))
+        );
+        assert_eq!(find_mount_point(text, 8, 1), Some(PathBuf::from("/")));
+        assert_eq!(find_mount_point(text, 253, 40), None);
+        assert_eq!(find_mount_point("", 253, 4), None);
+    }
 }
