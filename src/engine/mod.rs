@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, FsConfig};
 use crate::fs::{mount_options, FsError};
+use crate::pool::txid::TxCounter;
 use crate::pool::{PoolError, PoolStatus, ThinId, ThinPool};
 use crate::store::{BaseRecord, Kind, NewSnapshot, SnapshotRecord, State, Store, StoreError};
 use locks::KeyLocks;
@@ -228,6 +229,8 @@ impl Settings {
 /// The snapshot engine. Shared between gRPC handlers through an `Arc`.
 pub struct Engine {
     pool: Arc<dyn ThinPool>,
+    /// Numbers the pool's changes (pools thinsnap owns; see [`crate::pool::txid`]).
+    tx: Arc<TxCounter>,
     store: Store,
     base: BaseRecord,
     settings: Settings,
@@ -240,9 +243,16 @@ pub struct Engine {
 
 impl Engine {
     /// Builds the engine on a recovered store (see [`recovery::start`]).
-    fn new(pool: Arc<dyn ThinPool>, store: Store, base: BaseRecord, settings: Settings) -> Engine {
+    fn new(
+        pool: Arc<dyn ThinPool>,
+        tx: Arc<TxCounter>,
+        store: Store,
+        base: BaseRecord,
+        settings: Settings,
+    ) -> Engine {
         Engine {
             pool,
+            tx,
             store,
             base,
             settings,
@@ -263,6 +273,14 @@ impl Engine {
         tokio::task::spawn_blocking(move || f(&*pool))
             .await
             .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
+    }
+
+    /// Makes every change so far durable, with the pool's transaction id as of now.
+    async fn flush(&self) -> Result<(), StoreError> {
+        if let Some(id) = self.tx.current() {
+            self.store.set_pool_transaction_id(id)?;
+        }
+        self.store.flush().await
     }
 
     /// Refuses to create while free data or metadata space is under the floor
@@ -374,15 +392,16 @@ impl Engine {
                 }
                 e => e.into(),
             })?;
-        self.store.flush().await?;
+        self.flush().await?;
         crate::failpoint!("prepare:after-intent");
         // 2. The kernel: create_snap, then activate.
         let (id, origin, size) = (plan.thin_id, plan.origin, plan.size);
         let grow = (size > plan.parent_size)
             .then(|| (self.settings.fs.clone(), self.settings.scratch.clone()));
+        let tx = self.tx.clone();
         let made = self
             .on_pool(move |pool| {
-                pool.create_snap(id, origin)
+                tx.change(pool, || pool.create_snap(id, origin))
                     .map_err(pool_err(format!("create thin id {id} from {origin}")))?;
                 crate::failpoint!("prepare:after-create-snap");
                 let dev = pool
@@ -404,7 +423,7 @@ impl Engine {
         // 3. Outcome.
         let finished = async {
             self.store.finish_create(key)?;
-            self.store.flush().await?;
+            self.flush().await?;
             Ok::<_, EngineError>(())
         }
         .await;
@@ -430,7 +449,7 @@ impl Engine {
             warn!(key, thin_id = id, error = %e, "cannot drop the record of an undone snapshot");
             return;
         }
-        let _ = self.store.flush().await;
+        let _ = self.flush().await;
         self.reap(id).await;
     }
 
@@ -442,6 +461,7 @@ impl Engine {
             .discard
             .then(|| self.store.device(id).ok().flatten().map(|d| d.size))
             .flatten();
+        let tx = self.tx.clone();
         let deleted = self
             .on_pool(move |pool| {
                 pool.deactivate(id)
@@ -452,7 +472,7 @@ impl Engine {
                         Err(e) => return Err(pool_err(format!("discard thin id {id}"))(e)),
                     }
                 }
-                match pool.delete_thin(id) {
+                match tx.change(pool, || pool.delete_thin(id)) {
                     Ok(()) | Err(PoolError::ThinNotFound(_)) => {}
                     Err(e) => return Err(pool_err(format!("delete thin id {id}"))(e)),
                 }
@@ -466,7 +486,7 @@ impl Engine {
                     warn!(thin_id = id, error = %e, "cannot forget deleted device");
                     return false;
                 }
-                if let Err(e) = self.store.flush().await {
+                if let Err(e) = self.flush().await {
                     warn!(thin_id = id, error = %e, "cannot flush after deleting device");
                     return false;
                 }
@@ -546,12 +566,7 @@ impl Engine {
             .await?;
         let committed = self.store.commit(key, name, labels, mapped, now_ns());
         let committed = match committed {
-            Ok(c) => self
-                .store
-                .flush()
-                .await
-                .map(|_| c)
-                .map_err(EngineError::from),
+            Ok(c) => self.flush().await.map(|_| c).map_err(EngineError::from),
             Err(e) => Err(e.into()),
         };
         if let Err(e) = committed {
@@ -589,7 +604,7 @@ impl Engine {
             // remove.async: answer once the record is gone; the reaper deletes the device,
             // retrying while it is busy, so Remove never blocks containerd's garbage collector.
             self.store.begin_remove(key)?;
-            self.store.flush().await?;
+            self.flush().await?;
             let _ = reaper.send(id);
             info!(
                 key,
@@ -607,7 +622,7 @@ impl Engine {
         }
         let removed = async {
             self.store.begin_remove(key)?;
-            self.store.flush().await?;
+            self.flush().await?;
             Ok::<_, EngineError>(())
         }
         .await;
@@ -676,7 +691,7 @@ impl Engine {
         }
         check_labels(&new_labels)?;
         let rec = self.store.set_labels(key, new_labels, now_ns())?;
-        self.store.flush().await?;
+        self.flush().await?;
         Ok(Self::info_of(key, &rec))
     }
 
@@ -748,11 +763,12 @@ impl Engine {
         for id in active.into_iter().filter(|id| !known.contains(id)) {
             // Every device we activate has a record first; one without is an orphan.
             warn!(thin_id = id, "active device with no record; deleting");
+            let tx = self.tx.clone();
             let gone = self
                 .on_pool(move |pool| {
                     pool.deactivate(id)
                         .map_err(pool_err(format!("deactivate orphan thin id {id}")))?;
-                    match pool.delete_thin(id) {
+                    match tx.change(pool, || pool.delete_thin(id)) {
                         Ok(()) | Err(PoolError::ThinNotFound(_)) => Ok(()),
                         Err(e) => Err(pool_err(format!("delete orphan thin id {id}"))(e)),
                     }
@@ -864,7 +880,7 @@ impl Engine {
     ///
     /// Returns an error if the store cannot be flushed.
     pub async fn shutdown(&self) -> Result<(), EngineError> {
-        self.store.flush().await?;
+        self.flush().await?;
         Ok(())
     }
 

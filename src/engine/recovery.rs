@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use super::{pool_err, Engine, EngineError, Settings};
 use crate::config::FsConfig;
 use crate::fs::FsError;
+use crate::pool::txid::TxCounter;
 use crate::pool::{PoolError, ThinId, ThinPool};
 use crate::store::{BaseRecord, Kind, State, Store, BASE_OWNER};
 
@@ -33,15 +34,18 @@ pub struct Report {
     pub deactivated: Vec<ThinId>,
     pub orphans_deleted: Vec<ThinId>,
     pub base_created: bool,
+    /// The pool's thin ids were read (thin_ls) and compared with the store's; false when the
+    /// pool's transaction id showed that the store had seen every change.
+    pub thin_ids_listed: bool,
 }
 
 /// Formats the freshly made base device (mkfs; see [`crate::fs::format_base`]).
 pub type Formatter<'a> = &'a (dyn Fn(&Path) -> Result<(), FsError> + Sync);
 
-fn delete_if_present(pool: &dyn ThinPool, id: ThinId) -> Result<(), EngineError> {
+fn delete_if_present(pool: &dyn ThinPool, tx: &TxCounter, id: ThinId) -> Result<(), EngineError> {
     pool.deactivate(id)
         .map_err(pool_err(format!("deactivate thin id {id}")))?;
-    match pool.delete_thin(id) {
+    match tx.change(pool, || pool.delete_thin(id)) {
         Ok(()) | Err(PoolError::ThinNotFound(_)) => Ok(()),
         Err(e) => Err(pool_err(format!("delete thin id {id}"))(e)),
     }
@@ -67,13 +71,21 @@ pub fn start(
         .into_iter()
         .collect();
     let base = store.base()?;
+    let tx = Arc::new(TxCounter::new(p, settings.owns_pool).map_err(pool_err("read pool status"))?);
+    let recorded_txid = store.pool_transaction_id()?;
+    let devices = store.devices()?;
+    // Nothing half done, and the store saw the outcome of the pool's last change: the store
+    // knows every thin id in the pool.
+    let consistent = tx.current().is_some()
+        && recorded_txid == tx.current()
+        && devices.iter().all(|d| d.state == State::Ready);
 
-    for dev in store.devices()? {
+    for dev in devices {
         let id = dev.thin_id;
         match dev.state {
             State::Creating => {
                 info!(thin_id = id, owner = %dev.owner, "undoing interrupted create");
-                delete_if_present(p, id)?;
+                delete_if_present(p, &tx, id)?;
                 if dev.owner != BASE_OWNER
                     && store
                         .get(&dev.owner)?
@@ -87,7 +99,7 @@ pub fn start(
             }
             State::Deleting => {
                 info!(thin_id = id, owner = %dev.owner, "finishing interrupted delete");
-                match delete_if_present(p, id) {
+                match delete_if_present(p, &tx, id) {
                     Ok(()) => {
                         store.forget_device(id)?;
                         report.finished_deletes.push(id);
@@ -110,7 +122,7 @@ pub fn start(
                         continue;
                     }
                     warn!(thin_id = id, "base device record without base; deleting");
-                    delete_if_present(p, id)?;
+                    delete_if_present(p, &tx, id)?;
                     store.forget_device(id)?;
                     report.orphans_deleted.push(id);
                     continue;
@@ -121,7 +133,7 @@ pub fn start(
                         warn!(thin_id = id, owner = %dev.owner, "device record without snapshot; deleting");
                         store.mark_deleting(id)?;
                         store.flush_sync()?;
-                        delete_if_present(p, id)?;
+                        delete_if_present(p, &tx, id)?;
                         store.forget_device(id)?;
                         report.orphans_deleted.push(id);
                     }
@@ -167,11 +179,28 @@ pub fn start(
             thin_id = id,
             "active dm device with our prefix but no record; deleting"
         );
-        delete_if_present(p, *id)?;
+        delete_if_present(p, &tx, *id)?;
         report.orphans_deleted.push(*id);
     }
     store.flush_sync()?;
-    reconcile_thin_ids(p, &store, &settings, &mut report)?;
+    if consistent {
+        info!(
+            transaction_id = recorded_txid,
+            "the pool's transaction id is the one last recorded: its thin ids are known"
+        );
+    } else {
+        if let (Some(pool_id), Some(recorded)) = (tx.current(), recorded_txid) {
+            if pool_id != recorded {
+                warn!(
+                    pool = pool_id,
+                    recorded,
+                    "the pool's transaction id is not the one last recorded; checking its thin ids"
+                );
+            }
+        }
+        report.thin_ids_listed = true;
+        reconcile_thin_ids(p, &tx, &store, &settings, &mut report)?;
+    }
 
     let base = match base {
         Some(b) => {
@@ -190,7 +219,7 @@ pub fn start(
         }
         None => {
             report.base_created = true;
-            make_base(p, &store, &fs, format)?
+            make_base(p, &tx, &store, &fs, format)?
         }
     };
     if !report.undone_creates.is_empty()
@@ -200,7 +229,11 @@ pub fn start(
     {
         info!(?report, "recovery done");
     }
-    Ok((Engine::new(pool, store, base, settings), report))
+    if let Some(id) = tx.current() {
+        store.set_pool_transaction_id(id)?;
+        store.flush_sync()?;
+    }
+    Ok((Engine::new(pool, tx, store, base, settings), report))
 }
 
 /// Compares the thin ids in the pool's metadata with the store's. In a pool thinsnap made, an
@@ -208,6 +241,7 @@ pub fn start(
 /// pool someone else made it is theirs, and start-up is refused unless `allow_foreign_devices`.
 fn reconcile_thin_ids(
     pool: &dyn ThinPool,
+    tx: &TxCounter,
     store: &Store,
     settings: &Settings,
     report: &mut Report,
@@ -227,7 +261,7 @@ fn reconcile_thin_ids(
     if settings.owns_pool {
         for id in unknown {
             warn!(thin_id = id, "thin id in the pool with no record; deleting");
-            delete_if_present(pool, id)?;
+            delete_if_present(pool, tx, id)?;
             report.orphans_deleted.push(id);
         }
         return Ok(());
@@ -248,6 +282,7 @@ fn reconcile_thin_ids(
 /// Makes the base device: intent, create_thin, activate, mkfs, record. Runs once per pool.
 fn make_base(
     pool: &dyn ThinPool,
+    tx: &TxCounter,
     store: &Store,
     fs: &FsConfig,
     format: Formatter<'_>,
@@ -257,7 +292,7 @@ fn make_base(
     store.flush_sync()?;
     crate::failpoint!("base:after-intent");
     let made = (|| {
-        pool.create_thin(id)
+        tx.change(pool, || pool.create_thin(id))
             .map_err(pool_err(format!("create base thin id {id}")))?;
         crate::failpoint!("base:after-create");
         let dev = pool
@@ -280,7 +315,7 @@ fn make_base(
         Ok(m) => m,
         Err(e) => {
             warn!(thin_id = id, error = %e, "cannot make base device; undoing");
-            if delete_if_present(pool, id).is_ok() {
+            if delete_if_present(pool, tx, id).is_ok() {
                 store.forget_device(id)?;
                 store.flush_sync()?;
             }

@@ -578,9 +578,13 @@ async fn size_label_is_checked() {
 #[tokio::test]
 async fn unknown_thin_ids_are_orphans_in_our_pool_and_foreign_in_others() {
     let t = setup();
-    // An inactive thin id no record knows (a lost database write, an older version's crash).
+    // An inactive thin id no record knows (a lost database write, an older version's crash):
+    // the pool's transaction id moved on without the store.
     t.pool.create_thin(777).expect("orphan");
+    let txid = t.pool.status().expect("status").transaction_id;
+    t.pool.set_transaction_id(txid, txid + 1).expect("txid");
     let (t, report) = t.restart();
+    assert!(report.thin_ids_listed);
     assert_eq!(report.orphans_deleted, vec![777]);
     assert!(!t.pool.thin_ids().contains(&777));
 
@@ -619,4 +623,60 @@ async fn unknown_thin_ids_are_orphans_in_our_pool_and_foreign_in_others() {
         pool.thin_ids().contains(&888),
         "a foreign device was deleted"
     );
+}
+
+#[tokio::test]
+async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
+    let t = setup();
+    let before = t.pool.status().expect("status").transaction_id;
+    assert_eq!(before, 1, "the base device's create_thin is numbered");
+    t.engine
+        .create(Kind::Active, "a", "", BTreeMap::new())
+        .await
+        .expect("prepare");
+    t.engine
+        .commit("c", "a", BTreeMap::new())
+        .await
+        .expect("commit");
+    t.engine
+        .create(Kind::Active, "b", "c", BTreeMap::new())
+        .await
+        .expect("prepare");
+    t.engine.remove("b").await.expect("remove");
+    // create_snap a, create_snap b, delete b: each numbered, in the pool and in the store.
+    assert_eq!(t.pool.status().expect("status").transaction_id, before + 3);
+    let (t, report) = t.restart();
+    assert!(
+        !report.thin_ids_listed,
+        "store and pool agree: no thin_ls needed"
+    );
+
+    // A change the store never saw the outcome of: its intent is pending, the ids are read.
+    t.pool.fail_nth("activate", 1);
+    assert!(t
+        .engine
+        .create(Kind::Active, "x", "c", BTreeMap::new())
+        .await
+        .is_err());
+    let (t, report) = t.restart();
+    assert!(
+        !report.thin_ids_listed,
+        "the failed prepare was undone and recorded"
+    );
+    let T {
+        _dir,
+        path,
+        pool,
+        engine,
+    } = t;
+    // A crash between the kernel's change and the outcome: the store is behind the pool.
+    let store_txid = engine.store.pool_transaction_id().expect("read");
+    drop(engine);
+    let txid = pool.status().expect("status").transaction_id;
+    assert_eq!(store_txid, Some(txid));
+    pool.create_thin(4242).expect("change the store never saw");
+    pool.set_transaction_id(txid, txid + 1).expect("txid");
+    let (_engine, report) = start_on(&path, pool.clone());
+    assert!(report.thin_ids_listed);
+    assert_eq!(report.orphans_deleted, vec![4242]);
 }

@@ -12,6 +12,7 @@ pub mod dm;
 pub mod fake;
 pub mod loopback;
 pub mod lvm;
+pub mod txid;
 
 use std::path::PathBuf;
 

@@ -24,6 +24,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_NEXT_ID: &[u8] = b"next_thin_id";
 const META_BASE: &[u8] = b"base";
+/// The pool's transaction id as of the last flush (pools thinsnap owns; see pool::txid).
+const META_POOL_TXID: &[u8] = b"pool_transaction_id";
 
 /// Errors of the store. Semantic ones name the key; the engine maps them to gRPC codes.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +217,21 @@ impl Store {
             .get(META_BASE)?
             .map(|v| dec("base", &v))
             .transpose()
+    }
+
+    /// The pool's transaction id recorded with the last flush, if any.
+    pub fn pool_transaction_id(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.meta.get(META_POOL_TXID)?.and_then(|v| {
+            let bytes: [u8; 8] = v.as_ref().try_into().ok()?;
+            Some(u64::from_be_bytes(bytes))
+        }))
+    }
+
+    /// Records the pool's transaction id; durable with the next flush, together with (sled
+    /// recovers a prefix of the writes) everything written before it.
+    pub fn set_pool_transaction_id(&self, id: u64) -> Result<(), StoreError> {
+        self.meta.insert(META_POOL_TXID, &id.to_be_bytes())?;
+        Ok(())
     }
 
     /// Allocates a thin id and records a device in state Creating for `owner` (used for the base
