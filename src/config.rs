@@ -114,6 +114,42 @@ pub struct PoolConfig {
     pub allow_foreign_devices: bool,
     /// Lvm mode: how to provision the pool.
     pub lvm: LvmConfig,
+    /// Loop mode: grow the pool's files by themselves as they fill.
+    pub autogrow: AutogrowConfig,
+}
+
+/// Automatic growth of a loop pool (what LVM's autoextend does for its thin pools).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutogrowConfig {
+    /// Off by default: a loop pool stays at `data_size` / `metadata_size` unless told otherwise.
+    pub enabled: bool,
+    /// Grow when data (or metadata) use reaches this share of its size.
+    pub threshold: Percent,
+    /// Grow by this share of the current size (less if a maximum or the host's disk says so).
+    pub step: Percent,
+    /// Never grow the data file beyond this.
+    #[serde(serialize_with = "exact_bytes")]
+    pub max_data_size: ByteSize,
+    /// Never grow the metadata file beyond this (the kernel uses at most 16GiB of it).
+    #[serde(serialize_with = "exact_bytes")]
+    pub max_metadata_size: ByteSize,
+    /// How often the pool's use is checked, in seconds (it is also checked before every Prepare
+    /// or View that the free-space floor would refuse).
+    pub interval_seconds: u64,
+}
+
+impl Default for AutogrowConfig {
+    fn default() -> Self {
+        AutogrowConfig {
+            enabled: false,
+            threshold: Percent(80.0),
+            step: Percent(20.0),
+            max_data_size: ByteSize::tib(1),
+            max_metadata_size: ByteSize::gib(16),
+            interval_seconds: 10,
+        }
+    }
 }
 
 /// A percentage, written `"10%"` or `10` in the file.
@@ -274,6 +310,7 @@ impl Default for PoolConfig {
             min_free_space: Percent(10.0),
             allow_foreign_devices: false,
             lvm: LvmConfig::default(),
+            autogrow: AutogrowConfig::default(),
         }
     }
 }
@@ -389,6 +426,39 @@ impl Config {
                 return Err(invalid(
                     key,
                     format!("{} bytes: must be below 8EiB", size.as_u64()),
+                ));
+            }
+        }
+        let g = &self.pool.autogrow;
+        if g.enabled {
+            if self.pool.mode != PoolMode::Loop {
+                return Err(invalid(
+                    "pool.autogrow.enabled",
+                    format!(
+                        "only loop pools grow by themselves (pool.mode is {}; use pool.lvm.autoextend_* for lvm)",
+                        self.pool.mode
+                    ),
+                ));
+            }
+            if g.step.0 <= 0.0 {
+                return Err(invalid("pool.autogrow.step", "must be above 0%"));
+            }
+            if g.threshold.0 <= 0.0 {
+                return Err(invalid("pool.autogrow.threshold", "must be above 0%"));
+            }
+            if g.max_data_size.as_u64() > MAX_SIZE {
+                return Err(invalid("pool.autogrow.max_data_size", "must be below 8EiB"));
+            }
+            if g.max_metadata_size.as_u64() > MAX_META {
+                return Err(invalid(
+                    "pool.autogrow.max_metadata_size",
+                    "must be at most 16GiB (the kernel uses no more)",
+                ));
+            }
+            if g.interval_seconds == 0 {
+                return Err(invalid(
+                    "pool.autogrow.interval_seconds",
+                    "must be at least 1",
                 ));
             }
         }
@@ -549,6 +619,25 @@ mod tests {
         assert!(err_of("root = \"relative\"").contains("root"));
         assert!(err_of("[fs]\ntype = \"xfs\"\nbase_size = \"100MiB\"").contains("fs.base_size"));
         assert!(err_of("[fs]\nmount_options = [\"a,b\"]").contains("fs.mount_options"));
+        assert!(
+            err_of("[pool]\nmode = \"existing\"\n[pool.autogrow]\nenabled = true")
+                .contains("pool.autogrow.enabled")
+        );
+        assert!(
+            err_of("[pool.autogrow]\nenabled = true\nstep = \"0%\"").contains("pool.autogrow.step")
+        );
+        assert!(
+            err_of("[pool.autogrow]\nenabled = true\nmax_metadata_size = \"32GiB\"")
+                .contains("pool.autogrow.max_metadata_size")
+        );
+        assert!(
+            err_of("[pool.autogrow]\nenabled = true\ninterval_seconds = 0")
+                .contains("pool.autogrow.interval_seconds")
+        );
+        let c = Config::parse("[pool.autogrow]\nenabled = true\nthreshold = \"90%\"")
+            .expect("valid autogrow");
+        assert_eq!(c.pool.autogrow.threshold, Percent(90.0));
+        assert_eq!(c.pool.autogrow.max_data_size, ByteSize::tib(1));
         let huge = err_of("[fs]\nbase_size = \"10EiB\"");
         assert!(
             huge.contains("fs.base_size") && huge.contains("8EiB"),

@@ -215,6 +215,7 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
     .await??;
     let engine = Arc::new(engine);
     engine.spawn_reaper();
+    engine.spawn_autogrow();
     let listener = server::bind(&config.address)?;
     info!(socket = %config.address.display(), "serving");
     // Tell systemd (Type=notify) that the socket is there; a no-op outside systemd.

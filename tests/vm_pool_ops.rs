@@ -431,3 +431,55 @@ async fn vm_metrics_endpoint_reports_pool_and_calls() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_autogrow_grows_a_filling_loop_pool_up_to_its_maximum() {
+    let d = Daemon::new(
+        "autogrow",
+        "data_size = \"256MiB\"\nmetadata_size = \"8MiB\"\n\
+         [pool.autogrow]\nenabled = true\nthreshold = \"50%\"\nstep = \"100%\"\n\
+         max_data_size = \"512MiB\"\ninterval_seconds = 1\n\
+         [fs]\nbase_size = \"128MiB\"",
+        "",
+    );
+    let (mut c, mut a) = d.clients().await;
+    let m = prepare(&mut c, "a", "", &[]).await.expect("prepare");
+    let target = d.dir.join("a");
+    mount(&m[0], &target);
+    // A running container fills the pool past the threshold; no call is made meanwhile.
+    fill(&target.join("blob"), 100).expect("fill");
+    let total = |st: &StatusResponse| st.data.as_ref().expect("data").total_bytes;
+    let mut st = status(&mut a).await;
+    for _ in 0..600 {
+        if total(&st) != 256 << 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        st = status(&mut a).await;
+    }
+    assert_eq!(total(&st), 512 << 20, "grown once, by step, to the maximum");
+    let data_file = d.dir.join("state/pool/data");
+    assert_eq!(
+        std::fs::metadata(&data_file).expect("data file").len(),
+        512 << 20
+    );
+    // The container's data went through the reload intact, and it keeps writing.
+    let blob = std::fs::read(target.join("blob")).expect("read back");
+    assert_eq!(blob.len(), 100 << 20);
+    assert!(blob
+        .chunks(1 << 20)
+        .enumerate()
+        .all(|(i, c)| c[0] == i as u8));
+    fill(&target.join("more"), 200).expect("fill after growth");
+    umount(&target);
+    // Over the threshold again, but at the maximum: several checks later it is still there.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let st = status(&mut a).await;
+    assert!(st.data.as_ref().expect("data").used_bytes > 256 << 20);
+    assert_eq!(total(&st), 512 << 20);
+    assert!(d.log().contains("autogrow limited"), "{}", d.log());
+    prepare(&mut c, "b", "", &[])
+        .await
+        .expect("prepare above the floor");
+}

@@ -6,6 +6,7 @@
 //! It must not know gRPC (the `grpc` module converts) nor device-mapper (the pool does); pool
 //! calls are blocking ioctls and always go through `spawn_blocking`.
 
+pub mod autogrow;
 pub mod filter;
 mod locks;
 pub mod recovery;
@@ -17,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
-use crate::config::{Config, FsConfig};
+use crate::config::{AutogrowConfig, Config, FsConfig, PoolMode};
 use crate::fs::{mount_options, FsError};
 use crate::pool::txid::TxCounter;
 use crate::pool::{PoolError, PoolStatus, ThinId, ThinPool};
@@ -67,6 +68,23 @@ impl From<StoreError> for EngineError {
             other => EngineError::Store(other),
         }
     }
+}
+
+/// Free bytes of a space and the bytes the free-space floor (percent) requires of it.
+fn free_and_required(used: u64, total: u64, floor: f64) -> (u64, u64) {
+    let free = total.saturating_sub(used);
+    (free, (total as f64 * floor / 100.0).ceil() as u64)
+}
+
+/// Whether the pool is out of data space or under the floor in data or metadata.
+fn below_floor(st: &PoolStatus, floor: f64) -> bool {
+    let under = |used, total| {
+        let (free, required) = free_and_required(used, total, floor);
+        free < required
+    };
+    st.out_of_data_space
+        || under(st.data_used_bytes, st.data_total_bytes)
+        || under(st.metadata_used_bytes, st.metadata_total_bytes)
 }
 
 fn pool_err(context: impl Into<String>) -> impl FnOnce(PoolError) -> EngineError {
@@ -196,6 +214,8 @@ pub struct Settings {
     pub owns_pool: bool,
     /// Not owning the pool: start even if it holds thin ids the store does not know.
     pub allow_foreign_devices: bool,
+    /// Loop mode with `pool.autogrow.enabled`: grow the pool as it fills.
+    pub autogrow: Option<AutogrowConfig>,
 }
 
 impl Settings {
@@ -207,8 +227,10 @@ impl Settings {
             remove_async: config.remove.asynchronous,
             discard: config.remove.discard,
             scratch: config.root.clone(),
-            owns_pool: config.pool.mode == crate::config::PoolMode::Loop,
+            owns_pool: config.pool.mode == PoolMode::Loop,
             allow_foreign_devices: config.pool.allow_foreign_devices,
+            autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
+                .then(|| config.pool.autogrow.clone()),
         }
     }
 
@@ -222,6 +244,7 @@ impl Settings {
             scratch: std::env::temp_dir(),
             owns_pool: true,
             allow_foreign_devices: false,
+            autogrow: None,
         }
     }
 }
@@ -239,6 +262,8 @@ pub struct Engine {
     kernel: tokio::sync::RwLock<()>,
     /// The background reaper of `remove.async`, once started.
     reaper: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ThinId>>>,
+    /// What last limited `pool.autogrow` (logged when it changes).
+    autogrow_limited: std::sync::Mutex<Vec<String>>,
 }
 
 impl Engine {
@@ -259,6 +284,7 @@ impl Engine {
             locks: KeyLocks::default(),
             kernel: tokio::sync::RwLock::new(()),
             reaper: std::sync::Mutex::new(None),
+            autogrow_limited: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -287,9 +313,21 @@ impl Engine {
     /// (`pool.min_free_space`), or while the pool cannot take writes.
     async fn check_space(&self) -> Result<(), EngineError> {
         let floor = self.settings.min_free_percent;
-        let st = self
+        let mut st = self
             .on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
             .await?;
+        if self.settings.autogrow.is_some() && below_floor(&st, floor) {
+            // Grow first (if allowed), refuse only if that was not enough.
+            match self.autogrow().await {
+                Ok(true) => {
+                    st = self
+                        .on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
+                        .await?;
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot grow the pool"),
+            }
+        }
         let name = self.pool.info().name;
         if st.read_only || st.out_of_data_space || st.needs_check {
             return Err(EngineError::ResourceExhausted(format!(
@@ -302,8 +340,7 @@ impl Engine {
             ("data", st.data_used_bytes, st.data_total_bytes),
             ("metadata", st.metadata_used_bytes, st.metadata_total_bytes),
         ] {
-            let free = total.saturating_sub(used);
-            let required = (total as f64 * floor / 100.0).ceil() as u64;
+            let (free, required) = free_and_required(used, total, floor);
             if free < required {
                 let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
                 return Err(EngineError::ResourceExhausted(format!(
@@ -806,6 +843,75 @@ impl Engine {
                         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                         let _ = tx.send(id);
                     });
+                }
+            }
+        });
+    }
+
+    /// `pool.autogrow`: grows the pool if its use reached the threshold, as far as the maximum
+    /// and the host's free space allow. Returns whether it grew.
+    ///
+    /// Returns an error if the pool's status cannot be read or growing failed.
+    pub async fn autogrow(&self) -> Result<bool, EngineError> {
+        let Some(config) = self.settings.autogrow.clone() else {
+            return Ok(false);
+        };
+        let (st, room) = self
+            .on_pool(|pool| {
+                let st = pool.status().map_err(pool_err("read pool status"))?;
+                let room = pool
+                    .host_room()
+                    .map_err(pool_err("read the host's free space"))?;
+                Ok((st, room))
+            })
+            .await?;
+        let Some(room) = room else {
+            return Ok(false);
+        };
+        let plan = autogrow::plan(&config, &st, room);
+        {
+            // Said once, not at every check, until it changes.
+            let mut last = self
+                .autogrow_limited
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if *last != plan.limited {
+                for why in &plan.limited {
+                    warn!(pool = %self.pool.info().name, "autogrow limited: {why}");
+                }
+                last.clone_from(&plan.limited);
+            }
+        }
+        if !plan.grows() {
+            return Ok(false);
+        }
+        self.grow(plan.data, plan.metadata).await?;
+        info!(
+            pool = %self.pool.info().name,
+            data_from = st.data_total_bytes,
+            data_to = plan.data,
+            metadata_from = st.metadata_total_bytes,
+            metadata_to = plan.metadata,
+            "autogrow: grew the pool"
+        );
+        Ok(true)
+    }
+
+    /// Starts the periodic `pool.autogrow` check, if it is enabled.
+    pub fn spawn_autogrow(self: &Arc<Self>) {
+        let Some(config) = &self.settings.autogrow else {
+            return;
+        };
+        let period = std::time::Duration::from_secs(config.interval_seconds);
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(e) = engine.upgrade() else { break };
+                if let Err(err) = e.autogrow().await {
+                    warn!(error = %err, "autogrow: cannot grow the pool");
                 }
             }
         });

@@ -680,3 +680,70 @@ async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
     assert!(report.thin_ids_listed);
     assert_eq!(report.orphans_deleted, vec![4242]);
 }
+
+fn autogrow_settings() -> Settings {
+    let mut settings = Settings::with_fs(FsConfig::default());
+    settings.autogrow = Some(crate::config::AutogrowConfig {
+        enabled: true,
+        threshold: crate::config::Percent(80.0),
+        step: crate::config::Percent(100.0),
+        max_data_size: bytesize::ByteSize::gib(4),
+        ..Default::default()
+    });
+    settings
+}
+
+#[tokio::test]
+async fn autogrow_grows_a_full_pool_before_the_floor_refuses() {
+    const GIB: u64 = 1 << 30;
+    let t = setup_with(autogrow_settings());
+    t.pool.set_host_room(Some(100 * GIB));
+    // 1 GiB, 95% used: under the 10% floor, over the 80% threshold.
+    t.pool.set_space(GIB, GIB / 100 * 95);
+    prep(&t, "a", "").await.expect("grown, then prepared");
+    assert_eq!(t.pool.status().expect("status").data_total_bytes, 2 * GIB);
+    assert!(t.pool.calls().iter().any(|c| c.starts_with("grow")));
+
+    // The maximum (4 GiB) stops it: 2 -> 4, then no further.
+    t.pool.set_space(2 * GIB, 2 * GIB / 100 * 95);
+    assert!(t.engine.autogrow().await.expect("autogrow"));
+    assert_eq!(t.pool.status().expect("status").data_total_bytes, 4 * GIB);
+    t.pool.set_space(4 * GIB, 4 * GIB / 100 * 95);
+    assert!(!t.engine.autogrow().await.expect("autogrow"));
+    let err = prep(&t, "b", "")
+        .await
+        .expect_err("at the maximum: refused");
+    assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err}");
+    assert!(t.engine.record("b").expect("read").is_none());
+}
+
+#[tokio::test]
+async fn autogrow_never_takes_more_than_the_host_has() {
+    const GIB: u64 = 1 << 30;
+    let t = setup_with(autogrow_settings());
+    t.pool.set_space(GIB, GIB / 100 * 95);
+    t.pool.set_host_room(Some(0));
+    let err = prep(&t, "a", "")
+        .await
+        .expect_err("no room on the host: refused");
+    assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err}");
+    assert_eq!(t.pool.status().expect("status").data_total_bytes, GIB);
+    // Room for half the step: it grows by that much.
+    t.pool.set_host_room(Some(GIB / 2));
+    prep(&t, "a", "").await.expect("grown by what the host has");
+    assert_eq!(
+        t.pool.status().expect("status").data_total_bytes,
+        GIB + GIB / 2
+    );
+}
+
+#[tokio::test]
+async fn without_autogrow_a_full_pool_is_refused_and_never_grown() {
+    const GIB: u64 = 1 << 30;
+    let t = setup();
+    t.pool.set_host_room(Some(100 * GIB));
+    t.pool.set_space(GIB, GIB / 100 * 95);
+    assert!(prep(&t, "a", "").await.is_err());
+    assert!(!t.engine.autogrow().await.expect("autogrow"));
+    assert!(!t.pool.calls().iter().any(|c| c.starts_with("grow")));
+}

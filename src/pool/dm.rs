@@ -630,6 +630,31 @@ impl ThinPool for DmPool {
         ))
     }
 
+    fn host_room(&self) -> Result<Option<u64>, PoolError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some((_, data_file, _)) = self.loop_files.first() else {
+            return Ok(None);
+        };
+        let dir = data_file.parent().unwrap_or(Path::new("/"));
+        let fs = nix::sys::statvfs::statvfs(dir).map_err(|e| PoolError::Io {
+            op: "statvfs",
+            path: dir.to_path_buf(),
+            source: e.into(),
+        })?;
+        let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+        // Bytes the sparse files may still take as the pool writes into them.
+        let mut promised = 0u64;
+        for (_, file, _) in &self.loop_files {
+            let m = std::fs::metadata(file).map_err(|source| PoolError::Io {
+                op: "stat",
+                path: file.clone(),
+                source,
+            })?;
+            promised += m.len().saturating_sub(m.blocks() * 512);
+        }
+        Ok(Some(free.saturating_sub(promised)))
+    }
+
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
         if self.mode != PoolMode::Loop {
             return Err(PoolError::Unsupported(format!(

@@ -19,6 +19,7 @@ struct State {
     /// op -> the 1-based call number that fails
     fail_at: HashMap<&'static str, usize>,
     transaction_id: u64,
+    host_room: Option<u64>,
     data_total: u64,
     data_used_extra: u64,
 }
@@ -49,6 +50,11 @@ impl FakePool {
         } else {
             s.busy.remove(&id);
         }
+    }
+
+    /// Sets what [`ThinPool::host_room`] answers (None by default: not a file-backed pool).
+    pub fn set_host_room(&self, room: Option<u64>) {
+        self.lock().host_room = room;
     }
 
     /// Pretends `bytes` were written to the device of `id`.
@@ -229,6 +235,10 @@ impl ThinPool for FakePool {
             s.data_total = d;
         }
         Ok(())
+    }
+
+    fn host_room(&self) -> Result<Option<u64>, PoolError> {
+        Ok(self.lock().host_room)
     }
 
     fn info(&self) -> PoolInfo {

@@ -149,4 +149,8 @@ pub trait ThinPool: Send + Sync + 'static {
     /// Grows the pool's data and/or metadata space online (loop mode: the files, the loop
     /// devices' capacity, then the pool table is reloaded). Sizes smaller than now are refused.
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError>;
+
+    /// Loop mode: the bytes the host's filesystem can still give the pool's files beyond what
+    /// their current (sparse) sizes already promise. `None` for pools that are not files.
+    fn host_room(&self) -> Result<Option<u64>, PoolError>;
 }
