@@ -60,6 +60,8 @@ pub const MAX_FILTER_LEN: usize = 16 * 1024;
 struct Parser<'a> {
     input: &'a str,
     pos: usize,
+    /// Regular expressions this request may still compile (see [`MAX_REGEXES`]).
+    regexes_left: &'a mut usize,
 }
 
 impl<'a> Parser<'a> {
@@ -181,6 +183,13 @@ impl<'a> Parser<'a> {
         } else if self.eat("~=") {
             let at = self.pos;
             let v = self.value()?;
+            // Counted before compiling: the limit must bound the work, not just the result.
+            if *self.regexes_left == 0 {
+                return Err(self.err(format!(
+                    "too many regular expressions: at most {MAX_REGEXES} per request"
+                )));
+            }
+            *self.regexes_left -= 1;
             // Bounded: a short Unicode-class repetition can otherwise cost megabytes and tens of
             // milliseconds to compile (found by fuzz_filter), many times over in one request.
             let re = regex::RegexBuilder::new(&v)
@@ -206,6 +215,12 @@ impl Filter {
     ///
     /// Returns an error naming the position of the first syntax error.
     pub fn parse(input: &str) -> Result<Filter, FilterError> {
+        let mut regexes_left = MAX_REGEXES;
+        Filter::parse_counted(input, &mut regexes_left)
+    }
+
+    /// [`Filter::parse`], compiling at most `regexes_left` regular expressions (decremented).
+    fn parse_counted(input: &str, regexes_left: &mut usize) -> Result<Filter, FilterError> {
         if input.len() > MAX_FILTER_LEN {
             return Err(FilterError {
                 input: format!("{}...", input.chars().take(64).collect::<String>()),
@@ -213,7 +228,11 @@ impl Filter {
                 reason: format!("longer than {MAX_FILTER_LEN} bytes"),
             });
         }
-        let mut p = Parser { input, pos: 0 };
+        let mut p = Parser {
+            input,
+            pos: 0,
+            regexes_left,
+        };
         let mut selectors = Vec::new();
         p.skip_ws();
         if p.peek().is_none() {
@@ -261,27 +280,11 @@ pub const MAX_REGEXES: usize = 16;
 /// Returns the first parse error, or an error if the request carries more than
 /// [`MAX_REGEXES`] regular expressions.
 pub fn parse_all(filters: &[String]) -> Result<Vec<Filter>, FilterError> {
-    let parsed: Vec<Filter> = filters
+    let mut regexes_left = MAX_REGEXES;
+    filters
         .iter()
-        .map(|f| Filter::parse(f))
-        .collect::<Result<_, _>>()?;
-    let regexes: usize = parsed
-        .iter()
-        .map(|f| {
-            f.selectors
-                .iter()
-                .filter(|s| matches!(s.op, Op::Match(_)))
-                .count()
-        })
-        .sum();
-    if regexes > MAX_REGEXES {
-        return Err(FilterError {
-            input: format!("{} filters", filters.len()),
-            pos: 0,
-            reason: format!("{regexes} regular expressions; at most {MAX_REGEXES} per request"),
-        });
-    }
-    Ok(parsed)
+        .map(|f| Filter::parse_counted(f, &mut regexes_left))
+        .collect()
 }
 
 /// Whether `f` passes a request's filters: any of them (OR); no filters pass everything.
@@ -399,6 +402,16 @@ mod tests {
         // A regex whose compiled form would be huge is refused, not built.
         assert!(Filter::parse(r"name~=\w{200}").is_err());
         let many: Vec<String> = (0..=MAX_REGEXES).map(|i| format!("name~=a{i}")).collect();
-        assert!(parse_all(&many).is_err());
+        let err = parse_all(&many).expect_err("17 regexes in 17 filters");
+        assert!(err.to_string().contains("at most 16"), "{err}");
+        let one: Vec<String> = (0..MAX_REGEXES).map(|i| format!("name~=a{i}")).collect();
+        assert_eq!(parse_all(&one).expect("16 are allowed").len(), MAX_REGEXES);
+        // In one filter too, refused at the 17th, before compiling it or anything after it.
+        let joined = (0..1000)
+            .map(|i| format!("name~=a{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = Filter::parse(&joined).expect_err("1000 regexes in one filter");
+        assert!(err.to_string().contains("at most 16"), "{err}");
     }
 }
