@@ -747,3 +747,85 @@ async fn without_autogrow_a_full_pool_is_refused_and_never_grown() {
     assert!(!t.engine.autogrow().await.expect("autogrow"));
     assert!(!t.pool.calls().iter().any(|c| c.starts_with("grow")));
 }
+
+#[tokio::test]
+async fn binary_keys_and_labels_are_opaque_and_too_many_labels_are_refused() {
+    let t = setup();
+    let key = "ns/1/\u{0}key\nwith\tcontrol\u{7f} and ünïcødé \u{1F600}";
+    let mut labels = BTreeMap::new();
+    labels.insert("bin\u{0}ary".to_string(), "\u{0}\u{1}\u{2}\n".to_string());
+    t.engine
+        .create(Kind::Active, key, "", labels.clone())
+        .await
+        .expect("a binary key is just bytes");
+    let info = t.engine.stat(key).await.expect("stat");
+    assert_eq!(info.key, key);
+    assert_eq!(info.labels, labels);
+    t.engine
+        .commit("c\u{0}", key, no_labels())
+        .await
+        .expect("commit");
+    prep(&t, "child\u{0}", "c\u{0}")
+        .await
+        .expect("child of a binary name");
+    let keys: Vec<_> = t
+        .engine
+        .list(&[])
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|i| i.key)
+        .collect();
+    assert_eq!(keys, vec!["c\u{0}", "child\u{0}"]);
+
+    let many: BTreeMap<String, String> = (0..=MAX_LABELS)
+        .map(|i| (format!("l{i}"), "v".to_string()))
+        .collect();
+    let err = t
+        .engine
+        .create(Kind::Active, "many", "", many)
+        .await
+        .expect_err("257 labels");
+    assert!(
+        matches!(&err, EngineError::InvalidArgument(m) if m.contains("at most 256")),
+        "{err}"
+    );
+    assert!(t.engine.record("many").expect("read").is_none());
+}
+
+#[tokio::test]
+async fn remove_racing_prepare_of_a_child_never_orphans_the_child() {
+    let t = setup();
+    for round in 0..20 {
+        let parent = format!("p{round}");
+        let tmp = format!("t{round}");
+        let child = format!("c{round}");
+        prep(&t, &tmp, "").await.expect("prepare");
+        t.engine
+            .commit(&parent, &tmp, no_labels())
+            .await
+            .expect("commit");
+        let (e1, e2) = (t.engine.clone(), t.engine.clone());
+        let (p1, p2, c2) = (parent.clone(), parent.clone(), child.clone());
+        let remove = tokio::spawn(async move { e1.remove(&p1).await });
+        let prepare =
+            tokio::spawn(async move { e2.create(Kind::Active, &c2, &p2, BTreeMap::new()).await });
+        let removed = remove.await.expect("join");
+        let prepared = prepare.await.expect("join");
+        match (&removed, &prepared) {
+            // The child came first: the parent is refused as a parent.
+            (Err(EngineError::FailedPrecondition(_)), Ok(_)) => {
+                assert!(t.engine.record(&parent).expect("read").is_some());
+            }
+            // The removal came first: the child's parent is gone.
+            (Ok(()), Err(EngineError::NotFound(_))) => {
+                assert!(t.engine.record(&child).expect("read").is_none());
+            }
+            other => panic!("round {round}: both or neither won: {other:?}"),
+        }
+    }
+    // Every thin id belongs to a record: nothing leaked either way.
+    let known = t.engine.thin_ids().expect("ids");
+    let in_pool: Vec<_> = t.pool.thin_ids().into_iter().collect();
+    assert_eq!(in_pool, known);
+}
