@@ -12,7 +12,7 @@
 //!
 //! Every action is logged.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ use crate::config::FsConfig;
 use crate::fs::FsError;
 use crate::pool::txid::TxCounter;
 use crate::pool::{PoolError, ThinId, ThinPool};
-use crate::store::{BaseRecord, Kind, State, Store, BASE_OWNER};
+use crate::store::{BaseRecord, Kind, SnapshotRecord, State, Store, BASE_OWNER};
 
 /// What recovery did, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -74,6 +74,9 @@ pub fn start(
     let tx = Arc::new(TxCounter::new(p, settings.owns_pool).map_err(pool_err("read pool status"))?);
     let recorded_txid = store.pool_transaction_id()?;
     let devices = store.devices()?;
+    // Every snapshot record, decoded once: a start with thousands of them must not read each
+    // twice (once per device, once more for the check below).
+    let mut snapshots: HashMap<String, SnapshotRecord> = store.snapshots()?.into_iter().collect();
     // Nothing half done, and the store saw the outcome of the pool's last change: the store
     // knows every thin id in the pool.
     let consistent = tx.current().is_some()
@@ -87,11 +90,12 @@ pub fn start(
                 info!(thin_id = id, owner = %dev.owner, "undoing interrupted create");
                 delete_if_present(p, &tx, id)?;
                 if dev.owner != BASE_OWNER
-                    && store
-                        .get(&dev.owner)?
+                    && snapshots
+                        .get(&dev.owner)
                         .is_some_and(|r| r.thin_id == id && r.state == State::Creating)
                 {
                     store.forget_snapshot(&dev.owner)?;
+                    snapshots.remove(&dev.owner);
                 } else {
                     store.forget_device(id)?;
                 }
@@ -127,7 +131,7 @@ pub fn start(
                     report.orphans_deleted.push(id);
                     continue;
                 }
-                let rec = store.get(&dev.owner)?.filter(|r| r.thin_id == id);
+                let rec = snapshots.get(&dev.owner).filter(|r| r.thin_id == id);
                 match rec {
                     None => {
                         warn!(thin_id = id, owner = %dev.owner, "device record without snapshot; deleting");
@@ -168,10 +172,10 @@ pub fn start(
     // Snapshot records in Creating whose device record is gone (cannot happen with transactions,
     // but a record pointing at nothing must never be served).
     let known: BTreeSet<ThinId> = store.devices()?.iter().map(|d| d.thin_id).collect();
-    for (key, rec) in store.snapshots()? {
+    for (key, rec) in &snapshots {
         if !known.contains(&rec.thin_id) {
             warn!(key = %key, thin_id = rec.thin_id, "snapshot record without device record; dropping");
-            store.forget_snapshot(&key)?;
+            store.forget_snapshot(key)?;
         }
     }
     for id in active.iter().filter(|id| !known.contains(id)) {

@@ -32,6 +32,10 @@ pub struct DmPool {
     mode: PoolMode,
     block_size: u64,
     loop_files: Vec<(String, PathBuf, PathBuf)>,
+    /// The pool's major:minor, the first word of every thin table. Fixed while the pool device
+    /// exists (growing reloads its table, the device stays), so it is read once, at open, instead
+    /// of by a DM_DEV_STATUS on every activation.
+    pool_dev: Device,
 }
 
 /// The errno behind a devicemapper ioctl error, if it is one.
@@ -156,7 +160,12 @@ impl DmPool {
         if exists {
             info!(pool = %name, mode = %config.pool.mode, "using existing thin pool");
         }
+        let pool_dev = dm
+            .device_info(&DevId::Name(&dm_name(&name)?))
+            .map_err(dm_err("info", &name))?
+            .device();
         Ok(DmPool {
+            pool_dev,
             dm,
             prefix: format!("{}-snap-", config.pool.name),
             name,
@@ -175,15 +184,6 @@ impl DmPool {
         self.dm
             .target_msg(&DevId::Name(name), None, msg)
             .map(|_| ())
-    }
-
-    fn pool_device(&self) -> Result<Device, PoolError> {
-        let name = dm_name(&self.name)?;
-        let info = self
-            .dm
-            .device_info(&DevId::Name(&name))
-            .map_err(dm_err("info", &self.name))?;
-        Ok(info.device())
     }
 
     /// Maps a failed thin message to the error the engine can act on.
@@ -436,22 +436,23 @@ impl ThinPool for DmPool {
     fn activate(&self, id: ThinId, size_bytes: u64) -> Result<PathBuf, PoolError> {
         let name = self.thin_name(id);
         let path = self.device_path(id);
-        if device_exists(&self.dm, &name)? {
-            let n = dm_name(&name)?;
-            let info = self
-                .dm
-                .device_info(&DevId::Name(&n))
-                .map_err(dm_err("info", &name))?;
-            ensure_node(&name, info.device());
-            return Ok(path);
+        // One DM_DEV_STATUS tells both whether the device is already active (recovery, a retried
+        // call) and, if it is, its device number for the node.
+        let n = dm_name(&name)?;
+        match self.dm.device_info(&DevId::Name(&n)) {
+            Ok(info) => {
+                ensure_node(&name, info.device());
+                return Ok(path);
+            }
+            Err(e) if errno_of(&e) == Some(Errno::ENXIO) => {}
+            Err(e) => return Err(dm_err("info", &name)(e)),
         }
-        let pool = self.pool_device()?;
         create_device(
             &self.dm,
             &name,
             "thin",
             size_bytes / SECTOR,
-            &format!("{pool} {id}"),
+            &format!("{} {id}", self.pool_dev),
         )?;
         Ok(path)
     }
