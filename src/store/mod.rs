@@ -49,6 +49,8 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("database: {0}")]
     Db(#[from] sled::Error),
+    #[error("database flush task failed: {0}")]
+    FlushTask(String),
 }
 
 impl From<TransactionError<StoreError>> for StoreError {
@@ -164,7 +166,15 @@ impl Store {
     ///
     /// Returns an error if the write-ahead log cannot be synced.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        // Not sled's `flush_async`: in sled 0.34 (the latest release) concurrent `flush_async`
+        // futures can all stay pending for ever (spacejam/sled#1241, #1308; fixed only on sled's
+        // unreleased main), which hung every call of the daemon under concurrent load. The
+        // blocking flush, on the blocking pool, is safe to call from many threads at once and
+        // shares the log writes of concurrent callers.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::FlushTask(e.to_string()))??;
         Ok(())
     }
 
@@ -567,6 +577,37 @@ fn allocate_id(devices: &TransactionalTree, meta: &TransactionalTree) -> TxResul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sled 0.34's own `flush_async` never wakes when several are polled at once
+    /// (spacejam/sled#1241, #1308): the engine's flushes from concurrent calls hung the daemon
+    /// (found by benches/startup_store.rs, whose fake pool makes calls fast enough to overlap).
+    /// The bound turns a hang into a failure; it is not a timing assertion.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_flushes_all_complete() {
+        let (_dir, store) = open();
+        let mut tasks = Vec::new();
+        for t in 0..32u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50u32 {
+                    store
+                        .meta
+                        .insert(format!("t{t}-{i}"), &i.to_be_bytes())
+                        .expect("insert");
+                    store.flush().await.expect("flush");
+                }
+            }));
+        }
+        let all = async {
+            for t in tasks {
+                t.await.expect("task");
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(300), all)
+            .await
+            .expect("every flush completes (sled's flush_async deadlock)");
+        assert_eq!(store.meta.len(), 32 * 50 + 1);
+    }
 
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
