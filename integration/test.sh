@@ -5,7 +5,7 @@
 #
 # 1. integration/install-deps.sh            (SKIP_INSTALL_DEPS=1 to skip)
 # 2. cargo fmt --check
-# 3. cargo clippy --all-targets -- -D warnings
+# 3. cargo clippy --all-targets --all-features -- -D warnings   (the benches too)
 # 4. cargo test                             (unit + host tests; the VM-only ones show as ignored)
 # 5. cargo build; the list of test executables (cargo test --no-run --message-format=json)
 # 6. the Go conformance binary              (integration/conformance/build.sh)
@@ -83,7 +83,7 @@ fi
 command -v cargo >/dev/null 2>&1 || abort "cargo not found (looked in PATH and ~/.cargo/bin)"
 
 step fmt cargo fmt --all -- --check
-step clippy cargo clippy --all-targets -- -D warnings
+step clippy cargo clippy --all-targets --all-features -- -D warnings
 step cargo-test cargo test
 
 # The binary and the list of test executables for the VM.

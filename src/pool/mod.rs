@@ -8,7 +8,7 @@
 //! go through `spawn_blocking`.
 
 pub mod dm;
-#[cfg(test)]
+#[cfg(any(test, feature = "fake-pool"))]
 pub mod fake;
 pub mod loopback;
 pub mod lvm;
