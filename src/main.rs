@@ -123,42 +123,6 @@ fn describe(e: &anyhow::Error) -> String {
     msg
 }
 
-/// Gives the memory a burst of calls freed back to the kernel once the burst is over. glibc keeps
-/// freed memory in the arenas of the threads that used it (each blocking-pool thread that ran a
-/// call has one), so without this a daemon that served a burst of concurrent calls stays near its
-/// peak resident size while idle (37 MiB after the benchmarks' load against 8 MiB fresh;
-/// benches/NOTES.md). A check once a second; `malloc_trim` runs once per quiet period, on the
-/// blocking pool, never while calls keep coming.
-fn spawn_memory_trim(engine: Arc<thinsnap::engine::Engine>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        // `trimmed` starts unmatched: the first quiet second also returns what start-up and
-        // recovery (re-activating devices after a reboot) freed.
-        let (mut seen, mut trimmed) = (engine.activity(), u64::MAX);
-        loop {
-            tick.tick().await;
-            let now = engine.activity();
-            if now != seen {
-                seen = now;
-                continue;
-            }
-            if now != trimmed {
-                trimmed = now;
-                let _ = tokio::task::spawn_blocking(|| {
-                    // SAFETY: malloc_trim only releases free memory of the allocator's own
-                    // arenas; it touches no memory the program owns. glibc only (musl has none).
-                    #[cfg(target_env = "gnu")]
-                    unsafe {
-                        libc::malloc_trim(0);
-                    }
-                })
-                .await;
-            }
-        }
-    });
-}
-
 fn run(cli: Cli) -> Result<()> {
     // The daemon's own work is ioctls and store writes on the blocking pool; the async side only
     // carries gRPC. A few workers serve any node (the default, one per core, costs a thread and
@@ -252,7 +216,6 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
     let engine = Arc::new(engine);
     engine.spawn_reaper();
     engine.spawn_autogrow();
-    spawn_memory_trim(engine.clone());
     let listener = server::bind(&config.address)?;
     info!(socket = %config.address.display(), "serving");
     // Tell systemd (Type=notify) that the socket is there; a no-op outside systemd.

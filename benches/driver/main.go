@@ -117,8 +117,7 @@ func runDevmapper() {
 	writeJSON(*out, res)
 }
 
-// settleRSS is the resident size of an idle daemon: 5 s without calls (thinsnap hands memory
-// freed by a burst back to the kernel after a quiet second, src/main.rs spawn_memory_trim).
+// settleRSS is the resident size of an idle daemon: 5 s without calls.
 func settleRSS(pid int) int64 {
 	time.Sleep(5 * time.Second)
 	rss, _ := memKB(pid)

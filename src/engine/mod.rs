@@ -264,9 +264,6 @@ pub struct Engine {
     reaper: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ThinId>>>,
     /// What last limited `pool.autogrow` (logged when it changes).
     autogrow_limited: std::sync::Mutex<Vec<String>>,
-    /// Counts the calls that allocate (creates, commits, removes, lists), so the daemon can tell
-    /// when a burst of them is over (see `activity`).
-    activity: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
@@ -288,7 +285,6 @@ impl Engine {
             kernel: tokio::sync::RwLock::new(()),
             reaper: std::sync::Mutex::new(None),
             autogrow_limited: std::sync::Mutex::new(Vec::new()),
-            activity: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -303,17 +299,6 @@ impl Engine {
         tokio::task::spawn_blocking(move || f(&*pool))
             .await
             .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
-    }
-
-    fn note_activity(&self) {
-        self.activity
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How many allocating calls (Prepare, View, Commit, Remove, List) have started so far: a
-    /// value that stops changing means the daemon has gone idle.
-    pub fn activity(&self) -> u64 {
-        self.activity.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes every change so far durable, with the pool's transaction id as of now.
@@ -409,7 +394,6 @@ impl Engine {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>, EngineError> {
-        self.note_activity();
         check_key("key", key)?;
         check_labels(&labels)?;
         let size = match labels.get(SIZE_LABEL) {
@@ -577,7 +561,6 @@ impl Engine {
         key: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<(), EngineError> {
-        self.note_activity();
         check_key("name", name)?;
         check_key("key", key)?;
         check_labels(&labels)?;
@@ -643,7 +626,6 @@ impl Engine {
     /// Returns NotFound if it does not exist, FailedPrecondition if it has children or its
     /// device is still mounted.
     pub async fn remove(&self, key: &str) -> Result<(), EngineError> {
-        self.note_activity();
         check_key("key", key)?;
         let _guard = self.locks.lock(&[key]).await;
         let rec = self.ready(key)?;
@@ -778,7 +760,6 @@ impl Engine {
     ///
     /// Returns InvalidArgument for a malformed filter.
     pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, EngineError> {
-        self.note_activity();
         let parsed =
             filter::parse_all(filters).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
         let mut out = Vec::new();
