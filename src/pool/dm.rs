@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use devicemapper::{
-    errors, DevId, Device, DmError, DmFlags, DmName, DmNameBuf, DmOptions, ThinPoolStatus,
-    ThinPoolStatusSummary, ThinPoolTargetParams, ThinStatus, DM,
+    errors, DevId, Device, DeviceInfo, DmError, DmFlags, DmName, DmNameBuf, DmOptions,
+    ThinPoolStatus, ThinPoolStatusSummary, ThinPoolTargetParams, ThinStatus, DM,
 };
 use nix::errno::Errno;
 use tracing::{debug, info, warn};
@@ -160,9 +160,8 @@ impl DmPool {
         if exists {
             info!(pool = %name, mode = %config.pool.mode, "using existing thin pool");
         }
-        let pool_dev = dm
-            .device_info(&DevId::Name(&dm_name(&name)?))
-            .map_err(dm_err("info", &name))?
+        let pool_dev = device_info(&dm, &name)?
+            .ok_or_else(|| PoolError::PoolMissing(name.clone()))?
             .device();
         Ok(DmPool {
             pool_dev,
@@ -224,14 +223,19 @@ impl DmPool {
     }
 }
 
-/// Whether a dm device called `name` exists.
-pub fn device_exists(dm: &DM, name: &str) -> Result<bool, PoolError> {
+/// The dm device called `name` (one DM_DEV_STATUS), or None if there is none.
+fn device_info(dm: &DM, name: &str) -> Result<Option<DeviceInfo>, PoolError> {
     let n = dm_name(name)?;
     match dm.device_info(&DevId::Name(&n)) {
-        Ok(_) => Ok(true),
-        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => Ok(false),
+        Ok(info) => Ok(Some(info)),
+        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => Ok(None),
         Err(e) => Err(dm_err("info", name)(e)),
     }
+}
+
+/// Whether a dm device called `name` exists.
+pub fn device_exists(dm: &DM, name: &str) -> Result<bool, PoolError> {
+    Ok(device_info(dm, name)?.is_some())
 }
 
 fn table_of(
@@ -438,14 +442,9 @@ impl ThinPool for DmPool {
         let path = self.device_path(id);
         // One DM_DEV_STATUS tells both whether the device is already active (recovery, a retried
         // call) and, if it is, its device number for the node.
-        let n = dm_name(&name)?;
-        match self.dm.device_info(&DevId::Name(&n)) {
-            Ok(info) => {
-                ensure_node(&name, info.device());
-                return Ok(path);
-            }
-            Err(e) if errno_of(&e) == Some(Errno::ENXIO) => {}
-            Err(e) => return Err(dm_err("info", &name)(e)),
+        if let Some(info) = device_info(&self.dm, &name)? {
+            ensure_node(&name, info.device());
+            return Ok(path);
         }
         create_device(
             &self.dm,

@@ -171,11 +171,10 @@ impl Store {
         // unreleased main), which hung every call of the daemon under concurrent load. The
         // blocking flush, on the blocking pool, is safe to call from many threads at once and
         // shares the log writes of concurrent callers.
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.flush_sync())
             .await
-            .map_err(|e| StoreError::FlushTask(e.to_string()))??;
-        Ok(())
+            .map_err(|e| StoreError::FlushTask(e.to_string()))?
     }
 
     /// Blocking form of [`Store::flush`], for start-up and shutdown.
