@@ -17,15 +17,17 @@ guest_prelude
 parts=("$@")
 ((${#parts[@]})) || parts=(rust conformance e2e)
 
-# Device-mapper and loop devices left over by a part (all of ours live in this VM only).
+# Device-mapper and loop devices left over by a part (all of ours live in this VM only): a part
+# that leaves any behind has leaked, and that is a failure of the part, not a warning.
 leftovers() {
   local dm loops
   dm=$(dmsetup ls 2>/dev/null | grep -v '^No devices found' || true)
   loops=$(losetup -a 2>/dev/null || true)
   if [[ -n $dm || -n $loops ]]; then
-    echo "WARNING: devices left behind after part '$1':"
+    echo "FAILED: devices left behind after part '$1':"
     [[ -n $dm ]] && sed 's/^/  dm:   /' <<<"$dm"
     [[ -n $loops ]] && sed 's/^/  loop: /' <<<"$loops"
+    return 1
   fi
 }
 
@@ -62,8 +64,16 @@ run_part() {
   ((status != 0 && f == 0)) && f=1
   ((status != 0)) && any_status=1
   ((total_pass += p, total_fail += f))
-  table+=("$(printf '%-12s %4d passed, %4d failed   exit %-3d %5ds' "$part" "$p" "$f" "$status" "$secs")")
-  leftovers "$part" | tee -a "$log"
+  local leaked=""
+  if ! leftovers "$part" > >(tee -a "$log"); then
+    leaked="  LEAKED DEVICES"
+    ((total_fail++))
+    any_status=1
+    # Clean up so the next part starts from nothing (its own leak check stays meaningful).
+    dmsetup remove_all --force >/dev/null 2>&1 || true
+    losetup -D >/dev/null 2>&1 || true
+  fi
+  table+=("$(printf '%-12s %4d passed, %4d failed   exit %-3d %5ds%s' "$part" "$p" "$f" "$status" "$secs" "$leaked")")
 }
 
 for part in "${parts[@]}"; do
@@ -94,6 +104,11 @@ alarms=$(grep -E -i 'out of memory|oom-kill|killed process|BUG:|WARNING:|Call Tr
 if [[ -n $alarms ]]; then
   say "kernel log: alarming lines (all of it in $VM_RESULTS/dmesg.txt)"
   echo "$alarms"
+  # The kernel complaining (an OOM kill, a BUG, a thin pool error) fails the run: no test of ours
+  # should make it, and one that does hides a real fault behind a passing count.
+  table+=("$(printf '%-12s FAILED: alarming kernel log lines (see dmesg.txt)' kernel-log)")
+  ((total_fail++))
+  any_status=1
 fi
 
 say "SUMMARY (in the VM)"
