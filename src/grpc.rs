@@ -11,7 +11,7 @@ use containerd_snapshots::{
 use tonic::Status;
 
 use crate::engine::{Engine, EngineError, SnapshotInfo};
-use crate::store::Kind;
+use crate::model::Kind;
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Status {

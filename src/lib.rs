@@ -7,6 +7,7 @@
 //! - [`server`]: the tonic server on the unix socket (both services), graceful stop; the client side.
 //! - [`grpc`]: containerd's Snapshots service -> [`engine`]; `EngineError` -> gRPC status codes.
 //! - [`admin`]: thinsnap's own Admin service (proto/) -> [`engine`].
+//! - [`model`]: the vocabulary every layer shares (thin ids, snapshot kinds); imports nothing.
 //! - [`metrics`]: the opt-in Prometheus endpoint; call latency and errors, pool space.
 //! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
 //!   recovery at start ([`engine::recovery`]), containerd's filter syntax ([`engine::filter`]).
@@ -25,6 +26,7 @@ pub mod failpoint;
 pub mod fs;
 pub mod grpc;
 pub mod metrics;
+pub mod model;
 pub mod pool;
 pub mod server;
 pub mod store;

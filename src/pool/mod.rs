@@ -1,26 +1,27 @@
 //! The thin pool: the [`ThinPool`] trait the engine talks to, its device-mapper implementation
-//! ([`dm::DmPool`], ioctls through the `devicemapper` crate) and loop-device provisioning
-//! ([`loopback`]).
+//! ([`dm::DmPool`], ioctls through the `devicemapper` crate), loop-device provisioning
+//! ([`loopback`]) and LVM provisioning ([`lvm`]).
 //!
 //! Only this module imports `devicemapper`. It knows dm names (derived from the pool name and a
 //! thin id, so recovery can recognise every device that is ours), tables and messages; it knows
 //! nothing of snapshots, keys or the store. Every call is a blocking ioctl: callers in async code
 //! go through `spawn_blocking`.
+//!
+//! Inside, imports point one way: `dm` -> (`loopback`, `lvm`) -> `ioctl` (the shared
+//! device-mapper calls, a leaf); nothing but `main.rs` uses `dm`. `txid` and `fake` build on the
+//! trait alone.
 
 pub mod dm;
 #[cfg(any(test, feature = "fake-pool"))]
 pub mod fake;
+mod ioctl;
 pub mod loopback;
 pub mod lvm;
 pub mod txid;
 
 use std::path::PathBuf;
 
-/// A dm-thin device id: the kernel accepts 24 bits (thin-provisioning.rst, "create_thin").
-pub type ThinId = u32;
-
-/// The largest thin id the kernel accepts.
-pub const MAX_THIN_ID: ThinId = (1 << 24) - 1;
+pub use crate::model::{ThinId, MAX_THIN_ID};
 
 /// Errors of the pool layer. Each names the device or thin id it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,24 @@ pub enum PoolError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Lvm mode refused the configured device, volume group or thin pool.
+    #[error(transparent)]
+    Lvm(#[from] lvm::LvmError),
+}
+
+/// Removes `path`, returning whether it was there.
+///
+/// Returns [`PoolError::Io`] if it exists and cannot be removed.
+fn remove_file_if_exists(path: &std::path::Path) -> Result<bool, PoolError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(PoolError::Io {
+            op: "remove",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// Space and health of the pool, from the thin-pool target's status line.

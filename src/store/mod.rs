@@ -16,7 +16,7 @@ use sled::Transactional;
 
 pub use records::{BaseRecord, DeviceRecord, Kind, SnapshotRecord, State, BASE_OWNER};
 
-use crate::pool::{ThinId, MAX_THIN_ID};
+use crate::model::{ThinId, MAX_THIN_ID};
 
 /// The layout version this code reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -5,27 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pool::ThinId;
-
-/// containerd's snapshot kinds (Unknown is never stored).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Active,
-    View,
-    Committed,
-}
-
-impl Kind {
-    /// The name containerd's filters use (`kind==committed`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Active => "active",
-            Kind::View => "view",
-            Kind::Committed => "committed",
-        }
-    }
-}
+pub use crate::model::Kind;
+use crate::model::ThinId;
 
 /// Whether the kernel side of a record is known to exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
