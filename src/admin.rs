@@ -19,12 +19,11 @@ use api::{GrowRequest, LoopFile, Space, StatusRequest, StatusResponse};
 /// The Admin service over an engine.
 pub struct AdminService {
     engine: Arc<Engine>,
-    root: String,
 }
 
 impl AdminService {
-    pub fn new(engine: Arc<Engine>, root: String) -> AdminService {
-        AdminService { engine, root }
+    pub fn new(engine: Arc<Engine>) -> AdminService {
+        AdminService { engine }
     }
 
     /// The service ready to add to a tonic server.
@@ -60,12 +59,7 @@ impl Admin for AdminService {
             Vec::new()
         };
         let info = self.engine.pool_info();
-        let base = st.base.clone().unwrap_or_else(|| crate::store::BaseRecord {
-            thin_id: 0,
-            fs_type: String::new(),
-            size: 0,
-            mapped: 0,
-        });
+        let base = st.base;
         Ok(Response::new(StatusResponse {
             pool_name: info.name,
             pool_mode: info.mode,
@@ -98,7 +92,7 @@ impl Admin for AdminService {
                     device: device.display().to_string(),
                 })
                 .collect(),
-            root: self.root.clone(),
+            root: self.engine.root().display().to_string(),
             base_thin_id: base.thin_id,
             min_free_space_percent: self.engine.min_free_percent(),
             thin_ids,

@@ -1,8 +1,15 @@
 //! containerd's Snapshots service: the `containerd-snapshots` crate's [`Snapshotter`] trait mapped
 //! onto the [`Engine`], and the one exact mapping of [`EngineError`] to gRPC status codes
 //! (containerd branches on them: its unpacker relies on AlreadyExists). Nothing else lives here.
+//!
+//! A mutating call is not owned by its request: containerd passes its caller's context down the
+//! proxy, so a kubelet timeout, a containerd restart or a ^C cancels the gRPC call and hyper
+//! drops the handler's future. Each mutating call therefore runs as a task of its own, which
+//! the request only awaits: the engine's work runs to its outcome or its undo whatever the
+//! client does (CONVENTIONS.md, layering rule 6).
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 
 use containerd_snapshots::{
@@ -10,8 +17,8 @@ use containerd_snapshots::{
 };
 use tonic::Status;
 
-use crate::engine::{Engine, EngineError, SnapshotInfo};
-use crate::model::Kind;
+use crate::engine::{Engine, EngineError, Kind, SnapshotInfo};
+use crate::metrics::Metrics;
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Status {
@@ -40,14 +47,47 @@ impl From<EngineError> for Status {
     }
 }
 
-/// The Snapshots service over an engine.
+/// The Snapshots service over an engine, recording every call in `metrics`.
 pub struct Service {
     engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
 }
 
 impl Service {
-    pub fn new(engine: Arc<Engine>) -> Service {
-        Service { engine }
+    pub fn new(engine: Arc<Engine>, metrics: Arc<Metrics>) -> Service {
+        Service { engine, metrics }
+    }
+
+    /// Runs a read-only call, recording its latency and status code.
+    async fn timed<T>(
+        &self,
+        method: &'static str,
+        f: impl Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, Status> {
+        let start = std::time::Instant::now();
+        let r = f.await.map_err(Status::from);
+        self.metrics
+            .observe(method, start, r.as_ref().err().map(|s| s.code()));
+        r
+    }
+
+    /// Runs a mutating call as a task of its own (see the module doc), recording its latency
+    /// and status code when it ends, also if its client has gone.
+    async fn detached<T, F, Fut>(&self, method: &'static str, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Engine>) -> Fut,
+        Fut: Future<Output = Result<T, EngineError>> + Send + 'static,
+    {
+        let (call, metrics) = (f(self.engine.clone()), self.metrics.clone());
+        let task = tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let r = call.await.map_err(Status::from);
+            metrics.observe(method, start, r.as_ref().err().map(|s| s.code()));
+            r
+        });
+        task.await
+            .map_err(|e| Status::internal(format!("{method} task failed: {e}")))?
     }
 }
 
@@ -81,17 +121,6 @@ fn mounts(m: Vec<crate::engine::Mount>) -> Vec<ApiMount> {
         .collect()
 }
 
-/// Runs `f`, records its latency and status code in the metrics.
-async fn timed<T>(
-    method: &'static str,
-    f: impl std::future::Future<Output = Result<T, EngineError>>,
-) -> Result<T, Status> {
-    let start = std::time::Instant::now();
-    let r = f.await.map_err(Status::from);
-    crate::metrics::observe(method, start, r.as_ref().err().map(|s| s.code()));
-    r
-}
-
 // The trait fixes the error type to tonic::Status, whose size clippy dislikes.
 #[allow(clippy::result_large_err)]
 #[tonic::async_trait]
@@ -99,21 +128,20 @@ impl Snapshotter for Service {
     type Error = Status;
 
     async fn stat(&self, key: String) -> Result<Info, Status> {
-        timed("stat", self.engine.stat(&key)).await.map(info)
+        self.timed("stat", self.engine.stat(&key)).await.map(info)
     }
 
     async fn update(&self, i: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Status> {
         let paths = fieldpaths.unwrap_or_default();
-        timed(
-            "update",
-            self.engine.update(&i.name, labels(i.labels), &paths),
-        )
+        self.detached("update", |e| async move {
+            e.update(&i.name, labels(i.labels), &paths).await
+        })
         .await
         .map(info)
     }
 
     async fn usage(&self, key: String) -> Result<Usage, Status> {
-        let u = timed("usage", self.engine.usage(&key)).await?;
+        let u = self.timed("usage", self.engine.usage(&key)).await?;
         Ok(Usage {
             size: i64::try_from(u.size).unwrap_or(i64::MAX),
             inodes: i64::try_from(u.inodes).unwrap_or(i64::MAX),
@@ -121,7 +149,9 @@ impl Snapshotter for Service {
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<ApiMount>, Status> {
-        timed("mounts", self.engine.mounts(&key)).await.map(mounts)
+        self.timed("mounts", self.engine.mounts(&key))
+            .await
+            .map(mounts)
     }
 
     async fn prepare(
@@ -130,10 +160,9 @@ impl Snapshotter for Service {
         parent: String,
         l: HashMap<String, String>,
     ) -> Result<Vec<ApiMount>, Status> {
-        timed(
-            "prepare",
-            self.engine.create(Kind::Active, &key, &parent, labels(l)),
-        )
+        self.detached("prepare", |e| async move {
+            e.create(Kind::Active, &key, &parent, labels(l)).await
+        })
         .await
         .map(mounts)
     }
@@ -144,10 +173,9 @@ impl Snapshotter for Service {
         parent: String,
         l: HashMap<String, String>,
     ) -> Result<Vec<ApiMount>, Status> {
-        timed(
-            "view",
-            self.engine.create(Kind::View, &key, &parent, labels(l)),
-        )
+        self.detached("view", |e| async move {
+            e.create(Kind::View, &key, &parent, labels(l)).await
+        })
         .await
         .map(mounts)
     }
@@ -158,15 +186,21 @@ impl Snapshotter for Service {
         key: String,
         l: HashMap<String, String>,
     ) -> Result<(), Status> {
-        timed("commit", self.engine.commit(&name, &key, labels(l))).await
+        self.detached("commit", |e| async move {
+            e.commit(&name, &key, labels(l)).await
+        })
+        .await
     }
 
     async fn remove(&self, key: String) -> Result<(), Status> {
-        timed("remove", self.engine.remove(&key)).await
+        self.detached("remove", |e| async move { e.remove(&key).await })
+            .await
     }
 
     async fn clear(&self) -> Result<(), Status> {
-        timed("cleanup", self.engine.cleanup()).await.map(|_| ())
+        self.detached("cleanup", |e| async move { e.cleanup().await })
+            .await
+            .map(|_| ())
     }
 
     type InfoStream = futures::stream::Iter<std::vec::IntoIter<Result<Info, Status>>>;
@@ -176,7 +210,7 @@ impl Snapshotter for Service {
         _snapshotter: String,
         filters: Vec<String>,
     ) -> Result<Self::InfoStream, Status> {
-        let infos = timed("list", self.engine.list(&filters)).await?;
+        let infos = self.timed("list", self.engine.list(&filters)).await?;
         Ok(futures::stream::iter(
             infos.into_iter().map(|i| Ok(info(i))).collect::<Vec<_>>(),
         ))

@@ -4,9 +4,11 @@
 //!
 //! # Layout
 //! - [`config`]: typed TOML configuration, every default, validation naming the key.
-//! - [`server`]: the tonic server on the unix socket (both services), graceful stop; the client side.
+//! - [`server`]: the running daemon: the tonic server on the unix socket (both services) and the
+//!   background tasks (reaper, autogrow, metrics), graceful stop; the client side.
 //! - [`grpc`]: containerd's Snapshots service -> [`engine`]; `EngineError` -> gRPC status codes.
 //! - [`admin`]: thinsnap's own Admin service (proto/) -> [`engine`].
+//! - [`status`]: renders the Admin service's status for `thinsnap status` (text or JSON).
 //! - [`model`]: the vocabulary every layer shares (thin ids, snapshot kinds); imports nothing.
 //! - [`metrics`]: the opt-in Prometheus endpoint; call latency and errors, pool space.
 //! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
@@ -29,4 +31,5 @@ pub mod metrics;
 pub mod model;
 pub mod pool;
 pub mod server;
+pub mod status;
 pub mod store;

@@ -1,22 +1,23 @@
-//! The `thinsnap` command: `serve` (the daemon), `status` (asks the daemon), `pool destroy`.
-//! The composition root: the only place that builds the real pool and store together, and the
-//! only place `anyhow` is used.
+//! The `thinsnap` command: `serve` (the daemon), `status` and `pool grow` (ask the daemon),
+//! `pool destroy`. The composition root: it parses the command line and wires the real pool,
+//! store and engine into [`server::run`], which owns the running daemon. The only place
+//! `anyhow` is used.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use tracing::{error, info};
+use tracing::info;
 
 use thinsnap::admin::api::admin_client::AdminClient;
 use thinsnap::admin::api::StatusRequest;
 use thinsnap::config::Config;
-use thinsnap::engine::recovery;
+use thinsnap::engine::{recovery, Settings};
 use thinsnap::pool::dm::{self, DmPool};
 use thinsnap::pool::ThinPool;
 use thinsnap::store::Store;
-use thinsnap::{fs, server};
+use thinsnap::{fs, server, status};
 
 #[derive(Parser)]
 #[command(
@@ -102,9 +103,9 @@ fn main() {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     if let Err(e) = run(cli) {
-        let msg = describe(&e);
-        error!("{msg}");
-        eprintln!("thinsnap: {msg}");
+        // Said once, on stderr (journald keeps it for the unit): not a log line and then the
+        // same text again.
+        eprintln!("thinsnap: {}", describe(&e));
         std::process::exit(1);
     }
 }
@@ -192,181 +193,64 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let metrics = config
+        .metrics
+        .address
+        .as_deref()
+        .map(str::parse::<std::net::SocketAddr>)
+        .transpose()
+        .context("metrics.address")?;
     info!(root = %config.root.display(), socket = %config.address.display(),
           pool = %config.pool.name, mode = %config.pool.mode, "starting");
     server::check_not_in_use(&config.address)?;
     ensure_root(&config.root)?;
-    let store = Store::open(&config.db_path())
-        .with_context(|| "cannot open the database (is another thinsnap using this root?)")?;
     let c = config.clone();
     let engine = tokio::task::spawn_blocking(move || -> Result<_> {
+        // The pool first: a kernel without device-mapper is refused before anything is made
+        // under root (the database).
         let pool: Arc<dyn ThinPool> = Arc::new(DmPool::open(&c)?);
-        let fs_config = c.fs.clone();
-        let scratch = c.root.clone();
-        let format = move |dev: &Path| fs::format_base(dev, &fs_config, &scratch);
-        let (engine, _report) = recovery::start(
-            pool,
-            store,
-            thinsnap::engine::Settings::from_config(&c),
-            &format,
-        )?;
+        let store = Store::open(&c.db_path())
+            .context("cannot open the database (is another thinsnap using this root?)")?;
+        let (fs_config, root) = (c.fs.clone(), c.root.clone());
+        let format = move |dev: &Path| fs::format_base(dev, &fs_config, &root);
+        let (engine, _report) = recovery::start(pool, store, Settings::from_config(&c), &format)?;
         Ok(engine)
     })
     .await??;
-    let engine = Arc::new(engine);
-    engine.spawn_reaper();
-    engine.spawn_autogrow();
     let listener = server::bind(&config.address)?;
     info!(socket = %config.address.display(), "serving");
-    // Tell systemd (Type=notify) that the socket is there; a no-op outside systemd.
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(addr) = &config.metrics.address {
-        let addr: std::net::SocketAddr = addr.parse().context("metrics.address")?;
-        let mut rx = stop_rx.clone();
-        let engine = engine.clone();
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.changed().await;
-            };
-            if let Err(e) = thinsnap::metrics::serve(addr, engine, stop).await {
-                error!(address = %addr, error = %e, "metrics endpoint failed");
-            }
-        });
-    }
     let shutdown = async move {
+        // Tell systemd (Type=notify) that the socket is there; a no-op outside systemd.
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping"),
             _ = int.recv() => info!("SIGINT: stopping"),
         }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-        let _ = stop_tx.send(true);
     };
-    server::run(
-        listener,
-        engine,
-        config.root.display().to_string(),
-        shutdown,
-    )
-    .await?;
+    server::run(listener, Arc::new(engine), metrics, shutdown).await?;
     let _ = std::fs::remove_file(&config.address);
     Ok(())
 }
 
-fn human(bytes: u64) -> String {
-    bytesize::ByteSize::b(bytes).display().iec().to_string()
-}
-
-fn pct(used: u64, total: u64) -> f64 {
-    if total == 0 {
-        0.0
-    } else {
-        used as f64 * 100.0 / total as f64
-    }
-}
-
-async fn status(config_path: Option<&Path>, json: bool) -> Result<()> {
-    let config = Config::load(config_path)?;
-    let channel = server::connect(&config.address).await.with_context(|| {
+/// A channel to the running daemon's socket.
+async fn reach(config: &Config) -> Result<tonic::transport::Channel> {
+    server::connect(&config.address).await.with_context(|| {
         format!(
             "cannot reach thinsnap at {} (is it running?)",
             config.address.display()
         )
-    })?;
-    let st = AdminClient::new(channel)
+    })
+}
+
+async fn status(config_path: Option<&Path>, json: bool) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let st = AdminClient::new(reach(&config).await?)
         .status(StatusRequest::default())
         .await
         .context("status call failed")?
         .into_inner();
-    let data = st.data.clone().unwrap_or_default();
-    let meta = st.metadata.clone().unwrap_or_default();
-    if json {
-        let v = serde_json::json!({
-            "pool_name": st.pool_name,
-            "pool_mode": st.pool_mode,
-            "root": st.root,
-            "block_size_bytes": st.block_size_bytes,
-            "base_size_bytes": st.base_size_bytes,
-            "base_thin_id": st.base_thin_id,
-            "fs_type": st.fs_type,
-            "data": {"used_bytes": data.used_bytes, "total_bytes": data.total_bytes,
-                     "available_bytes": data.total_bytes.saturating_sub(data.used_bytes)},
-            "metadata": {"used_bytes": meta.used_bytes, "total_bytes": meta.total_bytes,
-                         "available_bytes": meta.total_bytes.saturating_sub(meta.used_bytes)},
-            "min_free_space_percent": st.min_free_space_percent,
-            "transaction_id": st.transaction_id,
-            "health": {"read_only": st.read_only, "out_of_data_space": st.out_of_data_space,
-                       "needs_check": st.needs_check, "error_if_no_space": st.error_if_no_space},
-            "snapshots": {"active": st.snapshots_active, "view": st.snapshots_view,
-                          "committed": st.snapshots_committed},
-            "thin_ids_in_use": st.thin_ids_in_use,
-            "loop_files": st.loop_files.iter().map(|l| serde_json::json!(
-                {"role": l.role, "file": l.file, "device": l.device})).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    println!("Pool Name:                 {}", st.pool_name);
-    println!("Pool Mode:                 {}", st.pool_mode);
-    println!("Root:                      {}", st.root);
-    println!("Pool Blocksize:            {}", human(st.block_size_bytes));
-    println!("Base Device Size:          {}", human(st.base_size_bytes));
-    println!("Backing Filesystem:        {}", st.fs_type);
-    for (what, s) in [("Data", &data), ("Metadata", &meta)] {
-        println!(
-            "{:<27}{} ({:.1}%)",
-            format!("{what} Space Used:"),
-            human(s.used_bytes),
-            pct(s.used_bytes, s.total_bytes)
-        );
-        println!(
-            "{:<27}{}",
-            format!("{what} Space Total:"),
-            human(s.total_bytes)
-        );
-        println!(
-            "{:<27}{}",
-            format!("{what} Space Available:"),
-            human(s.total_bytes.saturating_sub(s.used_bytes))
-        );
-    }
-    println!("Minimum Free Space:        {}%", st.min_free_space_percent);
-    println!("Transaction Id:            {}", st.transaction_id);
-    let mut health = Vec::new();
-    if st.read_only {
-        health.push("read-only");
-    }
-    if st.out_of_data_space {
-        health.push("out of data space");
-    }
-    if st.needs_check {
-        health.push("needs_check");
-    }
-    println!(
-        "Health:                    {}",
-        if health.is_empty() {
-            "ok".to_string()
-        } else {
-            health.join(", ")
-        }
-    );
-    println!("Error If No Space:         {}", st.error_if_no_space);
-    println!(
-        "Snapshots:                 {} active, {} view, {} committed",
-        st.snapshots_active, st.snapshots_view, st.snapshots_committed
-    );
-    println!(
-        "Thin Ids In Use:           {} (base: {})",
-        st.thin_ids_in_use, st.base_thin_id
-    );
-    for l in &st.loop_files {
-        println!(
-            "{:<27}{} on {}",
-            format!("Loop {} File:", l.role),
-            l.file,
-            l.device
-        );
-    }
+    print!("{}", thinsnap::status::render(&st, json));
     Ok(())
 }
 
@@ -376,13 +260,7 @@ async fn grow(
     meta: Option<bytesize::ByteSize>,
 ) -> Result<()> {
     let config = Config::load(config_path)?;
-    let channel = server::connect(&config.address).await.with_context(|| {
-        format!(
-            "cannot reach thinsnap at {} (is it running?)",
-            config.address.display()
-        )
-    })?;
-    let st = AdminClient::new(channel)
+    let st = AdminClient::new(reach(&config).await?)
         .grow(thinsnap::admin::api::GrowRequest {
             data_size_bytes: data.map(|b| b.as_u64()).unwrap_or(0),
             metadata_size_bytes: meta.map(|b| b.as_u64()).unwrap_or(0),
@@ -395,10 +273,10 @@ async fn grow(
     println!(
         "pool {}: data {} of {}, metadata {} of {}",
         st.pool_name,
-        human(d.used_bytes),
-        human(d.total_bytes),
-        human(m.used_bytes),
-        human(m.total_bytes)
+        status::human(d.used_bytes),
+        status::human(d.total_bytes),
+        status::human(m.used_bytes),
+        status::human(m.total_bytes)
     );
     Ok(())
 }

@@ -2,10 +2,12 @@
 //! snapshots by kind, per-call latency histograms and error counts by gRPC status code.
 //!
 //! Calls are recorded always (a histogram observation is a few atomic adds); the pool gauges
-//! are read from the engine when `/metrics` is scraped. Nothing here changes state.
+//! are read from the engine when `/metrics` is scraped. Nothing here changes state. Each server
+//! (and each test) has its own [`Metrics`] with its own registry: no count depends on what else
+//! ran in the process.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus::{
@@ -15,7 +17,8 @@ use tracing::{info, warn};
 
 use crate::engine::Engine;
 
-struct Metrics {
+/// The metrics of one server: its registry and the collectors in it.
+pub struct Metrics {
     registry: Registry,
     latency: HistogramVec,
     errors: IntCounterVec,
@@ -23,9 +26,15 @@ struct Metrics {
     snapshots: GaugeVec,
 }
 
-fn metrics() -> &'static Metrics {
-    static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(|| {
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every collector registered and no observation.
+    pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some("thinsnap".into()), None)
             .expect("a static prefix is a valid registry");
         let latency = HistogramVec::new(
@@ -67,76 +76,77 @@ fn metrics() -> &'static Metrics {
             space,
             snapshots,
         }
-    })
-}
-
-/// Records one call of `method` that started at `start`, failed with `code` if any.
-pub fn observe(method: &str, start: Instant, code: Option<tonic::Code>) {
-    let m = metrics();
-    m.latency
-        .with_label_values(&[method])
-        .observe(start.elapsed().as_secs_f64());
-    if let Some(code) = code {
-        m.errors
-            .with_label_values(&[method, &format!("{code:?}")])
-            .inc();
     }
-}
 
-/// The text exposition of every metric, after refreshing the pool gauges from `engine`.
-pub async fn render(engine: &Engine) -> String {
-    let m = metrics();
-    match engine.status().await {
-        Ok(st) => {
-            let p = &st.pool;
-            for (space, used, total) in [
-                ("data", p.data_used_bytes, p.data_total_bytes),
-                ("metadata", p.metadata_used_bytes, p.metadata_total_bytes),
-            ] {
-                m.space.with_label_values(&[space, "used"]).set(used as f64);
-                m.space
-                    .with_label_values(&[space, "total"])
-                    .set(total as f64);
-            }
-            m.snapshots
-                .with_label_values(&["active"])
-                .set(st.active as f64);
-            m.snapshots
-                .with_label_values(&["view"])
-                .set(st.views as f64);
-            m.snapshots
-                .with_label_values(&["committed"])
-                .set(st.committed as f64);
+    /// Records one call of `method` that started at `start`, failed with `code` if any.
+    pub fn observe(&self, method: &str, start: Instant, code: Option<tonic::Code>) {
+        let m = self;
+        m.latency
+            .with_label_values(&[method])
+            .observe(start.elapsed().as_secs_f64());
+        if let Some(code) = code {
+            m.errors
+                .with_label_values(&[method, &format!("{code:?}")])
+                .inc();
         }
-        Err(e) => warn!(error = %e, "cannot read pool status for metrics"),
     }
-    let mut buf = Vec::new();
-    TextEncoder::new()
-        .encode(&m.registry.gather(), &mut buf)
-        .expect("text encoding into a Vec cannot fail");
-    String::from_utf8(buf).expect("the text format is UTF-8")
+
+    /// The text exposition of every metric, after refreshing the pool gauges from `engine`.
+    pub async fn render(&self, engine: &Engine) -> String {
+        let m = self;
+        match engine.status().await {
+            Ok(st) => {
+                let p = &st.pool;
+                for (space, used, total) in [
+                    ("data", p.data_used_bytes, p.data_total_bytes),
+                    ("metadata", p.metadata_used_bytes, p.metadata_total_bytes),
+                ] {
+                    m.space.with_label_values(&[space, "used"]).set(used as f64);
+                    m.space
+                        .with_label_values(&[space, "total"])
+                        .set(total as f64);
+                }
+                m.snapshots
+                    .with_label_values(&["active"])
+                    .set(st.active as f64);
+                m.snapshots
+                    .with_label_values(&["view"])
+                    .set(st.views as f64);
+                m.snapshots
+                    .with_label_values(&["committed"])
+                    .set(st.committed as f64);
+            }
+            Err(e) => warn!(error = %e, "cannot read pool status for metrics"),
+        }
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
 }
 
-/// Serves `GET /metrics` on `addr` until `shutdown` completes.
+/// Binds `addr` and returns the endpoint serving `GET /metrics` until `shutdown` completes.
 ///
 /// Returns an error if the address cannot be bound.
-pub async fn serve(
+pub fn bind(
     addr: SocketAddr,
     engine: Arc<Engine>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), hyper::Error> {
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<impl std::future::Future<Output = Result<(), hyper::Error>> + Send, hyper::Error> {
     use hyper::service::{make_service_fn, service_fn};
     use hyper::{Body, Response, StatusCode};
     let make = make_service_fn(move |_| {
-        let engine = engine.clone();
+        let (engine, metrics) = (engine.clone(), metrics.clone());
         async move {
             Ok::<_, std::convert::Infallible>(service_fn(move |req| {
-                let engine = engine.clone();
+                let (engine, metrics) = (engine.clone(), metrics.clone());
                 async move {
                     let resp = if req.uri().path() == "/metrics" {
                         Response::builder()
                             .header("content-type", "text/plain; version=0.0.4")
-                            .body(Body::from(render(&engine).await))
+                            .body(Body::from(metrics.render(&engine).await))
                     } else {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)
@@ -151,24 +161,27 @@ pub async fn serve(
     });
     let server = hyper::Server::try_bind(&addr)?.serve(make);
     info!(address = %addr, "serving metrics");
-    server.with_graceful_shutdown(shutdown).await
+    Ok(server.with_graceful_shutdown(shutdown))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn text(m: &Metrics) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut buf)
+            .expect("encode");
+        String::from_utf8(buf).expect("utf8")
+    }
+
     #[test]
     fn calls_and_errors_are_counted() {
-        observe("prepare", Instant::now(), None);
-        observe("prepare", Instant::now(), Some(tonic::Code::AlreadyExists));
-        let text = {
-            let mut buf = Vec::new();
-            TextEncoder::new()
-                .encode(&metrics().registry.gather(), &mut buf)
-                .expect("encode");
-            String::from_utf8(buf).expect("utf8")
-        };
+        let m = Metrics::new();
+        m.observe("prepare", Instant::now(), None);
+        m.observe("prepare", Instant::now(), Some(tonic::Code::AlreadyExists));
+        let text = text(&m);
         assert!(
             text.contains("thinsnap_call_duration_seconds_count{method=\"prepare\"}"),
             "{text}"
@@ -178,6 +191,24 @@ mod tests {
                 "thinsnap_call_errors_total{code=\"AlreadyExists\",method=\"prepare\"} 1"
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn each_registry_counts_only_its_own_calls() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.observe("remove", Instant::now(), Some(tonic::Code::NotFound));
+        a.observe("remove", Instant::now(), Some(tonic::Code::NotFound));
+        b.observe("remove", Instant::now(), Some(tonic::Code::NotFound));
+        assert!(
+            text(&a).contains("thinsnap_call_errors_total{code=\"NotFound\",method=\"remove\"} 2"),
+            "{}",
+            text(&a)
+        );
+        assert!(
+            text(&b).contains("thinsnap_call_errors_total{code=\"NotFound\",method=\"remove\"} 1"),
+            "{}",
+            text(&b)
         );
     }
 }

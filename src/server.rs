@@ -1,8 +1,11 @@
-//! The gRPC server on the unix socket: containerd's Snapshots service and thinsnap's Admin
-//! service side by side, with graceful stop (in-flight calls finish, then the store is flushed).
-//! Also the client side of the socket, for the CLI and tests.
+//! The daemon's running half: the gRPC server on the unix socket (containerd's Snapshots service
+//! and thinsnap's Admin service side by side) and the daemon's background tasks (the
+//! `remove.async` reaper, `pool.autogrow`, the metrics endpoint). [`run`] owns all of them: at
+//! shutdown it stops taking calls, lets in-flight ones finish, signals the tasks, joins them and
+//! only then flushes the store. Also the client side of the socket, for the CLI and tests.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use tracing::{info, warn};
 use crate::admin::AdminService;
 use crate::engine::Engine;
 use crate::grpc::Service;
+use crate::metrics::Metrics;
 
 /// Errors of binding, serving and connecting.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,8 @@ pub enum ServerError {
     },
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("metrics endpoint: {0}")]
+    Metrics(hyper::Error),
 }
 
 /// Fails if a live process answers on `address` (a stale socket file is fine).
@@ -69,26 +75,56 @@ pub fn bind(address: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-/// Serves both services on `listener` until `shutdown` completes, then lets in-flight calls
-/// finish and flushes the store.
+/// Serves both services on `listener` and runs the daemon's background tasks (the reaper and
+/// autogrow when configured, the metrics endpoint on `metrics` if given) until `shutdown`
+/// completes; then lets in-flight calls finish, stops and joins the tasks, and flushes the store.
 ///
-/// Returns an error if the transport fails.
+/// Returns an error if the transport fails or the metrics address cannot be bound.
 pub async fn run(
     listener: UnixListener,
     engine: Arc<Engine>,
-    root: String,
+    metrics: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let snapshots = containerd_snapshots::server(Arc::new(Service::new(engine.clone())));
-    let admin = AdminService::new(engine.clone(), root).into_server();
-    Server::builder()
+    let registry = Arc::new(Metrics::new());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (e, stop) = (engine.clone(), stop.clone());
+        tasks.spawn(async move { e.run_reaper(stop).await });
+    }
+    {
+        let (e, stop) = (engine.clone(), stop.clone());
+        tasks.spawn(async move { e.run_autogrow(stop).await });
+    }
+    if let Some(addr) = metrics {
+        let (e, r, mut stop) = (engine.clone(), registry.clone(), stop.clone());
+        let stopped = async move { crate::engine::stopped(&mut stop).await };
+        // Bound here, so a bad address fails the start instead of a task later.
+        let endpoint = crate::metrics::bind(addr, e, r, stopped).map_err(ServerError::Metrics)?;
+        tasks.spawn(async move {
+            if let Err(err) = endpoint.await {
+                warn!(address = %addr, error = %err, "metrics endpoint failed");
+            }
+        });
+    }
+    let snapshots = containerd_snapshots::server(Arc::new(Service::new(engine.clone(), registry)));
+    let admin = AdminService::new(engine.clone()).into_server();
+    let served = Server::builder()
         .add_service(snapshots)
         .add_service(admin)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await?;
+        .await;
+    let _ = stop_tx.send(true);
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            warn!(error = %e, "a background task failed");
+        }
+    }
     if let Err(e) = engine.shutdown().await {
         warn!(error = %e, "cannot flush the store at shutdown");
     }
+    served?;
     info!("server stopped");
     Ok(())
 }
@@ -152,7 +188,7 @@ mod tests {
             "live socket taken over"
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run(listener, Arc::new(engine), "root".into(), async {
+        let server = tokio::spawn(run(listener, Arc::new(engine), None, async {
             let _ = stop_rx.await;
         }));
 

@@ -1,104 +1,44 @@
-//! The snapshot engine: containerd's snapshot semantics on top of a [`ThinPool`] and the
-//! [`Store`]. It owns the order of every mutating call (intent recorded and flushed, then the
-//! kernel, then the outcome recorded and flushed), per-key locking, rollback of a failed call, and
-//! recovery at start ([`recovery`]).
+//! The snapshot engine: containerd's snapshot semantics on top of the pool and the [`Store`].
+//! It owns the order of every mutating call (intent recorded and flushed, then the kernel, then
+//! the outcome recorded and flushed), per-key locking, rollback of a failed call, and recovery
+//! at start ([`recovery`]).
 //!
 //! It must not know gRPC (the `grpc` module converts) nor device-mapper (the pool does); pool
-//! calls are blocking ioctls and always go through `spawn_blocking`.
+//! calls are blocking ioctls and always go through `spawn_blocking`. It reaches the pool only
+//! through [`NumberedPool`], so every change of the pool's thin devices is numbered.
+//!
+//! The calls live here; the rest along its seams: [`error`] (the error type and how the layers
+//! below map into it), [`limits`] (what a request may carry), [`space`] (the free-space floor,
+//! growing the pool), [`reaper`] (deleting devices: Remove's last step, Cleanup, `remove.async`).
 
 pub mod autogrow;
+mod error;
 pub mod filter;
+mod limits;
 mod locks;
+mod reaper;
 pub mod recovery;
+mod space;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{info, warn};
 
 use crate::config::{AutogrowConfig, Config, FsConfig, PoolMode};
-use crate::fs::{mount_options, FsError};
-use crate::pool::txid::TxCounter;
-use crate::pool::{PoolError, PoolStatus, ThinId, ThinPool};
-use crate::store::{BaseRecord, Kind, NewSnapshot, SnapshotRecord, State, Store, StoreError};
+use crate::fs::mount_options;
+pub use crate::model::{Kind, ThinId};
+use crate::pool::txid::NumberedPool;
+use crate::pool::{PoolError, PoolInfo, PoolStatus, ThinPool};
+use crate::store::{BaseRecord, NewSnapshot, SnapshotRecord, State, Store, StoreError};
+pub(crate) use error::pool_err;
+pub use error::EngineError;
+use limits::{check_key, check_labels, size_label};
+pub use limits::{MAX_KEY_LEN, MAX_LABELS, MAX_LABEL_LEN, SIZE_LABEL};
 use locks::KeyLocks;
-
-/// Longest snapshot key or name accepted, in bytes (containerd's keys are a namespace, a counter
-/// and a digest: far below this).
-pub const MAX_KEY_LEN: usize = 4096;
-/// Longest label key plus value, in bytes (containerd's own limit for labels).
-pub const MAX_LABEL_LEN: usize = 4096;
-/// Most labels one snapshot may carry.
-pub const MAX_LABELS: usize = 256;
-
-/// Errors of the engine. The first five are the caller's; the rest are ours and carry their cause.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
-    #[error("{context}: {source}")]
-    Pool { context: String, source: PoolError },
-    #[error("store: {0}")]
-    Store(StoreError),
-    #[error("filesystem: {0}")]
-    Fs(#[from] FsError),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<StoreError> for EngineError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound(k) => EngineError::NotFound(format!("snapshot {k:?} not found")),
-            StoreError::AlreadyExists(k) => {
-                EngineError::AlreadyExists(format!("snapshot {k:?} already exists"))
-            }
-            StoreError::FailedPrecondition(m) => EngineError::FailedPrecondition(m),
-            StoreError::NoFreeThinId => EngineError::ResourceExhausted(e.to_string()),
-            other => EngineError::Store(other),
-        }
-    }
-}
-
-/// Free bytes of a space and the bytes the free-space floor (percent) requires of it.
-fn free_and_required(used: u64, total: u64, floor: f64) -> (u64, u64) {
-    let free = total.saturating_sub(used);
-    (free, (total as f64 * floor / 100.0).ceil() as u64)
-}
-
-/// Whether the pool is out of data space or under the floor in data or metadata.
-fn below_floor(st: &PoolStatus, floor: f64) -> bool {
-    let under = |used, total| {
-        let (free, required) = free_and_required(used, total, floor);
-        free < required
-    };
-    st.out_of_data_space
-        || under(st.data_used_bytes, st.data_total_bytes)
-        || under(st.metadata_used_bytes, st.metadata_total_bytes)
-}
-
-fn pool_err(context: impl Into<String>) -> impl FnOnce(PoolError) -> EngineError {
-    let context = context.into();
-    move |source| match source {
-        PoolError::Busy(dev) => EngineError::FailedPrecondition(format!(
-            "{context}: dm device {dev} is busy; unmount it first"
-        )),
-        PoolError::NoSpace(pool) => {
-            EngineError::ResourceExhausted(format!("{context}: thin pool {pool} is out of space"))
-        }
-        source => EngineError::Pool { context, source },
-    }
-}
 
 /// What a client sees of a snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +66,14 @@ pub struct Usage {
     pub inodes: u64,
 }
 
+/// The base device every parentless snapshot is a thin snapshot of, for `thinsnap status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BaseInfo {
+    pub thin_id: ThinId,
+    pub fs_type: String,
+    pub size: u64,
+}
+
 /// Counts for `thinsnap status`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineStatus {
@@ -134,7 +82,7 @@ pub struct EngineStatus {
     pub views: u64,
     pub committed: u64,
     pub thin_ids: u64,
-    pub base: Option<BaseRecord>,
+    pub base: BaseInfo,
 }
 
 /// Nanoseconds since the epoch, for records.
@@ -145,57 +93,18 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resolves once `stop` turns true (or its sender is gone): the background tasks' stop signal.
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn to_time(ns: u64) -> SystemTime {
     UNIX_EPOCH + std::time::Duration::from_nanos(ns)
 }
-
-fn check_key(what: &str, key: &str) -> Result<(), EngineError> {
-    if key.is_empty() {
-        return Err(EngineError::InvalidArgument(format!(
-            "{what} must not be empty"
-        )));
-    }
-    if key.len() > MAX_KEY_LEN {
-        return Err(EngineError::InvalidArgument(format!(
-            "{what} is {} bytes long; at most {MAX_KEY_LEN} are allowed",
-            key.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Checks labels against the documented limits.
-///
-/// Returns InvalidArgument naming the offending label.
-pub fn check_labels<'a>(
-    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
-) -> Result<(), EngineError> {
-    let mut n = 0;
-    for (k, v) in labels {
-        n += 1;
-        if k.is_empty() {
-            return Err(EngineError::InvalidArgument(
-                "label key must not be empty".into(),
-            ));
-        }
-        if k.len() + v.len() > MAX_LABEL_LEN {
-            let shown: String = k.chars().take(64).collect();
-            return Err(EngineError::InvalidArgument(format!(
-                "label {shown:?}: key and value are {} bytes; at most {MAX_LABEL_LEN} are allowed",
-                k.len() + v.len()
-            )));
-        }
-    }
-    if n > MAX_LABELS {
-        return Err(EngineError::InvalidArgument(format!(
-            "{n} labels; at most {MAX_LABELS} are allowed"
-        )));
-    }
-    Ok(())
-}
-
-/// The label that makes a snapshot's device larger than its parent's (human units).
-pub const SIZE_LABEL: &str = "containerd.io/snapshot/thinsnap.size";
 
 /// What the engine takes from the configuration.
 #[derive(Debug, Clone)]
@@ -207,8 +116,8 @@ pub struct Settings {
     pub remove_async: bool,
     /// Discard a device's blocks before deleting it.
     pub discard: bool,
-    /// A directory for temporary mounts (formatting the base, growing xfs).
-    pub scratch: PathBuf,
+    /// The state directory (`root`): temporary mounts (growing xfs) go under it; status shows it.
+    pub root: PathBuf,
     /// thinsnap made the pool (loop mode): a thin id in it that the store does not know is an
     /// orphan of ours and is deleted at start. Otherwise such ids belong to someone else.
     pub owns_pool: bool,
@@ -226,7 +135,7 @@ impl Settings {
             min_free_percent: config.pool.min_free_space.0,
             remove_async: config.remove.asynchronous,
             discard: config.remove.discard,
-            scratch: config.root.clone(),
+            root: config.root.clone(),
             owns_pool: config.pool.mode == PoolMode::Loop,
             allow_foreign_devices: config.pool.allow_foreign_devices,
             autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
@@ -241,7 +150,7 @@ impl Settings {
             min_free_percent: 10.0,
             remove_async: false,
             discard: false,
-            scratch: std::env::temp_dir(),
+            root: std::env::temp_dir(),
             owns_pool: true,
             allow_foreign_devices: false,
             autogrow: None,
@@ -251,40 +160,41 @@ impl Settings {
 
 /// The snapshot engine. Shared between gRPC handlers through an `Arc`.
 pub struct Engine {
-    pool: Arc<dyn ThinPool>,
-    /// Numbers the pool's changes (pools thinsnap owns; see [`crate::pool::txid`]).
-    tx: Arc<TxCounter>,
+    /// The only way to the kernel: numbers every change (see [`NumberedPool`]).
+    pool: Arc<NumberedPool>,
     store: Store,
     base: BaseRecord,
     settings: Settings,
     locks: KeyLocks,
     /// Kernel calls hold it shared; growing the pool (which suspends it) holds it exclusively.
     kernel: tokio::sync::RwLock<()>,
-    /// The background reaper of `remove.async`, once started.
-    reaper: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ThinId>>>,
+    /// `remove.async`: Remove queues thin ids here for the reaper ([`Engine::run_reaper`]).
+    reaper: Option<UnboundedSender<ThinId>>,
+    /// The reaper's end of that queue, until the reaper task takes it.
+    reaper_queue: Mutex<Option<UnboundedReceiver<ThinId>>>,
     /// What last limited `pool.autogrow` (logged when it changes).
-    autogrow_limited: std::sync::Mutex<Vec<String>>,
+    autogrow_limited: Mutex<Vec<String>>,
 }
 
 impl Engine {
     /// Builds the engine on a recovered store (see [`recovery::start`]).
-    fn new(
-        pool: Arc<dyn ThinPool>,
-        tx: Arc<TxCounter>,
-        store: Store,
-        base: BaseRecord,
-        settings: Settings,
-    ) -> Engine {
+    fn new(pool: Arc<NumberedPool>, store: Store, base: BaseRecord, settings: Settings) -> Engine {
+        let (reaper, reaper_queue) = if settings.remove_async {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         Engine {
             pool,
-            tx,
             store,
             base,
             settings,
             locks: KeyLocks::default(),
             kernel: tokio::sync::RwLock::new(()),
-            reaper: std::sync::Mutex::new(None),
-            autogrow_limited: std::sync::Mutex::new(Vec::new()),
+            reaper,
+            reaper_queue: Mutex::new(reaper_queue),
+            autogrow_limited: Mutex::new(Vec::new()),
         }
     }
 
@@ -292,67 +202,21 @@ impl Engine {
     async fn on_pool<T, F>(&self, f: F) -> Result<T, EngineError>
     where
         T: Send + 'static,
-        F: FnOnce(&dyn ThinPool) -> Result<T, EngineError> + Send + 'static,
+        F: FnOnce(&NumberedPool) -> Result<T, EngineError> + Send + 'static,
     {
         let pool = self.pool.clone();
         let _shared = self.kernel.read().await;
-        tokio::task::spawn_blocking(move || f(&*pool))
+        tokio::task::spawn_blocking(move || f(&pool))
             .await
             .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
     }
 
     /// Makes every change so far durable, with the pool's transaction id as of now.
     async fn flush(&self) -> Result<(), StoreError> {
-        if let Some(id) = self.tx.current() {
+        if let Some(id) = self.pool.current() {
             self.store.set_pool_transaction_id(id)?;
         }
         self.store.flush().await
-    }
-
-    /// Refuses to create while free data or metadata space is under the floor
-    /// (`pool.min_free_space`), or while the pool cannot take writes.
-    async fn check_space(&self) -> Result<(), EngineError> {
-        let floor = self.settings.min_free_percent;
-        let mut st = self
-            .on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
-            .await?;
-        if self.settings.autogrow.is_some() && below_floor(&st, floor) {
-            // Grow first (if allowed), refuse only if that was not enough.
-            match self.autogrow().await {
-                Ok(true) => {
-                    st = self
-                        .on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
-                        .await?;
-                }
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, "cannot grow the pool"),
-            }
-        }
-        let name = self.pool.info().name;
-        if st.read_only || st.out_of_data_space || st.needs_check {
-            return Err(EngineError::ResourceExhausted(format!(
-                "thin pool {name} cannot take writes (read_only={}, out_of_data_space={}, needs_check={}); \
-                 remove snapshots or grow the pool",
-                st.read_only, st.out_of_data_space, st.needs_check
-            )));
-        }
-        for (what, used, total) in [
-            ("data", st.data_used_bytes, st.data_total_bytes),
-            ("metadata", st.metadata_used_bytes, st.metadata_total_bytes),
-        ] {
-            let (free, required) = free_and_required(used, total, floor);
-            if free < required {
-                let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
-                return Err(EngineError::ResourceExhausted(format!(
-                    "thin pool {name}: {} of {what} space free ({:.1}%), pool.min_free_space requires {} ({floor}%); \
-                     remove snapshots or grow the pool",
-                    human(free),
-                    free as f64 * 100.0 / total.max(1) as f64,
-                    human(required)
-                )));
-            }
-        }
-        Ok(())
     }
 
     fn mounts_of(&self, rec: &SnapshotRecord) -> Vec<Mount> {
@@ -396,19 +260,7 @@ impl Engine {
     ) -> Result<Vec<Mount>, EngineError> {
         check_key("key", key)?;
         check_labels(&labels)?;
-        let size = match labels.get(SIZE_LABEL) {
-            None => None,
-            Some(v) => Some(
-                v.trim()
-                    .parse::<bytesize::ByteSize>()
-                    .map_err(|e| {
-                        EngineError::InvalidArgument(format!(
-                            "label {SIZE_LABEL}={v:?} of {key:?} is not a size: {e}"
-                        ))
-                    })?
-                    .as_u64(),
-            ),
-        };
+        let size = size_label(key, &labels)?;
         let _guard = self.locks.lock(&[key]).await;
         self.check_space().await?;
         let new = NewSnapshot {
@@ -420,33 +272,24 @@ impl Engine {
             size,
         };
         // 1. Intent: records in state Creating, durable before the kernel is touched.
-        let plan = self
-            .store
-            .begin_create(&new, &self.base)
-            .map_err(|e| match e {
-                StoreError::FailedPrecondition(m) if size.is_some() && m.starts_with("size ") => {
-                    EngineError::InvalidArgument(format!("label {SIZE_LABEL} of {key:?}: {m}"))
-                }
-                e => e.into(),
-            })?;
+        let plan = self.store.begin_create(&new, &self.base)?;
         self.flush().await?;
         crate::failpoint!("prepare:after-intent");
         // 2. The kernel: create_snap, then activate.
         let (id, origin, size) = (plan.thin_id, plan.origin, plan.size);
         let grow = (size > plan.parent_size)
-            .then(|| (self.settings.fs.clone(), self.settings.scratch.clone()));
-        let tx = self.tx.clone();
+            .then(|| (self.settings.fs.clone(), self.settings.root.clone()));
         let made = self
             .on_pool(move |pool| {
-                tx.change(pool, || pool.create_snap(id, origin))
+                pool.create_snap(id, origin)
                     .map_err(pool_err(format!("create thin id {id} from {origin}")))?;
                 crate::failpoint!("prepare:after-create-snap");
                 let dev = pool
                     .activate(id, size)
                     .map_err(pool_err(format!("activate thin id {id}")))?;
-                if let Some((fs, scratch)) = grow {
+                if let Some((fs, root)) = grow {
                     // Only with the size label: a process spawn, off the common Prepare path.
-                    crate::fs::grow(&dev, &fs, &scratch)?;
+                    crate::fs::grow(&dev, &fs, &root)?;
                 }
                 crate::failpoint!("prepare:after-activate");
                 Ok(())
@@ -488,53 +331,6 @@ impl Engine {
         }
         let _ = self.flush().await;
         self.reap(id).await;
-    }
-
-    /// Deactivates and deletes thin device `id`, whose record is in state Deleting, then forgets
-    /// it. A failure leaves the record for [`Engine::cleanup`] and recovery to retry.
-    async fn reap(&self, id: ThinId) -> bool {
-        let discard = self
-            .settings
-            .discard
-            .then(|| self.store.device(id).ok().flatten().map(|d| d.size))
-            .flatten();
-        let tx = self.tx.clone();
-        let deleted = self
-            .on_pool(move |pool| {
-                pool.deactivate(id)
-                    .map_err(pool_err(format!("deactivate thin id {id}")))?;
-                if let Some(size) = discard {
-                    match pool.discard(id, size) {
-                        Ok(()) | Err(PoolError::ThinNotFound(_)) => {}
-                        Err(e) => return Err(pool_err(format!("discard thin id {id}"))(e)),
-                    }
-                }
-                match tx.change(pool, || pool.delete_thin(id)) {
-                    Ok(()) | Err(PoolError::ThinNotFound(_)) => {}
-                    Err(e) => return Err(pool_err(format!("delete thin id {id}"))(e)),
-                }
-                crate::failpoint!("remove:after-delete");
-                Ok(())
-            })
-            .await;
-        match deleted {
-            Ok(()) => {
-                if let Err(e) = self.store.forget_device(id) {
-                    warn!(thin_id = id, error = %e, "cannot forget deleted device");
-                    return false;
-                }
-                if let Err(e) = self.flush().await {
-                    warn!(thin_id = id, error = %e, "cannot flush after deleting device");
-                    return false;
-                }
-                crate::failpoint!("remove:after-forget");
-                true
-            }
-            Err(e) => {
-                warn!(thin_id = id, error = %e, "cannot delete thin device; left for cleanup");
-                false
-            }
-        }
     }
 
     /// The mounts of an active snapshot or view.
@@ -636,8 +432,7 @@ impl Engine {
             )));
         }
         let id = rec.thin_id;
-        let reaper = self.reaper.lock().expect("reaper mutex poisoned").clone();
-        if let Some(reaper) = reaper {
+        if let Some(reaper) = &self.reaper {
             // remove.async: answer once the record is gone; the reaper deletes the device,
             // retrying while it is busy, so Remove never blocks containerd's garbage collector.
             self.store.begin_remove(key)?;
@@ -781,159 +576,6 @@ impl Engine {
         Ok(out)
     }
 
-    /// Deletes thin devices left behind by removals that could not finish (a device that was
-    /// busy, a crash), and dm devices with our prefix that no record owns.
-    ///
-    /// Returns an error if the store or the pool cannot be read.
-    pub async fn cleanup(&self) -> Result<usize, EngineError> {
-        let mut reaped = 0;
-        for dev in self.store.devices()? {
-            if dev.state == State::Deleting && self.reap(dev.thin_id).await {
-                reaped += 1;
-            }
-        }
-        let known: std::collections::BTreeSet<ThinId> =
-            self.store.devices()?.iter().map(|d| d.thin_id).collect();
-        let active = self
-            .on_pool(|pool| pool.active_ids().map_err(pool_err("list active devices")))
-            .await?;
-        for id in active.into_iter().filter(|id| !known.contains(id)) {
-            // Every device we activate has a record first; one without is an orphan.
-            warn!(thin_id = id, "active device with no record; deleting");
-            let tx = self.tx.clone();
-            let gone = self
-                .on_pool(move |pool| {
-                    pool.deactivate(id)
-                        .map_err(pool_err(format!("deactivate orphan thin id {id}")))?;
-                    match tx.change(pool, || pool.delete_thin(id)) {
-                        Ok(()) | Err(PoolError::ThinNotFound(_)) => Ok(()),
-                        Err(e) => Err(pool_err(format!("delete orphan thin id {id}"))(e)),
-                    }
-                })
-                .await;
-            match gone {
-                Ok(()) => reaped += 1,
-                Err(e) => warn!(thin_id = id, error = %e, "cannot delete orphan"),
-            }
-        }
-        Ok(reaped)
-    }
-
-    /// Starts the background reaper when `remove.async` is on, and queues every device left in
-    /// state Deleting (by a crash or a busy device). Needs a tokio runtime.
-    pub fn spawn_reaper(self: &Arc<Self>) {
-        if !self.settings.remove_async {
-            return;
-        }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ThinId>();
-        if let Ok(devices) = self.store.devices() {
-            for d in devices.iter().filter(|d| d.state == State::Deleting) {
-                let _ = tx.send(d.thin_id);
-            }
-        }
-        *self.reaper.lock().expect("reaper mutex poisoned") = Some(tx.clone());
-        let engine = Arc::downgrade(self);
-        tokio::spawn(async move {
-            while let Some(id) = rx.recv().await {
-                let Some(e) = engine.upgrade() else { break };
-                if !e.reap(id).await {
-                    // Busy (still mounted) or a passing failure: try again a little later.
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                        let _ = tx.send(id);
-                    });
-                }
-            }
-        });
-    }
-
-    /// `pool.autogrow`: grows the pool if its use reached the threshold, as far as the maximum
-    /// and the host's free space allow. Returns whether it grew.
-    ///
-    /// Returns an error if the pool's status cannot be read or growing failed.
-    pub async fn autogrow(&self) -> Result<bool, EngineError> {
-        let Some(config) = self.settings.autogrow.clone() else {
-            return Ok(false);
-        };
-        let (st, room) = self
-            .on_pool(|pool| {
-                let st = pool.status().map_err(pool_err("read pool status"))?;
-                let room = pool
-                    .host_room()
-                    .map_err(pool_err("read the host's free space"))?;
-                Ok((st, room))
-            })
-            .await?;
-        let Some(room) = room else {
-            return Ok(false);
-        };
-        let plan = autogrow::plan(&config, &st, room);
-        {
-            // Said once, not at every check, until it changes.
-            let mut last = self
-                .autogrow_limited
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if *last != plan.limited {
-                for why in &plan.limited {
-                    warn!(pool = %self.pool.info().name, "autogrow limited: {why}");
-                }
-                last.clone_from(&plan.limited);
-            }
-        }
-        if !plan.grows() {
-            return Ok(false);
-        }
-        self.grow(plan.data, plan.metadata).await?;
-        info!(
-            pool = %self.pool.info().name,
-            data_from = st.data_total_bytes,
-            data_to = plan.data,
-            metadata_from = st.metadata_total_bytes,
-            metadata_to = plan.metadata,
-            "autogrow: grew the pool"
-        );
-        Ok(true)
-    }
-
-    /// Starts the periodic `pool.autogrow` check, if it is enabled.
-    pub fn spawn_autogrow(self: &Arc<Self>) {
-        let Some(config) = &self.settings.autogrow else {
-            return;
-        };
-        let period = std::time::Duration::from_secs(config.interval_seconds);
-        let engine = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(e) = engine.upgrade() else { break };
-                if let Err(err) = e.autogrow().await {
-                    warn!(error = %err, "autogrow: cannot grow the pool");
-                }
-            }
-        });
-    }
-
-    /// Grows the pool online (loop mode): data and/or metadata to the given sizes.
-    ///
-    /// Returns FailedPrecondition for pools thinsnap did not make, InvalidArgument for a size
-    /// smaller than now.
-    pub async fn grow(&self, data: Option<u64>, metadata: Option<u64>) -> Result<(), EngineError> {
-        let _exclusive = self.kernel.write().await;
-        let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || pool.grow(data, metadata))
-            .await
-            .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
-            .map_err(|e| match e {
-                PoolError::Unsupported(m) => EngineError::FailedPrecondition(m),
-                PoolError::Invalid(m) => EngineError::InvalidArgument(m),
-                e => pool_err("grow the pool")(e),
-            })
-    }
-
     /// Pool space and health with the snapshot counts.
     ///
     /// Returns an error if the pool status cannot be read.
@@ -943,7 +585,11 @@ impl Engine {
             .await?;
         let mut st = EngineStatus {
             pool,
-            base: Some(self.base.clone()),
+            base: BaseInfo {
+                thin_id: self.base.thin_id,
+                fs_type: self.base.fs_type.clone(),
+                size: self.base.size,
+            },
             thin_ids: self.store.devices()?.len() as u64,
             ..EngineStatus::default()
         };
@@ -961,7 +607,7 @@ impl Engine {
     }
 
     /// What the pool is made of.
-    pub fn pool_info(&self) -> crate::pool::PoolInfo {
+    pub fn pool_info(&self) -> PoolInfo {
         self.pool.info()
     }
 
@@ -975,6 +621,11 @@ impl Engine {
     /// Returns an error if the store cannot be read.
     pub fn thin_ids(&self) -> Result<Vec<ThinId>, EngineError> {
         Ok(self.store.devices()?.iter().map(|d| d.thin_id).collect())
+    }
+
+    /// The state directory (`root`).
+    pub fn root(&self) -> &std::path::Path {
+        &self.settings.root
     }
 
     /// The free-space floor, in percent.

@@ -2,15 +2,24 @@
 //! exists. Runs before the socket is served, on a blocking thread.
 //!
 //! Every mutating call records its intent (state Creating or Deleting) durably before it touches
-//! the kernel, so after a crash or a reboot each record says what may be half done:
-//! - a device Creating: the call never answered; its thin device may exist. Delete it, drop the
-//!   records (the client saw an error or nothing, and will retry).
-//! - a device Deleting: the snapshot is already gone for clients; finish deleting the device.
-//! - an active snapshot or view whose device is not active (a reboot): activate it again.
-//! - a committed snapshot whose device is active: deactivate it.
-//! - an active dm device with our prefix that no record owns: deactivate and delete it.
+//! the kernel, so after a crash or a reboot each record says what may be half done. [`start`]
+//! runs these phases in order, each logged:
+//! 1. [`Recovery::settle_devices`]: a device Creating never answered its caller; its thin device
+//!    may exist: delete it, drop the records (the client saw an error or nothing, and will
+//!    retry). A device Deleting is already gone for clients: finish deleting it. A Ready device:
+//!    an active snapshot or view whose device is not active (a reboot) is activated again, a
+//!    committed snapshot's or the base's active device is deactivated, and a device no snapshot
+//!    owns is deleted.
+//! 2. [`Recovery::drop_dangling_snapshots`]: a snapshot record whose device record is gone is
+//!    never served.
+//! 3. [`Recovery::delete_unowned_active`]: an active dm device with our prefix that no record
+//!    owns is deleted.
+//! 4. [`Recovery::reconcile_thin_ids`], unless the pool's transaction id shows the store saw
+//!    every change: the pool's thin ids (thin_ls) against the store's.
+//! 5. [`Recovery::ensure_base`]: the base device, made once per pool.
 //!
-//! Every action is logged.
+//! The base device is recognised by its thin id (the base record's), not by its owner name:
+//! snapshot keys are opaque, and a client's key may be anything, `<base>` included.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -19,11 +28,11 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::{pool_err, Engine, EngineError, Settings};
-use crate::config::FsConfig;
 use crate::fs::FsError;
-use crate::pool::txid::TxCounter;
-use crate::pool::{PoolError, ThinId, ThinPool};
-use crate::store::{BaseRecord, Kind, SnapshotRecord, State, Store, BASE_OWNER};
+use crate::model::{Kind, ThinId};
+use crate::pool::txid::NumberedPool;
+use crate::pool::{PoolError, ThinPool};
+use crate::store::{BaseRecord, DeviceRecord, SnapshotRecord, State, Store, BASE_OWNER};
 
 /// What recovery did, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -39,17 +48,17 @@ pub struct Report {
     pub thin_ids_listed: bool,
 }
 
-/// Formats the freshly made base device (mkfs; see [`crate::fs::format_base`]).
-pub type Formatter<'a> = &'a (dyn Fn(&Path) -> Result<(), FsError> + Sync);
-
-fn delete_if_present(pool: &dyn ThinPool, tx: &TxCounter, id: ThinId) -> Result<(), EngineError> {
-    pool.deactivate(id)
-        .map_err(pool_err(format!("deactivate thin id {id}")))?;
-    match tx.change(pool, || pool.delete_thin(id)) {
-        Ok(()) | Err(PoolError::ThinNotFound(_)) => Ok(()),
-        Err(e) => Err(pool_err(format!("delete thin id {id}"))(e)),
+impl Report {
+    fn changed_anything(&self) -> bool {
+        !self.undone_creates.is_empty()
+            || !self.finished_deletes.is_empty()
+            || !self.orphans_deleted.is_empty()
+            || !self.reactivated.is_empty()
     }
 }
+
+/// Formats the freshly made base device (mkfs; see [`crate::fs::format_base`]).
+pub type Formatter<'a> = &'a (dyn Fn(&Path) -> Result<(), FsError> + Sync);
 
 /// Reconciles `store` with `pool`, creates the base device if there is none, and returns the
 /// engine ready to serve.
@@ -62,138 +71,219 @@ pub fn start(
     settings: Settings,
     format: Formatter<'_>,
 ) -> Result<(Engine, Report), EngineError> {
-    let fs = settings.fs.clone();
-    let mut report = Report::default();
-    let p: &dyn ThinPool = &*pool;
-    let active: BTreeSet<ThinId> = p
-        .active_ids()
-        .map_err(pool_err("list active devices"))?
-        .into_iter()
-        .collect();
-    let base = store.base()?;
-    let tx = Arc::new(TxCounter::new(p, settings.owns_pool).map_err(pool_err("read pool status"))?);
-    let recorded_txid = store.pool_transaction_id()?;
-    let devices = store.devices()?;
-    // Every snapshot record, decoded once: a start with thousands of them must not read each
-    // twice (once per device, once more for the check below).
-    let mut snapshots: HashMap<String, SnapshotRecord> = store.snapshots()?.into_iter().collect();
-    // Nothing half done, and the store saw the outcome of the pool's last change: the store
-    // knows every thin id in the pool.
-    let consistent = tx.current().is_some()
-        && recorded_txid == tx.current()
-        && devices.iter().all(|d| d.state == State::Ready);
-
-    for dev in devices {
-        let id = dev.thin_id;
-        match dev.state {
-            State::Creating => {
-                info!(thin_id = id, owner = %dev.owner, "undoing interrupted create");
-                delete_if_present(p, &tx, id)?;
-                if dev.owner != BASE_OWNER
-                    && snapshots
-                        .get(&dev.owner)
-                        .is_some_and(|r| r.thin_id == id && r.state == State::Creating)
-                {
-                    store.forget_snapshot(&dev.owner)?;
-                    snapshots.remove(&dev.owner);
-                } else {
-                    store.forget_device(id)?;
-                }
-                report.undone_creates.push(id);
-            }
-            State::Deleting => {
-                info!(thin_id = id, owner = %dev.owner, "finishing interrupted delete");
-                match delete_if_present(p, &tx, id) {
-                    Ok(()) => {
-                        store.forget_device(id)?;
-                        report.finished_deletes.push(id);
-                    }
-                    // Busy (mounted by someone): the snapshot is already gone for clients; the
-                    // reaper or Cleanup retries. Starting must not depend on it.
-                    Err(e) => {
-                        warn!(thin_id = id, error = %e, "cannot delete yet; left for cleanup")
-                    }
-                }
-            }
-            State::Ready => {
-                if dev.owner == BASE_OWNER {
-                    if base.as_ref().is_some_and(|b| b.thin_id == id) {
-                        if active.contains(&id) {
-                            p.deactivate(id)
-                                .map_err(pool_err(format!("deactivate base thin id {id}")))?;
-                            report.deactivated.push(id);
-                        }
-                        continue;
-                    }
-                    warn!(thin_id = id, "base device record without base; deleting");
-                    delete_if_present(p, &tx, id)?;
-                    store.forget_device(id)?;
-                    report.orphans_deleted.push(id);
-                    continue;
-                }
-                let rec = snapshots.get(&dev.owner).filter(|r| r.thin_id == id);
-                match rec {
-                    None => {
-                        warn!(thin_id = id, owner = %dev.owner, "device record without snapshot; deleting");
-                        store.mark_deleting(id)?;
-                        store.flush_sync()?;
-                        delete_if_present(p, &tx, id)?;
-                        store.forget_device(id)?;
-                        report.orphans_deleted.push(id);
-                    }
-                    Some(rec) if rec.kind == Kind::Committed => {
-                        if active.contains(&id) {
-                            info!(thin_id = id, key = %dev.owner, "deactivating committed snapshot");
-                            match p.deactivate(id) {
-                                Ok(()) => report.deactivated.push(id),
-                                // Still mounted (committed while mounted): it goes at its last
-                                // close; nothing to repair.
-                                Err(PoolError::Busy(_)) => {
-                                    let _ = p.deactivate_deferred(id);
-                                }
-                                Err(e) => {
-                                    return Err(pool_err(format!("deactivate thin id {id}"))(e))
-                                }
-                            }
-                        }
-                    }
-                    Some(rec) => {
-                        if !active.contains(&id) {
-                            info!(thin_id = id, key = %dev.owner, "reactivating snapshot");
-                            p.activate(id, rec.size)
-                                .map_err(pool_err(format!("reactivate thin id {id}")))?;
-                            report.reactivated.push(id);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    // Snapshot records in Creating whose device record is gone (cannot happen with transactions,
-    // but a record pointing at nothing must never be served).
-    let known: BTreeSet<ThinId> = store.devices()?.iter().map(|d| d.thin_id).collect();
-    for (key, rec) in &snapshots {
-        if !known.contains(&rec.thin_id) {
-            warn!(key = %key, thin_id = rec.thin_id, "snapshot record without device record; dropping");
-            store.forget_snapshot(key)?;
-        }
-    }
-    for id in active.iter().filter(|id| !known.contains(id)) {
-        warn!(
-            thin_id = id,
-            "active dm device with our prefix but no record; deleting"
-        );
-        delete_if_present(p, &tx, *id)?;
-        report.orphans_deleted.push(*id);
-    }
+    let pool = Arc::new(
+        NumberedPool::new(pool, settings.owns_pool).map_err(pool_err("read pool status"))?,
+    );
+    let mut r = Recovery::read(&pool, &store, &settings)?;
+    r.settle_devices()?;
+    r.drop_dangling_snapshots()?;
+    r.delete_unowned_active()?;
     store.flush_sync()?;
-    if consistent {
+    if r.consistent {
         info!(
-            transaction_id = recorded_txid,
+            transaction_id = r.recorded_txid,
             "the pool's transaction id is the one last recorded: its thin ids are known"
         );
     } else {
-        if let (Some(pool_id), Some(recorded)) = (tx.current(), recorded_txid) {
+        r.reconcile_thin_ids()?;
+    }
+    let base = r.ensure_base(format)?;
+    let report = r.report;
+    if report.changed_anything() {
+        info!(?report, "recovery done");
+    }
+    if let Some(id) = pool.current() {
+        store.set_pool_transaction_id(id)?;
+        store.flush_sync()?;
+    }
+    Ok((Engine::new(pool, store, base, settings), report))
+}
+
+/// The state recovery works on: what the kernel and the store had at start, and what was done.
+struct Recovery<'a> {
+    pool: &'a NumberedPool,
+    store: &'a Store,
+    settings: &'a Settings,
+    /// Thin ids whose dm devices are active.
+    active: BTreeSet<ThinId>,
+    base: Option<BaseRecord>,
+    /// Every snapshot record, decoded once: a start with thousands of them must not read each
+    /// twice (once per device, once more for the dangling check).
+    snapshots: HashMap<String, SnapshotRecord>,
+    recorded_txid: Option<u64>,
+    /// Nothing half done, and the store saw the outcome of the pool's last change: the store
+    /// knows every thin id in the pool.
+    consistent: bool,
+    report: Report,
+}
+
+impl<'a> Recovery<'a> {
+    /// Reads the kernel's active devices and the store's records.
+    fn read(
+        pool: &'a NumberedPool,
+        store: &'a Store,
+        settings: &'a Settings,
+    ) -> Result<Recovery<'a>, EngineError> {
+        let active = pool
+            .active_ids()
+            .map_err(pool_err("list active devices"))?
+            .into_iter()
+            .collect();
+        let recorded_txid = store.pool_transaction_id()?;
+        let consistent = pool.current().is_some()
+            && recorded_txid == pool.current()
+            && store.devices()?.iter().all(|d| d.state == State::Ready);
+        Ok(Recovery {
+            pool,
+            store,
+            settings,
+            active,
+            base: store.base()?,
+            snapshots: store.snapshots()?.into_iter().collect(),
+            recorded_txid,
+            consistent,
+            report: Report::default(),
+        })
+    }
+
+    fn delete(&self, id: ThinId) -> Result<(), EngineError> {
+        self.pool
+            .remove_device(id, None)
+            .map_err(pool_err(format!("delete thin id {id}")))
+    }
+
+    /// Phase 1: every device record according to its state.
+    fn settle_devices(&mut self) -> Result<(), EngineError> {
+        for dev in self.store.devices()? {
+            match dev.state {
+                State::Creating => self.undo_create(&dev)?,
+                State::Deleting => self.finish_delete(&dev)?,
+                State::Ready => self.settle_ready(&dev)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn undo_create(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
+        let id = dev.thin_id;
+        info!(thin_id = id, owner = %dev.owner, "undoing interrupted create");
+        self.delete(id)?;
+        let owned_snapshot = self
+            .snapshots
+            .get(&dev.owner)
+            .is_some_and(|r| r.thin_id == id && r.state == State::Creating);
+        if owned_snapshot {
+            self.store.forget_snapshot(&dev.owner)?;
+            self.snapshots.remove(&dev.owner);
+        } else {
+            self.store.forget_device(id)?;
+        }
+        self.report.undone_creates.push(id);
+        Ok(())
+    }
+
+    fn finish_delete(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
+        let id = dev.thin_id;
+        info!(thin_id = id, owner = %dev.owner, "finishing interrupted delete");
+        match self.delete(id) {
+            Ok(()) => {
+                self.store.forget_device(id)?;
+                self.report.finished_deletes.push(id);
+            }
+            // Busy (mounted by someone): the snapshot is already gone for clients; the reaper or
+            // Cleanup retries. Starting must not depend on it.
+            Err(e) => warn!(thin_id = id, error = %e, "cannot delete yet; left for cleanup"),
+        }
+        Ok(())
+    }
+
+    fn settle_ready(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
+        let id = dev.thin_id;
+        if self.base.as_ref().is_some_and(|b| b.thin_id == id) {
+            if self.active.contains(&id) {
+                self.pool
+                    .deactivate(id)
+                    .map_err(pool_err(format!("deactivate base thin id {id}")))?;
+                self.report.deactivated.push(id);
+            }
+            return Ok(());
+        }
+        let rec = self.snapshots.get(&dev.owner).filter(|r| r.thin_id == id);
+        match rec {
+            None => {
+                // Also a base device made but never recorded as the base (owner BASE_OWNER).
+                warn!(thin_id = id, owner = %dev.owner, base = dev.owner == BASE_OWNER,
+                      "device record without snapshot; deleting");
+                self.store.mark_deleting(id)?;
+                self.store.flush_sync()?;
+                self.delete(id)?;
+                self.store.forget_device(id)?;
+                self.report.orphans_deleted.push(id);
+            }
+            Some(rec) if rec.kind == Kind::Committed => {
+                if self.active.contains(&id) {
+                    info!(thin_id = id, key = %dev.owner, "deactivating committed snapshot");
+                    match self.pool.deactivate(id) {
+                        Ok(()) => self.report.deactivated.push(id),
+                        // Still mounted (committed while mounted): it goes at its last close;
+                        // nothing to repair.
+                        Err(PoolError::Busy(_)) => {
+                            let _ = self.pool.deactivate_deferred(id);
+                        }
+                        Err(e) => return Err(pool_err(format!("deactivate thin id {id}"))(e)),
+                    }
+                }
+            }
+            Some(rec) => {
+                if !self.active.contains(&id) {
+                    info!(thin_id = id, key = %dev.owner, "reactivating snapshot");
+                    self.pool
+                        .activate(id, rec.size)
+                        .map_err(pool_err(format!("reactivate thin id {id}")))?;
+                    self.report.reactivated.push(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn known_ids(&self) -> Result<BTreeSet<ThinId>, EngineError> {
+        Ok(self.store.devices()?.iter().map(|d| d.thin_id).collect())
+    }
+
+    /// Phase 2: snapshot records whose device record is gone (cannot happen with transactions,
+    /// but a record pointing at nothing must never be served).
+    fn drop_dangling_snapshots(&mut self) -> Result<(), EngineError> {
+        let known = self.known_ids()?;
+        for (key, rec) in &self.snapshots {
+            if !known.contains(&rec.thin_id) {
+                warn!(key = %key, thin_id = rec.thin_id, "snapshot record without device record; dropping");
+                self.store.forget_snapshot(key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase 3: active dm devices with our prefix that no record owns.
+    fn delete_unowned_active(&mut self) -> Result<(), EngineError> {
+        let known = self.known_ids()?;
+        for &id in self.active.iter().filter(|id| !known.contains(id)) {
+            warn!(
+                thin_id = id,
+                "active dm device with our prefix but no record; deleting"
+            );
+            self.delete(id)?;
+            self.report.orphans_deleted.push(id);
+        }
+        Ok(())
+    }
+
+    /// Phase 4: compares the thin ids in the pool's metadata with the store's. In a pool
+    /// thinsnap made, an unknown id is an orphan (a lost database, a crash of an older version)
+    /// and is deleted; in a pool someone else made it is theirs, and start-up is refused unless
+    /// `allow_foreign_devices`.
+    fn reconcile_thin_ids(&mut self) -> Result<(), EngineError> {
+        if let (Some(pool_id), Some(recorded)) = (self.pool.current(), self.recorded_txid) {
             if pool_id != recorded {
                 warn!(
                     pool = pool_id,
@@ -202,138 +292,115 @@ pub fn start(
                 );
             }
         }
-        report.thin_ids_listed = true;
-        reconcile_thin_ids(p, &tx, &store, &settings, &mut report)?;
+        self.report.thin_ids_listed = true;
+        let Some(kernel) = self
+            .pool
+            .list_thin_ids()
+            .map_err(pool_err("list the pool's thin ids"))?
+        else {
+            warn!(
+                "thin_ls not found (thin-provisioning-tools): orphan thin ids cannot be looked for"
+            );
+            return Ok(());
+        };
+        let known = self.known_ids()?;
+        let unknown: Vec<ThinId> = kernel.difference(&known).copied().collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        if self.settings.owns_pool {
+            for id in unknown {
+                warn!(thin_id = id, "thin id in the pool with no record; deleting");
+                self.delete(id)?;
+                self.report.orphans_deleted.push(id);
+            }
+            return Ok(());
+        }
+        if self.settings.allow_foreign_devices {
+            info!(count = unknown.len(), ids = ?unknown,
+                  "the pool holds thin devices thinsnap does not know; leaving them alone");
+            return Ok(());
+        }
+        Err(EngineError::FailedPrecondition(format!(
+            "thin pool {} holds {} thin device(s) thinsnap does not know (ids {:?}); \
+             use a pool of its own, or set pool.allow_foreign_devices = true to share it",
+            self.pool.info().name,
+            unknown.len(),
+            unknown.iter().take(16).collect::<Vec<_>>()
+        )))
     }
 
-    let base = match base {
-        Some(b) => {
-            if b.fs_type != fs.fs_type.as_str() {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "fs.type is {} but the pool's base device (thin id {}) holds {}; \
-                     use a new pool (or `thinsnap pool destroy`) to change it",
-                    fs.fs_type, b.thin_id, b.fs_type
-                )));
-            }
-            if b.size != fs.base_size.as_u64() {
-                warn!(configured = fs.base_size.as_u64(), existing = b.size,
-                      "fs.base_size differs from the existing base device's; keeping the existing size");
-            }
-            b
+    /// Phase 5: the existing base, checked against the configuration, or a new one.
+    fn ensure_base(&mut self, format: Formatter<'_>) -> Result<BaseRecord, EngineError> {
+        let fs = &self.settings.fs;
+        let Some(b) = self.base.clone() else {
+            self.report.base_created = true;
+            return self.make_base(format);
+        };
+        if b.fs_type != fs.fs_type.as_str() {
+            return Err(EngineError::FailedPrecondition(format!(
+                "fs.type is {} but the pool's base device (thin id {}) holds {}; \
+                 use a new pool (or `thinsnap pool destroy`) to change it",
+                fs.fs_type, b.thin_id, b.fs_type
+            )));
         }
-        None => {
-            report.base_created = true;
-            make_base(p, &tx, &store, &fs, format)?
+        if b.size != fs.base_size.as_u64() {
+            warn!(
+                configured = fs.base_size.as_u64(),
+                existing = b.size,
+                "fs.base_size differs from the existing base device's; keeping the existing size"
+            );
         }
-    };
-    if !report.undone_creates.is_empty()
-        || !report.finished_deletes.is_empty()
-        || !report.orphans_deleted.is_empty()
-        || !report.reactivated.is_empty()
-    {
-        info!(?report, "recovery done");
+        Ok(b)
     }
-    if let Some(id) = tx.current() {
-        store.set_pool_transaction_id(id)?;
+
+    /// Makes the base device: intent, create_thin, activate, mkfs, record. Runs once per pool.
+    fn make_base(&self, format: Formatter<'_>) -> Result<BaseRecord, EngineError> {
+        let (pool, store, fs) = (self.pool, self.store, &self.settings.fs);
+        let size = fs.base_size.as_u64();
+        let id = store.begin_device(BASE_OWNER, size)?;
         store.flush_sync()?;
-    }
-    Ok((Engine::new(pool, tx, store, base, settings), report))
-}
-
-/// Compares the thin ids in the pool's metadata with the store's. In a pool thinsnap made, an
-/// unknown id is an orphan (a lost database, a crash of an older version) and is deleted; in a
-/// pool someone else made it is theirs, and start-up is refused unless `allow_foreign_devices`.
-fn reconcile_thin_ids(
-    pool: &dyn ThinPool,
-    tx: &TxCounter,
-    store: &Store,
-    settings: &Settings,
-    report: &mut Report,
-) -> Result<(), EngineError> {
-    let Some(kernel) = pool
-        .list_thin_ids()
-        .map_err(pool_err("list the pool's thin ids"))?
-    else {
-        warn!("thin_ls not found (thin-provisioning-tools): orphan thin ids cannot be looked for");
-        return Ok(());
-    };
-    let known: BTreeSet<ThinId> = store.devices()?.iter().map(|d| d.thin_id).collect();
-    let unknown: Vec<ThinId> = kernel.difference(&known).copied().collect();
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    if settings.owns_pool {
-        for id in unknown {
-            warn!(thin_id = id, "thin id in the pool with no record; deleting");
-            delete_if_present(pool, tx, id)?;
-            report.orphans_deleted.push(id);
-        }
-        return Ok(());
-    }
-    if settings.allow_foreign_devices {
-        info!(count = unknown.len(), ids = ?unknown, "the pool holds thin devices thinsnap does not know; leaving them alone");
-        return Ok(());
-    }
-    Err(EngineError::FailedPrecondition(format!(
-        "thin pool {} holds {} thin device(s) thinsnap does not know (ids {:?}); \
-         use a pool of its own, or set pool.allow_foreign_devices = true to share it",
-        pool.info().name,
-        unknown.len(),
-        unknown.iter().take(16).collect::<Vec<_>>()
-    )))
-}
-
-/// Makes the base device: intent, create_thin, activate, mkfs, record. Runs once per pool.
-fn make_base(
-    pool: &dyn ThinPool,
-    tx: &TxCounter,
-    store: &Store,
-    fs: &FsConfig,
-    format: Formatter<'_>,
-) -> Result<BaseRecord, EngineError> {
-    let size = fs.base_size.as_u64();
-    let id = store.begin_device(BASE_OWNER, size)?;
-    store.flush_sync()?;
-    crate::failpoint!("base:after-intent");
-    let made = (|| {
-        tx.change(pool, || pool.create_thin(id))
-            .map_err(pool_err(format!("create base thin id {id}")))?;
-        crate::failpoint!("base:after-create");
-        let dev = pool
-            .activate(id, size)
-            .map_err(pool_err(format!("activate base thin id {id}")))?;
-        let formatted = format(&dev).map_err(EngineError::from);
-        crate::failpoint!("base:after-format");
-        let mapped = formatted.and_then(|_| {
-            pool.mapped_bytes(id)
-                .map_err(pool_err(format!("read usage of base thin id {id}")))
-        });
-        let deactivated = pool
-            .deactivate(id)
-            .map_err(pool_err(format!("deactivate base thin id {id}")));
-        let mapped = mapped?;
-        deactivated?;
-        Ok(mapped)
-    })();
-    let mapped = match made {
-        Ok(m) => m,
-        Err(e) => {
-            warn!(thin_id = id, error = %e, "cannot make base device; undoing");
-            if delete_if_present(pool, tx, id).is_ok() {
-                store.forget_device(id)?;
-                store.flush_sync()?;
+        crate::failpoint!("base:after-intent");
+        let made = (|| {
+            pool.create_thin(id)
+                .map_err(pool_err(format!("create base thin id {id}")))?;
+            crate::failpoint!("base:after-create");
+            let dev = pool
+                .activate(id, size)
+                .map_err(pool_err(format!("activate base thin id {id}")))?;
+            let formatted = format(&dev).map_err(EngineError::from);
+            crate::failpoint!("base:after-format");
+            let mapped = formatted.and_then(|_| {
+                pool.mapped_bytes(id)
+                    .map_err(pool_err(format!("read usage of base thin id {id}")))
+            });
+            let deactivated = pool
+                .deactivate(id)
+                .map_err(pool_err(format!("deactivate base thin id {id}")));
+            let mapped = mapped?;
+            deactivated?;
+            Ok(mapped)
+        })();
+        let mapped = match made {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(thin_id = id, error = %e, "cannot make base device; undoing");
+                if self.delete(id).is_ok() {
+                    store.forget_device(id)?;
+                    store.flush_sync()?;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-    };
-    let base = BaseRecord {
-        thin_id: id,
-        fs_type: fs.fs_type.as_str().to_string(),
-        size,
-        mapped,
-    };
-    store.set_base(&base)?;
-    store.flush_sync()?;
-    info!(thin_id = id, fs = %fs.fs_type, size, "created base device");
-    Ok(base)
+        };
+        let base = BaseRecord {
+            thin_id: id,
+            fs_type: fs.fs_type.as_str().to_string(),
+            size,
+            mapped,
+        };
+        store.set_base(&base)?;
+        store.flush_sync()?;
+        info!(thin_id = id, fs = %fs.fs_type, size, "created base device");
+        Ok(base)
+    }
 }

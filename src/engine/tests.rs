@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use super::recovery::{self, Report};
 use super::*;
+use crate::fs::FsError;
 use crate::pool::fake::FakePool;
+use crate::pool::ThinPool;
 use crate::store::{DeviceRecord, Store};
 
 struct T {
@@ -501,12 +503,31 @@ async fn prepare_below_the_free_space_floor_is_refused_and_remove_still_works() 
     prep(&t, "b", "").await.expect("prepare works again");
 }
 
-#[tokio::test]
+/// Waits, in the paused clock's virtual time, until `done` holds: a bound on progress (a minute
+/// of virtual time, against the reaper's 2 s retry), never on how fast this machine is.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while !done() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "{what}: not within a minute of virtual time"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn async_remove_answers_at_once_and_reaps_when_unmounted() {
     let mut settings = Settings::with_fs(FsConfig::default());
     settings.remove_async = true;
     let t = Arc::new(setup_with(settings));
-    t.engine.spawn_reaper();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let reaper = {
+        let e = t.engine.clone();
+        tokio::spawn(async move { e.run_reaper(stop).await })
+    };
     prep(&t, "a", "").await.expect("a");
     let id = t.engine.record("a").expect("rec").expect("a").thin_id;
     t.pool.set_busy(id, true);
@@ -518,17 +539,91 @@ async fn async_remove_answers_at_once_and_reaps_when_unmounted() {
     prep(&t, "a", "")
         .await
         .expect("the key is free again at once");
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The reaper's first try meets the busy device and keeps it.
+    let tried = format!("deactivate {id}");
+    eventually("the reaper tries the device", || {
+        t.pool.calls().contains(&tried)
+    })
+    .await;
     assert!(t.pool.thin_ids().contains(&id), "busy device deleted");
+    assert!(
+        t.engine.thin_ids().expect("ids").contains(&id),
+        "record of a device not yet deleted dropped"
+    );
+    // Unmounted: a retry deletes it and forgets its record.
     t.pool.set_busy(id, false);
-    let t0 = std::time::Instant::now();
-    while t.pool.thin_ids().contains(&id) {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(20),
-            "reaper never retried"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    eventually("the reaper retries", || !t.pool.thin_ids().contains(&id)).await;
+    eventually("the record goes", || {
+        !t.engine.thin_ids().expect("ids").contains(&id)
+    })
+    .await;
+    stop_tx.send(true).expect("stop");
+    reaper.await.expect("the reaper stops when told");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reaper_finishes_deletes_left_by_a_crash() {
+    let mut settings = Settings::with_fs(FsConfig::default());
+    settings.remove_async = true;
+    let t = setup_with(settings.clone());
+    prep(&t, "a", "").await.expect("a");
+    let id = t.engine.record("a").expect("rec").expect("a").thin_id;
+    t.pool.set_busy(id, true);
+    // Recovery cannot delete a busy device either: the record stays Deleting.
+    t.engine.remove("a").await.expect("remove");
+    let T {
+        _dir,
+        path,
+        pool,
+        engine,
+    } = t;
+    drop(engine);
+    let store = Store::open(&path).expect("store");
+    let (engine, _) = recovery::start(pool.clone(), store, settings, &no_format).expect("start");
+    let engine = Arc::new(engine);
+    assert!(engine.thin_ids().expect("ids").contains(&id));
+    pool.set_busy(id, false);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let reaper = {
+        let e = engine.clone();
+        tokio::spawn(async move { e.run_reaper(stop).await })
+    };
+    eventually("the restarted reaper deletes the leftover", || {
+        !pool.thin_ids().contains(&id)
+    })
+    .await;
+    stop_tx.send(true).expect("stop");
+    reaper.await.expect("join");
+}
+
+#[tokio::test]
+async fn a_key_named_like_the_base_owner_is_an_ordinary_snapshot() {
+    // Keys are opaque: "<base>" is the base device record's owner name, and a client may use it
+    // as a key. Its device must survive a restart with its snapshot.
+    let t = setup();
+    prep(&t, crate::store::BASE_OWNER, "")
+        .await
+        .expect("prepare");
+    let id = t
+        .engine
+        .record(crate::store::BASE_OWNER)
+        .expect("rec")
+        .expect("snapshot")
+        .thin_id;
+    let (t, report) = t.restart();
+    assert!(report.orphans_deleted.is_empty(), "{report:?}");
+    assert!(t.pool.thin_ids().contains(&id), "its device was deleted");
+    t.engine
+        .stat(crate::store::BASE_OWNER)
+        .await
+        .expect("still there after a restart");
+    t.engine
+        .commit("c", crate::store::BASE_OWNER, no_labels())
+        .await
+        .expect("commit");
+    let (t, report) = t.restart();
+    assert!(report.orphans_deleted.is_empty(), "{report:?}");
+    prep(&t, "child", "c").await.expect("child of it");
 }
 
 #[tokio::test]

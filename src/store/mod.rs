@@ -36,6 +36,13 @@ pub enum StoreError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A snapshot's size label asks for less than its parent's size.
+    #[error("size {want} of snapshot {key:?} is smaller than its parent's {parent}")]
+    SizeBelowParent { key: String, want: u64, parent: u64 },
+    /// The database contradicts itself (a record pointing at one that is not there): ours to
+    /// fix, never the caller's precondition.
+    #[error("broken invariant: {0}")]
+    Invariant(String),
     #[error("no free thin id left in the 24-bit space")]
     NoFreeThinId,
     #[error("database schema version {found} is not the supported version {expected}")]
@@ -317,9 +324,11 @@ impl Store {
                 };
                 if let Some(want) = new.size {
                     if want < size {
-                        return abort(StoreError::FailedPrecondition(format!(
-                            "size {want} is smaller than the parent's {size}"
-                        )));
+                        return abort(StoreError::SizeBelowParent {
+                            key: new.key.clone(),
+                            want,
+                            parent: size,
+                        });
                     }
                 }
                 let parent_size = size;
@@ -455,7 +464,7 @@ impl Store {
             committed.created_at = now;
             snapshots.insert(name.as_bytes(), enc(&committed))?;
             let Some(v) = devices.get(id_key(rec.thin_id))? else {
-                return abort(StoreError::FailedPrecondition(format!(
+                return abort(StoreError::Invariant(format!(
                     "snapshot {key:?}: thin id {} has no device record",
                     rec.thin_id
                 )));
@@ -544,7 +553,7 @@ fn release_child(snapshots: &TransactionalTree, parent: &str) -> TxResult<()> {
 
 fn set_device_state(devices: &TransactionalTree, id: ThinId, state: State) -> TxResult<()> {
     let Some(v) = devices.get(id_key(id))? else {
-        return abort(StoreError::FailedPrecondition(format!(
+        return abort(StoreError::Invariant(format!(
             "thin id {id} has no device record"
         )));
     };

@@ -1,0 +1,139 @@
+//! Deleting thin devices whose snapshots are gone: the one reap path (Remove, an undone Prepare,
+//! Cleanup and the `remove.async` reaper all end here), Cleanup, and the background reaper task.
+//! A device is deleted only once its record says Deleting; a failure leaves the record for the
+//! next try, so nothing is lost and nothing leaks.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tracing::warn;
+
+use super::{pool_err, stopped, Engine, EngineError};
+use crate::model::ThinId;
+use crate::pool::ThinPool;
+use crate::store::State;
+
+/// How long the reaper waits before retrying a device it could not delete (still mounted).
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+impl Engine {
+    /// Deactivates and deletes thin device `id`, whose record is in state Deleting, then forgets
+    /// it. Returns whether it is gone; a failure leaves the record for [`Engine::cleanup`],
+    /// the reaper and recovery to retry.
+    pub(super) async fn reap(&self, id: ThinId) -> bool {
+        let discard = self
+            .settings
+            .discard
+            .then(|| self.store.device(id).ok().flatten().map(|d| d.size))
+            .flatten();
+        let deleted = self
+            .on_pool(move |pool| {
+                pool.remove_device(id, discard)
+                    .map_err(pool_err(format!("delete thin id {id}")))?;
+                crate::failpoint!("remove:after-delete");
+                Ok(())
+            })
+            .await;
+        if let Err(e) = deleted {
+            warn!(thin_id = id, error = %e, "cannot delete thin device; left for cleanup");
+            return false;
+        }
+        if let Err(e) = self.store.forget_device(id) {
+            warn!(thin_id = id, error = %e, "cannot forget deleted device");
+            return false;
+        }
+        if let Err(e) = self.flush().await {
+            warn!(thin_id = id, error = %e, "cannot flush after deleting device");
+            return false;
+        }
+        crate::failpoint!("remove:after-forget");
+        true
+    }
+
+    /// Deletes thin devices left behind by removals that could not finish (a device that was
+    /// busy, a crash), and dm devices with our prefix that no record owns. Returns how many.
+    ///
+    /// Returns an error if the store or the pool cannot be read.
+    pub async fn cleanup(&self) -> Result<usize, EngineError> {
+        let mut reaped = 0;
+        for dev in self.store.devices()? {
+            if dev.state == State::Deleting && self.reap(dev.thin_id).await {
+                reaped += 1;
+            }
+        }
+        let known: BTreeSet<ThinId> = self.store.devices()?.iter().map(|d| d.thin_id).collect();
+        let active = self
+            .on_pool(|pool| pool.active_ids().map_err(pool_err("list active devices")))
+            .await?;
+        for id in active.into_iter().filter(|id| !known.contains(id)) {
+            // Every device we activate has a record first; one without is an orphan.
+            warn!(thin_id = id, "active device with no record; deleting");
+            let gone = self
+                .on_pool(move |pool| {
+                    pool.remove_device(id, None)
+                        .map_err(pool_err(format!("delete orphan thin id {id}")))
+                })
+                .await;
+            match gone {
+                Ok(()) => reaped += 1,
+                Err(e) => warn!(thin_id = id, error = %e, "cannot delete orphan"),
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// The `remove.async` reaper, until `stop` turns true: deletes the devices Remove queued,
+    /// and every device left in state Deleting (by a crash or a busy device), retrying a busy
+    /// one every [`RETRY_AFTER`]. Returns at once when `remove.async` is off. The server runs it
+    /// as one of its tasks.
+    pub async fn run_reaper(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let Some(mut queue) = self
+            .reaper_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let mut retry: Vec<ThinId> = match self.store.devices() {
+            Ok(devices) => devices
+                .iter()
+                .filter(|d| d.state == State::Deleting)
+                .map(|d| d.thin_id)
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "reaper: cannot read the device records");
+                Vec::new()
+            }
+        };
+        // Leftovers from before are due at once; a failed try is due again RETRY_AFTER later.
+        let mut due = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => return,
+                id = queue.recv() => match id {
+                    Some(id) => {
+                        if !self.reap(id).await {
+                            if retry.is_empty() {
+                                due = tokio::time::Instant::now() + RETRY_AFTER;
+                            }
+                            retry.push(id);
+                        }
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(due), if !retry.is_empty() => {
+                    let mut still = Vec::new();
+                    for id in std::mem::take(&mut retry) {
+                        if !self.reap(id).await {
+                            still.push(id);
+                        }
+                    }
+                    retry = still;
+                    due = tokio::time::Instant::now() + RETRY_AFTER;
+                }
+            }
+        }
+    }
+}

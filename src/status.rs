@@ -1,0 +1,181 @@
+//! Rendering the Admin API's status for people (`thinsnap status`, a table like `docker info`'s
+//! devicemapper section) and for scripts (`--json`). Pure formatting: it asks nothing.
+
+use std::fmt::Write;
+
+use crate::admin::api::StatusResponse;
+
+/// Bytes in binary units (`1.5 GiB`).
+pub fn human(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
+}
+
+fn pct(used: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        used as f64 * 100.0 / total as f64
+    }
+}
+
+/// `st` as the text `thinsnap status` prints, or as JSON with `json`.
+pub fn render(st: &StatusResponse, json: bool) -> String {
+    let mut out = String::new();
+    macro_rules! w {
+        ($($arg:tt)*) => {
+            writeln!(out, $($arg)*).expect("writing to a String cannot fail")
+        };
+    }
+    let data = st.data.clone().unwrap_or_default();
+    let meta = st.metadata.clone().unwrap_or_default();
+    if json {
+        let v = serde_json::json!({
+            "pool_name": st.pool_name,
+            "pool_mode": st.pool_mode,
+            "root": st.root,
+            "block_size_bytes": st.block_size_bytes,
+            "base_size_bytes": st.base_size_bytes,
+            "base_thin_id": st.base_thin_id,
+            "fs_type": st.fs_type,
+            "data": {"used_bytes": data.used_bytes, "total_bytes": data.total_bytes,
+                     "available_bytes": data.total_bytes.saturating_sub(data.used_bytes)},
+            "metadata": {"used_bytes": meta.used_bytes, "total_bytes": meta.total_bytes,
+                         "available_bytes": meta.total_bytes.saturating_sub(meta.used_bytes)},
+            "min_free_space_percent": st.min_free_space_percent,
+            "transaction_id": st.transaction_id,
+            "health": {"read_only": st.read_only, "out_of_data_space": st.out_of_data_space,
+                       "needs_check": st.needs_check, "error_if_no_space": st.error_if_no_space},
+            "snapshots": {"active": st.snapshots_active, "view": st.snapshots_view,
+                          "committed": st.snapshots_committed},
+            "thin_ids_in_use": st.thin_ids_in_use,
+            "loop_files": st.loop_files.iter().map(|l| serde_json::json!(
+                {"role": l.role, "file": l.file, "device": l.device})).collect::<Vec<_>>(),
+        });
+        return serde_json::to_string_pretty(&v).expect("a JSON value always serializes") + "\n";
+    }
+    w!("Pool Name:                 {}", st.pool_name);
+    w!("Pool Mode:                 {}", st.pool_mode);
+    w!("Root:                      {}", st.root);
+    w!("Pool Blocksize:            {}", human(st.block_size_bytes));
+    w!("Base Device Size:          {}", human(st.base_size_bytes));
+    w!("Backing Filesystem:        {}", st.fs_type);
+    for (what, s) in [("Data", &data), ("Metadata", &meta)] {
+        w!(
+            "{:<27}{} ({:.1}%)",
+            format!("{what} Space Used:"),
+            human(s.used_bytes),
+            pct(s.used_bytes, s.total_bytes)
+        );
+        w!(
+            "{:<27}{}",
+            format!("{what} Space Total:"),
+            human(s.total_bytes)
+        );
+        w!(
+            "{:<27}{}",
+            format!("{what} Space Available:"),
+            human(s.total_bytes.saturating_sub(s.used_bytes))
+        );
+    }
+    w!("Minimum Free Space:        {}%", st.min_free_space_percent);
+    w!("Transaction Id:            {}", st.transaction_id);
+    let mut health = Vec::new();
+    if st.read_only {
+        health.push("read-only");
+    }
+    if st.out_of_data_space {
+        health.push("out of data space");
+    }
+    if st.needs_check {
+        health.push("needs_check");
+    }
+    w!(
+        "Health:                    {}",
+        if health.is_empty() {
+            "ok".to_string()
+        } else {
+            health.join(", ")
+        }
+    );
+    w!("Error If No Space:         {}", st.error_if_no_space);
+    w!(
+        "Snapshots:                 {} active, {} view, {} committed",
+        st.snapshots_active,
+        st.snapshots_view,
+        st.snapshots_committed
+    );
+    w!(
+        "Thin Ids In Use:           {} (base: {})",
+        st.thin_ids_in_use,
+        st.base_thin_id
+    );
+    for l in &st.loop_files {
+        w!(
+            "{:<27}{} on {}",
+            format!("Loop {} File:", l.role),
+            l.file,
+            l.device
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::api::{LoopFile, Space};
+
+    fn sample() -> StatusResponse {
+        StatusResponse {
+            pool_name: "p".into(),
+            pool_mode: "loop".into(),
+            data: Some(Space {
+                used_bytes: 1 << 30,
+                total_bytes: 4 << 30,
+            }),
+            metadata: Some(Space {
+                used_bytes: 0,
+                total_bytes: 1 << 20,
+            }),
+            read_only: true,
+            snapshots_active: 3,
+            loop_files: vec![LoopFile {
+                role: "data".into(),
+                file: "/var/lib/thinsnap/pool/data".into(),
+                device: "/dev/loop0".into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn text_shows_space_health_and_counts() {
+        let text = render(&sample(), false);
+        assert!(
+            text.contains("Data Space Used:           1.0 GiB (25.0%)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Data Space Available:      3.0 GiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Health:                    read-only"),
+            "{text}"
+        );
+        assert!(text.contains("3 active, 0 view, 0 committed"), "{text}");
+        assert!(
+            text.contains("/var/lib/thinsnap/pool/data on /dev/loop0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_has_the_numbers_scripts_read() {
+        let v: serde_json::Value = serde_json::from_str(&render(&sample(), true)).expect("json");
+        assert_eq!(v["data"]["available_bytes"], 3u64 << 30);
+        assert_eq!(v["health"]["read_only"], true);
+        assert_eq!(v["snapshots"]["active"], 3);
+        assert_eq!(v["loop_files"][0]["device"], "/dev/loop0");
+    }
+}
