@@ -1,8 +1,9 @@
 //! Filesystems on thin devices: formatting the base device (the only place thinsnap runs mkfs,
 //! once per pool) and the mount options each snapshot's mount carries.
 //!
-//! Nothing here knows of snapshots or the store; the Prepare path never calls into this module
-//! except for [`mount_options`], which is pure.
+//! Nothing here knows of snapshots or the store. The common Prepare path calls only
+//! [`mount_options`], which is pure; a Prepare with the size label also calls [`grow`] (a process
+//! spawn: resize2fs or xfs_growfs), and the base device is formatted once per pool.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -611,11 +611,6 @@ impl Engine {
         self.pool.info()
     }
 
-    /// The configured filesystem.
-    pub fn fs(&self) -> &FsConfig {
-        &self.settings.fs
-    }
-
     /// Every thin id the store holds a device record for (any state), in order.
     ///
     /// Returns an error if the store cannot be read.
@@ -639,11 +634,6 @@ impl Engine {
     pub async fn shutdown(&self) -> Result<(), EngineError> {
         self.flush().await?;
         Ok(())
-    }
-
-    /// The device path of a thin id (for tests and status).
-    pub fn device_path(&self, id: ThinId) -> PathBuf {
-        self.pool.device_path(id)
     }
 
     /// The record of a snapshot, for tests.
