@@ -1,6 +1,8 @@
-//! The device-mapper implementation of [`ThinPool`]: ioctls through the `devicemapper` crate's
-//! `DM` handle (device create, table load, suspend/resume, target messages, status). No process is
-//! spawned here.
+//! The device-mapper implementation of [`ThinPool`]: thin messages, activation, status and
+//! growing of one pool, through the `devicemapper` crate's `DM` handle; opening the pool the
+//! configuration describes, and `pool destroy`. The ioctls themselves are in the private `ioctl`
+//! module, loop files in [`super::loopback`], LVM provisioning in [`super::lvm`]; this module
+//! must not grow its own copies of them. No process is spawned here except `thin_ls`.
 //!
 //! Device names: the pool is `<pool.name>`; thin device `N` is `<pool.name>-snap-N`. Nothing else
 //! is ever named with that prefix, so recovery can tell ours from the rest.
@@ -9,19 +11,20 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use devicemapper::{
-    errors, DevId, Device, DeviceInfo, DmError, DmFlags, DmName, DmNameBuf, DmOptions,
-    ThinPoolStatus, ThinPoolStatusSummary, ThinPoolTargetParams, ThinStatus, DM,
+    DevId, Device, DmError, DmFlags, DmName, DmOptions, ThinPoolStatus, ThinPoolStatusSummary,
+    ThinPoolTargetParams, ThinStatus, DM,
 };
 use nix::errno::Errno;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use super::{loopback, lvm, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
+use super::ioctl::{
+    self, create_device, device_exists, device_info, dm_err, dm_name, errno_of, open_dm,
+    remove_device, table_of, SECTOR,
+};
+use super::loopback::{self, LoopFiles};
+use super::{lvm, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
 use crate::config::{Config, PoolMode};
 
-const SECTOR: u64 = 512;
-
-// BLKDISCARD = _IO(0x12, 119), argument: u64[2] {start, length} in bytes.
-nix::ioctl_write_ptr_bad!(blk_discard, 0x1277, [u64; 2]);
 const META_BLOCK: u64 = 4096;
 
 /// A thin pool driven through device-mapper ioctls.
@@ -31,46 +34,11 @@ pub struct DmPool {
     prefix: String,
     mode: PoolMode,
     block_size: u64,
-    loop_files: Vec<(String, PathBuf, PathBuf)>,
+    loop_files: LoopFiles,
     /// The pool's major:minor, the first word of every thin table. Fixed while the pool device
     /// exists (growing reloads its table, the device stays), so it is read once, at open, instead
     /// of by a DM_DEV_STATUS on every activation.
     pool_dev: Device,
-}
-
-/// The errno behind a devicemapper ioctl error, if it is one.
-fn errno_of(err: &DmError) -> Option<Errno> {
-    match err {
-        // The crate's nix may be another version than ours: go through the raw number.
-        DmError::Core(errors::Error::Ioctl(_, _, _, errno)) => {
-            Some(Errno::from_raw(**errno as i32))
-        }
-        _ => None,
-    }
-}
-
-fn dm_err(op: &'static str, target: impl Into<String>) -> impl FnOnce(DmError) -> PoolError {
-    let target = target.into();
-    move |source| PoolError::Dm { op, target, source }
-}
-
-fn dm_name(name: &str) -> Result<DmNameBuf, PoolError> {
-    DmNameBuf::new(name.to_string()).map_err(dm_err("name", name))
-}
-
-/// Opens the device-mapper control device.
-///
-/// Returns [`PoolError::NoDeviceMapper`] if the kernel has no device-mapper.
-pub fn open_dm() -> Result<DM, PoolError> {
-    if !Path::new("/dev/mapper/control").exists() {
-        let misc = std::fs::read_to_string("/proc/misc").unwrap_or_default();
-        if !misc.contains("device-mapper") {
-            return Err(PoolError::NoDeviceMapper(
-                "no device-mapper in /proc/misc, no /dev/mapper/control".to_string(),
-            ));
-        }
-    }
-    DM::new().map_err(|e| PoolError::NoDeviceMapper(e.to_string()))
 }
 
 impl DmPool {
@@ -90,42 +58,7 @@ impl DmPool {
         let exists = device_exists(&dm, &name)?;
         match config.pool.mode {
             PoolMode::Loop => {
-                let dir = config.pool_dir();
-                std::fs::create_dir_all(&dir).map_err(|source| PoolError::Io {
-                    op: "create",
-                    path: dir.clone(),
-                    source,
-                })?;
-                let data_file = dir.join("data");
-                let meta_file = dir.join("metadata");
-                let block = config.pool.block_size.as_u64();
-                let data_len =
-                    loopback::ensure_sparse_file(&data_file, config.pool.data_size.as_u64())?;
-                loopback::ensure_sparse_file(&meta_file, config.pool.metadata_size.as_u64())?;
-                let data_dev = loopback::attach(&data_file)?;
-                let meta_dev = loopback::attach(&meta_file)?;
-                loop_files.push(("data".to_string(), data_file, data_dev.clone()));
-                loop_files.push(("metadata".to_string(), meta_file, meta_dev.clone()));
-                if !exists {
-                    let data_sectors = data_len / block * block / SECTOR;
-                    let block_sectors = block / SECTOR;
-                    let blocks = data_sectors / block_sectors;
-                    // Ask for an event when 1% (at least one block) of the data space is left.
-                    let low_water = (blocks / 100).max(1);
-                    let features = if config.pool.zero_blocks {
-                        "0".to_string()
-                    } else {
-                        "1 skip_block_zeroing".to_string()
-                    };
-                    let params = format!(
-                        "{} {} {block_sectors} {low_water} {features}",
-                        meta_dev.display(),
-                        data_dev.display()
-                    );
-                    create_device(&dm, &name, "thin-pool", data_sectors, &params)?;
-                    info!(pool = %name, data = %data_dev.display(), metadata = %meta_dev.display(),
-                          data_bytes = data_sectors * SECTOR, block_bytes = block, "created thin pool");
-                }
+                loop_files = loopback::provision(&dm, config, &name, exists)?;
             }
             PoolMode::Existing | PoolMode::Lvm => {
                 if !exists {
@@ -180,9 +113,7 @@ impl DmPool {
 
     fn message(&self, msg: &str) -> Result<(), DmError> {
         let name = DmName::new(&self.name).expect("pool name validated by config");
-        self.dm
-            .target_msg(&DevId::Name(name), None, msg)
-            .map(|_| ())
+        ioctl::message(&self.dm, name, msg)
     }
 
     /// Maps a failed thin message to the error the engine can act on.
@@ -198,206 +129,6 @@ impl DmPool {
             },
         }
     }
-
-    /// Removes every dm device with this pool's prefix, then (loop mode) the pool itself and
-    /// its loop devices. Thin devices stay in the pool's metadata.
-    ///
-    /// Returns an error if a device is busy or cannot be removed.
-    pub fn teardown(&self, remove_pool: bool) -> Result<(), PoolError> {
-        for id in self.active_ids()? {
-            self.deactivate(id)?;
-        }
-        if remove_pool {
-            remove_device(&self.dm, &self.name)?;
-            info!(pool = %self.name, "removed thin pool device");
-            for (_, file, _) in &self.loop_files {
-                loopback::detach(file)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The dm name of the base device's temporary activation, and of every thin device.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-}
-
-/// The dm device called `name` (one DM_DEV_STATUS), or None if there is none.
-fn device_info(dm: &DM, name: &str) -> Result<Option<DeviceInfo>, PoolError> {
-    let n = dm_name(name)?;
-    match dm.device_info(&DevId::Name(&n)) {
-        Ok(info) => Ok(Some(info)),
-        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => Ok(None),
-        Err(e) => Err(dm_err("info", name)(e)),
-    }
-}
-
-/// Whether a dm device called `name` exists.
-pub fn device_exists(dm: &DM, name: &str) -> Result<bool, PoolError> {
-    Ok(device_info(dm, name)?.is_some())
-}
-
-fn table_of(
-    dm: &DM,
-    name: &str,
-    table: bool,
-) -> Result<Vec<(u64, u64, String, String)>, PoolError> {
-    let n = dm_name(name)?;
-    let opts = if table {
-        DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE)
-    } else {
-        // Status without flushing: never block on a pool that is out of space.
-        DmOptions::default().set_flags(DmFlags::DM_NOFLUSH)
-    };
-    let (_, lines) = dm
-        .table_status(&DevId::Name(&n), opts)
-        .map_err(dm_err(if table { "table" } else { "status" }, name))?;
-    Ok(lines)
-}
-
-/// Creates dm device `name` with one target, loads its table and resumes it; a device left half
-/// made is removed again.
-fn create_device(
-    dm: &DM,
-    name: &str,
-    target: &str,
-    sectors: u64,
-    params: &str,
-) -> Result<Device, PoolError> {
-    let n = dm_name(name)?;
-    let info = dm
-        .device_create(&n, None, DmOptions::default())
-        .map_err(dm_err("create", name))?;
-    let id = DevId::Name(&n);
-    let table = vec![(0u64, sectors, target.to_string(), params.to_string())];
-    let loaded = dm
-        .table_load(&id, &table, DmOptions::default())
-        .map_err(dm_err("load table of", name))
-        .and_then(|_| {
-            dm.device_suspend(&id, DmOptions::default())
-                .map_err(dm_err("resume", name))
-        });
-    if let Err(e) = loaded {
-        if let Err(e2) = dm.device_remove(&id, DmOptions::default()) {
-            warn!(device = %name, error = %e2, "cannot remove half-made dm device");
-        }
-        return Err(e);
-    }
-    let dev = info.device();
-    ensure_node(name, dev);
-    Ok(dev)
-}
-
-/// How long a removal waits out a device that is open but not mounted: udev's `blkid` opens a
-/// dm device for a moment after anything closes it for writing (mkfs, a discard, resize2fs), and
-/// the removal must not fail for that. LVM does the same (`activation/retry_deactivation`).
-const BUSY_RETRIES: u32 = 30;
-const BUSY_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Removes dm device `name`; nothing to do if it does not exist. A device that is mounted (in
-/// this mount namespace) is refused at once; one that is only open is waited for a few seconds.
-fn remove_device(dm: &DM, name: &str) -> Result<(), PoolError> {
-    let n = dm_name(name)?;
-    let id = DevId::Name(&n);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let busy = match dm.device_info(&id) {
-            Err(e) if errno_of(&e) == Some(Errno::ENXIO) => {
-                remove_node(name);
-                return Ok(());
-            }
-            Err(e) => return Err(dm_err("info", name)(e)),
-            Ok(info) if info.open_count() > 0 => Some(info.device()),
-            Ok(info) => match dm.device_remove(&id, DmOptions::default()) {
-                Ok(_) => break,
-                Err(e) if errno_of(&e) == Some(Errno::ENXIO) => break,
-                Err(e) if errno_of(&e) == Some(Errno::EBUSY) => Some(info.device()),
-                Err(e) => return Err(dm_err("remove", name)(e)),
-            },
-        };
-        if let Some(dev) = busy {
-            if let Some(at) = mount_point_of(dev) {
-                return Err(PoolError::Busy(format!(
-                    "{name} (mounted at {})",
-                    at.display()
-                )));
-            }
-            if attempt >= BUSY_RETRIES {
-                return Err(PoolError::Busy(name.to_string()));
-            }
-            debug!(device = %name, attempt, "dm device is open; waiting for it to be closed");
-            std::thread::sleep(BUSY_RETRY_DELAY);
-        }
-    }
-    remove_node(name);
-    Ok(())
-}
-
-/// Where block device `dev` is mounted in this process's mount namespace, if it is.
-fn mount_point_of(dev: Device) -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    find_mount_point(&text, dev.major, dev.minor)
-}
-
-/// Finds the mount point of `major:minor` in the text of a `/proc/<pid>/mountinfo` file (field 3
-/// is the device number, field 5 the mount point, with spaces written as `\040`).
-fn find_mount_point(mountinfo: &str, major: u32, minor: u32) -> Option<PathBuf> {
-    let want = format!("{major}:{minor}");
-    mountinfo.lines().find_map(|line| {
-        let mut fields = line.split(' ');
-        let devno = fields.nth(2)?;
-        let mount_point = fields.nth(1)?;
-        (devno == want).then(|| PathBuf::from(mount_point.replace("\\040", " ")))
-    })
-}
-
-/// Makes sure `/dev/mapper/<name>` exists. udev makes it where udev runs; where it does not (a
-/// minimal VM, a container), the node is made here, as libdevmapper does without udev.
-fn ensure_node(name: &str, dev: Device) {
-    let path = Path::new("/dev/mapper").join(name);
-    if path.exists() {
-        return;
-    }
-    let devno = nix::sys::stat::makedev(dev.major.into(), dev.minor.into());
-    match nix::sys::stat::mknod(
-        &path,
-        nix::sys::stat::SFlag::S_IFBLK,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        devno,
-    ) {
-        Ok(()) | Err(Errno::EEXIST) => debug!(device = %name, "made device node"),
-        Err(e) => warn!(device = %name, error = %e, "cannot make device node"),
-    }
-}
-
-fn remove_node(name: &str) {
-    let path = Path::new("/dev/mapper").join(name);
-    if let Ok(meta) = std::fs::symlink_metadata(&path) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_block_device() || meta.file_type().is_symlink() {
-            let _ = std::fs::remove_file(&path);
-        }
-    }
-}
-
-/// Resumes a suspended device when dropped, on every path (the crate's own
-/// `ThinDev::snapshot` leaves the origin suspended when the message fails).
-struct ResumeGuard<'a> {
-    dm: &'a DM,
-    name: DmNameBuf,
-}
-
-impl Drop for ResumeGuard<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self
-            .dm
-            .device_suspend(&DevId::Name(&self.name), DmOptions::default())
-        {
-            warn!(device = %self.name.to_string(), error = %e, "cannot resume device");
-        }
-    }
 }
 
 impl ThinPool for DmPool {
@@ -410,17 +141,7 @@ impl ThinPool for DmPool {
         // thin-provisioning.rst: an active origin must be suspended while the snapshot is taken.
         let origin_name = self.thin_name(origin);
         let _guard = if device_exists(&self.dm, &origin_name)? {
-            let n = dm_name(&origin_name)?;
-            self.dm
-                .device_suspend(
-                    &DevId::Name(&n),
-                    DmOptions::default().set_flags(DmFlags::DM_SUSPEND),
-                )
-                .map_err(dm_err("suspend", &origin_name))?;
-            Some(ResumeGuard {
-                dm: &self.dm,
-                name: n,
-            })
+            Some(ioctl::suspend(&self.dm, &origin_name)?)
         } else {
             None
         };
@@ -443,7 +164,7 @@ impl ThinPool for DmPool {
         // One DM_DEV_STATUS tells both whether the device is already active (recovery, a retried
         // call) and, if it is, its device number for the node.
         if let Some(info) = device_info(&self.dm, &name)? {
-            ensure_node(&name, info.device());
+            ioctl::ensure_node(&name, info.device());
             return Ok(path);
         }
         create_device(
@@ -465,19 +186,11 @@ impl ThinPool for DmPool {
         if !device_exists(&self.dm, &name)? {
             return Ok(());
         }
+        // Without DM_SKIP_LOCKFS the suspend freezes the mounted filesystem: its dirty pages are
+        // written to the device before the pool sees the suspend. Resumed at once.
+        drop(ioctl::suspend(&self.dm, &name)?);
         let n = dm_name(&name)?;
         let devid = DevId::Name(&n);
-        // Without DM_SKIP_LOCKFS the suspend freezes the mounted filesystem: its dirty pages are
-        // written to the device before the pool sees the suspend.
-        self.dm
-            .device_suspend(&devid, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
-            .map_err(dm_err("suspend", &name))?;
-        {
-            let _resume = ResumeGuard {
-                dm: &self.dm,
-                name: n.clone(),
-            };
-        }
         self.dm
             .device_remove(
                 &devid,
@@ -547,25 +260,9 @@ impl ThinPool for DmPool {
     }
 
     fn discard(&self, id: ThinId, size_bytes: u64) -> Result<(), PoolError> {
-        use std::os::fd::AsRawFd;
         let was_active = device_exists(&self.dm, &self.thin_name(id))?;
         let path = self.activate(id, size_bytes)?;
-        let discarded = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| {
-                let range: [u64; 2] = [0, size_bytes];
-                // SAFETY: BLKDISCARD reads two u64s (start, length) from the pointer, which
-                // points at `range`, alive for the call.
-                unsafe { blk_discard(f.as_raw_fd(), &range) }
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            })
-            .map_err(|source| PoolError::Io {
-                op: "discard",
-                path: path.clone(),
-                source,
-            });
+        let discarded = ioctl::discard_range(&path, size_bytes);
         if !was_active {
             self.deactivate(id)?;
         }
@@ -631,28 +328,7 @@ impl ThinPool for DmPool {
     }
 
     fn host_room(&self) -> Result<Option<u64>, PoolError> {
-        use std::os::unix::fs::MetadataExt;
-        let Some((_, data_file, _)) = self.loop_files.first() else {
-            return Ok(None);
-        };
-        let dir = data_file.parent().unwrap_or(Path::new("/"));
-        let fs = nix::sys::statvfs::statvfs(dir).map_err(|e| PoolError::Io {
-            op: "statvfs",
-            path: dir.to_path_buf(),
-            source: e.into(),
-        })?;
-        let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
-        // Bytes the sparse files may still take as the pool writes into them.
-        let mut promised = 0u64;
-        for (_, file, _) in &self.loop_files {
-            let m = std::fs::metadata(file).map_err(|source| PoolError::Io {
-                op: "stat",
-                path: file.clone(),
-                source,
-            })?;
-            promised += m.len().saturating_sub(m.blocks() * 512);
-        }
-        Ok(Some(free.saturating_sub(promised)))
+        loopback::host_room(&self.loop_files)
     }
 
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
@@ -662,44 +338,7 @@ impl ThinPool for DmPool {
                 self.name, self.mode
             )));
         }
-        let mut data_file = None;
-        for (role, file, dev) in &self.loop_files {
-            let want = if role == "data" {
-                data_bytes
-            } else {
-                metadata_bytes
-            };
-            if role == "data" {
-                data_file = Some(file.clone());
-            }
-            let Some(want) = want else { continue };
-            let cur = std::fs::metadata(file)
-                .map_err(|source| PoolError::Io {
-                    op: "stat",
-                    path: file.clone(),
-                    source,
-                })?
-                .len();
-            if want < cur {
-                return Err(PoolError::Invalid(format!(
-                    "{role} size {want} is smaller than the current {cur} of {}: pools only grow",
-                    file.display()
-                )));
-            }
-            if want > cur {
-                loopback::ensure_sparse_file(file, want)?;
-                loopback::refresh_capacity(dev)?;
-                info!(file = %file.display(), device = %dev.display(), from = cur, to = want, "grew pool file");
-            }
-        }
-        let data_file = data_file.expect("loop pools have a data file");
-        let len = std::fs::metadata(&data_file)
-            .map_err(|source| PoolError::Io {
-                op: "stat",
-                path: data_file.clone(),
-                source,
-            })?
-            .len();
+        let len = loopback::grow(&self.loop_files, data_bytes, metadata_bytes)?;
         let sectors = len / self.block_size * self.block_size / SECTOR;
         let table = table_of(&self.dm, &self.name, true)?;
         let Some((_, old, target, params)) = table.first().cloned() else {
@@ -715,16 +354,8 @@ impl ThinPool for DmPool {
         self.dm
             .table_load(&id, &[(0, sectors, target, params)], DmOptions::default())
             .map_err(dm_err("load table of", &self.name))?;
-        self.dm
-            .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
-            .map_err(dm_err("suspend", &self.name))?;
-        // Resumes here, and on every path out of this block.
-        {
-            let _resume = ResumeGuard {
-                dm: &self.dm,
-                name: n.clone(),
-            };
-        }
+        // Suspended and resumed at once: the resume makes the new table live.
+        drop(ioctl::suspend(&self.dm, &self.name)?);
         info!(pool = %self.name, data_bytes = sectors * SECTOR, "reloaded pool table");
         Ok(())
     }
@@ -775,8 +406,8 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
             if exists {
                 let n = dm_name(&pool_dev)?;
                 for id in thin_ids {
-                    match dm.target_msg(&DevId::Name(&n), None, &format!("delete {id}")) {
-                        Ok(_) => info!(pool = %name, thin_id = id, "deleted thin device"),
+                    match ioctl::message(&dm, &n, &format!("delete {id}")) {
+                        Ok(()) => info!(pool = %name, thin_id = id, "deleted thin device"),
                         Err(e) if matches!(errno_of(&e), Some(Errno::ENODATA)) => {}
                         Err(e) => {
                             return Err(dm_err("delete thin id", format!("{id} in {name}"))(e))
@@ -793,46 +424,8 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
                 remove_device(&dm, name)?;
                 info!(pool = %name, "removed thin pool");
             }
-            let dir = config.pool_dir();
-            for file in [dir.join("data"), dir.join("metadata")] {
-                loopback::detach(&file)?;
-                if remove_files {
-                    match std::fs::remove_file(&file) {
-                        Ok(()) => info!(file = %file.display(), "removed pool file"),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(source) => {
-                            return Err(PoolError::Io {
-                                op: "remove",
-                                path: file,
-                                source,
-                            })
-                        }
-                    }
-                }
-            }
-            if remove_files {
-                let _ = std::fs::remove_dir(&dir);
-            }
+            loopback::release(&config.pool_dir(), remove_files)?;
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::find_mount_point;
-    use std::path::PathBuf;
-
-    #[test]
-    fn mount_point_is_found_by_device_number() {
-        let text = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
-                    97 22 253:4 / /run/con\\040tainerd/x rw,relatime shared:50 - ext4 /dev/mapper/p-snap-4 rw\n";
-        assert_eq!(
-            find_mount_point(text, 253, 4),
-            Some(PathBuf::from("/run/con tainerd/x"))
-        );
-        assert_eq!(find_mount_point(text, 8, 1), Some(PathBuf::from("/")));
-        assert_eq!(find_mount_point(text, 253, 40), None);
-        assert_eq!(find_mount_point("", 253, 4), None);
-    }
 }

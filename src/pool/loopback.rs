@@ -1,16 +1,26 @@
-//! Loop mode's backing store: sparse files attached to loop devices (Docker's loop-lvm layout).
+//! Loop mode's backing store: sparse files attached to loop devices (Docker's loop-lvm layout),
+//! and the loop pool made of them: its `thin-pool` device created at first start, its files and
+//! loop devices grown online, the host room left for them, their release at `pool destroy`.
 //!
 //! After a restart the loop devices may still be attached: they are found through sysfs
 //! (`/sys/block/loopN/loop/backing_file`) and reused, never attached twice. Attaching uses the
 //! `loopdev-3` crate (LOOP_CTL_GET_FREE + LOOP_CONFIGURE); nothing here spawns `losetup`.
+//! This module must not touch thin devices or the pool's table beyond creating it: reloading it
+//! and everything else device-mapper is [`super::dm`]'s, through [`super::ioctl`].
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
+use devicemapper::DM;
 use loopdev::{LoopControl, LoopDevice};
 use tracing::info;
 
-use super::PoolError;
+use super::ioctl::{create_device, SECTOR};
+use super::{remove_file_if_exists, PoolError};
+use crate::config::Config;
+
+/// A loop pool's files: (role, file, loop device), the data file first.
+pub type LoopFiles = Vec<(String, PathBuf, PathBuf)>;
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PoolError {
     let path = path.to_path_buf();
@@ -123,6 +133,134 @@ pub fn detach(file: &Path) -> Result<(), PoolError> {
 pub fn refresh_capacity(dev: &Path) -> Result<(), PoolError> {
     let ld = LoopDevice::open(dev).map_err(io_err("open", dev))?;
     ld.set_capacity().map_err(io_err("set capacity of", dev))
+}
+
+/// Creates or reuses the sparse files of a loop pool under `config.pool_dir()` and their loop
+/// devices, and, unless the pool device `name` `exists` already, creates it with a `thin-pool`
+/// table over them. Returns the files and their loop devices.
+///
+/// Returns an error if a file, a loop device or the pool device cannot be made.
+pub fn provision(
+    dm: &DM,
+    config: &Config,
+    name: &str,
+    exists: bool,
+) -> Result<LoopFiles, PoolError> {
+    let mut loop_files = Vec::new();
+    let dir = config.pool_dir();
+    std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+    let data_file = dir.join("data");
+    let meta_file = dir.join("metadata");
+    let block = config.pool.block_size.as_u64();
+    let data_len = ensure_sparse_file(&data_file, config.pool.data_size.as_u64())?;
+    ensure_sparse_file(&meta_file, config.pool.metadata_size.as_u64())?;
+    let data_dev = attach(&data_file)?;
+    let meta_dev = attach(&meta_file)?;
+    loop_files.push(("data".to_string(), data_file, data_dev.clone()));
+    loop_files.push(("metadata".to_string(), meta_file, meta_dev.clone()));
+    if !exists {
+        let data_sectors = data_len / block * block / SECTOR;
+        let block_sectors = block / SECTOR;
+        let blocks = data_sectors / block_sectors;
+        // Ask for an event when 1% (at least one block) of the data space is left.
+        let low_water = (blocks / 100).max(1);
+        let features = if config.pool.zero_blocks {
+            "0".to_string()
+        } else {
+            "1 skip_block_zeroing".to_string()
+        };
+        let params = format!(
+            "{} {} {block_sectors} {low_water} {features}",
+            meta_dev.display(),
+            data_dev.display()
+        );
+        create_device(dm, name, "thin-pool", data_sectors, &params)?;
+        info!(pool = %name, data = %data_dev.display(), metadata = %meta_dev.display(),
+              data_bytes = data_sectors * SECTOR, block_bytes = block, "created thin pool");
+    }
+    Ok(loop_files)
+}
+
+/// Grows the data file to `data_bytes` and the metadata file to `metadata_bytes` (`None`: leave
+/// it), and makes their loop devices see the new sizes. Returns the data file's size.
+///
+/// Returns [`PoolError::Invalid`] if a size is smaller than the file's now (pools only grow), or
+/// an error if a file cannot be inspected or resized.
+pub fn grow(
+    loop_files: &[(String, PathBuf, PathBuf)],
+    data_bytes: Option<u64>,
+    metadata_bytes: Option<u64>,
+) -> Result<u64, PoolError> {
+    let mut data_file = None;
+    for (role, file, dev) in loop_files {
+        let want = if role == "data" {
+            data_bytes
+        } else {
+            metadata_bytes
+        };
+        if role == "data" {
+            data_file = Some(file.clone());
+        }
+        let Some(want) = want else { continue };
+        let cur = std::fs::metadata(file).map_err(io_err("stat", file))?.len();
+        if want < cur {
+            return Err(PoolError::Invalid(format!(
+                "{role} size {want} is smaller than the current {cur} of {}: pools only grow",
+                file.display()
+            )));
+        }
+        if want > cur {
+            ensure_sparse_file(file, want)?;
+            refresh_capacity(dev)?;
+            info!(file = %file.display(), device = %dev.display(), from = cur, to = want, "grew pool file");
+        }
+    }
+    let data_file = data_file.expect("loop pools have a data file");
+    Ok(std::fs::metadata(&data_file)
+        .map_err(io_err("stat", &data_file))?
+        .len())
+}
+
+/// The bytes the host's filesystem can still give the pool's files beyond what their current
+/// (sparse) sizes already promise; `None` if there are no files.
+///
+/// Returns an error if the filesystem or a file cannot be inspected.
+pub fn host_room(loop_files: &[(String, PathBuf, PathBuf)]) -> Result<Option<u64>, PoolError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some((_, data_file, _)) = loop_files.first() else {
+        return Ok(None);
+    };
+    let dir = data_file.parent().unwrap_or(Path::new("/"));
+    let fs = nix::sys::statvfs::statvfs(dir).map_err(|e| PoolError::Io {
+        op: "statvfs",
+        path: dir.to_path_buf(),
+        source: e.into(),
+    })?;
+    let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+    // Bytes the sparse files may still take as the pool writes into them.
+    let mut promised = 0u64;
+    for (_, file, _) in loop_files {
+        let m = std::fs::metadata(file).map_err(io_err("stat", file))?;
+        promised += m.len().saturating_sub(m.blocks() * 512);
+    }
+    Ok(Some(free.saturating_sub(promised)))
+}
+
+/// `pool destroy` in loop mode, once the pool device is gone: detaches the loop devices of the
+/// pool files in `dir`; with `remove_files` also deletes the files and (if empty) `dir`.
+///
+/// Returns an error if a loop device cannot be detached or a file cannot be removed.
+pub fn release(dir: &Path, remove_files: bool) -> Result<(), PoolError> {
+    for file in [dir.join("data"), dir.join("metadata")] {
+        detach(&file)?;
+        if remove_files && remove_file_if_exists(&file)? {
+            info!(file = %file.display(), "removed pool file");
+        }
+    }
+    if remove_files {
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
