@@ -9,11 +9,12 @@
 #   integration/fetch-containerd.sh --check    exit 0 if every version is present
 #
 # Result: $THINSNAP_TEST_CACHE/containerd/<version>/usr/bin/{containerd,ctr,containerd-shim-runc-v2}
-# (THINSNAP_TEST_CACHE default /var/cache/thinsnap-test: a place the VM sees, unlike /tmp).
+# (THINSNAP_TEST_CACHE default /var/lib/thinsnap-test/cache: a place the VM sees, unlike /tmp
+# and /var/cache, which the guest has of its own).
 # containerd 1.6.20 is Debian 12's own package (`containerd`, installed by install-deps.sh).
 set -euo pipefail
 
-CACHE=${THINSNAP_TEST_CACHE:-/var/cache/thinsnap-test}
+CACHE=${THINSNAP_TEST_CACHE:-/var/lib/thinsnap-test/cache}
 # version -> suite that holds it
 declare -A SUITE=([1.7.24]=trixie [2.1.9]=sid)
 MIRROR=${CONTAINERD_MIRROR:-http://deb.debian.org/debian}

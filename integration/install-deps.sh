@@ -20,7 +20,10 @@ PKGS=(
   # used inside the VM
   e2fsprogs xfsprogs thin-provisioning-tools dmsetup lvm2 util-linux
   # containerd's conformance suite and the end-to-end test
-  golang-go golang-github-containerd-containerd-dev containerd runc umoci skopeo busybox-static
+  golang-go golang-github-containerd-containerd-dev containerd runc umoci skopeo busybox-static jq
+  # the containerd matrix (integration/e2e/matrix-guest.sh): a loopback registry in the VM, and apt
+  # to fetch containerd 1.7/2.x from trixie/sid into a cache of its own (fetch-containerd.sh)
+  docker-registry apt ca-certificates debian-archive-keyring
 )
 
 if [[ ${1:-} == --runtime ]]; then
@@ -45,5 +48,14 @@ if ! command -v vng >/dev/null 2>&1; then
   # Debian 12's own pip refuses system-wide installs (PEP 668) unless told otherwise.
   pip install --quiet --root-user-action=ignore virtme-ng ||
     pip install --quiet --root-user-action=ignore --break-system-packages virtme-ng
+fi
+# containerd 1.7.24 and 2.1.9 for the version matrix: Debian's packages, fetched through an apt
+# configuration of their own and unpacked with dpkg -x (the host's containerd stays 1.6.20).
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+bash "$here/fetch-containerd.sh" --check >/dev/null 2>&1 || bash "$here/fetch-containerd.sh"
+# the Debian package of thinsnap (cargo deb; integration/test.sh builds it for the VM)
+export PATH="$HOME/.cargo/bin:$PATH"
+if command -v cargo >/dev/null 2>&1 && ! cargo deb --version >/dev/null 2>&1; then
+  cargo install cargo-deb --locked --quiet
 fi
 echo "install-deps: ok ($(ls /boot/vmlinuz-*-amd64 2>/dev/null | grep -v cloud | tail -1))"

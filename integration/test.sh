@@ -9,9 +9,12 @@
 # 4. cargo test                             (unit + host tests; the VM-only ones show as ignored)
 # 5. cargo build; the list of test executables (cargo test --no-run --message-format=json)
 # 6. the Go conformance binary              (integration/conformance/build.sh)
-# 7. ONE VM (integration/vm.sh integration/guest/all.sh): root-only cargo tests on real dm-thin,
-#    containerd's snapshotter conformance suite, and the end-to-end test if it exists
-# 8. a summary; exit status non-zero if anything failed.
+# 7. the containerd matrix's inputs: the test images (integration/e2e/build-images.py), the CRI test
+#    client (integration/cri-test), containerd 1.7/2.x (integration/fetch-containerd.sh)
+# 8. ONE VM (integration/vm.sh integration/guest/all.sh): root-only cargo tests on real dm-thin,
+#    containerd's snapshotter conformance suite, and the containerd matrix: the end-to-end test
+#    and the CRI tests on containerd 1.6.20, 1.7.24 and 2.1.9 (integration/e2e/matrix-guest.sh)
+# 9. a summary with the version x test table; exit status non-zero if anything failed.
 #
 # Steps 2-4 failing do not stop the run (so one CI run shows everything); a failed build does
 # stop it before the VM. Results and logs: integration/.results/test-<date>/.
@@ -64,6 +67,10 @@ summary() {
     echo "  in the VM: $vm_line"
     [[ -s $RESULTS/vm-summary.txt ]] && cat "$RESULTS/vm-summary.txt"
   fi
+  if [[ -s ${VM_RESULTS:-/nonexistent}/matrix-table.txt ]]; then
+    echo "  containerd version x test (passed/failed):"
+    sed 's/^/    /' "$VM_RESULTS/matrix-table.txt"
+  fi
   if ((failed)); then
     echo "integration/test.sh: FAILED"
   else
@@ -110,11 +117,22 @@ build_all() {
 }
 step build build_all || abort "building thinsnap or its tests failed"
 step conformance-build bash integration/conformance/build.sh || abort "building the conformance suite failed"
+# The containerd matrix's inputs (integration/e2e/matrix-guest.sh); a failure here does not stop
+# the VM (the matrix then reports what it could not run).
+step e2e-images python3 integration/e2e/build-images.py
+build_cri_test() {
+  (cd integration/cri-test && cargo build --locked) || return 1
+  echo "$REPO/integration/cri-test/target/debug/cri-test" >"$RESULTS/cri-test-bin.txt"
+}
+step cri-test-build build_cri_test
+step containerd-fetch bash integration/fetch-containerd.sh
 
 export THINSNAP_BIN
 THINSNAP_BIN=$(<"$RESULTS/thinsnap-bin.txt")
 export VM_RESULTS=$RESULTS/vm VM_TIMEOUT=${VM_TIMEOUT:-4200}
-export VM_PASS_ENV="${VM_PASS_ENV:-} CONFORMANCE_PARALLEL CONFORMANCE_FS CONFORMANCE_TIMEOUT RUST_ROOT_TEST_TIMEOUT GUEST_UDEV RUN_CRASH_TESTS CRASH_ROUNDS"
+export CRI_TEST_BIN
+CRI_TEST_BIN=$(cat "$RESULTS/cri-test-bin.txt" 2>/dev/null)
+export VM_PASS_ENV="${VM_PASS_ENV:-} CONFORMANCE_PARALLEL CONFORMANCE_FS CONFORMANCE_TIMEOUT RUST_ROOT_TEST_TIMEOUT GUEST_UDEV RUN_CRASH_TESTS CRASH_ROUNDS CRI_TEST_BIN THINSNAP_DEB E2E_VERSIONS E2E_FULL_VERSIONS E2E_TESTS"
 mkdir -p "$VM_RESULTS"
 cp "$RESULTS/rust-test-executables.txt" "$VM_RESULTS/"
 # shellcheck disable=SC2086

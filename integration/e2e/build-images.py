@@ -12,6 +12,8 @@ Writes into OUT_DIR:
                    independent of containerd, used as the reference
   expected.list    list.sh's output over rootfs/: what every container must see
   meta.json        names, digests, diff ids, chain ids (containerd's snapshot names) per layer
+  small-oci/       a small two-layer image for the CRI tests (busybox + /etc/passwd; /data/top)
+  pause-oci/       the test's own pod sandbox image: one layer with a static /pause (pause.c)
   stamp            hash of the inputs; a second run with the same inputs does nothing
 
 The layers are written by hand with tarfile rather than by umoci, so the exact entry order is under
@@ -210,7 +212,7 @@ def chain_ids(diff_ids):
     return out
 
 
-def write_oci(oci, layer_blobs, tag, history):
+def write_oci(oci, layer_blobs, tag, history, image_config=None):
     """layer_blobs: list of (blob bytes, media type, diff id). Returns the manifest digest."""
     shutil.rmtree(oci, ignore_errors=True)
     os.makedirs(os.path.join(oci, "blobs", "sha256"))
@@ -221,7 +223,7 @@ def write_oci(oci, layer_blobs, tag, history):
         "created": "2023-11-14T22:13:20Z",
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+        "config": image_config or {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [d for _, _, d in layer_blobs]},
         "history": [{"created": "2023-11-14T22:13:20Z", "created_by": h} for h in history],
     }
@@ -294,7 +296,8 @@ def sanity_check_rootfs(r):
 
 def input_stamp(busybox_path):
     h = hashlib.sha256()
-    for f in (__file__, os.path.join(HERE, "xattrs.c"), os.path.join(HERE, "list.sh"), busybox_path):
+    for f in (__file__, os.path.join(HERE, "xattrs.c"), os.path.join(HERE, "pause.c"),
+              os.path.join(HERE, "list.sh"), busybox_path):
         with open(f, "rb") as fh:
             h.update(fh.read())
     return h.hexdigest()
@@ -303,7 +306,8 @@ def input_stamp(busybox_path):
 def up_to_date(out, stamp):
     stamp_file = os.path.join(out, "stamp")
     return os.path.exists(stamp_file) and open(stamp_file).read().strip() == stamp \
-        and all(os.path.exists(os.path.join(out, f)) for f in ("expected.list", "layers.oci.tar", "meta.json"))
+        and all(os.path.exists(os.path.join(out, f)) for f in ("expected.list", "layers.oci.tar", "meta.json",
+                                                                 "small-oci/index.json", "pause-oci/index.json"))
 
 
 def main():
@@ -369,6 +373,26 @@ def main():
     }
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
+
+    # the CRI tests' small image and the pause image
+    s1 = Layer("small: busybox, /etc/passwd")
+    s1.dir("bin")
+    s1.file("bin/busybox", busybox, mode=0o755)
+    s1.symlink("bin/sh", "busybox")
+    s1.dir("etc")
+    s1.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+    s2 = Layer("small: /data/top")
+    s2.dir("data")
+    s2.file("data/top", "top layer\n")
+    write_oci(os.path.join(out, "small-oci"), [s1.finish(), s2.finish()], "latest", [s1.comment, s2.comment])
+    pause_bin = os.path.join(out, "pause")
+    subprocess.run(["cc", "-static", "-O2", "-s", "-o", pause_bin, os.path.join(HERE, "pause.c")], check=True)
+    pl = Layer("pause")
+    with open(pause_bin, "rb") as f:
+        pl.file("pause", f.read(), mode=0o755)
+    write_oci(os.path.join(out, "pause-oci"), [pl.finish()], "latest", [pl.comment],
+              image_config={"Entrypoint": ["/pause"], "WorkingDir": "/"})
+
     with open(stamp_file, "w") as f:
         f.write(stamp + "\n")
     n = listing.count(b"\n")

@@ -6,7 +6,7 @@
       the binary and the config path substituted: lines "env NAME=VALUE" (Environment=),
       "caps cap_a,cap_b" (CapabilityBoundingSet=), "nnp yes|no" (NoNewPrivileges=), "type T"
       (Type=), then "arg X" per argv element of ExecStart. Exits 1 if ExecStart does not name
-      /usr/local/bin/thinsnap and /etc/thinsnap/config.toml.
+      /usr/bin/thinsnap and /etc/thinsnap/config.toml.
   e2e.py notify-listen SOCKET LOG
       A systemd-style NOTIFY_SOCKET: binds a datagram socket and appends every message to LOG.
   e2e.py add-layer SRC_OCI TAG LAYER MEDIA_TYPE OUT_OCI
@@ -44,8 +44,8 @@ def unit_exec(unit, binary, config):
     if len(execs) != 1:
         sys.exit(f"unit-exec: want exactly one ExecStart=, found {len(execs)}")
     argv = shlex.split(execs[0].lstrip("-@:+!"))
-    if argv[0] != "/usr/local/bin/thinsnap":
-        sys.exit(f"unit-exec: ExecStart runs {argv[0]!r}, not /usr/local/bin/thinsnap")
+    if argv[0] != "/usr/bin/thinsnap":
+        sys.exit(f"unit-exec: ExecStart runs {argv[0]!r}, not /usr/bin/thinsnap")
     if argv.count("/etc/thinsnap/config.toml") != 1:
         sys.exit("unit-exec: ExecStart does not pass /etc/thinsnap/config.toml")
     argv[0] = binary

@@ -4,7 +4,8 @@
 # PARTs (default: all of them, in this order):
 #   rust         root-only cargo tests on real dm-thin       (guest/rust-root-tests.sh)
 #   conformance  containerd's snapshotter conformance suite  (guest/conformance.sh)
-#   e2e          containerd end to end, if integration/e2e/run-guest.sh exists
+#   e2e          the containerd matrix: end-to-end and CRI tests on containerd 1.6.20, 1.7.24 and
+#                2.1.9 (integration/e2e/matrix-guest.sh; its table lands in matrix-table.txt)
 # Each part runs in its own process, so one failing part does not stop the others. A part's
 # count is the last "N passed, N failed" line it prints (or 1 passed/1 failed by its exit status
 # when it prints none). The last line of the output is the total: "N passed, N failed".
@@ -81,14 +82,9 @@ for part in "${parts[@]}"; do
     rust) run_part rust "$here/rust-root-tests.sh" ;;
     conformance) run_part conformance "$here/conformance.sh" ;;
     e2e)
-      # ---- HOOK: end-to-end test owned by integration/e2e/ (runs only if the script exists) ----
-      e2e=$GUEST_REPO/integration/e2e/run-guest.sh
-      if [[ -f $e2e ]]; then
-        run_part e2e /bin/bash "$e2e"
-      else
-        say "PART e2e: skipped ($e2e does not exist)"
-        table+=("$(printf '%-12s skipped (no integration/e2e/run-guest.sh)' e2e)")
-      fi
+      # ---- HOOK: owned by integration/e2e/: the containerd version matrix (end-to-end and CRI
+      # tests on containerd 1.6.20, 1.7.24, 2.1.9; one registry, one image build) ----
+      run_part e2e /bin/bash "$GUEST_REPO/integration/e2e/matrix-guest.sh"
       ;;
     *)
       echo "all.sh: unknown part '$part'" >&2

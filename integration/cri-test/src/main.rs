@@ -186,7 +186,8 @@ fn pod_config(name: &str) -> PodSandboxConfig {
             namespace: "cri-test".into(),
             attempt: 0,
         }),
-        hostname: name.into(),
+        // no hostname: like the kubelet for a host-network pod (runc refuses a hostname
+        // without a private UTS namespace)
         log_directory: format!("/tmp/cri-test-logs/{name}"),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
