@@ -10,7 +10,8 @@
 # 5. cargo build; the list of test executables (cargo test --no-run --message-format=json)
 # 6. the Go conformance binary              (integration/conformance/build.sh)
 # 7. the containerd matrix's inputs: the test images (integration/e2e/build-images.py), the CRI test
-#    client (integration/cri-test), containerd 1.7/2.x (integration/fetch-containerd.sh)
+#    client (integration/cri-test), containerd 1.7/2.x (integration/fetch-containerd.sh), and
+#    thinsnap's Debian package (cargo deb), which the VM installs and the matrix runs
 # 8. ONE VM (integration/vm.sh integration/guest/all.sh): root-only cargo tests on real dm-thin,
 #    containerd's snapshotter conformance suite, and the containerd matrix: the end-to-end test
 #    and the CRI tests on containerd 1.6.20, 1.7.24 and 2.1.9 (integration/e2e/matrix-guest.sh)
@@ -126,12 +127,21 @@ build_cri_test() {
 }
 step cri-test-build build_cri_test
 step containerd-fetch bash integration/fetch-containerd.sh
+# thinsnap's Debian package (cargo deb), which the VM installs with dpkg -i and every matrix test
+# then runs. Packed from the binary built above (dev profile, the one every other test runs),
+# not a second release build: `cargo deb` alone makes the release package (deploy/README.md).
+build_deb() {
+  cargo deb --no-build --profile dev --no-strip --fast -o "$RESULTS/thinsnap.deb" || return 1
+  dpkg-deb -c "$RESULTS/thinsnap.deb"
+}
+step deb build_deb
 
 export THINSNAP_BIN
 THINSNAP_BIN=$(<"$RESULTS/thinsnap-bin.txt")
 export VM_RESULTS=$RESULTS/vm VM_TIMEOUT=${VM_TIMEOUT:-4200}
-export CRI_TEST_BIN
+export CRI_TEST_BIN THINSNAP_DEB
 CRI_TEST_BIN=$(cat "$RESULTS/cri-test-bin.txt" 2>/dev/null)
+[[ -s $RESULTS/thinsnap.deb ]] && THINSNAP_DEB=$RESULTS/thinsnap.deb
 export VM_PASS_ENV="${VM_PASS_ENV:-} CONFORMANCE_PARALLEL CONFORMANCE_FS CONFORMANCE_TIMEOUT RUST_ROOT_TEST_TIMEOUT GUEST_UDEV RUN_CRASH_TESTS CRASH_ROUNDS CRI_TEST_BIN THINSNAP_DEB E2E_VERSIONS E2E_FULL_VERSIONS E2E_TESTS"
 mkdir -p "$VM_RESULTS"
 cp "$RESULTS/rust-test-executables.txt" "$VM_RESULTS/"

@@ -10,7 +10,8 @@
 #   CRI_IMAGE            image in the loopback registry (e.g. 127.0.0.1:5000/cri-small:latest)
 #   CRI_HOSTS_DIR        containerd registry hosts dir (hosts.toml per registry: the loopback
 #                        registry, and registry.k8s.io mirrored to it for the pause image)
-#   CRI_TEST_BIN         the cri-test binary; THINSNAP_BIN; RESULTS_DIR (logs)
+#   CRI_TEST_BIN         the cri-test binary; THINSNAP_BIN, THINSNAP_UNIT (the unit to start it
+#                        as; default deploy/thinsnap.service); RESULTS_DIR (logs)
 # Prints PASS/FAIL lines and ends with "N passed, N failed" (its own setup checks + cri-test's).
 {
 set -uo pipefail
@@ -99,7 +100,7 @@ base_size = "1GiB"
 EOF
 
 # thinsnap, started as the unit's ExecStart says (binary and config path substituted)
-mapfile -t unit < <($PY "$E2E/e2e.py" unit-exec "$REPO/deploy/thinsnap.service" "$BIN" "$TCONF")
+mapfile -t unit < <($PY "$E2E/e2e.py" unit-exec "${THINSNAP_UNIT:-$REPO/deploy/thinsnap.service}" "$BIN" "$TCONF")
 envs=() argv=()
 for line in "${unit[@]}"; do
   case $line in env\ *) envs+=("${line#env }") ;; arg\ *) argv+=("${line#arg }") ;; esac

@@ -14,6 +14,8 @@
 #   E2E_FULL_VERSIONS   versions that run the full e2e scenario (default "2.1.9"; the others run
 #                       the short one, to keep the whole test command within its time)
 #   E2E_TESTS           tests to run per version (default "e2e cri runtime-class")
+#   THINSNAP_DEB        thinsnap's Debian package: installed with dpkg -i first, then used by
+#                       every test (without it: THINSNAP_BIN and deploy/thinsnap.service)
 #   E2E_IMAGES, THINSNAP_BIN, CRI_TEST_BIN, RUST_LOG: see run-guest.sh and cri-guest.sh
 {
 set -uo pipefail
@@ -50,6 +52,46 @@ if ! $PY "$E2E/build-images.py" --check "$IMAGES" >/dev/null 2>&1; then
     $PY "$E2E/build-images.py" "$IMAGES" || { echo "FAIL: build the test images"; setup_fail=1; }
 fi
 export E2E_IMAGES=$IMAGES
+
+# ---------------------------------------------------------------- the Debian package
+# THINSNAP_DEB (built by integration/test.sh with cargo deb): installed with dpkg -i as an operator
+# would, then every test below starts thinsnap from the installed binary, as the installed unit's
+# ExecStart= says. The guest's root filesystem is the host's, read-only: a tmpfs overlay over
+# /usr, /etc and /var/lib takes the install (and vanishes with the VM). There is no systemd as
+# PID 1 in the guest, so nothing starts the unit: the tests run its ExecStart= themselves.
+pkg_p=0 pkg_f=0
+pkg_check() { # NAME CMD...
+  local name=$1 out
+  shift
+  if out=$("$@" 2>&1); then pkg_p=$((pkg_p + 1)); echo "PASS: $name"; else
+    pkg_f=$((pkg_f + 1)); echo "FAIL: $name"; sed 's/^/      /' <<<"$out" | tail -n 15
+  fi
+}
+if [[ -n ${THINSNAP_DEB:-} ]]; then
+  say "install the Debian package $THINSNAP_DEB (dpkg -i)"
+  if [[ ! -e /run/thinsnap-guest-overlays ]]; then
+    for d in /usr /etc /var/lib; do
+      mkdir -p "/tmp/overlay$d/upper" "/tmp/overlay$d/work"
+      mount -t overlay -o "lowerdir=$d,upperdir=/tmp/overlay$d/upper,workdir=/tmp/overlay$d/work" "overlay$d" "$d" ||
+        echo "cannot overlay $d"
+    done
+    touch /run/thinsnap-guest-overlays
+  fi
+  pkg_check "dpkg -i $(basename "$THINSNAP_DEB")" dpkg -i "$THINSNAP_DEB"
+  pkg_check "dpkg -s thinsnap: installed" sh -c 'dpkg -s thinsnap | grep -q "^Status: install ok installed"'
+  pkg_check "the package's files: /usr/bin/thinsnap, its unit, /etc/thinsnap/config.toml (conffile), the snippets" \
+    sh -c 'test -x /usr/bin/thinsnap && test -f /usr/lib/systemd/system/thinsnap.service && test -f /etc/thinsnap/config.toml &&
+      dpkg-query -W -f="\${Conffiles}" thinsnap | grep -q /etc/thinsnap/config.toml &&
+      test -f /usr/share/doc/thinsnap/containerd-config.toml && test -f /usr/share/doc/thinsnap/containerd-config-v3.toml'
+  pkg_check "the installed unit is deploy/thinsnap.service" cmp /usr/lib/systemd/system/thinsnap.service "$REPO/deploy/thinsnap.service"
+  pkg_check "the installed config is deploy/config.toml" cmp /etc/thinsnap/config.toml "$REPO/deploy/config.toml"
+  pkg_check "the unit is enabled (WantedBy= symlinks made by the package)" \
+    sh -c 'ls -l /etc/systemd/system/*.wants/thinsnap.service'
+  pkg_check "/usr/bin/thinsnap runs: thinsnap --version" /usr/bin/thinsnap --version
+  export THINSNAP_BIN=/usr/bin/thinsnap THINSNAP_UNIT=/usr/lib/systemd/system/thinsnap.service
+  echo "every test below runs thinsnap from the package: ExecStart= of $THINSNAP_UNIT"
+  echo "package: $pkg_p passed, $pkg_f failed"
+fi
 
 # ---------------------------------------------------------------- the registry
 say "loopback registry (Debian's docker-registry) on $REGISTRY, filled by skopeo"
@@ -159,6 +201,7 @@ done
 kill "$REG_PID" 2>/dev/null
 wait "$REG_PID" 2>/dev/null
 ((setup_fail)) && total_f=$((total_f + 1))
+total_p=$((total_p + pkg_p)) total_f=$((total_f + pkg_f))
 
 say "containerd version x test (passed/failed, time)"
 {
@@ -170,6 +213,11 @@ say "containerd version x test (passed/failed, time)"
     for t in $TESTS; do printf ' | %-24s' "${RES[$v,$t]:--}"; done
     echo
   done
+  if [[ -n ${THINSNAP_DEB:-} ]]; then
+    echo "thinsnap from the Debian package (dpkg -i): $pkg_p passed, $pkg_f failed"
+  else
+    echo "thinsnap: ${THINSNAP_BIN:-target/debug/thinsnap} (no THINSNAP_DEB given: the package was not tested)"
+  fi
 } | tee "$VM_RESULTS/matrix-table.txt"
 echo
 echo "matrix: $(($(date +%s) - T0))s"

@@ -17,6 +17,8 @@
 #   E2E_PULL        an image reference in a registry (e.g. 127.0.0.1:5000/e2e-layers:latest holding
 #                   the test image): the image comes by `ctr images pull --plain-http` (on 2.x
 #                   through the transfer service) instead of `ctr images import`
+#   THINSNAP_UNIT   the systemd unit to start thinsnap as (default deploy/thinsnap.service; the
+#                   matrix passes the one the Debian package installed)
 #   E2E_SCENARIO    full (default) | short: short leaves out the thinsnap and containerd restarts
 #                   and the commit/diff/view steps (the matrix runs older containerds short)
 #
@@ -42,6 +44,8 @@ CROOT=$W/containerd
 IMG=${E2E_PULL:-localhost/e2e-layers:latest}
 IMG2=localhost/e2e-committed:latest
 SCENARIO=${E2E_SCENARIO:-full}
+# the unit whose ExecStart= starts thinsnap: the installed package's (matrix-guest.sh sets it) or deploy/'s
+UNIT=${THINSNAP_UNIT:-$REPO/deploy/thinsnap.service}
 CD_CONFIG=${E2E_CONTAINERD_CONFIG:-containerd-config.toml}
 if [[ -n ${E2E_CONTAINERD_BIN:-} ]]; then
   export PATH=$E2E_CONTAINERD_BIN:$PATH
@@ -104,7 +108,7 @@ start_thinsnap() { # LABEL
       nnp\ *) nnp=${line#nnp } ;;
       arg\ *) argv+=("${line#arg }") ;;
     esac
-  done < <($PY "$E2E/e2e.py" unit-exec "$REPO/deploy/thinsnap.service" "$BIN" "$TCONF")
+  done < <($PY "$E2E/e2e.py" unit-exec "$UNIT" "$BIN" "$TCONF")
   ((${#argv[@]})) || abort "parse ExecStart of deploy/thinsnap.service"
   # What systemd would add: the unit's capability bounding set and no_new_privs.
   local wrap=()
