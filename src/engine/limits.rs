@@ -66,7 +66,7 @@ pub fn check_labels<'a>(
 
 /// The device size the [`SIZE_LABEL`] asks for, if `labels` carry it.
 ///
-/// Returns InvalidArgument if the value is not a size.
+/// Returns InvalidArgument if the value is not a size or not a whole number of sectors.
 pub fn size_label(
     key: &str,
     labels: &BTreeMap<String, String>,
@@ -79,5 +79,16 @@ pub fn size_label(
             "label {SIZE_LABEL}={v:?} of {key:?} is not a size: {e}"
         ))
     })?;
-    Ok(Some(size.as_u64()))
+    let size = size.as_u64();
+    // dm tables, discards and the filesystems all count 512-byte sectors: a size that is not a
+    // whole number of them would make every discard of the device fail.
+    if size == 0 || size % SECTOR != 0 {
+        return Err(EngineError::InvalidArgument(format!(
+            "label {SIZE_LABEL}={v:?} of {key:?}: {size} bytes is not a positive multiple of {SECTOR} (a sector)"
+        )));
+    }
+    Ok(Some(size))
 }
+
+/// The kernel's sector, the unit of every device size.
+const SECTOR: u64 = 512;

@@ -38,6 +38,26 @@ impl KeyLocks {
         KeyGuard { locks: self, held }
     }
 
+    /// Locks `key` if nobody holds it; `None` if somebody does (a call in flight on it).
+    pub fn try_lock(&self, key: &str) -> Option<KeyGuard<'_>> {
+        let slot = {
+            let mut map = self.map.lock().expect("key lock map poisoned");
+            map.entry(key.to_string()).or_default().clone()
+        };
+        let guard = slot.try_lock_owned().ok();
+        let held = guard.is_some();
+        // Built even on failure, so that its drop removes the entry this call may have made.
+        let g = KeyGuard {
+            locks: self,
+            held: vec![(key.to_string(), guard)],
+        };
+        if held {
+            Some(g)
+        } else {
+            None
+        }
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.map.lock().expect("poisoned").len()

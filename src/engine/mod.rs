@@ -158,6 +158,22 @@ impl Settings {
     }
 }
 
+/// How many thin ids in a row Prepare skips because a device thinsnap does not own holds them.
+const MAX_TAKEN_IDS: u32 = 64;
+
+/// Why making a snapshot's device failed: its thin id is someone else's, or anything else.
+enum MakeError {
+    Taken(ThinId),
+    Failed(EngineError),
+}
+use MakeError::{Failed, Taken};
+
+impl From<EngineError> for MakeError {
+    fn from(e: EngineError) -> Self {
+        Failed(e)
+    }
+}
+
 /// The snapshot engine. Shared between gRPC handlers through an `Arc`.
 pub struct Engine {
     /// The only way to the kernel: numbers every change (see [`NumberedPool`]).
@@ -166,6 +182,9 @@ pub struct Engine {
     base: BaseRecord,
     settings: Settings,
     locks: KeyLocks,
+    /// Per thin id (by its decimal text): the reap of a device and a sync Remove that may give
+    /// it back its record run one at a time.
+    thin_locks: KeyLocks,
     /// Kernel calls hold it shared; growing the pool (which suspends it) holds it exclusively.
     kernel: tokio::sync::RwLock<()>,
     /// `remove.async`: Remove queues thin ids here for the reaper ([`Engine::run_reaper`]).
@@ -191,6 +210,7 @@ impl Engine {
             base,
             settings,
             locks: KeyLocks::default(),
+            thin_locks: KeyLocks::default(),
             kernel: tokio::sync::RwLock::new(()),
             reaper,
             reaper_queue: Mutex::new(reaper_queue),
@@ -204,11 +224,21 @@ impl Engine {
         T: Send + 'static,
         F: FnOnce(&NumberedPool) -> Result<T, EngineError> + Send + 'static,
     {
+        self.on_pool_as(f).await
+    }
+
+    /// [`Engine::on_pool`] for a closure with an error type of its own.
+    async fn on_pool_as<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<EngineError> + Send + 'static,
+        F: FnOnce(&NumberedPool) -> Result<T, E> + Send + 'static,
+    {
         let pool = self.pool.clone();
         let _shared = self.kernel.read().await;
         tokio::task::spawn_blocking(move || f(&pool))
             .await
-            .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
+            .map_err(|e| E::from(EngineError::Internal(format!("pool task failed: {e}"))))?
     }
 
     /// Makes every change so far durable, with the pool's transaction id as of now.
@@ -262,7 +292,14 @@ impl Engine {
         check_labels(&labels)?;
         let size = size_label(key, &labels)?;
         let _guard = self.locks.lock(&[key]).await;
-        self.check_space().await?;
+        // A half-made snapshot of this key that its own call could not undo (a store write that
+        // failed during the undo): nobody else holds the key, so roll it back now instead of
+        // answering AlreadyExists until a restart.
+        self.heal(key).await?;
+        let st = self.check_space().await?;
+        if let Some(want) = size {
+            self.check_size_bound(key, want, &st)?;
+        }
         let new = NewSnapshot {
             key: key.to_string(),
             kind,
@@ -271,35 +308,65 @@ impl Engine {
             now: now_ns(),
             size,
         };
-        // 1. Intent: records in state Creating, durable before the kernel is touched.
-        let plan = self.store.begin_create(&new, &self.base)?;
-        self.flush().await?;
-        crate::failpoint!("prepare:after-intent");
-        // 2. The kernel: create_snap, then activate.
-        let (id, origin, size) = (plan.thin_id, plan.origin, plan.size);
-        let grow = (size > plan.parent_size)
-            .then(|| (self.settings.fs.clone(), self.settings.root.clone()));
-        let made = self
-            .on_pool(move |pool| {
-                pool.create_snap(id, origin)
-                    .map_err(pool_err(format!("create thin id {id} from {origin}")))?;
-                crate::failpoint!("prepare:after-create-snap");
-                let dev = pool
-                    .activate(id, size)
-                    .map_err(pool_err(format!("activate thin id {id}")))?;
-                if let Some((fs, root)) = grow {
-                    // Only with the size label: a process spawn, off the common Prepare path.
-                    crate::fs::grow(&dev, &fs, &root)?;
+        let mut tries = 0;
+        let (id, origin) = loop {
+            tries += 1;
+            // 1. Intent: records in state Creating, durable before the kernel is touched.
+            let plan = self.store.begin_create(&new, &self.base)?;
+            self.flush().await?;
+            crate::failpoint!("prepare:after-intent");
+            // 2. The kernel: create_snap, then activate.
+            let (id, origin, size) = (plan.thin_id, plan.origin, plan.size);
+            let grow = (size > plan.parent_size)
+                .then(|| (self.settings.fs.clone(), self.settings.root.clone()));
+            let made = self
+                .on_pool_as(move |pool| {
+                    pool.create_snap(id, origin).map_err(|e| match e {
+                        // Someone else's volume (a shared pool): not ours to touch.
+                        PoolError::ThinExists(_) => Taken(id),
+                        e => Failed(pool_err(format!("create thin id {id} from {origin}"))(e)),
+                    })?;
+                    crate::failpoint!("prepare:after-create-snap");
+                    let dev = pool
+                        .activate(id, size)
+                        .map_err(pool_err(format!("activate thin id {id}")))
+                        .map_err(Failed)?;
+                    if let Some((fs, root)) = grow {
+                        // Only with the size label: a process spawn, off the common Prepare path.
+                        crate::fs::grow(&dev, &fs, &root).map_err(|e| Failed(e.into()))?;
+                    }
+                    crate::failpoint!("prepare:after-activate");
+                    Ok(())
+                })
+                .await;
+            match made {
+                Ok(()) => break (id, origin),
+                Err(Taken(id)) if tries < MAX_TAKEN_IDS => {
+                    // The thin id is held by a device thinsnap never made: drop our records
+                    // without touching the kernel (never delete what is not ours) and take the
+                    // next id (ids are handed out in increasing order).
+                    warn!(
+                        key,
+                        thin_id = id,
+                        "thin id taken by a device thinsnap does not own; trying the next one"
+                    );
+                    self.store.forget_snapshot(key)?;
+                    self.flush().await?;
                 }
-                crate::failpoint!("prepare:after-activate");
-                Ok(())
-            })
-            .await;
-        if let Err(e) = made {
-            warn!(key, thin_id = id, error = %e, "prepare failed; undoing");
-            self.undo_create(key, id).await;
-            return Err(e);
-        }
+                Err(Taken(id)) => {
+                    self.store.forget_snapshot(key)?;
+                    self.flush().await?;
+                    return Err(EngineError::ResourceExhausted(format!(
+                        "prepare {key:?}: {MAX_TAKEN_IDS} thin ids in a row, up to {id}, are held by devices thinsnap does not own"
+                    )));
+                }
+                Err(Failed(e)) => {
+                    warn!(key, thin_id = id, error = %e, "prepare failed; undoing");
+                    self.undo_create(key, id).await;
+                    return Err(e);
+                }
+            }
+        };
         // 3. Outcome.
         let finished = async {
             self.store.finish_create(key)?;
@@ -321,6 +388,25 @@ impl Engine {
             "created snapshot"
         );
         Ok(self.mounts_of(&rec))
+    }
+
+    /// Rolls back a half-made snapshot of `key` (state Creating) whose call is over: the caller
+    /// holds the key's lock, so no call is making it. Nothing to do for any other state.
+    ///
+    /// Returns an error if the store cannot be read or written.
+    pub(super) async fn heal(&self, key: &str) -> Result<(), EngineError> {
+        match self.store.get(key)? {
+            Some(rec) if rec.state == State::Creating => {
+                warn!(
+                    key,
+                    thin_id = rec.thin_id,
+                    "rolling back a half-made snapshot"
+                );
+                self.undo_create(key, rec.thin_id).await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Undoes a half-made snapshot: its record goes, its device is reaped.
@@ -417,14 +503,27 @@ impl Engine {
         Ok(())
     }
 
-    /// Removes a snapshot and deletes its thin device.
+    /// Removes a snapshot and deletes its thin device (with `remove.async`, queues the device
+    /// for the reaper and answers at once).
     ///
     /// Returns NotFound if it does not exist, FailedPrecondition if it has children or its
-    /// device is still mounted.
+    /// device is still mounted; if the kernel cannot delete the device, its error, and the
+    /// snapshot is still there.
     pub async fn remove(&self, key: &str) -> Result<(), EngineError> {
         check_key("key", key)?;
-        let _guard = self.locks.lock(&[key]).await;
-        let rec = self.ready(key)?;
+        // The key and its parent: the parent must not go while this snapshot may still be given
+        // back (a failed delete). Locked together, in order; a key removed and made again with
+        // another parent meanwhile is read again.
+        let mut parent = self.ready(key)?.parent.unwrap_or_default();
+        let (_guard, rec) = loop {
+            let guard = self.locks.lock(&[key, &parent]).await;
+            let rec = self.ready(key)?;
+            let now = rec.parent.clone().unwrap_or_default();
+            if now == parent {
+                break (guard, rec);
+            }
+            parent = now;
+        };
         if rec.kind == Kind::Committed && rec.children > 0 {
             return Err(EngineError::FailedPrecondition(format!(
                 "snapshot {key:?} has {} child snapshot(s); remove them first",
@@ -445,21 +544,42 @@ impl Engine {
             );
             return Ok(());
         }
-        if rec.kind != Kind::Committed {
+        // Sync: the device goes before the answer, or nothing does.
+        let active = rec.kind != Kind::Committed;
+        if active {
             // Deactivate first: a device still mounted refuses, and the snapshot stays intact.
             let what = format!("remove snapshot {key:?}");
             self.on_pool(move |pool| pool.deactivate(id).map_err(pool_err(what)))
                 .await?;
             crate::failpoint!("remove:after-deactivate");
         }
+        let id_text = id.to_string();
+        let _device = self.thin_locks.lock(&[&id_text]).await;
         let removed = async {
             self.store.begin_remove(key)?;
             self.flush().await?;
             Ok::<_, EngineError>(())
         }
         .await;
-        if let Err(e) = removed {
-            if rec.kind != Kind::Committed {
+        let failed = match removed {
+            Err(e) => Some(e),
+            Ok(()) => {
+                crate::failpoint!("remove:after-intent");
+                match self.reap_locked(id).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        // The kernel kept the device (a failed or read-only pool): give the
+                        // snapshot back, so the answer is true and a retry can finish it.
+                        warn!(key, thin_id = id, error = %e, "cannot delete the device; the snapshot stays");
+                        self.store.restore_removed(key, &rec)?;
+                        self.flush().await?;
+                        Some(e)
+                    }
+                }
+            }
+        };
+        if let Some(e) = failed {
+            if active {
                 let size = rec.size;
                 let _ = self
                     .on_pool(move |pool| {
@@ -470,8 +590,6 @@ impl Engine {
             }
             return Err(e);
         }
-        crate::failpoint!("remove:after-intent");
-        self.reap(id).await;
         info!(key, thin_id = id, "removed snapshot");
         Ok(())
     }

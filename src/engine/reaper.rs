@@ -17,55 +17,85 @@ use crate::store::State;
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 impl Engine {
-    /// Deactivates and deletes thin device `id`, whose record is in state Deleting, then forgets
-    /// it. Returns whether it is gone; a failure leaves the record for [`Engine::cleanup`],
-    /// the reaper and recovery to retry.
+    /// Deactivates and deletes thin device `id` if its record is in state Deleting, then
+    /// forgets it. Returns whether it is gone; a failure leaves the record for
+    /// [`Engine::cleanup`], the reaper and recovery to retry.
     pub(super) async fn reap(&self, id: ThinId) -> bool {
+        let id_text = id.to_string();
+        let _device = self.thin_locks.lock(&[&id_text]).await;
+        match self.store.device(id) {
+            Ok(Some(d)) if d.state == State::Deleting => {}
+            // Given back by a Remove whose delete failed, or reaped already.
+            Ok(_) => return true,
+            Err(e) => {
+                warn!(thin_id = id, error = %e, "cannot read the device record");
+                return false;
+            }
+        }
+        match self.reap_locked(id).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(thin_id = id, error = %e, "cannot delete thin device; left for cleanup");
+                false
+            }
+        }
+    }
+
+    /// [`Engine::reap`]'s work, for a caller that holds the thin id's lock and knows the record
+    /// is Deleting.
+    ///
+    /// Returns the pool's or the store's error; the record is then still Deleting.
+    pub(super) async fn reap_locked(&self, id: ThinId) -> Result<(), EngineError> {
         let discard = self
             .settings
             .discard
             .then(|| self.store.device(id).ok().flatten().map(|d| d.size))
             .flatten();
-        let deleted = self
-            .on_pool(move |pool| {
-                pool.remove_device(id, discard)
-                    .map_err(pool_err(format!("delete thin id {id}")))?;
-                crate::failpoint!("remove:after-delete");
-                Ok(())
-            })
-            .await;
-        if let Err(e) = deleted {
-            warn!(thin_id = id, error = %e, "cannot delete thin device; left for cleanup");
-            return false;
-        }
-        if let Err(e) = self.store.forget_device(id) {
-            warn!(thin_id = id, error = %e, "cannot forget deleted device");
-            return false;
-        }
-        if let Err(e) = self.flush().await {
-            warn!(thin_id = id, error = %e, "cannot flush after deleting device");
-            return false;
-        }
+        self.on_pool(move |pool| {
+            pool.remove_device(id, discard)
+                .map_err(pool_err(format!("delete thin id {id}")))?;
+            crate::failpoint!("remove:after-delete");
+            Ok(())
+        })
+        .await?;
+        self.store.forget_device(id)?;
+        self.flush().await?;
         crate::failpoint!("remove:after-forget");
-        true
+        Ok(())
     }
 
-    /// Deletes thin devices left behind by removals that could not finish (a device that was
-    /// busy, a crash), and dm devices with our prefix that no record owns. Returns how many.
+    /// Rolls back half-made snapshots no call is making any more, deletes thin devices left
+    /// behind by removals that could not finish (a device that was busy, a crash), and dm devices
+    /// with our prefix that no record owns. Returns how many devices it deleted.
     ///
     /// Returns an error if the store or the pool cannot be read.
     pub async fn cleanup(&self) -> Result<usize, EngineError> {
-        let mut reaped = 0;
-        for dev in self.store.devices()? {
-            if dev.state == State::Deleting && self.reap(dev.thin_id).await {
-                reaped += 1;
-            }
-        }
-        let known: BTreeSet<ThinId> = self.store.devices()?.iter().map(|d| d.thin_id).collect();
+        // The kernel first: a device active now had its record written before it was activated
+        // (intent first), so reading the store after it can only see more records, never miss
+        // the record of a device a Prepare made in between.
         let active = self
             .on_pool(|pool| pool.active_ids().map_err(pool_err("list active devices")))
             .await?;
-        for id in active.into_iter().filter(|id| !known.contains(id)) {
+        for (key, rec) in self.store.snapshots()? {
+            if rec.state == State::Creating {
+                // Its call is over if nobody holds the key.
+                if let Some(_key) = self.locks.try_lock(&key) {
+                    self.heal(&key).await?;
+                }
+            }
+        }
+        let mut reaped = BTreeSet::new();
+        for dev in self.store.devices()? {
+            if dev.state == State::Deleting && self.reap(dev.thin_id).await {
+                reaped.insert(dev.thin_id);
+            }
+        }
+        let known: BTreeSet<ThinId> = self.store.devices()?.iter().map(|d| d.thin_id).collect();
+        let mut orphans = 0;
+        for id in active
+            .into_iter()
+            .filter(|id| !known.contains(id) && !reaped.contains(id))
+        {
             // Every device we activate has a record first; one without is an orphan.
             warn!(thin_id = id, "active device with no record; deleting");
             let gone = self
@@ -75,11 +105,11 @@ impl Engine {
                 })
                 .await;
             match gone {
-                Ok(()) => reaped += 1,
+                Ok(()) => orphans += 1,
                 Err(e) => warn!(thin_id = id, error = %e, "cannot delete orphan"),
             }
         }
-        Ok(reaped)
+        Ok(reaped.len() + orphans)
     }
 
     /// The `remove.async` reaper, until `stop` turns true: deletes the devices Remove queued,

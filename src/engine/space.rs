@@ -4,7 +4,7 @@
 
 use tracing::{info, warn};
 
-use super::{autogrow, pool_err, stopped, Engine, EngineError};
+use super::{autogrow, pool_err, stopped, Engine, EngineError, SIZE_LABEL};
 use crate::pool::{PoolError, PoolStatus, ThinPool};
 
 /// Free bytes of a space and the bytes the free-space floor (percent) requires of it.
@@ -34,8 +34,9 @@ impl Engine {
     /// (`pool.min_free_space`), or while the pool cannot take writes. With `pool.autogrow`, grows
     /// the pool first and refuses only if that was not enough.
     ///
-    /// Returns ResourceExhausted saying how much is free and how much is required.
-    pub(super) async fn check_space(&self) -> Result<(), EngineError> {
+    /// Returns ResourceExhausted saying how much is free and how much is required; otherwise
+    /// the pool's status as read.
+    pub(super) async fn check_space(&self) -> Result<PoolStatus, EngineError> {
         let floor = self.settings.min_free_percent;
         let mut st = self.pool_status().await?;
         if self.settings.autogrow.is_some() && below_floor(&st, floor) {
@@ -68,6 +69,35 @@ impl Engine {
                     human(required)
                 )));
             }
+        }
+        Ok(st)
+    }
+
+    /// The size label's upper bound: no snapshot may be larger than the pool could ever hold
+    /// (its data space now, or what `pool.autogrow` may grow it to). A larger filesystem could
+    /// never be filled, and resize2fs would spend pool space on metadata for space that is not
+    /// there.
+    ///
+    /// Returns InvalidArgument naming the label, the size and the bound.
+    pub(super) fn check_size_bound(
+        &self,
+        key: &str,
+        want: u64,
+        st: &PoolStatus,
+    ) -> Result<(), EngineError> {
+        let bound = self
+            .settings
+            .autogrow
+            .as_ref()
+            .map_or(0, |a| a.max_data_size.as_u64())
+            .max(st.data_total_bytes);
+        if want > bound {
+            let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+            return Err(EngineError::InvalidArgument(format!(
+                "label {SIZE_LABEL} of {key:?}: {} is more than the pool can ever hold ({})",
+                human(want),
+                human(bound)
+            )));
         }
         Ok(())
     }

@@ -220,16 +220,46 @@ async fn failed_kernel_steps_of_prepare_are_undone() {
 }
 
 #[tokio::test]
-async fn failed_delete_is_reaped_by_cleanup() {
+async fn failed_delete_fails_remove_and_keeps_the_snapshot() {
     let t = setup();
-    prep(&t, "a", "").await.expect("a");
+    prep(&t, "c0", "").await.expect("c0");
+    t.engine
+        .commit("p", "c0", no_labels())
+        .await
+        .expect("commit");
+    prep(&t, "a", "p").await.expect("a");
     let id = t.engine.record("a").expect("rec").expect("a").thin_id;
     t.pool.fail_nth("delete_thin", 1);
-    t.engine
-        .remove("a")
-        .await
-        .expect("remove answers once the record is gone");
-    assert!(t.engine.record("a").expect("rec").is_none());
+    assert!(
+        t.engine.remove("a").await.is_err(),
+        "Remove said OK while the kernel kept the device"
+    );
+    // Nothing changed: the snapshot, its active device, its parent's child count.
+    t.engine.stat("a").await.expect("still there");
+    assert!(t.pool.active().contains(&id), "device left inactive");
+    assert!(matches!(
+        t.engine.remove("p").await,
+        Err(EngineError::FailedPrecondition(_))
+    ));
+    let dev: Vec<DeviceRecord> = t.engine.store.devices().expect("devices");
+    assert!(dev
+        .iter()
+        .any(|d| d.thin_id == id && d.state == State::Ready));
+    // A retry finishes it.
+    t.engine.remove("a").await.expect("retry");
+    assert!(!t.pool.thin_ids().contains(&id));
+    t.engine.remove("p").await.expect("then the parent");
+}
+
+#[tokio::test]
+async fn cleanup_reaps_devices_left_deleting() {
+    let mut settings = Settings::with_fs(FsConfig::default());
+    settings.remove_async = true;
+    // No reaper running: the device stays Deleting until Cleanup.
+    let t = setup_with(settings);
+    prep(&t, "a", "").await.expect("a");
+    let id = t.engine.record("a").expect("rec").expect("a").thin_id;
+    t.engine.remove("a").await.expect("remove");
     assert!(t.pool.thin_ids().contains(&id));
     let dev: Vec<DeviceRecord> = t.engine.store.devices().expect("devices");
     assert!(dev
@@ -238,6 +268,79 @@ async fn failed_delete_is_reaped_by_cleanup() {
     assert_eq!(t.engine.cleanup().await.expect("cleanup"), 1);
     assert!(!t.pool.thin_ids().contains(&id));
     assert_eq!(t.engine.store.devices().expect("devices").len(), 1);
+}
+
+#[tokio::test]
+async fn a_half_made_snapshot_is_rolled_back_without_a_restart() {
+    let t = setup();
+    // A Prepare whose undo could not finish (its store write failed): the record stays
+    // Creating. Made here by hand, as the crash-free path cannot leave it.
+    let new = crate::store::NewSnapshot {
+        key: "k".into(),
+        kind: Kind::Active,
+        parent: None,
+        labels: no_labels(),
+        now: 0,
+        size: None,
+    };
+    let plan = t
+        .engine
+        .store
+        .begin_create(&new, &t.engine.base)
+        .expect("intent");
+    t.pool
+        .create_snap(plan.thin_id, t.base_id())
+        .expect("kernel");
+    assert!(matches!(
+        t.engine.stat("k").await,
+        Err(EngineError::NotFound(_))
+    ));
+    // A retry of the Prepare heals it and succeeds.
+    prep(&t, "k", "").await.expect("retry is not AlreadyExists");
+    assert!(
+        !t.pool.thin_ids().contains(&plan.thin_id),
+        "half-made device kept"
+    );
+    // Cleanup heals one whose key nobody retries.
+    let new = crate::store::NewSnapshot {
+        key: "j".into(),
+        ..new
+    };
+    let plan = t
+        .engine
+        .store
+        .begin_create(&new, &t.engine.base)
+        .expect("intent");
+    t.pool
+        .create_snap(plan.thin_id, t.base_id())
+        .expect("kernel");
+    t.engine.cleanup().await.expect("cleanup");
+    assert!(t.engine.record("j").expect("rec").is_none());
+    assert!(!t.pool.thin_ids().contains(&plan.thin_id));
+    prep(&t, "j", "").await.expect("key free");
+}
+
+#[tokio::test]
+async fn a_thin_id_held_by_a_foreign_device_is_skipped_never_deleted() {
+    let t = setup();
+    // The next ids the store will hand out are held by someone else's volumes.
+    let next = t.base_id() + 1;
+    t.pool.create_thin(next).expect("foreign");
+    t.pool.create_thin(next + 1).expect("foreign");
+    t.pool.write(next, 4096);
+    prep(&t, "a", "")
+        .await
+        .expect("prepare skips the taken ids");
+    let a = t.engine.record("a").expect("rec").expect("a").thin_id;
+    assert!(a > next + 1, "took a foreign id: {a}");
+    assert!(t.pool.thin_ids().contains(&next) && t.pool.thin_ids().contains(&(next + 1)));
+    assert!(
+        !t.pool.calls().iter().any(|c| c == &format!("delete {next}")
+            || c == &format!("delete {}", next + 1)
+            || c == &format!("discard {next}")),
+        "touched a foreign device: {:?}",
+        t.pool.calls()
+    );
 }
 
 #[tokio::test]
@@ -660,6 +763,21 @@ async fn size_label_is_checked() {
     assert!(matches!(
         t.engine.create(Kind::Active, "bad", "", l).await,
         Err(EngineError::InvalidArgument(_))
+    ));
+    // Not a whole number of sectors: every discard of the device would fail.
+    let mut l = BTreeMap::new();
+    l.insert(SIZE_LABEL.to_string(), "10737418241".to_string());
+    assert!(matches!(
+        t.engine.create(Kind::Active, "odd", "", l).await,
+        Err(EngineError::InvalidArgument(m)) if m.contains("sector")
+    ));
+    // More than the pool can ever hold.
+    let total = t.pool.status().expect("status").data_total_bytes;
+    let mut l = BTreeMap::new();
+    l.insert(SIZE_LABEL.to_string(), format!("{}", total + 512));
+    assert!(matches!(
+        t.engine.create(Kind::Active, "huge", "", l).await,
+        Err(EngineError::InvalidArgument(m)) if m.contains("can ever hold")
     ));
     let mut l = BTreeMap::new();
     l.insert(SIZE_LABEL.to_string(), "10GiB".to_string());

@@ -500,6 +500,33 @@ impl Store {
         Ok(rec)
     }
 
+    /// Gives back snapshot `key` as it was before [`Store::begin_remove`] returned `rec`: its
+    /// device could not be deleted. The caller holds the key and its parent locked.
+    ///
+    /// Returns AlreadyExists if the key was taken meanwhile, or Invariant if the parent or the
+    /// device record is gone.
+    pub fn restore_removed(&self, key: &str, rec: &SnapshotRecord) -> Result<(), StoreError> {
+        (&self.snapshots, &self.devices).transaction(|(snapshots, devices)| {
+            if snapshots.get(key.as_bytes())?.is_some() {
+                return abort(StoreError::AlreadyExists(key.to_string()));
+            }
+            if let Some(p) = &rec.parent {
+                let Some(v) = snapshots.get(p.as_bytes())? else {
+                    return abort(StoreError::Invariant(format!(
+                        "parent {p:?} of {key:?} went while {key:?} was being removed"
+                    )));
+                };
+                let mut parent: SnapshotRecord = tx_dec(p.clone(), &v)?;
+                parent.children += 1;
+                snapshots.insert(p.as_bytes(), enc(&parent))?;
+            }
+            set_device_state(devices, rec.thin_id, State::Ready)?;
+            snapshots.insert(key.as_bytes(), enc(rec))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// Replaces the labels of `key`.
     ///
     /// Returns NotFound if there is no such snapshot.
