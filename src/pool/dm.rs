@@ -291,8 +291,17 @@ impl ThinPool for DmPool {
                 source: std::io::Error::other("no DEVNAME"),
             })?;
         // thin-provisioning.rst: a live pool's metadata may only be read through a snapshot.
-        self.message("reserve_metadata_snap")
-            .map_err(dm_err("reserve_metadata_snap", &self.name))?;
+        // The kernel holds one at most: a thinsnap killed (or a power loss) between reserve
+        // and release left one behind, and every later reserve fails with EBUSY. Release the
+        // stale one and reserve again, rather than refusing every start from now on.
+        if let Err(first) = self.message("reserve_metadata_snap") {
+            warn!(pool = %self.name, error = %first,
+                  "cannot reserve a metadata snapshot; releasing a stale one and retrying");
+            let _ = self.message("release_metadata_snap");
+            self.message("reserve_metadata_snap")
+                .map_err(dm_err("reserve_metadata_snap", &self.name))?;
+        }
+        crate::failpoint!("recovery:metadata-snap-held");
         let out = std::process::Command::new("thin_ls")
             .args(["--no-headers", "-m", "-o", "DEV", &devname])
             .output();
