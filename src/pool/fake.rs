@@ -1,6 +1,10 @@
 //! An in-memory [`ThinPool`] for unit tests only: it keeps the set of thin devices and active
 //! devices the way dm-thin would, records every call, and fails the N-th call of a chosen
 //! operation so that every rollback branch of the engine can be exercised.
+//!
+//! Every method that returns a `Result` can be made to fail ([`OPS`] names them, as
+//! [`FakePool::fail_nth`] takes them); `device_path` and `info` cannot fail in the trait either.
+//! It must stay a model of dm-thin's semantics, not of thinsnap's: no engine logic here.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,13 +20,33 @@ struct State {
     busy: BTreeSet<ThinId>,
     calls: Vec<String>,
     counts: HashMap<&'static str, usize>,
-    /// op -> the 1-based call number that fails
-    fail_at: HashMap<&'static str, usize>,
+    /// op -> the 1-based call number that fails, and the error it fails with (None: an
+    /// injected [`PoolError::Io`]).
+    fail_at: HashMap<&'static str, (usize, Option<PoolError>)>,
     transaction_id: u64,
     host_room: Option<u64>,
     data_total: u64,
     data_used_extra: u64,
 }
+
+/// The name of every [`ThinPool`] method that returns a `Result`: the `op` of
+/// [`FakePool::fail_nth`] and [`FakePool::count`].
+pub const OPS: &[&str] = &[
+    "create_thin",
+    "create_snap",
+    "delete_thin",
+    "activate",
+    "deactivate",
+    "deactivate_deferred",
+    "mapped_bytes",
+    "active_ids",
+    "status",
+    "set_transaction_id",
+    "discard",
+    "list_thin_ids",
+    "grow",
+    "host_room",
+];
 
 /// See the module doc.
 #[derive(Default)]
@@ -35,11 +59,41 @@ impl FakePool {
         FakePool::default()
     }
 
-    /// Makes the `nth` (1-based, counted from now on) call of `op` fail.
+    /// Makes the `nth` (1-based, counted from now on) call of `op` fail with an injected
+    /// [`PoolError::Io`]; replaces a failure set for `op` before. `op` is a method name of
+    /// [`OPS`].
+    ///
+    /// Panics if `op` is not in [`OPS`] or `nth` is 0: a test whose failure never fires would
+    /// prove nothing.
     pub fn fail_nth(&self, op: &'static str, nth: usize) {
+        self.set_failure(op, nth, None);
+    }
+
+    /// Makes the next call of `op` fail; the same as `fail_nth(op, 1)`.
+    pub fn fail_next(&self, op: &'static str) {
+        self.set_failure(op, 1, None);
+    }
+
+    /// Makes the `nth` call of `op` fail with `err` (a [`PoolError::Busy`] or
+    /// [`PoolError::NoSpace`], say), otherwise as [`FakePool::fail_nth`].
+    pub fn fail_nth_with(&self, op: &'static str, nth: usize, err: PoolError) {
+        self.set_failure(op, nth, Some(err));
+    }
+
+    /// How many times `op` has been called.
+    pub fn count(&self, op: &str) -> usize {
+        self.lock().counts.get(op).copied().unwrap_or(0)
+    }
+
+    fn set_failure(&self, op: &'static str, nth: usize, err: Option<PoolError>) {
+        assert!(
+            OPS.contains(&op),
+            "the fake pool has no fallible method {op:?}"
+        );
+        assert!(nth >= 1, "calls are counted from 1");
         let mut s = self.lock();
         let done = s.counts.get(op).copied().unwrap_or(0);
-        s.fail_at.insert(op, done + nth);
+        s.fail_at.insert(op, (done + nth, err));
     }
 
     /// Marks a device as open (mounted), so deactivating it fails with Busy.
@@ -105,12 +159,13 @@ impl FakePool {
             *n += 1;
             *n
         };
-        if s.fail_at.get(op) == Some(&n) {
-            return Err(PoolError::Io {
+        if s.fail_at.get(op).is_some_and(|(at, _)| *at == n) {
+            let (_, err) = s.fail_at.remove(op).expect("just found");
+            return Err(err.unwrap_or_else(|| PoolError::Io {
                 op,
                 path: PathBuf::from(call),
                 source: std::io::Error::other("injected failure"),
-            });
+            }));
         }
         Ok(s)
     }
@@ -173,12 +228,13 @@ impl ThinPool for FakePool {
     }
 
     fn mapped_bytes(&self, id: ThinId) -> Result<u64, PoolError> {
-        let s = self.lock();
+        let s = self.enter("mapped_bytes", format!("mapped_bytes {id}"))?;
         s.thins.get(&id).copied().ok_or(PoolError::ThinNotFound(id))
     }
 
     fn active_ids(&self) -> Result<Vec<ThinId>, PoolError> {
-        Ok(self.lock().active.iter().copied().collect())
+        let s = self.enter("active_ids", "active_ids".to_string())?;
+        Ok(s.active.iter().copied().collect())
     }
 
     fn device_path(&self, id: ThinId) -> PathBuf {
@@ -186,7 +242,7 @@ impl ThinPool for FakePool {
     }
 
     fn status(&self) -> Result<PoolStatus, PoolError> {
-        let s = self.lock();
+        let s = self.enter("status", "status".to_string())?;
         Ok(PoolStatus {
             transaction_id: s.transaction_id,
             data_used_bytes: s.thins.values().sum::<u64>() + s.data_used_extra,
@@ -226,7 +282,8 @@ impl ThinPool for FakePool {
     }
 
     fn list_thin_ids(&self) -> Result<Option<BTreeSet<ThinId>>, PoolError> {
-        Ok(Some(self.thin_ids()))
+        let s = self.enter("list_thin_ids", "list_thin_ids".to_string())?;
+        Ok(Some(s.thins.keys().copied().collect()))
     }
 
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
@@ -238,7 +295,7 @@ impl ThinPool for FakePool {
     }
 
     fn host_room(&self) -> Result<Option<u64>, PoolError> {
-        Ok(self.lock().host_room)
+        Ok(self.enter("host_room", "host_room".to_string())?.host_room)
     }
 
     fn info(&self) -> PoolInfo {
@@ -247,5 +304,102 @@ impl ThinPool for FakePool {
             mode: "fake".to_string(),
             loop_files: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calls method `op` of `pool` with arguments under which it succeeds on the pool
+    /// [`ready`] makes (thin 1 active, thin 2 not).
+    fn call(pool: &FakePool, op: &str) -> Result<(), PoolError> {
+        match op {
+            "create_thin" => pool.create_thin(10),
+            "create_snap" => pool.create_snap(11, 1),
+            "delete_thin" => pool.delete_thin(2),
+            "activate" => pool.activate(2, 1 << 20).map(drop),
+            "deactivate" => pool.deactivate(1),
+            "deactivate_deferred" => pool.deactivate_deferred(1),
+            "mapped_bytes" => pool.mapped_bytes(1).map(drop),
+            "active_ids" => pool.active_ids().map(drop),
+            "status" => pool.status().map(drop),
+            "set_transaction_id" => {
+                let now = pool.lock().transaction_id;
+                pool.set_transaction_id(now, now + 1)
+            }
+            "discard" => pool.discard(1, 1 << 20),
+            "list_thin_ids" => pool.list_thin_ids().map(drop),
+            "grow" => pool.grow(Some(2 << 40), None),
+            "host_room" => pool.host_room().map(drop),
+            other => panic!("no call for {other:?}: add it here and to OPS"),
+        }
+    }
+
+    fn ready() -> FakePool {
+        let pool = FakePool::new();
+        pool.create_thin(1).expect("thin 1");
+        pool.create_thin(2).expect("thin 2");
+        pool.activate(1, 1 << 20).expect("activate 1");
+        pool
+    }
+
+    fn injected(err: &PoolError) -> bool {
+        matches!(err, PoolError::Io { source, .. } if source.to_string() == "injected failure")
+    }
+
+    #[test]
+    fn every_fallible_method_can_be_made_to_fail() {
+        for op in OPS {
+            let pool = ready();
+            let before = pool.count(op);
+            call(&pool, op).unwrap_or_else(|e| panic!("{op} fails unasked: {e}"));
+            pool.fail_next(op);
+            let err = call(&pool, op).expect_err(op);
+            assert!(injected(&err), "{op}: {err}");
+            assert_eq!(
+                pool.count(op),
+                before + 2,
+                "{op}: the failed call is counted"
+            );
+        }
+    }
+
+    #[test]
+    fn the_nth_call_fails_and_only_that_one() {
+        for op in OPS {
+            let pool = ready();
+            pool.fail_nth(op, 2);
+            let before = pool.count(op);
+            // A repeated create or delete fails on its own (ThinExists, ThinNotFound): only
+            // the injected failure must come at the second call and no other.
+            let first = call(&pool, op);
+            assert!(
+                !first.as_ref().is_err_and(injected),
+                "{op}: the first call failed"
+            );
+            let second = call(&pool, op).expect_err(op);
+            assert!(injected(&second), "{op}: {second}");
+            let third = call(&pool, op);
+            assert!(
+                !third.as_ref().is_err_and(injected),
+                "{op}: the third call failed"
+            );
+            assert_eq!(pool.count(op), before + 3, "{op}");
+        }
+    }
+
+    #[test]
+    fn a_chosen_error_is_returned_as_is() {
+        let pool = ready();
+        pool.fail_nth_with("status", 1, PoolError::NoSpace("fake".to_string()));
+        assert!(matches!(pool.status(), Err(PoolError::NoSpace(_))));
+        pool.status().expect("fails once");
+    }
+
+    #[test]
+    #[should_panic(expected = "no fallible method")]
+    fn an_unknown_operation_is_refused() {
+        FakePool::new().fail_next("create_thinn");
     }
 }

@@ -60,36 +60,30 @@ fn create_pool(config: &Config) -> Result<(), PoolError> {
     let (vg, lv) = (l.volume_group.as_str(), l.thin_pool.as_str());
     let subject = PathBuf::from(format!("{vg}/{lv}"));
     let meta = format!("{lv}meta");
-    tool(
-        "create the thin pool's data volume",
-        &subject,
-        "lvcreate",
-        [
-            "--yes",
-            "--wipesignatures",
-            "y",
-            "--name",
-            lv,
-            "--extents",
-            &format!("{}%VG", l.thinp_percent),
-            vg,
-        ],
-    )?;
-    tool(
-        "create the thin pool's metadata volume",
-        &subject,
-        "lvcreate",
-        [
-            "--yes",
-            "--wipesignatures",
-            "y",
-            "--name",
-            &meta,
-            "--extents",
-            &format!("{}%VG", l.thinp_metapercent),
-            vg,
-        ],
-    )?;
+    for (op, name, percent) in [
+        ("create the thin pool's data volume", lv, l.thinp_percent),
+        (
+            "create the thin pool's metadata volume",
+            meta.as_str(),
+            l.thinp_metapercent,
+        ),
+    ] {
+        tool(
+            op,
+            &subject,
+            "lvcreate",
+            [
+                "--yes",
+                "--wipesignatures",
+                "y",
+                "--name",
+                name,
+                "--extents",
+                &format!("{percent}%VG"),
+                vg,
+            ],
+        )?;
+    }
     let chunk = format!("{}k", config.pool.block_size.as_u64() / 1024);
     let data_path = format!("{vg}/{lv}");
     let meta_path = format!("{vg}/{meta}");
