@@ -170,5 +170,11 @@ rc=${PIPESTATUS[0]}
 read -r p f < <(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$W/cri-test.out" | tail -n1)
 PASSED=$((PASSED + ${p:-0})) FAILED=$((FAILED + ${f:-0}))
 ((rc != 0 && ${f:-0} == 0)) && fail "cri-test $MODE exited $rc"
+if [[ $old_exports == yes ]]; then
+  # deploy/README.md says containerd leaves that symlink alone: after a whole CRI run it must still be there
+  [[ -L $CROOT/root/io.containerd.snapshotter.v1.thinsnap && $(readlink "$CROOT/root/io.containerd.snapshotter.v1.thinsnap") == "$TROOT" ]] &&
+    pass "containerd $version left the symlink $CROOT/root/io.containerd.snapshotter.v1.thinsnap alone" ||
+    fail "containerd $version left the symlink alone" "$(ls -la "$CROOT/root/" 2>&1)"
+fi
 finish
 }
