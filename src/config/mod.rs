@@ -2,24 +2,26 @@
 //! one place ([`Config::default`]) and validation that names the offending key.
 //!
 //! This module only parses and checks values; it must not touch the pool, the store or the disk
-//! (beyond reading the file).
+//! (beyond reading the file). Each section checks its own keys: `[pool]` with `[pool.lvm]` and
+//! `[pool.autogrow]` in [`pool`], `[fs]` in [`fs`]; the top-level keys, `[remove]` and
+//! `[metrics]` here.
 
 use std::path::{Path, PathBuf};
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+mod fs;
+mod pool;
+
+pub use fs::{FsConfig, FsType};
+pub use pool::{AutogrowConfig, LvmConfig, PoolConfig, PoolMode};
+
 /// Default socket path, also what deploy/containerd-config.toml points containerd at.
 pub const DEFAULT_ADDRESS: &str = "/run/thinsnap/thinsnap.sock";
 /// Default state directory: sled database and, in loop mode, the pool's files.
 pub const DEFAULT_ROOT: &str = "/var/lib/thinsnap";
 
-/// dm-thin data block size bounds (thin-provisioning.rst: a multiple of 64KiB, 64KiB..1GiB).
-const MIN_BLOCK: u64 = 64 * 1024;
-const MAX_BLOCK: u64 = 1024 * 1024 * 1024;
-/// dm-thin metadata device bounds: below 2MiB is useless, above ~16GiB the kernel ignores the rest.
-const MIN_META: u64 = 2 * 1024 * 1024;
-const MAX_META: u64 = 16 * 1024 * 1024 * 1024;
 /// The largest size a TOML integer holds.
 const MAX_SIZE: u64 = i64::MAX as u64;
 
@@ -68,90 +70,6 @@ pub struct Config {
     pub metrics: MetricsConfig,
 }
 
-/// How the thin pool is obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolMode {
-    /// Sparse files under `root` on loop devices (Docker's loop-lvm); thinsnap creates the pool.
-    Loop,
-    /// A thin pool someone else made (LVM, say), adopted by its dm name.
-    Existing,
-    /// An LVM thin pool provisioned by thinsnap on `pool.device` (Docker's direct-lvm).
-    Lvm,
-}
-
-impl std::fmt::Display for PoolMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PoolMode::Loop => "loop",
-            PoolMode::Existing => "existing",
-            PoolMode::Lvm => "lvm",
-        })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PoolConfig {
-    /// dm name of the thin pool; also the prefix of every device name thinsnap derives.
-    pub name: String,
-    pub mode: PoolMode,
-    /// Loop mode: size of the sparse data file.
-    #[serde(serialize_with = "exact_bytes")]
-    pub data_size: ByteSize,
-    /// Loop mode: size of the sparse metadata file.
-    #[serde(serialize_with = "exact_bytes")]
-    pub metadata_size: ByteSize,
-    /// Loop mode: dm-thin data block size (allocation unit).
-    #[serde(serialize_with = "exact_bytes")]
-    pub block_size: ByteSize,
-    /// Loop mode: zero newly provisioned blocks. Off by default, as in Docker and containerd:
-    /// the filesystem never exposes blocks it did not write.
-    pub zero_blocks: bool,
-    /// Prepare and View are refused while free data or metadata space is below this share.
-    pub min_free_space: Percent,
-    /// Existing mode: adopt a pool that holds thin devices thinsnap does not know.
-    pub allow_foreign_devices: bool,
-    /// Lvm mode: how to provision the pool.
-    pub lvm: LvmConfig,
-    /// Loop mode: grow the pool's files by themselves as they fill.
-    pub autogrow: AutogrowConfig,
-}
-
-/// Automatic growth of a loop pool (what LVM's autoextend does for its thin pools).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AutogrowConfig {
-    /// Off by default: a loop pool stays at `data_size` / `metadata_size` unless told otherwise.
-    pub enabled: bool,
-    /// Grow when data (or metadata) use reaches this share of its size.
-    pub threshold: Percent,
-    /// Grow by this share of the current size (less if a maximum or the host's disk says so).
-    pub step: Percent,
-    /// Never grow the data file beyond this.
-    #[serde(serialize_with = "exact_bytes")]
-    pub max_data_size: ByteSize,
-    /// Never grow the metadata file beyond this (the kernel uses at most 16GiB of it).
-    #[serde(serialize_with = "exact_bytes")]
-    pub max_metadata_size: ByteSize,
-    /// How often the pool's use is checked, in seconds (it is also checked before every Prepare
-    /// or View that the free-space floor would refuse).
-    pub interval_seconds: u64,
-}
-
-impl Default for AutogrowConfig {
-    fn default() -> Self {
-        AutogrowConfig {
-            enabled: false,
-            threshold: Percent(80.0),
-            step: Percent(20.0),
-            max_data_size: ByteSize::tib(1),
-            max_metadata_size: ByteSize::gib(16),
-            interval_seconds: 10,
-        }
-    }
-}
-
 /// A percentage, written `"10%"` or `10` in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "PercentRepr", into = "String")]
@@ -189,44 +107,6 @@ impl From<Percent> for String {
     }
 }
 
-/// Lvm mode settings (Docker's `dm.directlvm_device` and friends).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LvmConfig {
-    /// The block device to give to LVM (it is wiped: a device holding a filesystem is refused
-    /// unless `force`).
-    pub device: Option<PathBuf>,
-    /// Volume group name.
-    pub volume_group: String,
-    /// Thin pool logical volume name.
-    pub thin_pool: String,
-    /// Share of the volume group for data.
-    pub thinp_percent: u32,
-    /// Share of the volume group for metadata.
-    pub thinp_metapercent: u32,
-    /// LVM autoextends the pool when its data usage crosses this percentage...
-    pub autoextend_threshold: u32,
-    /// ...by this percentage of its size.
-    pub autoextend_percent: u32,
-    /// Wipe a device that holds a filesystem or other signature.
-    pub force: bool,
-}
-
-impl Default for LvmConfig {
-    fn default() -> Self {
-        LvmConfig {
-            device: None,
-            volume_group: "thinsnap".to_string(),
-            thin_pool: "thinpool".to_string(),
-            thinp_percent: 95,
-            thinp_metapercent: 1,
-            autoextend_threshold: 80,
-            autoextend_percent: 20,
-            force: false,
-        }
-    }
-}
-
 /// How Remove deletes thin devices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -247,42 +127,21 @@ pub struct MetricsConfig {
     pub address: Option<String>,
 }
 
-/// Filesystem of the base device (and so of every snapshot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FsType {
-    Ext4,
-    Xfs,
-}
-
-impl FsType {
-    /// The name used for mkfs.<name> and as the mount type.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Xfs => "xfs",
+impl MetricsConfig {
+    /// Checks `[metrics]`.
+    ///
+    /// Returns an error naming `metrics.address` when it is set and not `host:port`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(addr) = &self.address {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics.address",
+                    format!("{addr:?} is not host:port"),
+                ));
+            }
         }
+        Ok(())
     }
-}
-
-impl std::fmt::Display for FsType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FsConfig {
-    #[serde(rename = "type")]
-    pub fs_type: FsType,
-    /// Virtual size of the base device, and so of every snapshot.
-    #[serde(serialize_with = "exact_bytes")]
-    pub base_size: ByteSize,
-    /// Extra arguments for mkfs, run once when the base device is made.
-    pub mkfs_options: Vec<String>,
-    /// Extra mount options returned with every mount.
-    pub mount_options: Vec<String>,
 }
 
 impl Default for Config {
@@ -294,34 +153,6 @@ impl Default for Config {
             fs: FsConfig::default(),
             remove: RemoveConfig::default(),
             metrics: MetricsConfig::default(),
-        }
-    }
-}
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        PoolConfig {
-            name: "thinsnap-pool".to_string(),
-            mode: PoolMode::Loop,
-            data_size: ByteSize::gib(100),
-            metadata_size: ByteSize::gib(2),
-            block_size: ByteSize::kib(64),
-            zero_blocks: false,
-            min_free_space: Percent(10.0),
-            allow_foreign_devices: false,
-            lvm: LvmConfig::default(),
-            autogrow: AutogrowConfig::default(),
-        }
-    }
-}
-
-impl Default for FsConfig {
-    fn default() -> Self {
-        FsConfig {
-            fs_type: FsType::Ext4,
-            base_size: ByteSize::gib(10),
-            mkfs_options: Vec::new(),
-            mount_options: Vec::new(),
         }
     }
 }
@@ -362,7 +193,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks every value that the type system does not.
+    /// Checks every value that the type system does not: the top-level keys, then each section
+    /// in turn (`[pool]`, `[fs]`, `[metrics]`).
     ///
     /// Returns an error naming the first key whose value is out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -379,145 +211,9 @@ impl Config {
                 "longer than the 107 bytes a unix socket path may have",
             ));
         }
-        let name = &self.pool.name;
-        // Derived names add "-snap-16777215" (14 bytes); dm names are at most 127 bytes.
-        if name.is_empty() || name.len() > 100 {
-            return Err(invalid("pool.name", "must be 1 to 100 characters"));
-        }
-        if !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
-        {
-            return Err(invalid(
-                "pool.name",
-                format!("{name:?}: only ASCII letters, digits and - _ . + are allowed"),
-            ));
-        }
-        let block = self.pool.block_size.as_u64();
-        if !(MIN_BLOCK..=MAX_BLOCK).contains(&block) || !block.is_multiple_of(MIN_BLOCK) {
-            return Err(invalid(
-                "pool.block_size",
-                format!("{block} bytes: must be a multiple of 64KiB between 64KiB and 1GiB"),
-            ));
-        }
-        let meta = self.pool.metadata_size.as_u64();
-        if !(MIN_META..=MAX_META).contains(&meta) || !meta.is_multiple_of(4096) {
-            return Err(invalid(
-                "pool.metadata_size",
-                format!("{meta} bytes: must be a multiple of 4KiB between 2MiB and 16GiB"),
-            ));
-        }
-        let data = self.pool.data_size.as_u64();
-        if data < 16 * block || !data.is_multiple_of(block) {
-            return Err(invalid(
-                "pool.data_size",
-                format!(
-                    "{data} bytes: must be a multiple of pool.block_size ({block}) and at least 16 blocks"
-                ),
-            ));
-        }
-        // TOML integers are i64 (and no filesystem or pool reaches 8EiB): a larger size could
-        // not even be written back to a config file (found by fuzz_config).
-        for (key, size) in [
-            ("pool.data_size", self.pool.data_size),
-            ("fs.base_size", self.fs.base_size),
-        ] {
-            if size.as_u64() > MAX_SIZE {
-                return Err(invalid(
-                    key,
-                    format!("{} bytes: must be below 8EiB", size.as_u64()),
-                ));
-            }
-        }
-        let g = &self.pool.autogrow;
-        if g.enabled {
-            if self.pool.mode != PoolMode::Loop {
-                return Err(invalid(
-                    "pool.autogrow.enabled",
-                    format!(
-                        "only loop pools grow by themselves (pool.mode is {}; use pool.lvm.autoextend_* for lvm)",
-                        self.pool.mode
-                    ),
-                ));
-            }
-            if g.step.0 <= 0.0 {
-                return Err(invalid("pool.autogrow.step", "must be above 0%"));
-            }
-            if g.threshold.0 <= 0.0 {
-                return Err(invalid("pool.autogrow.threshold", "must be above 0%"));
-            }
-            if g.max_data_size.as_u64() > MAX_SIZE {
-                return Err(invalid("pool.autogrow.max_data_size", "must be below 8EiB"));
-            }
-            if g.max_metadata_size.as_u64() > MAX_META {
-                return Err(invalid(
-                    "pool.autogrow.max_metadata_size",
-                    "must be at most 16GiB (the kernel uses no more)",
-                ));
-            }
-            if g.interval_seconds == 0 {
-                return Err(invalid(
-                    "pool.autogrow.interval_seconds",
-                    "must be at least 1",
-                ));
-            }
-        }
-        let base = self.fs.base_size.as_u64();
-        let min_base = match self.fs.fs_type {
-            FsType::Ext4 => 16 * 1024 * 1024,
-            // mkfs.xfs refuses filesystems under 300MiB.
-            FsType::Xfs => 300 * 1024 * 1024,
-        };
-        if base < min_base || !base.is_multiple_of(4096) {
-            return Err(invalid(
-                "fs.base_size",
-                format!(
-                    "{base} bytes: must be a multiple of 4KiB and at least {} for {}",
-                    ByteSize::b(min_base).display().iec(),
-                    self.fs.fs_type
-                ),
-            ));
-        }
-        if self.pool.mode == PoolMode::Lvm {
-            let l = &self.pool.lvm;
-            if l.device.is_none() {
-                return Err(invalid(
-                    "pool.lvm.device",
-                    "lvm mode needs the block device to use",
-                ));
-            }
-            if l.thinp_percent == 0
-                || l.thinp_percent + l.thinp_metapercent > 100
-                || l.thinp_metapercent == 0
-            {
-                return Err(invalid(
-                    "pool.lvm.thinp_percent",
-                    "thinp_percent and thinp_metapercent must be above 0 and add up to at most 100",
-                ));
-            }
-            if l.autoextend_threshold > 100 {
-                return Err(invalid(
-                    "pool.lvm.autoextend_threshold",
-                    "must be at most 100",
-                ));
-            }
-        }
-        if let Some(addr) = &self.metrics.address {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(invalid(
-                    "metrics.address",
-                    format!("{addr:?} is not host:port"),
-                ));
-            }
-        }
-        for opt in &self.fs.mount_options {
-            if opt.is_empty() || opt.contains(',') {
-                return Err(invalid(
-                    "fs.mount_options",
-                    format!("{opt:?}: give one option per list entry"),
-                ));
-            }
-        }
+        self.pool.validate()?;
+        self.fs.validate()?;
+        self.metrics.validate()?;
         Ok(())
     }
 
@@ -551,6 +247,59 @@ mod tests {
         assert_eq!(c.pool.min_free_space, Percent(10.0));
         assert!(!c.remove.asynchronous && !c.remove.discard);
         assert_eq!(c.metrics.address, None);
+    }
+
+    /// deploy/config.toml, the annotated example that lists every key.
+    const DEPLOY_EXAMPLE: &str = include_str!("../../deploy/config.toml");
+
+    #[test]
+    fn deploy_example_parses_to_the_defaults() {
+        let c = Config::parse(DEPLOY_EXAMPLE).expect("deploy/config.toml is valid");
+        assert_eq!(
+            c,
+            Config::default(),
+            "deploy/config.toml promises to behave exactly like an empty file"
+        );
+    }
+
+    #[test]
+    fn deploy_example_names_every_key() {
+        // Every key the defaults serialize (those unset by default are commented out in the
+        // example, and not serialized) stands in the example under its own table.
+        let defaults = toml::Value::try_from(Config::default()).expect("serialize the defaults");
+        let example: toml::Value = toml::from_str(DEPLOY_EXAMPLE).expect("TOML");
+        fn keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    let key = format!("{prefix}{k}");
+                    keys(v, &format!("{key}."), out);
+                    out.push(key);
+                }
+            }
+        }
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        keys(&defaults, "", &mut want);
+        keys(&example, "", &mut have);
+        want.sort();
+        have.sort();
+        assert_eq!(
+            want, have,
+            "keys of the defaults vs keys of deploy/config.toml"
+        );
+        for unset in ["# device = ", "# address = \"127.0.0.1:"] {
+            assert!(DEPLOY_EXAMPLE.contains(unset), "{unset:?} not documented");
+        }
+    }
+
+    #[test]
+    fn sections_are_checked_in_order_top_level_first() {
+        // With several bad keys the first one in the file's order of sections is named.
+        let e = err_of("root = \"rel\"\n[pool]\nname = \"\"\n[fs]\nbase_size = \"1KiB\"");
+        assert!(e.contains("root"), "{e}");
+        let e = err_of("[pool]\nname = \"\"\n[fs]\nbase_size = \"1KiB\"");
+        assert!(e.contains("pool.name"), "{e}");
+        let e = err_of("[fs]\nbase_size = \"1KiB\"\n[metrics]\naddress = \"x\"");
+        assert!(e.contains("fs.base_size"), "{e}");
     }
 
     #[test]
