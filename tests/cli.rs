@@ -1,8 +1,17 @@
-//! The binary's behaviour that needs no device-mapper: configuration errors and the refusal to
-//! start on a kernel without device-mapper.
+//! The binary's behaviour that needs no device-mapper: configuration errors, a fatal error said
+//! once, and the refusal to start on a kernel without device-mapper.
+//!
+//! The refusal tests need a kernel WITHOUT device-mapper (the host `cargo test` runs on), the
+//! opposite of the VM tests (tests/vm_*.rs, `#[ignore]`d and run in the VM with `--ignored`). So
+//! they are not ignored: the VM never runs them (it runs only the ignored tests), and on a
+//! developer's kernel with device-mapper they say `SKIPPED:` on the terminal, past libtest's
+//! output capture, and pass without asserting anything.
 
+use std::io::Write;
+use std::path::Path;
 use std::process::Command;
 
+/// Runs `thinsnap serve` on `config`; returns whether it succeeded and its stderr.
 fn serve_with(config: &str) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("config.toml");
@@ -18,6 +27,30 @@ fn serve_with(config: &str) -> (bool, String) {
     )
 }
 
+/// Whether this kernel has device-mapper. When it has, says that `test` is skipped, straight on
+/// stderr: libtest's capture only takes the print macros' output, so the line shows in a plain
+/// `cargo test` run.
+fn skipped_on_device_mapper_kernel(test: &str) -> bool {
+    let misc = std::fs::read_to_string("/proc/misc").unwrap_or_default();
+    if !misc.contains("device-mapper") {
+        return false;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: {test}: this kernel has device-mapper, so the refusal cannot be observed here \
+         (it runs where cargo test has no device-mapper, the VM tests where it has)"
+    );
+    true
+}
+
+/// A config whose root and socket are under `dir`.
+fn config_under(dir: &Path) -> String {
+    format!(
+        "root = \"{0}/state\"\naddress = \"{0}/s.sock\"\n",
+        dir.display()
+    )
+}
+
 #[test]
 fn invalid_config_is_refused_naming_the_key() {
     let (ok, err) = serve_with("[pool]\nblock_size = \"100KiB\"\n");
@@ -29,17 +62,58 @@ fn invalid_config_is_refused_naming_the_key() {
 }
 
 #[test]
-fn serve_without_device_mapper_names_the_module() {
-    let misc = std::fs::read_to_string("/proc/misc").unwrap_or_default();
-    if misc.contains("device-mapper") {
-        eprintln!("this kernel has device-mapper: the refusal cannot be observed here");
-        return;
+fn a_fatal_error_is_said_once() {
+    // Not a log line and then the same text again on stderr.
+    let (ok, err) = serve_with("[pool]\nblock_size = \"100KiB\"\n");
+    assert!(!ok);
+    let said = err.matches("pool.block_size: 102400 bytes").count();
+    assert_eq!(said, 1, "the error should be on stderr once:\n{err}");
+}
+
+/// Runs `serve` with its root and socket in a fresh directory, on a kernel without
+/// device-mapper: `None` (skipped, said on stderr) on one with it; else whether it succeeded,
+/// its stderr and the directory (root is `<dir>/state`).
+fn serve_without_device_mapper(test: &str) -> Option<(bool, String, tempfile::TempDir)> {
+    if skipped_on_device_mapper_kernel(test) {
+        return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let (ok, err) = serve_with(&format!(
-        "root = \"{0}/state\"\naddress = \"{0}/s.sock\"\n",
-        dir.path().display()
-    ));
+    let (ok, err) = serve_with(&config_under(dir.path()));
+    Some((ok, err, dir))
+}
+
+#[test]
+fn serve_without_device_mapper_names_the_module() {
+    let Some((ok, err, _dir)) =
+        serve_without_device_mapper("serve_without_device_mapper_names_the_module")
+    else {
+        return;
+    };
     assert!(!ok);
     assert!(err.contains("modprobe dm-thin-pool"), "{err}");
+    assert_eq!(
+        err.matches("modprobe dm-thin-pool").count(),
+        1,
+        "the refusal should be on stderr once:\n{err}"
+    );
+}
+
+#[test]
+fn serve_without_device_mapper_makes_no_database() {
+    let Some((ok, err, dir)) =
+        serve_without_device_mapper("serve_without_device_mapper_makes_no_database")
+    else {
+        return;
+    };
+    assert!(!ok);
+    assert!(
+        err.contains("dm-thin-pool"),
+        "refused for another reason: {err}"
+    );
+    let root = dir.path().join("state");
+    assert!(
+        !root.join("db").exists(),
+        "the database was created under {} before device-mapper was found missing",
+        root.display()
+    );
 }

@@ -8,294 +8,33 @@
 //!
 //! Then random SIGKILLs under a concurrent load of Prepare/Commit/Remove, repeated.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::*;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::api::types::Mount;
 use thinsnap::admin::api::admin_client::AdminClient;
-use thinsnap::admin::api::{StatusRequest, StatusResponse};
 use tonic::transport::Channel;
 use tonic::Code;
 
-struct Daemon {
-    dir: PathBuf,
-    config: PathBuf,
-    pool: String,
-    child: Option<Child>,
+/// A daemon (not started) on a 1GiB loop pool with a 1% floor; `name` may be a failpoint's name.
+fn daemon(name: &str) -> Daemon {
+    let d = Daemon::prepare_dir("crash", "tscr", &name.replace(':', "-"));
+    d.write_config(
+        "data_size = \"1GiB\"\nmetadata_size = \"16MiB\"\nmin_free_space = \"1%\"\n\
+         [fs]\nbase_size = \"64MiB\"",
+    );
+    d
 }
 
-impl Daemon {
-    fn new(name: &str) -> Daemon {
-        assert!(
-            Path::new("/dev/mapper/control").exists(),
-            "device-mapper is missing: run in the VM"
-        );
-        let tag = name.replace(':', "-");
-        let dir = PathBuf::from(format!("/tmp/thinsnap-crash-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let pool = format!("tscr-{tag}-{}", std::process::id());
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "root = \"{}\"\naddress = \"{}\"\n[pool]\nname = \"{pool}\"\ndata_size = \"1GiB\"\nmetadata_size = \"16MiB\"\nmin_free_space = \"1%\"\n[fs]\nbase_size = \"64MiB\"\n",
-                dir.join("state").display(),
-                dir.join("s.sock").display(),
-            ),
-        )
-        .expect("config");
-        Daemon {
-            dir,
-            config,
-            pool,
-            child: None,
-        }
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.dir.join("s.sock")
-    }
-
-    fn spawn(&mut self, failpoint: Option<&str>) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("log"))
-            .expect("log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinsnap"));
-        cmd.args(["serve", "--config"])
-            .arg(&self.config)
-            .stderr(log)
-            .stdout(Stdio::null());
-        if let Some(fp) = failpoint {
-            cmd.env("THINSNAP_FAILPOINT", fp);
-        }
-        self.child = Some(cmd.spawn().expect("spawn"));
-    }
-
-    /// Starts and waits until it serves.
-    fn start(&mut self, failpoint: Option<&str>) {
-        self.spawn(failpoint);
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(self.sock()).is_err() {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("thinsnap exited with {st}: {}", self.log());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(600),
-                "no socket: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits for the process to die of SIGKILL (the failpoint), failing otherwise.
-    fn expect_killed(&mut self, what: &str) {
-        let mut c = self.child.take().expect("running");
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = c.try_wait().expect("wait") {
-                use std::os::unix::process::ExitStatusExt;
-                assert_eq!(
-                    st.signal(),
-                    Some(9),
-                    "{what}: exited with {st}, not SIGKILL: {}",
-                    self.log()
-                );
-                return;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "{what}: failpoint never hit: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let st = c.wait().expect("wait");
-            assert!(st.success(), "thinsnap exited with {st}: {}", self.log());
-        }
-    }
-
-    fn log(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    async fn clients(&self) -> (SnapshotsClient<Channel>, AdminClient<Channel>) {
-        let ch = thinsnap::server::connect(&self.sock())
-            .await
-            .expect("connect");
-        (SnapshotsClient::new(ch.clone()), AdminClient::new(ch))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-        let out = Command::new(env!("CARGO_BIN_EXE_thinsnap"))
-            .args(["pool", "destroy", "--remove-files", "--config"])
-            .arg(&self.config)
-            .output();
-        if let Ok(o) = out {
-            if !o.status.success() {
-                eprintln!("destroy: {}", String::from_utf8_lossy(&o.stderr));
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn req_labels() -> HashMap<String, String> {
-    HashMap::new()
-}
-
-async fn prepare(
-    c: &mut SnapshotsClient<Channel>,
-    key: &str,
-    parent: &str,
-) -> Result<Vec<Mount>, tonic::Status> {
-    c.prepare(PrepareSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: req_labels(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn view(
-    c: &mut SnapshotsClient<Channel>,
-    key: &str,
-    parent: &str,
-) -> Result<Vec<Mount>, tonic::Status> {
-    c.view(ViewSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: req_labels(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn commit(
-    c: &mut SnapshotsClient<Channel>,
-    name: &str,
-    key: &str,
-) -> Result<(), tonic::Status> {
-    c.commit(CommitSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        name: name.into(),
-        key: key.into(),
-        labels: req_labels(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<(), tonic::Status> {
-    c.remove(RemoveSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn list(c: &mut SnapshotsClient<Channel>) -> BTreeMap<String, i32> {
-    let mut s = c
-        .list(ListSnapshotsRequest {
-            snapshotter: "thinsnap".into(),
-            filters: vec![],
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    let mut out = BTreeMap::new();
-    while let Some(r) = s.message().await.expect("list stream") {
-        for i in r.info {
-            out.insert(i.name, i.kind);
-        }
-    }
-    out
-}
-
-async fn mounts(c: &mut SnapshotsClient<Channel>, key: &str) -> Vec<Mount> {
-    c.mounts(MountsRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("mounts {key}: {e}"))
-    .into_inner()
-    .mounts
-}
-
-async fn status(a: &mut AdminClient<Channel>) -> StatusResponse {
-    a.status(StatusRequest {
-        list_thin_ids: true,
-    })
-    .await
-    .expect("status")
-    .into_inner()
-}
-
-/// Mounts, runs `f` on the root, unmounts.
-fn with_mount<T>(dir: &Path, m: &Mount, f: impl FnOnce(&Path) -> T) -> T {
-    let target = dir.join(format!(
-        "mnt-{}",
-        m.source.rsplit('-').next().unwrap_or("x")
-    ));
-    std::fs::create_dir_all(&target).expect("mountpoint");
-    let mut flags = nix::mount::MsFlags::empty();
-    if m.options.iter().any(|o| o == "ro") {
-        flags |= nix::mount::MsFlags::MS_RDONLY;
-    }
-    nix::mount::mount(
-        Some(m.source.as_str()),
-        &target,
-        Some(m.r#type.as_str()),
-        flags,
-        None::<&str>,
-    )
-    .unwrap_or_else(|e| panic!("mount {m:?}: {e}"));
-    let out = f(&target);
-    nix::mount::umount(&target).expect("umount");
-    out
-}
-
-fn write_file(dir: &Path, m: &Mount, name: &str, content: &str) {
-    with_mount(dir, m, |root| {
-        std::fs::write(root.join(name), content).expect("write");
-        nix::unistd::sync();
-    });
+/// Every snapshot, as (name, kind).
+async fn list_all(c: &mut SnapshotsClient<Channel>) -> std::collections::BTreeMap<String, i32> {
+    list_kinds(c, &[]).await.expect("list")
 }
 
 /// The thin ids in the pool's metadata, read with thin_ls from a metadata snapshot.
@@ -322,7 +61,7 @@ fn kernel_thin_ids(pool: &str, meta_dev: &str) -> BTreeSet<u32> {
 }
 
 async fn assert_no_leak(d: &Daemon, a: &mut AdminClient<Channel>, what: &str) {
-    let st = status(a).await;
+    let st = status_with_thin_ids(a).await;
     let meta = st
         .loop_files
         .iter()
@@ -336,15 +75,10 @@ async fn assert_no_leak(d: &Daemon, a: &mut AdminClient<Channel>, what: &str) {
         kernel,
         store,
         "{what}: pool thin ids != store thin ids\n{}",
-        d.log()
+        d.log_tail(40)
     );
     // Every active dm device with our prefix belongs to an active snapshot or view.
-    let prefix = format!("{}-snap-", d.pool);
-    let active: usize = std::fs::read_dir("/dev/mapper")
-        .expect("/dev/mapper")
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .count();
+    let active = d.our_dm_devices().len();
     assert_eq!(
         active as u64,
         st.snapshots_active + st.snapshots_view,
@@ -404,7 +138,7 @@ async fn check_content(
             key: key.into(),
         })
         .await
-        .unwrap_or_else(|e| panic!("{key} lost: {e}\n{}", d.log()))
+        .unwrap_or_else(|e| panic!("{key} lost: {e}\n{}", d.log_tail(40)))
         .into_inner()
         .info
         .expect("info");
@@ -432,15 +166,15 @@ async fn vm_sigkill_at_every_failpoint_converges() {
     let mut report = Vec::new();
     // One pool for every failpoint but the base's (each needs a pool of its own): each round
     // works on keys of its own prefix, and the leak check covers the whole pool.
-    let mut shared = Daemon::new("calls");
-    shared.start(None);
+    let mut shared = daemon("calls");
+    shared.start();
     for (i, &fp) in thinsnap::failpoint::ALL.iter().enumerate() {
         if fp.starts_with("base:") {
-            let mut d = Daemon::new(fp);
+            let mut d = daemon(fp);
             // The base device is made at the first start: die there, then start clean.
-            d.spawn(Some(fp));
+            d.child = Some(d.spawn(Some(fp)));
             d.expect_killed(fp);
-            d.start(None);
+            d.start();
             let (mut c, mut a) = d.clients().await;
             assert_no_leak(&d, &mut a, fp).await;
             let m = prepare(&mut c, "after", "")
@@ -462,7 +196,7 @@ async fn vm_sigkill_at_every_failpoint_converges() {
             fixture(d, &mut c, &p).await
         };
         d.stop();
-        d.start(Some(fp));
+        d.start_with(Some(fp));
         let (mut c, _) = d.clients().await;
         let (group, _) = fp.split_once(':').expect("group:step");
         let call = match (group, fp) {
@@ -476,13 +210,13 @@ async fn vm_sigkill_at_every_failpoint_converges() {
             "{fp}: the call answered; failpoint not reached"
         );
         d.expect_killed(fp);
-        d.start(None);
+        d.start();
         let (mut c, mut a) = d.clients().await;
         assert_no_leak(d, &mut a, fp).await;
         for (key, _, files) in &expected {
             check_content(d, &mut c, key, files).await;
         }
-        let names = list(&mut c).await;
+        let names = list_all(&mut c).await;
         let (victim, victim_c, to_commit) = (k("victim"), k("victimC"), k("toCommit"));
         let outcome = match group {
             "prepare" => {
@@ -556,8 +290,8 @@ async fn vm_random_sigkill_under_concurrent_load() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let mut d = Daemon::new("random");
-    d.start(None);
+    let mut d = daemon("random");
+    d.start();
     let mut seed: u64 = 0x5eed ^ std::process::id() as u64;
     let mut rand = move |n: u64| {
         seed ^= seed << 13;
@@ -611,7 +345,7 @@ async fn vm_random_sigkill_under_concurrent_load() {
                 t0.elapsed() < Duration::from_secs(300),
                 "round {round}: only {} calls answered in 300s\n{}",
                 answered.load(std::sync::atomic::Ordering::SeqCst),
-                d.log()
+                d.log_tail(40)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -631,11 +365,11 @@ async fn vm_random_sigkill_under_concurrent_load() {
             ops += ok;
         }
         total_ops += ops;
-        d.start(None);
+        d.start();
         let (mut c, mut a) = d.clients().await;
         assert_no_leak(&d, &mut a, &format!("round {round}")).await;
         // Every listed snapshot is usable: active ones have their device.
-        for (key, kind) in list(&mut c).await {
+        for (key, kind) in list_all(&mut c).await {
             if kind != 3 {
                 let m = mounts(&mut c, &key).await;
                 assert!(
@@ -646,7 +380,7 @@ async fn vm_random_sigkill_under_concurrent_load() {
         }
         println!(
             "round {round}: {ops} calls answered before the kill, {} snapshots after restart, no leak",
-            list(&mut c).await.len()
+            list_all(&mut c).await.len()
         );
     }
     assert!(

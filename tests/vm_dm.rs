@@ -4,290 +4,38 @@
 //! They need root and a kernel with device-mapper, so they are `#[ignore]`d: plain `cargo test`
 //! lists them as ignored (this host kernel has no device-mapper), and `integration/test.sh` runs
 //! them inside the VM with `--ignored`. Inside the VM a missing device-mapper is a failure, never
-//! a skip.
+//! a skip. The harness (daemon, calls, mounts) is tests/common/mod.rs.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
 use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::api::types::Mount;
-use thinsnap::admin::api::admin_client::AdminClient;
-use thinsnap::admin::api::{StatusRequest, StatusResponse};
-use tonic::transport::Channel;
 use tonic::Code;
 
-const IGNORE: &str = "needs root and device-mapper: run in the VM by integration/test.sh";
-
-struct Daemon {
-    dir: PathBuf,
-    config: PathBuf,
-    pool: String,
-    child: Option<Child>,
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_thinsnap")
-}
-
-fn require_dm() {
-    assert!(
-        Path::new("/dev/mapper/control").exists(),
-        "device-mapper is missing: these tests must run in the VM (modprobe dm-thin-pool)"
-    );
-    assert!(nix::unistd::geteuid().is_root(), "these tests need root");
-}
-
-impl Daemon {
-    fn new(name: &str, extra: &str) -> Daemon {
-        require_dm();
-        let dir = PathBuf::from(format!(
-            "/tmp/thinsnap-vmtest-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("test dir");
-        let pool = format!("tsvm-{name}-{}", std::process::id());
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "root = \"{root}\"\naddress = \"{sock}\"\n[pool]\nname = \"{pool}\"\ndata_size = \"1GiB\"\nmetadata_size = \"32MiB\"\n[fs]\n{fs}\n",
-                root = dir.join("state").display(),
-                sock = dir.join("thinsnap.sock").display(),
-                fs = if extra.is_empty() { "base_size = \"128MiB\"" } else { extra },
-            ),
-        )
-        .expect("config");
-        let mut d = Daemon {
-            dir,
-            config,
-            pool,
-            child: None,
-        };
-        d.start();
-        d
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.dir.join("thinsnap.sock")
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("thinsnap.log"))
-            .expect("log");
-        let child = Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .stderr(log)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn thinsnap");
-        self.child = Some(child);
-        let t0 = Instant::now();
-        // Connectable, not merely present: a killed daemon leaves a stale socket file behind.
-        while std::os::unix::net::UnixStream::connect(self.sock()).is_err() {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("thinsnap exited with {st}: {}", self.log());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(600),
-                "no socket: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .expect("SIGTERM");
-            let st = c.wait().expect("wait");
-            assert!(st.success(), "thinsnap exited with {st}: {}", self.log());
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("thinsnap.log")).unwrap_or_default()
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin())
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .expect("run thinsnap")
-    }
-
-    async fn client(&self) -> (SnapshotsClient<Channel>, AdminClient<Channel>) {
-        let ch = thinsnap::server::connect(&self.sock())
-            .await
-            .expect("connect");
-        (SnapshotsClient::new(ch.clone()), AdminClient::new(ch))
-    }
-
-    fn our_dm_devices(&self) -> Vec<String> {
-        let prefix = format!("{}-snap-", self.pool);
-        std::fs::read_dir("/dev/mapper")
-            .expect("/dev/mapper")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&prefix))
-            .collect()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let out = self.run(&["pool", "destroy", "--remove-files"]);
-        if !out.status.success() {
-            eprintln!("destroy failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-async fn prepare(
-    c: &mut SnapshotsClient<Channel>,
-    key: &str,
-    parent: &str,
-) -> Result<Vec<Mount>, tonic::Status> {
-    c.prepare(PrepareSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn view(
-    c: &mut SnapshotsClient<Channel>,
-    key: &str,
-    parent: &str,
-) -> Result<Vec<Mount>, tonic::Status> {
-    c.view(ViewSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn commit(
-    c: &mut SnapshotsClient<Channel>,
-    name: &str,
-    key: &str,
-) -> Result<(), tonic::Status> {
-    c.commit(CommitSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        name: name.into(),
-        key: key.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<(), tonic::Status> {
-    c.remove(RemoveSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn list(
-    c: &mut SnapshotsClient<Channel>,
-    filters: &[&str],
-) -> Result<Vec<String>, tonic::Status> {
-    let mut stream = c
-        .list(ListSnapshotsRequest {
-            snapshotter: "thinsnap".into(),
-            filters: filters.iter().map(|s| s.to_string()).collect(),
-        })
-        .await?
-        .into_inner();
-    let mut names = Vec::new();
-    while let Some(resp) = stream.message().await? {
-        names.extend(resp.info.into_iter().map(|i| i.name));
-    }
-    names.sort();
-    Ok(names)
-}
-
-async fn status(a: &mut AdminClient<Channel>) -> StatusResponse {
-    a.status(StatusRequest::default())
-        .await
-        .expect("status")
-        .into_inner()
-}
-
-/// Mounts `m` on a fresh directory under `dir`, runs `f`, unmounts.
-fn with_mount<T>(dir: &Path, m: &Mount, f: impl FnOnce(&Path) -> T) -> T {
-    let target = dir.join(format!(
-        "mnt-{}",
-        m.source.rsplit('-').next().unwrap_or("x")
-    ));
-    std::fs::create_dir_all(&target).expect("mountpoint");
-    let mut flags = nix::mount::MsFlags::empty();
-    let mut data = Vec::new();
-    for o in &m.options {
-        if o == "ro" {
-            flags |= nix::mount::MsFlags::MS_RDONLY;
-        } else {
-            data.push(o.as_str());
-        }
-    }
-    let data = data.join(",");
-    nix::mount::mount(
-        Some(m.source.as_str()),
-        &target,
-        Some(m.r#type.as_str()),
-        flags,
-        (!data.is_empty()).then_some(data.as_str()),
+/// A started daemon on a 1GiB loop pool; `fs` is the `[fs]` section's body (default: a 128MiB
+/// ext4 base).
+fn daemon(name: &str, fs: &str) -> Daemon {
+    let fs = if fs.is_empty() {
+        "base_size = \"128MiB\""
+    } else {
+        fs
+    };
+    Daemon::started(
+        "vmtest",
+        "tsvm",
+        name,
+        &format!("data_size = \"1GiB\"\nmetadata_size = \"32MiB\"\n[fs]\n{fs}"),
     )
-    .unwrap_or_else(|e| panic!("mount {m:?}: {e}"));
-    let out = f(&target);
-    nix::mount::umount(&target).expect("umount");
-    out
-}
-
-fn code(r: Result<impl std::fmt::Debug, tonic::Status>) -> Code {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(s) => s.code(),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_lifecycle_on_real_dm_thin() {
-    let _ = IGNORE;
-    let d = Daemon::new("life", "");
-    let (mut c, mut a) = d.client().await;
+    let d = daemon("life", "");
+    let (mut c, mut a) = d.clients().await;
 
     // A parentless snapshot is an empty filesystem: no lost+found.
     let m = prepare(&mut c, "a", "").await.expect("prepare a");
@@ -418,9 +166,9 @@ async fn vm_lifecycle_on_real_dm_thin() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_restart_and_reboot_keep_everything() {
-    let mut d = Daemon::new("reboot", "");
+    let mut d = daemon("reboot", "");
     {
-        let (mut c, _) = d.client().await;
+        let (mut c, _) = d.clients().await;
         let m = prepare(&mut c, "a", "").await.expect("prepare");
         with_mount(&d.dir, &m[0], |root| {
             std::fs::write(root.join("f"), b"one").expect("write")
@@ -438,7 +186,7 @@ async fn vm_restart_and_reboot_keep_everything() {
     d.stop();
     d.start();
     {
-        let (mut c, _) = d.client().await;
+        let (mut c, _) = d.clients().await;
         assert_eq!(
             list(&mut c, &[]).await.expect("list"),
             vec!["active", "c", "view"]
@@ -446,7 +194,7 @@ async fn vm_restart_and_reboot_keep_everything() {
     }
     // A reboot: every dm device and loop device gone, files kept.
     d.stop();
-    let out = d.run(&["pool", "destroy"]);
+    let out = d.cli(&["pool", "destroy"]);
     assert!(
         out.status.success(),
         "{}",
@@ -455,20 +203,12 @@ async fn vm_restart_and_reboot_keep_everything() {
     assert!(d.our_dm_devices().is_empty());
     assert!(!Path::new("/dev/mapper").join(&d.pool).exists());
     d.start();
-    let (mut c, mut a) = d.client().await;
+    let (mut c, mut a) = d.clients().await;
     assert_eq!(
         list(&mut c, &[]).await.expect("list"),
         vec!["active", "c", "view"]
     );
-    let m = c
-        .mounts(MountsRequest {
-            snapshotter: "thinsnap".into(),
-            key: "active".into(),
-        })
-        .await
-        .expect("mounts")
-        .into_inner()
-        .mounts;
+    let m = mounts(&mut c, "active").await;
     assert!(
         Path::new(&m[0].source).exists(),
         "active snapshot not reactivated"
@@ -495,8 +235,8 @@ async fn vm_restart_and_reboot_keep_everything() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_concurrent_prepares_of_one_key_have_one_winner() {
-    let d = Daemon::new("race", "");
-    let (c, mut a) = d.client().await;
+    let d = daemon("race", "");
+    let (c, mut a) = d.clients().await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let mut c = c.clone();
@@ -519,8 +259,8 @@ async fn vm_concurrent_prepares_of_one_key_have_one_winner() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_xfs_snapshots_mount_with_nouuid() {
-    let d = Daemon::new("xfs", "type = \"xfs\"\nbase_size = \"320MiB\"");
-    let (mut c, _) = d.client().await;
+    let d = daemon("xfs", "type = \"xfs\"\nbase_size = \"320MiB\"");
+    let (mut c, _) = d.clients().await;
     let m = prepare(&mut c, "a", "").await.expect("prepare");
     assert_eq!(m[0].r#type, "xfs");
     assert!(m[0].options.contains(&"nouuid".to_string()));
@@ -542,7 +282,7 @@ async fn vm_xfs_snapshots_mount_with_nouuid() {
 #[test]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 fn vm_live_socket_is_refused_and_stale_one_replaced() {
-    let mut d = Daemon::new("sock", "");
+    let mut d = daemon("sock", "");
     let out = Command::new(bin())
         .args(["serve", "--config"])
         .arg(&d.config)

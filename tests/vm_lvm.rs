@@ -8,33 +8,21 @@
 //! `--ignored`. Every test cleans up (thinsnap's devices, the volume group, the physical volume
 //! label, the profile, the loop device) also when it fails.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
-use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::api::types::Mount;
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::*;
 use devicemapper::{DevId, DmName, DmOptions, DM};
 use thinsnap::config::Config;
-use tonic::transport::Channel;
 
 const DISK_SIZE: u64 = 2 << 30;
-/// lvm2 under software emulation is slow: provisioning takes tens of seconds.
-const START_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// The binary under test: `THINSNAP_BIN` if set (integration/test.sh sets it), else cargo's.
-fn bin() -> String {
-    std::env::var("THINSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_thinsnap").to_string())
-}
 
 fn require_root_dm_lvm() {
-    assert!(
-        Path::new("/dev/mapper/control").exists(),
-        "device-mapper is missing: these tests must run in the VM (modprobe dm-thin-pool)"
-    );
-    assert!(nix::unistd::geteuid().is_root(), "these tests need root");
+    require_dm();
     let v = Command::new("lvm").arg("version").output();
     assert!(
         v.is_ok_and(|o| o.status.success()),
@@ -168,56 +156,53 @@ impl Drop for Disk {
     }
 }
 
-struct Daemon {
-    dir: PathBuf,
-    config: PathBuf,
-    /// pool.name: the prefix of thinsnap's dm device names.
-    pool: String,
+/// A daemon in lvm mode on a [`Disk`] (the harness's [`Daemon`] plus the names LVM sees).
+/// Dropping it also tears the LVM setup down (pool, volume group, physical volume label,
+/// profile), by force if thinsnap's own teardown fails.
+struct LvmDaemon {
+    d: Daemon,
     vg: String,
     lv: String,
     dev: String,
-    child: Option<Child>,
 }
 
-impl Daemon {
+impl Deref for LvmDaemon {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.d
+    }
+}
+
+impl DerefMut for LvmDaemon {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.d
+    }
+}
+
+impl LvmDaemon {
     /// Writes the config (lvm mode on `disk`); does not start thinsnap.
-    fn new(name: &str, disk: &Disk, force: bool) -> Daemon {
-        let pid = std::process::id();
-        let dir = PathBuf::from(format!("/tmp/thinsnap-vmlvm-{name}-{pid}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("test dir");
-        let d = Daemon {
-            config: dir.join("config.toml"),
-            dir,
-            pool: format!("tslvm-{name}-{pid}"),
+    fn new(name: &str, disk: &Disk, force: bool) -> LvmDaemon {
+        let d = LvmDaemon {
+            d: Daemon::prepare_dir("vmlvm", "tslvm", name),
             // Dashes on purpose: LVM doubles them in dm names.
-            vg: format!("ts-vg-{name}-{pid}"),
+            vg: format!("ts-vg-{name}-{}", std::process::id()),
             lv: "thin-pool".to_string(),
             dev: disk.dev.clone(),
-            child: None,
         };
         d.write_config(force);
         d
     }
 
     fn write_config(&self, force: bool) {
-        std::fs::write(
-            &self.config,
-            format!(
-                "root = \"{root}\"\naddress = \"{sock}\"\n\
-                 [pool]\nname = \"{pool}\"\nmode = \"lvm\"\n\
-                 [pool.lvm]\ndevice = \"{dev}\"\nvolume_group = \"{vg}\"\nthin_pool = \"{lv}\"\n\
-                 autoextend_threshold = 70\nautoextend_percent = 25\nforce = {force}\n\
-                 [fs]\nbase_size = \"128MiB\"\n",
-                root = self.dir.join("state").display(),
-                sock = self.sock().display(),
-                pool = self.pool,
-                dev = self.dev,
-                vg = self.vg,
-                lv = self.lv,
-            ),
-        )
-        .expect("config");
+        self.d.write_config(&format!(
+            "mode = \"lvm\"\n\
+             [pool.lvm]\ndevice = \"{dev}\"\nvolume_group = \"{vg}\"\nthin_pool = \"{lv}\"\n\
+             autoextend_threshold = 70\nautoextend_percent = 25\nforce = {force}\n\
+             [fs]\nbase_size = \"128MiB\"",
+            dev = self.dev,
+            vg = self.vg,
+            lv = self.lv,
+        ));
     }
 
     fn load_config(&self) -> Config {
@@ -233,91 +218,8 @@ impl Daemon {
         )
     }
 
-    fn sock(&self) -> PathBuf {
-        self.dir.join("thinsnap.sock")
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.join("thinsnap.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn spawn(&self) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("log");
-        Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .stderr(log)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn thinsnap")
-    }
-
-    fn start(&mut self) {
-        self.child = Some(self.spawn());
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(self.sock()).is_err() {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                panic!("thinsnap exited with {st}: {}", self.log());
-            }
-            assert!(t0.elapsed() < START_TIMEOUT, "no socket: {}", self.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Runs `serve`, which must give up: returns its exit status and what it logged.
-    fn serve_until_exit(&self) -> (std::process::ExitStatus, String) {
-        let _ = std::fs::remove_file(self.log_path());
-        let mut child = self.spawn();
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                return (st, self.log());
-            }
-            if t0.elapsed() > START_TIMEOUT || self.sock().exists() {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("thinsnap did not refuse to start: {}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .expect("SIGTERM");
-            let st = c.wait().expect("wait");
-            assert!(st.success(), "thinsnap exited with {st}: {}", self.log());
-        }
-    }
-
-    fn thinsnap(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .expect("run thinsnap")
-    }
-
     fn status_json(&self) -> serde_json::Value {
-        let out = self.thinsnap(&["status", "--json"]);
+        let out = self.cli(&["status", "--json"]);
         assert!(
             out.status.success(),
             "status --json: {}: {}{}\nthinsnap log: {}",
@@ -327,13 +229,6 @@ impl Daemon {
             self.log()
         );
         serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
-    }
-
-    async fn client(&self) -> SnapshotsClient<Channel> {
-        let ch = thinsnap::server::connect(&self.sock())
-            .await
-            .expect("connect");
-        SnapshotsClient::new(ch)
     }
 
     /// The visible logical volumes of the group, with the fields the tests look at.
@@ -349,21 +244,10 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
+impl Drop for LvmDaemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Captured by the test harness: shown when the test fails, or with --nocapture.
-        eprintln!("---- thinsnap log of {}:\n{}", self.pool, self.log());
-        let out = self.thinsnap(&["pool", "destroy", "--remove-files"]);
-        if !out.status.success() {
-            eprintln!(
-                "pool destroy failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        // Kills thinsnap, prints its log, destroys the pool; the directory goes with `self.d`.
+        self.d.shut_down();
         if let Ok(config) = Config::load(Some(&self.config)) {
             if let Err(e) = thinsnap::pool::lvm::teardown(&config) {
                 eprintln!("lvm teardown failed: {e}");
@@ -378,97 +262,14 @@ impl Drop for Daemon {
             let _ = run("vgremove", &["--force", "--force", "--yes", &self.vg]);
             let _ = run("pvremove", &["--force", "--force", "--yes", &self.dev]);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-async fn prepare(c: &mut SnapshotsClient<Channel>, key: &str, parent: &str) -> Vec<Mount> {
-    c.prepare(PrepareSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("prepare {key}: {e}"))
-    .into_inner()
-    .mounts
-}
-
-async fn commit(c: &mut SnapshotsClient<Channel>, name: &str, key: &str) {
-    c.commit(CommitSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        name: name.into(),
-        key: key.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("commit {key}: {e}"));
-}
-
-async fn mounts(c: &mut SnapshotsClient<Channel>, key: &str) -> Vec<Mount> {
-    c.mounts(MountsRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("mounts {key}: {e}"))
-    .into_inner()
-    .mounts
-}
-
-async fn list(c: &mut SnapshotsClient<Channel>) -> Vec<String> {
-    let mut stream = c
-        .list(ListSnapshotsRequest {
-            snapshotter: "thinsnap".into(),
-            filters: Vec::new(),
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    let mut names = Vec::new();
-    while let Some(resp) = stream.message().await.expect("list stream") {
-        names.extend(resp.info.into_iter().map(|i| i.name));
-    }
-    names.sort();
-    names
-}
-
-/// Mounts `m` on a fresh directory under `dir`, runs `f`, unmounts.
-fn with_mount<T>(dir: &Path, m: &Mount, f: impl FnOnce(&Path) -> T) -> T {
-    let target = dir.join(format!(
-        "mnt-{}",
-        m.source.rsplit('-').next().unwrap_or("x")
-    ));
-    std::fs::create_dir_all(&target).expect("mountpoint");
-    let mut flags = nix::mount::MsFlags::empty();
-    let mut data = Vec::new();
-    for o in &m.options {
-        if o == "ro" {
-            flags |= nix::mount::MsFlags::MS_RDONLY;
-        } else {
-            data.push(o.as_str());
-        }
-    }
-    let data = data.join(",");
-    nix::mount::mount(
-        Some(m.source.as_str()),
-        &target,
-        Some(m.r#type.as_str()),
-        flags,
-        (!data.is_empty()).then_some(data.as_str()),
-    )
-    .unwrap_or_else(|e| panic!("mount {m:?}: {e}"));
-    let out = f(&target);
-    nix::mount::umount(&target).expect("umount");
-    out
 }
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, device-mapper and lvm2: run in the VM by integration/test.sh"]
 async fn vm_lvm_provisions_reuses_after_restart_and_reboot_and_tears_down() {
     let disk = Disk::new("life");
-    let mut d = Daemon::new("life", &disk, false);
+    let mut d = LvmDaemon::new("life", &disk, false);
     d.start();
 
     // What LVM has: one visible volume, the thin pool, as configured.
@@ -524,8 +325,8 @@ async fn vm_lvm_provisions_reuses_after_restart_and_reboot_and_tears_down() {
     assert_eq!(st["block_size_bytes"], 65536, "{st}");
 
     {
-        let mut c = d.client().await;
-        let m = prepare(&mut c, "a", "").await;
+        let (mut c, _) = d.clients().await;
+        let m = prepare(&mut c, "a", "").await.expect("prepare");
         assert!(
             m[0].source
                 .starts_with(&format!("/dev/mapper/{}-snap-", d.pool)),
@@ -534,8 +335,8 @@ async fn vm_lvm_provisions_reuses_after_restart_and_reboot_and_tears_down() {
         with_mount(&d.dir, &m[0], |root| {
             std::fs::write(root.join("hello"), b"on lvm").expect("write")
         });
-        commit(&mut c, "c1", "a").await;
-        let mb = prepare(&mut c, "b", "c1").await;
+        commit(&mut c, "c1", "a").await.expect("commit");
+        let mb = prepare(&mut c, "b", "c1").await.expect("prepare");
         with_mount(&d.dir, &mb[0], |root| {
             assert_eq!(std::fs::read(root.join("hello")).expect("read"), b"on lvm");
             std::fs::write(root.join("mine"), b"b's own").expect("write");
@@ -549,8 +350,8 @@ async fn vm_lvm_provisions_reuses_after_restart_and_reboot_and_tears_down() {
     assert_eq!(lvs.len(), 1, "{lvs:?}");
     assert_eq!(lvs[0]["lv_name"], d.lv);
     {
-        let mut c = d.client().await;
-        assert_eq!(list(&mut c).await, vec!["b", "c1"]);
+        let (mut c, _) = d.clients().await;
+        assert_eq!(list(&mut c, &[]).await.expect("list"), vec!["b", "c1"]);
     }
 
     // A reboot: every dm device gone, the pool inactive; the next start activates it again.
@@ -563,8 +364,8 @@ async fn vm_lvm_provisions_reuses_after_restart_and_reboot_and_tears_down() {
     assert_eq!(d.lvs()[0]["lv_active"], "active", "{:?}", d.lvs());
     assert!(dm_device_exists(&d.pool_dm()));
     {
-        let mut c = d.client().await;
-        assert_eq!(list(&mut c).await, vec!["b", "c1"]);
+        let (mut c, _) = d.clients().await;
+        assert_eq!(list(&mut c, &[]).await.expect("list"), vec!["b", "c1"]);
         let mb = mounts(&mut c, "b").await;
         assert!(Path::new(&mb[0].source).exists(), "b not reactivated");
         with_mount(&d.dir, &mb[0], |root| {
@@ -572,7 +373,9 @@ async fn vm_lvm_provisions_reuses_after_restart_and_reboot_and_tears_down() {
             assert_eq!(std::fs::read(root.join("mine")).expect("read"), b"b's own");
         });
         // And it still takes new snapshots.
-        let m = prepare(&mut c, "after-reboot", "c1").await;
+        let m = prepare(&mut c, "after-reboot", "c1")
+            .await
+            .expect("prepare");
         with_mount(&d.dir, &m[0], |root| {
             assert_eq!(std::fs::read(root.join("hello")).expect("read"), b"on lvm")
         });
@@ -583,7 +386,7 @@ async fn vm_lvm_provisions_reuses_after_restart_and_reboot_and_tears_down() {
 
     // Tear down: pool, group, PV label and profile go; a second teardown has nothing to do.
     d.stop();
-    let out = d.thinsnap(&["pool", "destroy", "--remove-files"]);
+    let out = d.cli(&["pool", "destroy", "--remove-files"]);
     assert!(
         out.status.success(),
         "{}",
@@ -607,7 +410,7 @@ async fn vm_lvm_provisions_reuses_after_restart_and_reboot_and_tears_down() {
 async fn vm_lvm_refuses_a_device_with_a_filesystem_unless_forced() {
     let disk = Disk::new("fs");
     ok("mkfs.ext4", &["-q", "-F", &disk.dev]);
-    let mut d = Daemon::new("fs", &disk, false);
+    let mut d = LvmDaemon::new("fs", &disk, false);
 
     let (st, log) = d.serve_until_exit();
     assert!(!st.success(), "{log}");
@@ -632,8 +435,8 @@ async fn vm_lvm_refuses_a_device_with_a_filesystem_unless_forced() {
         signatures(&disk.dev)
     );
     assert_eq!(d.lvs()[0]["segtype"], "thin-pool");
-    let mut c = d.client().await;
-    let m = prepare(&mut c, "a", "").await;
+    let (mut c, _) = d.clients().await;
+    let m = prepare(&mut c, "a", "").await.expect("prepare");
     with_mount(&d.dir, &m[0], |root| {
         std::fs::write(root.join("f"), b"x").expect("write")
     });
@@ -648,7 +451,7 @@ fn vm_lvm_never_takes_over_another_volume_group() {
     let other = format!("tsother{}", std::process::id());
     ok("pvcreate", &["--yes", &disk.dev]);
     ok("vgcreate", &[&other, &disk.dev]);
-    let d = Daemon::new("other", &disk, true);
+    let d = LvmDaemon::new("other", &disk, true);
     let (st, log) = d.serve_until_exit();
     assert!(!st.success(), "{log}");
     let last = log.lines().last().unwrap_or_default();

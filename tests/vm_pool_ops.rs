@@ -2,170 +2,19 @@
 //! integration/test.sh with `--ignored`): the free-space floor on a pool filled by writes, online
 //! growth, discard on remove, asynchronous removal of a busy device, the size label.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
-use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::api::types::Mount;
-use thinsnap::admin::api::admin_client::AdminClient;
-use thinsnap::admin::api::{StatusRequest, StatusResponse};
-use tonic::transport::Channel;
+use common::*;
+use thinsnap::admin::api::StatusResponse;
 use tonic::Code;
 
-struct Daemon {
-    dir: PathBuf,
-    config: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn new(name: &str, pool: &str, extra: &str) -> Daemon {
-        assert!(
-            Path::new("/dev/mapper/control").exists(),
-            "device-mapper is missing: run in the VM"
-        );
-        let dir = PathBuf::from(format!("/tmp/thinsnap-ops-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "root = \"{}\"\naddress = \"{}\"\n{extra}\n[pool]\nname = \"tsops-{name}-{}\"\n{pool}\n",
-                dir.join("state").display(),
-                dir.join("s.sock").display(),
-                std::process::id()
-            ),
-        )
-        .expect("config");
-        let mut d = Daemon {
-            dir,
-            config,
-            child: None,
-        };
-        d.start();
-        d
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("log"))
-            .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_thinsnap"))
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .stderr(log)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        self.child = Some(child);
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(self.dir.join("s.sock")).is_err() {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("thinsnap exited with {st}: {}", self.log());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(600),
-                "no socket: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_thinsnap"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .expect("run")
-    }
-
-    async fn clients(&self) -> (SnapshotsClient<Channel>, AdminClient<Channel>) {
-        let ch = thinsnap::server::connect(&self.dir.join("s.sock"))
-            .await
-            .expect("connect");
-        (SnapshotsClient::new(ch.clone()), AdminClient::new(ch))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-        let _ = self.cli(&["pool", "destroy", "--remove-files"]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-async fn prepare(
-    c: &mut SnapshotsClient<Channel>,
-    key: &str,
-    parent: &str,
-    labels: &[(&str, &str)],
-) -> Result<Vec<Mount>, tonic::Status> {
-    c.prepare(PrepareSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<(), tonic::Status> {
-    c.remove(RemoveSnapshotRequest {
-        snapshotter: "thinsnap".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn status(a: &mut AdminClient<Channel>) -> StatusResponse {
-    a.status(StatusRequest::default())
-        .await
-        .expect("status")
-        .into_inner()
-}
-
-fn mount(m: &Mount, target: &Path) {
-    std::fs::create_dir_all(target).expect("mountpoint");
-    let opts = m.options.join(",");
-    nix::mount::mount(
-        Some(m.source.as_str()),
-        target,
-        Some(m.r#type.as_str()),
-        nix::mount::MsFlags::empty(),
-        (!opts.is_empty()).then_some(opts.as_str()),
-    )
-    .unwrap_or_else(|e| panic!("mount {m:?}: {e}"));
-}
-
-fn umount(target: &Path) {
-    nix::mount::umount(target).expect("umount");
+/// A started daemon; `pool` goes on in `[pool]` (and may open `[pool.autogrow]` and `[fs]`),
+/// `extra` holds other sections.
+fn daemon(name: &str, pool: &str, extra: &str) -> Daemon {
+    Daemon::started("ops", "tsops", name, &format!("{pool}\n{extra}"))
 }
 
 /// Writes `mib` MiB of incompressible-enough data (dm-thin does not compress; any data maps blocks).
@@ -185,16 +34,14 @@ fn fill(path: &Path, mib: usize) -> std::io::Result<()> {
 async fn vm_full_pool_refuses_prepare_and_remove_wins_space_back() {
     // 96MiB of data, a 20% floor: after ~66MiB of writes (plus the filesystem's own) Prepare
     // must be refused.
-    let d = Daemon::new(
+    let d = daemon(
         "full",
         "data_size = \"96MiB\"\nmetadata_size = \"8MiB\"\nmin_free_space = \"20%\"\n[fs]\nbase_size = \"256MiB\"",
         "",
     );
     let (mut c, mut a) = d.clients().await;
-    let m = prepare(&mut c, "filler", "", &[]).await.expect("prepare");
-    let keep = prepare(&mut c, "keep", "", &[])
-        .await
-        .expect("prepare keep");
+    let m = prepare(&mut c, "filler", "").await.expect("prepare");
+    let keep = prepare(&mut c, "keep", "").await.expect("prepare keep");
     let mk = d.dir.join("keep");
     mount(&keep[0], &mk);
     std::fs::write(mk.join("precious"), b"must survive").expect("write");
@@ -209,7 +56,7 @@ async fn vm_full_pool_refuses_prepare_and_remove_wins_space_back() {
         data.used_bytes * 100 / data.total_bytes > 75,
         "pool not full enough: {data:?}"
     );
-    let err = prepare(&mut c, "refused", "", &[])
+    let err = prepare(&mut c, "refused", "")
         .await
         .expect_err("must be refused");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
@@ -227,18 +74,10 @@ async fn vm_full_pool_refuses_prepare_and_remove_wins_space_back() {
     remove(&mut c, "filler")
         .await
         .expect("remove works on a full pool");
-    prepare(&mut c, "again", "", &[])
+    prepare(&mut c, "again", "")
         .await
         .expect("prepare works again");
-    let keep = c
-        .mounts(MountsRequest {
-            snapshotter: "thinsnap".into(),
-            key: "keep".into(),
-        })
-        .await
-        .expect("mounts")
-        .into_inner()
-        .mounts;
+    let keep = mounts(&mut c, "keep").await;
     mount(&keep[0], &mk);
     assert_eq!(
         std::fs::read(mk.join("precious")).expect("read"),
@@ -250,13 +89,13 @@ async fn vm_full_pool_refuses_prepare_and_remove_wins_space_back() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_grow_loop_pool_online_with_a_mounted_snapshot() {
-    let d = Daemon::new(
+    let d = daemon(
         "grow",
         "data_size = \"256MiB\"\nmetadata_size = \"8MiB\"\n[fs]\nbase_size = \"128MiB\"",
         "",
     );
     let (mut c, mut a) = d.clients().await;
-    let m = prepare(&mut c, "busy", "", &[]).await.expect("prepare");
+    let m = prepare(&mut c, "busy", "").await.expect("prepare");
     let target = d.dir.join("busy");
     mount(&m[0], &target);
     std::fs::write(target.join("before"), b"x").expect("write");
@@ -282,7 +121,7 @@ async fn vm_grow_loop_pool_online_with_a_mounted_snapshot() {
     let out = d.cli(&["pool", "grow", "--data-size", "128MiB"]);
     assert!(!out.status.success(), "shrinking was accepted");
     assert!(String::from_utf8_lossy(&out.stderr).contains("smaller"));
-    prepare(&mut c, "new", "", &[])
+    prepare(&mut c, "new", "")
         .await
         .expect("prepare after grow");
 }
@@ -290,7 +129,7 @@ async fn vm_grow_loop_pool_online_with_a_mounted_snapshot() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_discard_on_remove_gives_space_back_to_the_host() {
-    let d = Daemon::new(
+    let d = daemon(
         "discard",
         "data_size = \"512MiB\"\nmetadata_size = \"16MiB\"\n[fs]\nbase_size = \"256MiB\"",
         "[remove]\ndiscard = true",
@@ -301,7 +140,7 @@ async fn vm_discard_on_remove_gives_space_back_to_the_host() {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&data_file).expect("data file").blocks() * 512
     };
-    let m = prepare(&mut c, "a", "", &[]).await.expect("prepare");
+    let m = prepare(&mut c, "a", "").await.expect("prepare");
     let target = d.dir.join("a");
     mount(&m[0], &target);
     fill(&target.join("blob"), 32).expect("fill");
@@ -324,13 +163,13 @@ async fn vm_discard_on_remove_gives_space_back_to_the_host() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_async_remove_of_a_mounted_snapshot_never_blocks() {
-    let d = Daemon::new(
+    let d = daemon(
         "async",
         "data_size = \"512MiB\"\nmetadata_size = \"16MiB\"\n[fs]\nbase_size = \"128MiB\"",
         "[remove]\nasync = true",
     );
     let (mut c, mut a) = d.clients().await;
-    let m = prepare(&mut c, "a", "", &[]).await.expect("prepare");
+    let m = prepare(&mut c, "a", "").await.expect("prepare");
     let target = d.dir.join("a");
     mount(&m[0], &target);
     remove(&mut c, "a")
@@ -353,14 +192,14 @@ async fn vm_async_remove_of_a_mounted_snapshot_never_blocks() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_size_label_grows_the_filesystem() {
-    let d = Daemon::new(
+    let d = daemon(
         "size",
         "data_size = \"1GiB\"\nmetadata_size = \"16MiB\"\n[fs]\nbase_size = \"128MiB\"",
         "",
     );
     let (mut c, _) = d.clients().await;
     let label = "containerd.io/snapshot/thinsnap.size";
-    let m = prepare(&mut c, "big", "", &[(label, "512MiB")])
+    let m = prepare_labelled(&mut c, "big", "", &[(label, "512MiB")])
         .await
         .expect("prepare big");
     let target = d.dir.join("big");
@@ -377,7 +216,7 @@ async fn vm_size_label_grows_the_filesystem() {
         entries, 0,
         "the grown snapshot is not empty (lost+found back?)"
     );
-    let err = prepare(&mut c, "small", "", &[(label, "64MiB")])
+    let err = prepare_labelled(&mut c, "small", "", &[(label, "64MiB")])
         .await
         .expect_err("smaller");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -402,14 +241,14 @@ fn http_get(addr: &str, path: &str) -> String {
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_metrics_endpoint_reports_pool_and_calls() {
     let addr = "127.0.0.1:19323";
-    let d = Daemon::new(
+    let d = daemon(
         "metrics",
         "data_size = \"512MiB\"\nmetadata_size = \"16MiB\"\n[fs]\nbase_size = \"64MiB\"",
         &format!("[metrics]\naddress = \"{addr}\""),
     );
     let (mut c, _) = d.clients().await;
-    prepare(&mut c, "a", "", &[]).await.expect("prepare");
-    let _ = prepare(&mut c, "a", "", &[]).await.expect_err("duplicate");
+    prepare(&mut c, "a", "").await.expect("prepare");
+    let _ = prepare(&mut c, "a", "").await.expect_err("duplicate");
     let body = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
         .await
         .expect("join");
@@ -435,7 +274,7 @@ async fn vm_metrics_endpoint_reports_pool_and_calls() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_autogrow_grows_a_filling_loop_pool_up_to_its_maximum() {
-    let d = Daemon::new(
+    let d = daemon(
         "autogrow",
         "data_size = \"256MiB\"\nmetadata_size = \"8MiB\"\n\
          [pool.autogrow]\nenabled = true\nthreshold = \"40%\"\nstep = \"100%\"\n\
@@ -444,7 +283,7 @@ async fn vm_autogrow_grows_a_filling_loop_pool_up_to_its_maximum() {
         "",
     );
     let (mut c, mut a) = d.clients().await;
-    let m = prepare(&mut c, "a", "", &[]).await.expect("prepare");
+    let m = prepare(&mut c, "a", "").await.expect("prepare");
     let target = d.dir.join("a");
     mount(&m[0], &target);
     // A running container fills the pool past the threshold; no call is made meanwhile.
@@ -481,7 +320,7 @@ async fn vm_autogrow_grows_a_filling_loop_pool_up_to_its_maximum() {
     assert!(st.data.as_ref().expect("data").used_bytes > 220 << 20);
     assert_eq!(total(&st), 512 << 20);
     assert!(d.log().contains("autogrow limited"), "{}", d.log());
-    prepare(&mut c, "b", "", &[])
+    prepare(&mut c, "b", "")
         .await
         .expect("prepare above the floor");
 }
