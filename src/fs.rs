@@ -96,47 +96,61 @@ pub fn format_base(device: &Path, fs: &FsConfig, scratch: &Path) -> Result<(), F
     run(&mut mkfs, device)?;
     info!(device = %device.display(), fs = %fs.fs_type, "formatted base device");
 
+    let opts = mount_options(fs, false).join(",");
+    let opts = (!opts.is_empty()).then_some(opts.as_str());
     let dir = scratch.join("base-mnt");
-    std::fs::create_dir_all(&dir).map_err(|source| FsError::Io {
+    with_mounted(device, &dir, fs.fs_type.as_str(), opts, |dir| {
+        let lost = dir.join("lost+found");
+        match std::fs::remove_dir(&lost) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(FsError::Io {
+                op: "remove",
+                path: lost,
+                source,
+            }),
+        }
+    })
+}
+
+/// Mounts `device` on `dir` (created for the purpose), runs `f` on it, unmounts it and removes
+/// `dir`, whatever `f` returned.
+///
+/// Returns `f`'s error first, then the mount's or the unmount's.
+fn with_mounted<T>(
+    device: &Path,
+    dir: &Path,
+    fs_type: &str,
+    options: Option<&str>,
+    f: impl FnOnce(&Path) -> Result<T, FsError>,
+) -> Result<T, FsError> {
+    let io = |op: &'static str| {
+        let path = dir.to_path_buf();
+        move |e: nix::errno::Errno| FsError::Io {
+            op,
+            path,
+            source: e.into(),
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(|source| FsError::Io {
         op: "create",
-        path: dir.clone(),
+        path: dir.to_path_buf(),
         source,
     })?;
-    let opts = mount_options(fs, false).join(",");
     nix::mount::mount(
         Some(device),
-        &dir,
-        Some(fs.fs_type.as_str()),
+        dir,
+        Some(fs_type),
         nix::mount::MsFlags::empty(),
-        if opts.is_empty() {
-            None
-        } else {
-            Some(opts.as_str())
-        },
+        options,
     )
-    .map_err(|e| FsError::Io {
-        op: "mount base device on",
-        path: dir.clone(),
-        source: e.into(),
-    })?;
-    let lost = dir.join("lost+found");
-    let removed = match std::fs::remove_dir(&lost) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(FsError::Io {
-            op: "remove",
-            path: lost,
-            source,
-        }),
-    };
-    let unmounted = nix::mount::umount(&dir).map_err(|e| FsError::Io {
-        op: "unmount",
-        path: dir.clone(),
-        source: e.into(),
-    });
-    let _ = std::fs::remove_dir(&dir);
-    removed?;
-    unmounted
+    .map_err(io("mount a thin device on"))?;
+    let out = f(dir);
+    let unmounted = nix::mount::umount(dir).map_err(io("unmount"));
+    let _ = std::fs::remove_dir(dir);
+    let out = out?;
+    unmounted?;
+    Ok(out)
 }
 
 /// Grows the filesystem on `device` (unmounted) to fill the device: for a snapshot made larger
@@ -158,32 +172,9 @@ pub fn grow(device: &Path, fs: &FsConfig, scratch: &Path) -> Result<(), FsError>
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default()
             ));
-            std::fs::create_dir_all(&dir).map_err(|source| FsError::Io {
-                op: "create",
-                path: dir.clone(),
-                source,
+            with_mounted(device, &dir, "xfs", Some("nouuid"), |dir| {
+                run(Command::new("xfs_growfs").arg(dir), device)
             })?;
-            nix::mount::mount(
-                Some(device),
-                &dir,
-                Some("xfs"),
-                nix::mount::MsFlags::empty(),
-                Some("nouuid"),
-            )
-            .map_err(|e| FsError::Io {
-                op: "mount for growing",
-                path: dir.clone(),
-                source: e.into(),
-            })?;
-            let grown = run(Command::new("xfs_growfs").arg(&dir), device);
-            let unmounted = nix::mount::umount(&dir).map_err(|e| FsError::Io {
-                op: "unmount",
-                path: dir.clone(),
-                source: e.into(),
-            });
-            let _ = std::fs::remove_dir(&dir);
-            grown?;
-            unmounted?;
         }
     }
     info!(device = %device.display(), fs = %fs.fs_type, "grew filesystem");

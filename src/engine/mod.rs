@@ -390,6 +390,20 @@ impl Engine {
         Ok(self.mounts_of(&rec))
     }
 
+    /// Gives a snapshot whose call failed its device back (undoing that call's deactivation).
+    /// A failure is logged: the record is intact, and recovery activates it at the next start.
+    async fn reactivate(&self, id: ThinId, size: u64) {
+        let done = self
+            .on_pool(move |pool| {
+                pool.activate(id, size)
+                    .map_err(pool_err(format!("reactivate thin id {id}")))
+            })
+            .await;
+        if let Err(e) = done {
+            warn!(thin_id = id, error = %e, "cannot reactivate the device of a failed call");
+        }
+    }
+
     /// Rolls back a half-made snapshot of `key` (state Creating) whose call is over: the caller
     /// holds the key's lock, so no call is making it. Nothing to do for any other state.
     ///
@@ -490,12 +504,7 @@ impl Engine {
         };
         if let Err(e) = committed {
             // The active snapshot is still what the store has: give it its device back.
-            let _ = self
-                .on_pool(move |pool| {
-                    pool.activate(id, size)
-                        .map_err(pool_err(format!("reactivate thin id {id}")))
-                })
-                .await;
+            self.reactivate(id, size).await;
             return Err(e);
         }
         crate::failpoint!("commit:after-record");
@@ -580,13 +589,7 @@ impl Engine {
         };
         if let Some(e) = failed {
             if active {
-                let size = rec.size;
-                let _ = self
-                    .on_pool(move |pool| {
-                        pool.activate(id, size)
-                            .map_err(pool_err(format!("reactivate thin id {id}")))
-                    })
-                    .await;
+                self.reactivate(id, rec.size).await;
             }
             return Err(e);
         }

@@ -11,6 +11,19 @@ use crate::pool::fake::FakePool;
 use crate::pool::ThinPool;
 use crate::store::{DeviceRecord, Store};
 
+/// Asserts that `$call` failed with `EngineError::$variant`, saying what it got otherwise.
+macro_rules! assert_err {
+    ($call:expr, $variant:ident) => {{
+        let got = $call;
+        assert!(
+            matches!(got, Err(EngineError::$variant(_))),
+            "expected {}, got {:?}",
+            stringify!($variant),
+            got.map(|_| ())
+        );
+    }};
+}
+
 struct T {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
@@ -75,6 +88,17 @@ impl T {
     }
 }
 
+/// The keys `list` answers for `filters`.
+async fn keys_listed(t: &T, filters: &[String]) -> Vec<String> {
+    t.engine
+        .list(filters)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|i| i.key)
+        .collect()
+}
+
 fn no_labels() -> BTreeMap<String, String> {
     BTreeMap::new()
 }
@@ -111,10 +135,7 @@ async fn prepare_commit_prepare_child_remove() {
         t.engine.stat("c").await.expect("stat").kind,
         Kind::Committed
     );
-    assert!(matches!(
-        t.engine.stat("a").await,
-        Err(EngineError::NotFound(_))
-    ));
+    assert_err!(t.engine.stat("a").await, NotFound);
 
     prep(&t, "b", "c").await.expect("child");
     let b = t.engine.record("b").expect("rec").expect("b");
@@ -122,10 +143,7 @@ async fn prepare_commit_prepare_child_remove() {
         .pool
         .calls()
         .contains(&format!("create_snap {} {}", b.thin_id, a.thin_id)));
-    assert!(matches!(
-        t.engine.remove("c").await,
-        Err(EngineError::FailedPrecondition(_))
-    ));
+    assert_err!(t.engine.remove("c").await, FailedPrecondition);
     t.engine.remove("b").await.expect("remove b");
     t.engine.remove("c").await.expect("remove c");
     assert_eq!(t.pool.thin_ids(), [t.base_id()].into());
@@ -140,62 +158,31 @@ async fn status_codes_for_bad_requests() {
         .create(Kind::View, "v", "", no_labels())
         .await
         .expect("view");
-    assert!(matches!(
-        prep(&t, "a", "").await,
-        Err(EngineError::AlreadyExists(_))
-    ));
-    assert!(matches!(
-        prep(&t, "", "").await,
-        Err(EngineError::InvalidArgument(_))
-    ));
-    assert!(matches!(
-        prep(&t, "x", "nope").await,
-        Err(EngineError::NotFound(_))
-    ));
-    assert!(matches!(
-        prep(&t, "x", "a").await,
-        Err(EngineError::FailedPrecondition(_))
-    ));
-    assert!(matches!(
+    assert_err!(prep(&t, "a", "").await, AlreadyExists);
+    assert_err!(prep(&t, "", "").await, InvalidArgument);
+    assert_err!(prep(&t, "x", "nope").await, NotFound);
+    assert_err!(prep(&t, "x", "a").await, FailedPrecondition);
+    assert_err!(
         t.engine.commit("n", "v", no_labels()).await,
-        Err(EngineError::FailedPrecondition(_))
-    ));
-    assert!(matches!(
-        t.engine.commit("v", "a", no_labels()).await,
-        Err(EngineError::AlreadyExists(_))
-    ));
-    assert!(matches!(
-        t.engine.remove("zz").await,
-        Err(EngineError::NotFound(_))
-    ));
-    assert!(matches!(
-        t.engine.mounts("zz").await,
-        Err(EngineError::NotFound(_))
-    ));
-    assert!(matches!(
+        FailedPrecondition
+    );
+    assert_err!(t.engine.commit("v", "a", no_labels()).await, AlreadyExists);
+    assert_err!(t.engine.remove("zz").await, NotFound);
+    assert_err!(t.engine.mounts("zz").await, NotFound);
+    assert_err!(
         t.engine.list(&["name==\"x".to_string()]).await,
-        Err(EngineError::InvalidArgument(_))
-    ));
+        InvalidArgument
+    );
     let huge = "k".repeat(MAX_KEY_LEN + 1);
-    assert!(matches!(
-        prep(&t, &huge, "").await,
-        Err(EngineError::InvalidArgument(_))
-    ));
+    assert_err!(prep(&t, &huge, "").await, InvalidArgument);
     let mut labels = BTreeMap::new();
     labels.insert("l".to_string(), "v".repeat(MAX_LABEL_LEN));
-    assert!(matches!(
+    assert_err!(
         t.engine.create(Kind::Active, "big", "", labels).await,
-        Err(EngineError::InvalidArgument(_))
-    ));
+        InvalidArgument
+    );
     // Nothing of the refused calls was stored.
-    let names: Vec<_> = t
-        .engine
-        .list(&[])
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|i| i.key)
-        .collect();
+    let names: Vec<_> = keys_listed(&t, &[]).await;
     assert_eq!(names, vec!["a", "v"]);
     assert_eq!(t.pool.thin_ids().len(), 3);
 }
@@ -237,10 +224,7 @@ async fn failed_delete_fails_remove_and_keeps_the_snapshot() {
     // Nothing changed: the snapshot, its active device, its parent's child count.
     t.engine.stat("a").await.expect("still there");
     assert!(t.pool.active().contains(&id), "device left inactive");
-    assert!(matches!(
-        t.engine.remove("p").await,
-        Err(EngineError::FailedPrecondition(_))
-    ));
+    assert_err!(t.engine.remove("p").await, FailedPrecondition);
     let dev: Vec<DeviceRecord> = t.engine.store.devices().expect("devices");
     assert!(dev
         .iter()
@@ -291,10 +275,7 @@ async fn a_half_made_snapshot_is_rolled_back_without_a_restart() {
     t.pool
         .create_snap(plan.thin_id, t.base_id())
         .expect("kernel");
-    assert!(matches!(
-        t.engine.stat("k").await,
-        Err(EngineError::NotFound(_))
-    ));
+    assert_err!(t.engine.stat("k").await, NotFound);
     // A retry of the Prepare heals it and succeeds.
     prep(&t, "k", "").await.expect("retry is not AlreadyExists");
     assert!(
@@ -412,14 +393,11 @@ async fn update_changes_only_labels() {
         .await
         .expect("replace all");
     assert_eq!(info.labels, new);
-    assert!(matches!(
+    assert_err!(
         t.engine.update("k", new.clone(), &["parent".into()]).await,
-        Err(EngineError::InvalidArgument(_))
-    ));
-    assert!(matches!(
-        t.engine.update("nope", new, &[]).await,
-        Err(EngineError::NotFound(_))
-    ));
+        InvalidArgument
+    );
+    assert_err!(t.engine.update("nope", new, &[]).await, NotFound);
 }
 
 #[tokio::test]
@@ -590,10 +568,10 @@ async fn prepare_below_the_free_space_floor_is_refused_and_remove_still_works() 
         t.engine.record("b").expect("rec").is_none(),
         "nothing half made"
     );
-    assert!(matches!(
+    assert_err!(
         t.engine.create(Kind::View, "v", "", no_labels()).await,
-        Err(EngineError::ResourceExhausted(_))
-    ));
+        ResourceExhausted
+    );
     t.engine
         .commit("c", "a", no_labels())
         .await
@@ -760,10 +738,10 @@ async fn size_label_is_checked() {
     ));
     let mut l = BTreeMap::new();
     l.insert(SIZE_LABEL.to_string(), "lots".to_string());
-    assert!(matches!(
+    assert_err!(
         t.engine.create(Kind::Active, "bad", "", l).await,
-        Err(EngineError::InvalidArgument(_))
-    ));
+        InvalidArgument
+    );
     // Not a whole number of sectors: every discard of the device would fail.
     let mut l = BTreeMap::new();
     l.insert(SIZE_LABEL.to_string(), "10737418241".to_string());
@@ -981,14 +959,7 @@ async fn binary_keys_and_labels_are_opaque_and_too_many_labels_are_refused() {
     prep(&t, "child\u{0}", "c\u{0}")
         .await
         .expect("child of a binary name");
-    let keys: Vec<_> = t
-        .engine
-        .list(&[])
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|i| i.key)
-        .collect();
+    let keys: Vec<_> = keys_listed(&t, &[]).await;
     assert_eq!(keys, vec!["c\u{0}", "child\u{0}"]);
 
     let many: BTreeMap<String, String> = (0..=MAX_LABELS)

@@ -385,23 +385,18 @@ impl Store {
 
     /// Forgets a snapshot whose creation was undone, with its device record and children entry.
     pub fn forget_snapshot(&self, key: &str) -> Result<(), StoreError> {
-        (&self.snapshots, &self.devices).transaction(|(snapshots, devices)| {
-            let Some(v) = snapshots.remove(key.as_bytes())? else {
-                return Ok(());
-            };
-            let rec: SnapshotRecord = tx_dec(key, &v)?;
-            if let Some(p) = &rec.parent {
-                release_child(snapshots, p)?;
-            }
-            devices.remove(&id_key(rec.thin_id))?;
-            Ok(())
-        })?;
-        Ok(())
+        self.drop_snapshot(key, DeviceFate::Forget)
     }
 
     /// Drops the record of a snapshot whose creation is being undone, keeping its device record
     /// in state Deleting so the thin id is not reused before the device is reaped.
     pub fn forget_snapshot_keep_device(&self, key: &str) -> Result<(), StoreError> {
+        self.drop_snapshot(key, DeviceFate::Deleting)
+    }
+
+    /// Drops snapshot `key` (nothing to do if it is not there) and its parent's child count;
+    /// its device record is dropped too or marked Deleting, as `device` says.
+    fn drop_snapshot(&self, key: &str, device: DeviceFate) -> Result<(), StoreError> {
         (&self.snapshots, &self.devices).transaction(|(snapshots, devices)| {
             let Some(v) = snapshots.remove(key.as_bytes())? else {
                 return Ok(());
@@ -410,8 +405,15 @@ impl Store {
             if let Some(p) = &rec.parent {
                 release_child(snapshots, p)?;
             }
-            if devices.get(id_key(rec.thin_id))?.is_some() {
-                set_device_state(devices, rec.thin_id, State::Deleting)?;
+            match device {
+                DeviceFate::Forget => {
+                    devices.remove(&id_key(rec.thin_id))?;
+                }
+                DeviceFate::Deleting => {
+                    if devices.get(id_key(rec.thin_id))?.is_some() {
+                        set_device_state(devices, rec.thin_id, State::Deleting)?;
+                    }
+                }
             }
             Ok(())
         })?;
@@ -551,6 +553,15 @@ impl Store {
         })?;
         Ok(rec)
     }
+}
+
+/// What [`Store::drop_snapshot`] does with the snapshot's device record.
+#[derive(Clone, Copy)]
+enum DeviceFate {
+    /// The device never existed or is gone: drop its record.
+    Forget,
+    /// The device may exist: keep its record, Deleting, until it is reaped.
+    Deleting,
 }
 
 fn ready_snapshot(snapshots: &TransactionalTree, key: &str) -> TxResult<SnapshotRecord> {
