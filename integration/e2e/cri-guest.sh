@@ -80,7 +80,8 @@ echo "cri-guest $MODE: containerd $version ($(command -v containerd)), deploy/$s
 
 rm -rf "$W"
 mkdir -p "$W/thinsnap" "$CROOT"
-cp "$BIN" "$W/thinsnap.bin" && BIN=$W/thinsnap.bin
+# (a copy unless it is the package's: a `cargo build` on the host must not swap it under us)
+[[ $BIN == /usr/bin/thinsnap ]] || { cp "$BIN" "$W/thinsnap.bin" && BIN=$W/thinsnap.bin; }
 # containerd's root on ext4 (overlayfs needs it; and it is not the filesystem of thinsnap's root,
 # so ImageFsInfo pointing there would be caught)
 truncate -s 2G "$W/containerd.img"

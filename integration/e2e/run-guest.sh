@@ -334,7 +334,9 @@ if [[ $SNAP == thinsnap ]]; then
 fi
 rm -rf "$W"
 mkdir -p "$W/thinsnap" "$CROOT"
-if [[ $SNAP == thinsnap ]]; then
+if [[ $SNAP == thinsnap && $BIN == /usr/bin/thinsnap ]]; then
+  echo "thinsnap binary: $BIN, installed by the Debian package in the guest"
+elif [[ $SNAP == thinsnap ]]; then
   # A private copy: a `cargo build` on the host during the run must not swap the binary under us.
   cp "$BIN" "$W/thinsnap.bin" || abort "copy $BIN into the guest"
   echo "thinsnap binary: $BIN ($(stat -c '%s bytes, modified %y' "$BIN")), run from a copy"
