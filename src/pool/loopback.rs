@@ -6,7 +6,7 @@
 //! (`/sys/block/loopN/loop/backing_file`) and reused, never attached twice. Attaching uses the
 //! `loopdev-3` crate (LOOP_CTL_GET_FREE + LOOP_CONFIGURE); nothing here spawns `losetup`.
 //! This module must not touch thin devices or the pool's table beyond creating it: reloading it
-//! and everything else device-mapper is [`super::dm`]'s, through [`super::ioctl`].
+//! and everything else device-mapper is [`super::dm`]'s, through the shared `ioctl` module.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};

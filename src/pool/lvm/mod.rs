@@ -25,6 +25,10 @@
 //! configured device, volume group and profile file. Tools are run with stdin closed (any prompt
 //! answers "no"), `LC_ALL=C`, and `DM_DISABLE_UDEV=1` when no udev daemon runs (containers,
 //! minimal VMs), so libdevmapper makes the device nodes itself instead of waiting for udev.
+//!
+//! Inside: `provision` (first start and every start), `profile` (the autoextend profile),
+//! `command` (running the tools and reading their reports); this file holds the refusals
+//! ([`LvmError`]), the names and `teardown`.
 
 mod command;
 mod profile;
