@@ -7,9 +7,10 @@
 //! nothing of snapshots, keys or the store. Every call is a blocking ioctl: callers in async code
 //! go through `spawn_blocking`.
 //!
-//! Inside, imports point one way: `dm` -> (`loopback`, `lvm`) -> `ioctl` (the shared
-//! device-mapper calls, a leaf); nothing but `main.rs` uses `dm`. `txid` and `fake` build on the
-//! trait alone.
+//! Inside, imports point one way: `dm` uses `loopback`, `lvm` and `ioctl`; `loopback` and `lvm`
+//! use `ioctl` (the shared device-mapper calls, a leaf); nothing but `main.rs` uses `dm`.
+//! [`txid`] (the pool that numbers its own changes) and `fake` (the in-memory pool of the unit
+//! tests) build on the trait alone.
 
 pub mod dm;
 #[cfg(any(test, feature = "fake-pool"))]
