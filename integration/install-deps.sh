@@ -23,7 +23,7 @@ PKGS=(
   golang-go golang-github-containerd-containerd-dev containerd runc umoci skopeo busybox-static jq
   # the containerd matrix (integration/e2e/matrix-guest.sh): a loopback registry in the VM, and apt
   # to fetch containerd 1.7/2.x from trixie/sid into a cache of its own (fetch-containerd.sh)
-  docker-registry apt ca-certificates debian-archive-keyring
+  docker-registry apt ca-certificates debian-archive-keyring containernetworking-plugins
 )
 
 if [[ ${1:-} == --runtime ]]; then

@@ -122,7 +122,7 @@ step conformance-build bash integration/conformance/build.sh || abort "building 
 # the VM (the matrix then reports what it could not run).
 step e2e-images python3 integration/e2e/build-images.py
 build_cri_test() {
-  (cd integration/cri-test && cargo build --locked) || return 1
+  (cd integration/cri-test && cargo fmt -- --check && cargo clippy --locked -- -D warnings && cargo build --locked) || return 1
   echo "$REPO/integration/cri-test/target/debug/cri-test" >"$RESULTS/cri-test-bin.txt"
 }
 step cri-test-build build_cri_test

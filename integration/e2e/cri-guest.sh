@@ -68,9 +68,9 @@ abort() { fail "$@"; finish; }
 
 case $FORM in
   v2) main_snippet=containerd-config.toml rc_snippet=containerd-runtimeclass.toml
-    registry_table='plugins."io.containerd.grpc.v1.cri".registry' ;;
+    registry_table='plugins."io.containerd.grpc.v1.cri".registry' cni_table='plugins."io.containerd.grpc.v1.cri".cni' ;;
   v3) main_snippet=containerd-config-v3.toml rc_snippet=containerd-runtimeclass-v3.toml
-    registry_table='plugins."io.containerd.cri.v1.images".registry' ;;
+    registry_table='plugins."io.containerd.cri.v1.images".registry' cni_table='plugins."io.containerd.cri.v1.runtime".cni' ;;
   *) abort "CRI_CONFIG_FORM is v2 or v3 (got $FORM)" ;;
 esac
 snippet=$main_snippet
@@ -118,6 +118,18 @@ done
 "$BIN" status --config "$TCONF" --json >/dev/null 2>&1 && pass "thinsnap serving ($(($(date +%s) - T0))s)" ||
   abort "thinsnap serving" "$(tail -n 20 "$RESULTS/thinsnap-cri-$MODE.log")"
 
+mkdir -p "$W/cni"
+cat >"$W/cni/10-thinsnap-test.conflist" <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "thinsnap-test",
+  "plugins": [
+    {"type": "bridge", "bridge": "tstest0", "isGateway": true, "ipMasq": false,
+     "ipam": {"type": "host-local", "dataDir": "$W/cni-ipam", "ranges": [[{"subnet": "10.88.0.0/16"}]]}}
+  ]
+}
+EOF
+
 # containerd: test-only top-level keys, the deploy/ snippet (socket and root substituted), test tables
 {
   echo "root = \"$CROOT/root\""
@@ -125,6 +137,10 @@ done
   bash "$E2E/deploy-snippet.sh" "$REPO/deploy/$snippet" "$TSOCK" "$TROOT" || exit 1
   echo "[$registry_table]"
   echo "  config_path = \"$CRI_HOSTS_DIR\""
+  # pod networking for pods that are not host-network: a plain bridge from Debian's
+  # containernetworking-plugins (their bin_dir, /usr/lib/cni, is Debian's containerd default)
+  echo "[$cni_table]"
+  echo "  conf_dir = \"$W/cni\""
   echo "[grpc]"
   echo "  address = \"$CROOT/containerd.sock\""
 } >"$CCONF" || abort "containerd config from deploy/$snippet"

@@ -13,8 +13,10 @@
 //! with a pull), PullImage, ImageStatus, RunPodSandbox (host network), CreateContainer,
 //! StartContainer, ContainerStatus, ExecSync (a lower layer's file, a write), a second container
 //! not seeing the write, ContainerStats and ListContainerStats (writable layer), StopContainer,
-//! RemoveContainer, StopPodSandbox, RemovePodSandbox, RemoveImage; then, after containerd's GC,
-//! no snapshot, thin device or thin id left (`thinsnap status --json`, `dmsetup ls`).
+//! RemoveContainer, StopPodSandbox, RemovePodSandbox; a pod on the pod network (CNI bridge:
+//! PodSandboxStatus has an address, its container runs on a thin device); RemoveImage; then, after
+//! containerd's GC, no snapshot, thin device or thin id left (`thinsnap status --json`,
+//! `dmsetup ls`, /proc/mounts).
 //!
 //! `runtime-class`: containerd's default snapshotter is overlayfs and the runtime handler
 //! `--handler` names thinsnap: a pod run with that handler has its containers on thin devices, a
@@ -583,7 +585,7 @@ async fn main_scenario(ctx: &mut Ctx, a: &Args) {
         let ok = st
             .image
             .as_ref()
-            .is_some_and(|i| i.size > 0 && i.repo_tags.iter().any(|t| *t == image));
+            .is_some_and(|i| i.size > 0 && i.repo_tags.contains(&image));
         ctx.t.check(
             "ImageStatus: the image is there, tagged, with a size",
             ok,
@@ -795,7 +797,70 @@ async fn main_scenario(ctx: &mut Ctx, a: &Args) {
             format!("{:?}", l.items),
         );
     }
+    pod_network(ctx, &image).await;
     remove_images_and_check_empty(ctx, &image).await;
+}
+
+/// A pod on the pod network (the CNI bridge the test configures), as most kubelet pods are: its
+/// sandbox gets an address, its container runs on a thin device.
+async fn pod_network(ctx: &mut Ctx, image: &str) {
+    step(ctx, "a pod on the pod network (CNI), not host network");
+    let mut pcfg = pod_config("cri-net");
+    if let Some(ns) = pcfg
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.network = NamespaceMode::Pod as i32;
+    }
+    pcfg.hostname = "cri-net".into();
+    let r = ctx
+        .rt
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pcfg.clone()),
+            runtime_handler: String::new(),
+        })
+        .await;
+    let Some(pod) = ctx.t.call("RunPodSandbox (pod network)", r) else {
+        return;
+    };
+    let pod = pod.pod_sandbox_id;
+    let r = ctx
+        .rt
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await;
+    if let Some(st) = ctx.t.call("PodSandboxStatus", r) {
+        let ip = st
+            .status
+            .as_ref()
+            .and_then(|s| s.network.as_ref())
+            .map(|n| n.ip.clone())
+            .unwrap_or_default();
+        ctx.t.check(
+            format!("the pod has an address on the pod network: {ip:?}"),
+            !ip.is_empty(),
+            format!("{:?}", st.status),
+        );
+    }
+    if let Some(id) = run_container(ctx, &pod, &pcfg, "n1", image).await {
+        match root_mount(ctx, &id).await {
+            Ok((src, fstype)) => {
+                let want = format!("/dev/mapper/{}-snap-", ctx.pool);
+                ctx.t.check(
+                    format!("n1's root is a thinsnap thin device: {src} ({fstype})"),
+                    src.starts_with(&want),
+                    format!("want {want}*"),
+                );
+            }
+            Err(e) => ctx.t.fail("n1's root mount", e),
+        }
+        remove_container(ctx, "n1", &id).await;
+    }
+    remove_pod(ctx, "cri-net", &pod).await;
 }
 
 async fn runtime_class_scenario(ctx: &mut Ctx, a: &Args) {
