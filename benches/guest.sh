@@ -39,7 +39,7 @@ common=(-ops "${BENCH_OPS:-500}" -batch "${BENCH_BATCH:-25}" -chain "${BENCH_CHA
   echo "}"
 } >"$R/env.json"
 
-# mkpool NAME DIR: the thin pool thinsnap makes in loop mode (src/pool/dm.rs), made with dmsetup:
+# mkpool NAME DIR: the thin pool thinsnap makes in loop mode (src/pool/loopback.rs), made with dmsetup:
 # sparse files on loop devices, the same block size, low-water mark and skip_block_zeroing.
 mkpool() {
   local name=$1 dir=$2 data meta sectors blk

@@ -14,9 +14,12 @@
 //! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
 //!   recovery at start ([`engine::recovery`]), containerd's filter syntax ([`engine::filter`]).
 //! - [`store`]: the sled database: snapshot and device records, thin id allocation, schema version.
-//! - [`pool`]: the `ThinPool` trait, its device-mapper implementation, loop-device provisioning.
+//! - [`pool`]: the `ThinPool` trait and its device-mapper implementation ([`pool::dm`]) over the
+//!   shared dm ioctls (`pool::ioctl`); loop-file ([`pool::loopback`]) and LVM ([`pool::lvm`])
+//!   provisioning; the pool that numbers its own changes ([`pool::txid`]); an in-memory fake for
+//!   unit tests (`pool::fake`).
 //! - [`fs`]: formatting the base device, mount options per filesystem.
-//! - [`failpoint`]: named crash points, inert unless `THINSNAP_FAILPOINT` names one.
+//! - [`failpoint`](mod@failpoint): named crash points, inert unless `THINSNAP_FAILPOINT` names one.
 //!
 //! Dependencies point one way: grpc/admin -> engine -> (pool, store, fs). Only `pool` uses the
 //! `devicemapper` crate and only `store` uses `sled`.

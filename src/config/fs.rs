@@ -18,7 +18,7 @@ pub enum FsType {
 }
 
 impl FsType {
-    /// The name used for mkfs.<name> and as the mount type.
+    /// The name used for `mkfs.<name>` and as the mount type.
     pub fn as_str(self) -> &'static str {
         match self {
             FsType::Ext4 => "ext4",

@@ -3,7 +3,7 @@
 //!
 //! This module only parses and checks values; it must not touch the pool, the store or the disk
 //! (beyond reading the file). Each section checks its own keys: `[pool]` with `[pool.lvm]` and
-//! `[pool.autogrow]` in [`pool`], `[fs]` in [`fs`]; the top-level keys, `[remove]` and
+//! `[pool.autogrow]` in `pool`, `[fs]` in `fs`; the top-level keys, `[remove]` and
 //! `[metrics]` here.
 
 use std::path::{Path, PathBuf};

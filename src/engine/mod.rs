@@ -7,9 +7,9 @@
 //! calls are blocking ioctls and always go through `spawn_blocking`. It reaches the pool only
 //! through [`NumberedPool`], so every change of the pool's thin devices is numbered.
 //!
-//! The calls live here; the rest along its seams: [`error`] (the error type and how the layers
-//! below map into it), [`limits`] (what a request may carry), [`space`] (the free-space floor,
-//! growing the pool), [`reaper`] (deleting devices: Remove's last step, Cleanup, `remove.async`).
+//! The calls live here; the rest along its seams: `error` (the error type and how the layers
+//! below map into it), `limits` (what a request may carry), `space` (the free-space floor,
+//! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`).
 
 pub mod autogrow;
 mod error;

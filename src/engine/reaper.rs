@@ -114,7 +114,7 @@ impl Engine {
 
     /// The `remove.async` reaper, until `stop` turns true: deletes the devices Remove queued,
     /// and every device left in state Deleting (by a crash or a busy device), retrying a busy
-    /// one every [`RETRY_AFTER`]. Returns at once when `remove.async` is off. The server runs it
+    /// one every `RETRY_AFTER` (2 s). Returns at once when `remove.async` is off. The server runs it
     /// as one of its tasks.
     pub async fn run_reaper(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let Some(mut queue) = self

@@ -4,19 +4,19 @@
 //! Every mutating call records its intent (state Creating or Deleting) durably before it touches
 //! the kernel, so after a crash or a reboot each record says what may be half done. [`start`]
 //! runs these phases in order, each logged:
-//! 1. [`Recovery::settle_devices`]: a device Creating never answered its caller; its thin device
+//! 1. `Recovery::settle_devices`: a device Creating never answered its caller; its thin device
 //!    may exist: delete it, drop the records (the client saw an error or nothing, and will
 //!    retry). A device Deleting is already gone for clients: finish deleting it. A Ready device:
 //!    an active snapshot or view whose device is not active (a reboot) is activated again, a
 //!    committed snapshot's or the base's active device is deactivated, and a device no snapshot
 //!    owns is deleted.
-//! 2. [`Recovery::drop_dangling_snapshots`]: a snapshot record whose device record is gone is
+//! 2. `Recovery::drop_dangling_snapshots`: a snapshot record whose device record is gone is
 //!    never served.
-//! 3. [`Recovery::delete_unowned_active`]: an active dm device with our prefix that no record
+//! 3. `Recovery::delete_unowned_active`: an active dm device with our prefix that no record
 //!    owns is deleted.
-//! 4. [`Recovery::reconcile_thin_ids`], unless the pool's transaction id shows the store saw
+//! 4. `Recovery::reconcile_thin_ids`, unless the pool's transaction id shows the store saw
 //!    every change: the pool's thin ids (thin_ls) against the store's.
-//! 5. [`Recovery::ensure_base`]: the base device, made once per pool.
+//! 5. `Recovery::ensure_base`: the base device, made once per pool.
 //!
 //! The base device is recognised by its thin id (the base record's), not by its owner name:
 //! snapshot keys are opaque, and a client's key may be anything, `<base>` included.

@@ -35,8 +35,29 @@ fn no_format(_: &std::path::Path) -> Result<(), FsError> {
     Ok(())
 }
 
+/// Opens the store at `path` again after a simulated crash. sled releases its file lock from
+/// its own background thread a moment after the last handle is dropped (a real crash ends the
+/// process, so the daemon never meets this): a bounded number of tries, each only after a
+/// failed open.
+fn reopen(path: &std::path::Path) -> Store {
+    let mut tries = 0;
+    loop {
+        match Store::open(path) {
+            Ok(s) => return s,
+            Err(e) if tries < 200 => {
+                tries += 1;
+                if tries == 1 {
+                    eprintln!("store still locked by the dropped engine ({e}); trying again");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("store: {e}"),
+        }
+    }
+}
+
 fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Arc<Engine>, Report) {
-    let store = Store::open(path).expect("store");
+    let store = reopen(path);
     let (e, r) = recovery::start(
         pool,
         store,
@@ -540,7 +561,7 @@ fn setup_with(settings: Settings) -> T {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
     let pool = Arc::new(FakePool::new());
-    let store = Store::open(&path).expect("store");
+    let store = reopen(&path);
     let (engine, _) = recovery::start(pool.clone(), store, settings, &no_format).expect("start");
     let engine = Arc::new(engine);
     T {
@@ -659,7 +680,7 @@ async fn reaper_finishes_deletes_left_by_a_crash() {
         engine,
     } = t;
     drop(engine);
-    let store = Store::open(&path).expect("store");
+    let store = reopen(&path);
     let (engine, _) = recovery::start(pool.clone(), store, settings, &no_format).expect("start");
     let engine = Arc::new(engine);
     assert!(engine.thin_ids().expect("ids").contains(&id));
@@ -790,26 +811,16 @@ async fn unknown_thin_ids_are_orphans_in_our_pool_and_foreign_in_others() {
     drop(engine);
     let mut settings = Settings::with_fs(FsConfig::default());
     settings.owns_pool = false;
-    let err = recovery::start(
-        pool.clone(),
-        Store::open(&path).expect("store"),
-        settings.clone(),
-        &no_format,
-    )
-    .err()
-    .expect("foreign ids refused");
+    let err = recovery::start(pool.clone(), reopen(&path), settings.clone(), &no_format)
+        .err()
+        .expect("foreign ids refused");
     assert!(
         matches!(&err, EngineError::FailedPrecondition(m) if m.contains("888") && m.contains("allow_foreign_devices")),
         "{err}"
     );
     settings.allow_foreign_devices = true;
-    recovery::start(
-        pool.clone(),
-        Store::open(&path).expect("store"),
-        settings,
-        &no_format,
-    )
-    .expect("shared pool accepted");
+    recovery::start(pool.clone(), reopen(&path), settings, &no_format)
+        .expect("shared pool accepted");
     assert!(
         pool.thin_ids().contains(&888),
         "a foreign device was deleted"

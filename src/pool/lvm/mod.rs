@@ -45,7 +45,7 @@ use self::command::{
 pub use self::profile::{profile_name, profile_path};
 pub use self::provision::provision;
 use super::{remove_file_if_exists, PoolError};
-use crate::config::{Config, LvmConfig};
+use crate::config::Config;
 
 /// The tag thinsnap puts on the volume group it creates: only in such a group does it clean up
 /// half-made volumes of an interrupted provisioning, and only such a group does teardown remove.
@@ -55,8 +55,6 @@ pub const VG_TAG: &str = "thinsnap";
 /// what it found and the way out. (A tool that fails is a [`PoolError::Io`] instead.)
 #[derive(Debug, thiserror::Error)]
 pub enum LvmError {
-    #[error("invalid name in {key}: {name:?}: LVM names use only ASCII letters, digits and + _ . -, and do not start with -")]
-    InvalidName { key: &'static str, name: String },
     #[error("lvm mode needs pool.lvm.device: the block device to use is not configured")]
     NoDevice,
     #[error("pool.lvm.device {}: not a block device (lvm mode needs a disk or partition)", .0.display())]
@@ -88,39 +86,6 @@ pub enum LvmError {
     GroupHoldsOtherVolumes { group: String, volumes: String },
 }
 
-/// Checks `pool.lvm.volume_group` and `pool.lvm.thin_pool` against LVM's rule for names (lvm(8),
-/// "VALID NAMES") before they are used in a path (the profile file) or a command line.
-///
-/// Returns [`LvmError::InvalidName`] naming the key of the first bad one.
-pub(crate) fn check_names(l: &LvmConfig) -> Result<(), LvmError> {
-    for (key, name) in [
-        ("pool.lvm.volume_group", &l.volume_group),
-        ("pool.lvm.thin_pool", &l.thin_pool),
-    ] {
-        check_name(key, name)?;
-    }
-    Ok(())
-}
-
-fn check_name(key: &'static str, name: &str) -> Result<(), LvmError> {
-    let ok = !name.is_empty()
-        && name.len() <= 127
-        && !name.starts_with('-')
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(LvmError::InvalidName {
-            key,
-            name: name.to_string(),
-        })
-    }
-}
-
 /// The dm name LVM gives `vg/lv` (dashes inside a name doubled, `-` between them).
 pub fn dm_name_of(vg: &str, lv: &str) -> String {
     format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
@@ -142,8 +107,9 @@ pub fn pool_dm_candidates(vg: &str, lv: &str) -> [String; 2] {
 /// Returns an error naming the volume group or device if an lvm2 tool fails (the pool is still
 /// open, say) or the group holds volumes thinsnap did not make.
 pub fn teardown(config: &Config) -> Result<(), PoolError> {
+    // The names were checked against LVM's rule when the configuration was loaded
+    // (config/pool.rs), before they reach a path or a command line.
     let l = &config.pool.lvm;
-    check_names(l)?;
     let (vg, lv) = (l.volume_group.as_str(), l.thin_pool.as_str());
     if let Some(info) = find_vg(vg)? {
         let lvs = list_lvs(vg)?;
@@ -232,14 +198,5 @@ mod tests {
             pool_dm_candidates("my-vg", "p"),
             ["my--vg-p-tpool".to_string(), "my--vg-p".to_string()]
         );
-    }
-
-    #[test]
-    fn names_lvm_refuses_are_refused_early() {
-        assert!(check_name("k", "thinsnap_vg-1.a+b").is_ok());
-        for bad in ["", "-x", ".", "..", "a/b", "a b", "../../etc"] {
-            let e = check_name("pool.lvm.volume_group", bad).expect_err(bad);
-            assert!(e.to_string().contains("pool.lvm.volume_group"), "{e}");
-        }
     }
 }

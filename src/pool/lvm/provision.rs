@@ -16,7 +16,7 @@ use super::command::{
     tool, Lv,
 };
 use super::profile::write_profile;
-use super::{check_names, pool_dm_candidates, LvmError, VG_TAG};
+use super::{pool_dm_candidates, LvmError, VG_TAG};
 use crate::config::Config;
 use crate::pool::ioctl::{device_exists, open_dm, table_of};
 use crate::pool::PoolError;
@@ -239,7 +239,7 @@ fn ensure_pool(config: &Config, vg_tagged: bool) -> Result<(), PoolError> {
 pub fn provision(config: &Config) -> Result<String, PoolError> {
     let l = &config.pool.lvm;
     let device = l.device.as_deref().ok_or(LvmError::NoDevice)?;
-    check_names(l)?;
+    // Names: checked against LVM's rule when the configuration was loaded (config/pool.rs).
     let vg = l.volume_group.as_str();
     let rdev = block_device_number(device)?;
     let pvs = list_pvs(device)?;
