@@ -138,9 +138,11 @@ EOF
   echo "[$registry_table]"
   echo "  config_path = \"$CRI_HOSTS_DIR\""
   # pod networking for pods that are not host-network: a plain bridge from Debian's
-  # containernetworking-plugins (their bin_dir, /usr/lib/cni, is Debian's containerd default)
+  # containernetworking-plugins, which live in /usr/lib/cni (Debian's containerd 1.6.20 looks in
+  # /opt/cni/bin unless told; 2.x's bin_dirs default has both)
   echo "[$cni_table]"
   echo "  conf_dir = \"$W/cni\""
+  [[ $FORM == v2 ]] && echo "  bin_dir = \"/usr/lib/cni\""
   echo "[grpc]"
   echo "  address = \"$CROOT/containerd.sock\""
 } >"$CCONF" || abort "containerd config from deploy/$snippet"
