@@ -246,6 +246,7 @@ impl ThinPool for DmPool {
                 out_of_data_space: w.summary == ThinPoolStatusSummary::OutOfSpace,
                 needs_check: w.needs_check,
                 error_if_no_space: w.no_space_policy == devicemapper::ThinPoolNoSpacePolicy::Error,
+                metadata_snapshot_held: w.held_metadata_root.is_some(),
             }),
             other => Err(PoolError::PoolFailed {
                 name: self.name.clone(),
@@ -292,15 +293,16 @@ impl ThinPool for DmPool {
             })?;
         // thin-provisioning.rst: a live pool's metadata may only be read through a snapshot.
         // The kernel holds one at most: a thinsnap killed (or a power loss) between reserve
-        // and release left one behind, and every later reserve fails with EBUSY. Release the
-        // stale one and reserve again, rather than refusing every start from now on.
-        if let Err(first) = self.message("reserve_metadata_snap") {
-            warn!(pool = %self.name, error = %first,
-                  "cannot reserve a metadata snapshot; releasing a stale one and retrying");
-            let _ = self.message("release_metadata_snap");
-            self.message("reserve_metadata_snap")
-                .map_err(dm_err("reserve_metadata_snap", &self.name))?;
+        // and release left one behind, and every later reserve would fail with EBUSY. Release
+        // the stale one first, rather than refusing every start from now on. (Only thinsnap's
+        // start-up reads the metadata this way, before it serves.)
+        if self.status()?.metadata_snapshot_held {
+            warn!(pool = %self.name, "releasing a metadata snapshot left reserved (a start killed during thin_ls)");
+            self.message("release_metadata_snap")
+                .map_err(dm_err("release_metadata_snap", &self.name))?;
         }
+        self.message("reserve_metadata_snap")
+            .map_err(dm_err("reserve_metadata_snap", &self.name))?;
         crate::failpoint!("recovery:metadata-snap-held");
         let out = std::process::Command::new("thin_ls")
             .args(["--no-headers", "-m", "-o", "DEV", &devname])

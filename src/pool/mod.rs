@@ -94,6 +94,9 @@ pub struct PoolStatus {
     pub out_of_data_space: bool,
     pub needs_check: bool,
     pub error_if_no_space: bool,
+    /// A metadata snapshot is reserved (`reserve_metadata_snap`): only while thin_ls reads it,
+    /// or left behind by a thinsnap killed in that window.
+    pub metadata_snapshot_held: bool,
 }
 
 /// What the pool is made of, for `thinsnap status`.

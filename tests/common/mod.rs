@@ -464,3 +464,52 @@ pub fn write_file(dir: &Path, m: &Mount, name: &str, content: &str) {
         nix::unistd::sync();
     });
 }
+
+/// The thin ids in the pool's metadata, read with thin_ls from a metadata snapshot.
+pub fn kernel_thin_ids(pool: &str, meta_dev: &str) -> std::collections::BTreeSet<u32> {
+    use devicemapper::{DevId, DmName, DM};
+    let dm = DM::new().expect("dm");
+    let name = DmName::new(pool).expect("name");
+    dm.target_msg(&DevId::Name(name), None, "reserve_metadata_snap")
+        .expect("reserve_metadata_snap");
+    let out = Command::new("thin_ls")
+        .args(["--no-headers", "-m", "-o", "DEV", meta_dev])
+        .output();
+    let _ = dm.target_msg(&DevId::Name(name), None, "release_metadata_snap");
+    let out = out.expect("run thin_ls");
+    assert!(
+        out.status.success(),
+        "thin_ls: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|t| t.parse().expect("thin id"))
+        .collect()
+}
+
+pub async fn assert_no_leak(d: &Daemon, a: &mut AdminClient<Channel>, what: &str) {
+    let st = status_with_thin_ids(a).await;
+    let meta = st
+        .loop_files
+        .iter()
+        .find(|l| l.role == "metadata")
+        .expect("metadata loop device")
+        .device
+        .clone();
+    let store: std::collections::BTreeSet<u32> = st.thin_ids.iter().copied().collect();
+    let kernel = kernel_thin_ids(&st.pool_name, &meta);
+    assert_eq!(
+        kernel,
+        store,
+        "{what}: pool thin ids != store thin ids\n{}",
+        d.log_tail(40)
+    );
+    // Every active dm device with our prefix belongs to an active snapshot or view.
+    let active = d.our_dm_devices().len();
+    assert_eq!(
+        active as u64,
+        st.snapshots_active + st.snapshots_view,
+        "{what}: active dm devices != active snapshots + views"
+    );
+}

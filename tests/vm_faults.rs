@@ -1,0 +1,301 @@
+//! Faults that are not a crash of thinsnap itself, on real dm-thin (root + device-mapper; run in
+//! the VM by integration/test.sh with `--ignored`):
+//! - calls cut short by their client (a kubelet timeout, a containerd restart, a ^C: the gRPC
+//!   call is cancelled and the server drops the handler): nothing may be left stuck or lost;
+//! - a thinsnap killed while its start-up reads the pool's metadata (thin_ls on a reserved
+//!   metadata snapshot): the next start must serve.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
+use containerd_snapshots::api::snapshots::v1::*;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+/// A daemon (not started) on a 1GiB loop pool with a 1% floor.
+fn daemon(name: &str) -> Daemon {
+    let d = Daemon::prepare_dir("faults", "tsft", name);
+    d.write_config(
+        "data_size = \"1GiB\"\nmetadata_size = \"16MiB\"\nmin_free_space = \"1%\"\n\
+         [fs]\nbase_size = \"64MiB\"",
+    );
+    d
+}
+
+/// `req` with a gRPC deadline of `deadline`, as containerd sends its caller's context.
+fn with_deadline<T>(req: T, deadline: Duration) -> Request<T> {
+    let mut r = Request::new(req);
+    r.set_timeout(deadline);
+    r
+}
+
+/// Runs `call` as a client with a deadline: the server is told (grpc-timeout) and the client
+/// gives up (drops the call, which resets the stream) when it passes. Returns whether the call
+/// answered OK in time; any other outcome (deadline exceeded, cancelled) is "cut short".
+async fn cut_short<F, T>(deadline: Duration, call: F) -> bool
+where
+    F: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    match tokio::time::timeout(deadline, call).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(s)) => {
+            assert!(
+                matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled),
+                "a call cut short must fail only by its deadline, not with {s:?}"
+            );
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+async fn stat(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<Info, tonic::Status> {
+    c.stat(StatSnapshotRequest {
+        snapshotter: "thinsnap".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|r| r.into_inner().info.expect("info"))
+}
+
+/// The deadlines to try: a few ms up to a little more than the call takes (`took`).
+fn deadlines(took: Duration) -> Vec<Duration> {
+    let mut out: Vec<Duration> = [1u64, 3, 8]
+        .iter()
+        .map(|ms| Duration::from_millis(*ms))
+        .collect();
+    for pct in [10u32, 25, 50, 75, 100, 130] {
+        out.push(took * pct / 100);
+    }
+    out
+}
+
+/// Checks that active snapshot `key` (on the fixture's parent) mounts, holds the parent's file,
+/// keeps what is written into it, and can be removed; then that the key is free again.
+async fn check_active_then_free(d: &Daemon, c: &mut SnapshotsClient<Channel>, key: &str) {
+    let info = stat(c, key)
+        .await
+        .unwrap_or_else(|e| panic!("{key}: Stat after the retry: {e}"));
+    assert_eq!(info.kind, 2, "{key}: not active");
+    let m = mounts(c, key).await;
+    write_file(&d.dir, &m[0], "mine", key);
+    with_mount(&d.dir, &mounts(c, key).await[0], |root| {
+        let parent = std::fs::read_to_string(root.join("f")).expect("parent's file");
+        assert_eq!(parent, "P", "{key}: parent's data");
+        let mine = std::fs::read_to_string(root.join("mine")).expect("own file");
+        assert_eq!(mine, key, "{key}: lost what was written");
+    });
+    remove(c, key)
+        .await
+        .unwrap_or_else(|e| panic!("{key}: remove: {e}"));
+    assert_eq!(code(stat(c, key).await), Code::NotFound, "{key}");
+    prepare(c, key, "P")
+        .await
+        .unwrap_or_else(|e| panic!("{key}: the removed key cannot be prepared again: {e}"));
+    remove(c, key).await.expect("remove again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_calls_cut_short_by_their_client_leave_nothing_stuck() {
+    let mut d = daemon("cancel");
+    d.start();
+    let (mut c, mut a) = d.clients().await;
+    let m = prepare(&mut c, "P-a", "").await.expect("parent");
+    write_file(&d.dir, &m[0], "f", "P");
+    commit(&mut c, "P", "P-a").await.expect("commit parent");
+
+    // How long a Prepare and a Remove take here (the emulated VM is slow, and varies).
+    let mut took = Duration::ZERO;
+    for i in 0..3 {
+        let t0 = Instant::now();
+        prepare(&mut c, &format!("probe{i}"), "P")
+            .await
+            .expect("probe");
+        took += t0.elapsed();
+        remove(&mut c, &format!("probe{i}")).await.expect("probe");
+    }
+    let took = took / 3;
+    let mut answered = [0u32; 4];
+    let mut cut = [0u32; 4];
+
+    for (i, deadline) in deadlines(took).into_iter().enumerate() {
+        // Prepare: after it, a retry and Stat agree, and the snapshot is whole.
+        let key = format!("prep{i}");
+        let req = PrepareSnapshotRequest {
+            snapshotter: "thinsnap".into(),
+            key: key.clone(),
+            parent: "P".into(),
+            labels: HashMap::new(),
+        };
+        let ok = cut_short(deadline, c.clone().prepare(with_deadline(req, deadline))).await;
+        let retry = prepare(&mut c, &key, "P").await;
+        if ok {
+            assert_eq!(
+                code(retry),
+                Code::AlreadyExists,
+                "{key}: answered, then gone"
+            );
+        } else {
+            assert!(
+                retry.is_ok()
+                    || retry.as_ref().err().map(|s| s.code()) == Some(Code::AlreadyExists),
+                "{key}: retry after a cut-short Prepare: {retry:?}"
+            );
+        }
+        check_active_then_free(&d, &mut c, &key).await;
+        (answered[0], cut[0]) = (answered[0] + ok as u32, cut[0] + !ok as u32);
+
+        // View: the same, read-only.
+        let key = format!("view{i}");
+        let req = ViewSnapshotRequest {
+            snapshotter: "thinsnap".into(),
+            key: key.clone(),
+            parent: "P".into(),
+            labels: HashMap::new(),
+        };
+        let ok = cut_short(deadline, c.clone().view(with_deadline(req, deadline))).await;
+        let retry = view(&mut c, &key, "P").await;
+        assert!(
+            retry.is_ok() || retry.as_ref().err().map(|s| s.code()) == Some(Code::AlreadyExists),
+            "{key}: retry after a cut-short View: {retry:?}"
+        );
+        assert_eq!(stat(&mut c, &key).await.expect("view there").kind, 1);
+        with_mount(&d.dir, &mounts(&mut c, &key).await[0], |root| {
+            assert_eq!(std::fs::read_to_string(root.join("f")).expect("f"), "P");
+        });
+        remove(&mut c, &key).await.expect("remove view");
+        (answered[1], cut[1]) = (answered[1] + ok as u32, cut[1] + !ok as u32);
+
+        // Commit: either done or not done, never half; a retry finishes it.
+        let (key, name) = (format!("tocommit{i}"), format!("committed{i}"));
+        let m = prepare(&mut c, &key, "P").await.expect("to commit");
+        write_file(&d.dir, &m[0], "c", &name);
+        let req = CommitSnapshotRequest {
+            snapshotter: "thinsnap".into(),
+            name: name.clone(),
+            key: key.clone(),
+            labels: HashMap::new(),
+        };
+        let ok = cut_short(deadline, c.clone().commit(with_deadline(req, deadline))).await;
+        let retry = commit(&mut c, &name, &key).await;
+        if ok {
+            assert_eq!(
+                code(retry),
+                Code::NotFound,
+                "{name}: answered, then not done"
+            );
+        } else {
+            assert!(
+                retry.is_ok() || retry.as_ref().err().map(|s| s.code()) == Some(Code::NotFound),
+                "{name}: retry after a cut-short Commit: {retry:?}"
+            );
+        }
+        assert_eq!(stat(&mut c, &name).await.expect("committed").kind, 3);
+        assert_eq!(code(stat(&mut c, &key).await), Code::NotFound, "{key}");
+        let check = format!("check{i}");
+        with_mount(
+            &d.dir,
+            &view(&mut c, &check, &name).await.expect("view")[0],
+            |root| {
+                assert_eq!(std::fs::read_to_string(root.join("c")).expect("c"), name);
+            },
+        );
+        remove(&mut c, &check).await.expect("remove check");
+        (answered[2], cut[2]) = (answered[2] + ok as u32, cut[2] + !ok as u32);
+
+        // Remove: either removed or still whole; a retry removes it; the key is free after.
+        let req = RemoveSnapshotRequest {
+            snapshotter: "thinsnap".into(),
+            key: name.clone(),
+        };
+        let ok = cut_short(deadline, c.clone().remove(with_deadline(req, deadline))).await;
+        let retry = remove(&mut c, &name).await;
+        if ok {
+            assert_eq!(
+                code(retry),
+                Code::NotFound,
+                "{name}: answered, then still there"
+            );
+        } else {
+            assert!(
+                retry.is_ok() || retry.as_ref().err().map(|s| s.code()) == Some(Code::NotFound),
+                "{name}: retry after a cut-short Remove: {retry:?}"
+            );
+        }
+        assert_eq!(code(stat(&mut c, &name).await), Code::NotFound, "{name}");
+        let m = prepare(&mut c, &name, "P")
+            .await
+            .expect("a removed name can be prepared again");
+        assert_eq!(m.len(), 1);
+        remove(&mut c, &name).await.expect("remove");
+        (answered[3], cut[3]) = (answered[3] + ok as u32, cut[3] + !ok as u32);
+    }
+    println!(
+        "Prepare took {took:?}; answered/cut short: prepare {}/{}, view {}/{}, commit {}/{}, remove {}/{}",
+        answered[0], cut[0], answered[1], cut[1], answered[2], cut[2], answered[3], cut[3]
+    );
+    // The short deadlines cut every kind of call at least once: the test saw what it is for.
+    assert!(
+        cut.iter().all(|&n| n > 0),
+        "some call was never cut short: {cut:?}"
+    );
+    assert_no_leak(&d, &mut a, "after the cut-short calls").await;
+    // And after a restart: dm devices equal the active snapshots, thin_ls equals the store.
+    d.stop();
+    d.start();
+    let (mut c, mut a) = d.clients().await;
+    assert_eq!(
+        list(&mut c, &[]).await.expect("list"),
+        vec!["P".to_string()]
+    );
+    assert_no_leak(&d, &mut a, "after a restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_killed_during_thin_ls_the_next_start_serves() {
+    let mut d = daemon("thinls");
+    d.start();
+    let (mut c, _) = d.clients().await;
+    let m = prepare(&mut c, "a", "").await.expect("a");
+    write_file(&d.dir, &m[0], "f", "A");
+    d.stop();
+    // A store behind the pool (the pool's transaction id moved on without it) makes the next
+    // start read the pool's thin ids with thin_ls.
+    {
+        use devicemapper::{DevId, DmName, DmOptions, ThinPoolStatus, DM};
+        use std::str::FromStr;
+        let dm = DM::new().expect("dm");
+        let name = DmName::new(&d.pool).expect("name");
+        let (_, table) = dm
+            .table_status(&DevId::Name(name), DmOptions::default())
+            .expect("status");
+        let txid = match ThinPoolStatus::from_str(&table[0].3).expect("parse") {
+            ThinPoolStatus::Working(w) => w.transaction_id,
+            other => panic!("pool not working: {other:?}"),
+        };
+        dm.target_msg(
+            &DevId::Name(name),
+            None,
+            &format!("set_transaction_id {txid} {}", txid + 1),
+        )
+        .expect("set_transaction_id");
+    }
+    // Killed with the metadata snapshot reserved.
+    let fp = "recovery:metadata-snap-held";
+    d.child = Some(d.spawn(Some(fp)));
+    d.expect_killed(fp);
+    // The next start must serve (it used to fail with EBUSY at every start from then on).
+    d.start();
+    let (mut c, mut a) = d.clients().await;
+    with_mount(&d.dir, &mounts(&mut c, "a").await[0], |root| {
+        assert_eq!(std::fs::read_to_string(root.join("f")).expect("f"), "A");
+    });
+    assert_no_leak(&d, &mut a, "after a kill during thin_ls").await;
+    prepare(&mut c, "b", "").await.expect("serves");
+}
