@@ -70,6 +70,32 @@ impl Engine {
                 )));
             }
         }
+        // A loop pool's sparse files may promise more than the host's filesystem still holds:
+        // the pool's free space is only as good as the host's, and a write the host cannot back
+        // puts the pool in fail mode. Only the part the host can back counts against the floor.
+        let host = self
+            .on_pool(|pool| {
+                pool.host_room()
+                    .map_err(pool_err("read the host's free space"))
+            })
+            .await?;
+        if let Some(h) = host {
+            let (free, required) =
+                free_and_required(st.data_used_bytes, st.data_total_bytes, floor);
+            let backed = free.saturating_sub(h.shortfall());
+            if backed < required {
+                let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+                return Err(EngineError::ResourceExhausted(format!(
+                    "thin pool {name}: the host filesystem under its files has {} free, but the sparse \
+                     files may still take {}: only {} of the pool's free data space can be written, \
+                     pool.min_free_space requires {} ({floor}%); free space on the host, or remove snapshots",
+                    human(h.free),
+                    human(h.promised),
+                    human(backed),
+                    human(required)
+                )));
+            }
+        }
         Ok(st)
     }
 
@@ -122,7 +148,7 @@ impl Engine {
         let Some(room) = room else {
             return Ok(false);
         };
-        let plan = autogrow::plan(&config, &st, room);
+        let plan = autogrow::plan(&config, &st, room.room());
         {
             // Said once, not at every check, until it changes.
             let mut last = self

@@ -749,6 +749,30 @@ async fn discard_precedes_delete_when_configured() {
 }
 
 #[tokio::test]
+async fn a_host_that_cannot_back_the_sparse_files_is_under_the_floor() {
+    const GIB: u64 = 1 << 30;
+    let t = setup();
+    t.pool.set_space(10 * GIB, 0);
+    // Plenty on the host: Prepare works.
+    t.pool.set_host_space(100 * GIB, 9 * GIB);
+    prep(&t, "a", "").await.expect("host backs the pool");
+    // The files promise 9.8 GiB more but the host has 0.5 GiB: only 0.7 GiB of the pool's
+    // free space can be written, under the 10% floor (1 GiB): refused, saying why.
+    t.pool.set_host_space(GIB / 2, 98 * GIB / 10);
+    match prep(&t, "b", "").await {
+        Err(EngineError::ResourceExhausted(m)) => {
+            assert!(m.contains("host filesystem"), "{m}")
+        }
+        other => panic!("expected ResourceExhausted, got {:?}", other.map(|_| ())),
+    }
+    assert!(t.engine.record("b").expect("rec").is_none());
+    // Remove still works, and space on the host lets Prepare go on.
+    t.engine.remove("a").await.expect("remove");
+    t.pool.set_host_space(20 * GIB, 9 * GIB);
+    prep(&t, "b", "").await.expect("host freed");
+}
+
+#[tokio::test]
 async fn size_label_is_checked() {
     let t = setup();
     let mut l = BTreeMap::new();

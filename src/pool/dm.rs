@@ -338,7 +338,7 @@ impl ThinPool for DmPool {
         ))
     }
 
-    fn host_room(&self) -> Result<Option<u64>, PoolError> {
+    fn host_room(&self) -> Result<Option<super::HostRoom>, PoolError> {
         loopback::host_room(&self.loop_files)
     }
 

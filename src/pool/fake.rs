@@ -24,7 +24,7 @@ struct State {
     /// injected [`PoolError::Io`]).
     fail_at: HashMap<&'static str, (usize, Option<PoolError>)>,
     transaction_id: u64,
-    host_room: Option<u64>,
+    host_room: Option<super::HostRoom>,
     data_total: u64,
     data_used_extra: u64,
 }
@@ -108,7 +108,12 @@ impl FakePool {
 
     /// Sets what [`ThinPool::host_room`] answers (None by default: not a file-backed pool).
     pub fn set_host_room(&self, room: Option<u64>) {
-        self.lock().host_room = room;
+        self.lock().host_room = room.map(|free| super::HostRoom { free, promised: 0 });
+    }
+
+    /// Sets the host's free space and what the pool's files promise of it.
+    pub fn set_host_space(&self, free: u64, promised: u64) {
+        self.lock().host_room = Some(super::HostRoom { free, promised });
     }
 
     /// Pretends `bytes` were written to the device of `id`.
@@ -294,7 +299,7 @@ impl ThinPool for FakePool {
         Ok(())
     }
 
-    fn host_room(&self) -> Result<Option<u64>, PoolError> {
+    fn host_room(&self) -> Result<Option<super::HostRoom>, PoolError> {
         Ok(self.enter("host_room", "host_room".to_string())?.host_room)
     }
 

@@ -221,11 +221,13 @@ pub fn grow(
         .len())
 }
 
-/// The bytes the host's filesystem can still give the pool's files beyond what their current
-/// (sparse) sizes already promise; `None` if there are no files.
+/// The host filesystem's free space and what the pool's sparse files may still take of it;
+/// `None` if there are no files.
 ///
 /// Returns an error if the filesystem or a file cannot be inspected.
-pub fn host_room(loop_files: &[(String, PathBuf, PathBuf)]) -> Result<Option<u64>, PoolError> {
+pub fn host_room(
+    loop_files: &[(String, PathBuf, PathBuf)],
+) -> Result<Option<super::HostRoom>, PoolError> {
     use std::os::unix::fs::MetadataExt;
     let Some((_, data_file, _)) = loop_files.first() else {
         return Ok(None);
@@ -243,7 +245,7 @@ pub fn host_room(loop_files: &[(String, PathBuf, PathBuf)]) -> Result<Option<u64
         let m = std::fs::metadata(file).map_err(io_err("stat", file))?;
         promised += m.len().saturating_sub(m.blocks() * 512);
     }
-    Ok(Some(free.saturating_sub(promised)))
+    Ok(Some(super::HostRoom { free, promised }))
 }
 
 /// `pool destroy` in loop mode, once the pool device is gone: detaches the loop devices of the

@@ -173,7 +173,29 @@ pub trait ThinPool: Send + Sync + 'static {
     /// devices' capacity, then the pool table is reloaded). Sizes smaller than now are refused.
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError>;
 
-    /// Loop mode: the bytes the host's filesystem can still give the pool's files beyond what
-    /// their current (sparse) sizes already promise. `None` for pools that are not files.
-    fn host_room(&self) -> Result<Option<u64>, PoolError>;
+    /// Loop mode: the host filesystem's free space against what the pool's sparse files may
+    /// still take. `None` for pools that are not files.
+    fn host_room(&self) -> Result<Option<HostRoom>, PoolError>;
+}
+
+/// The host filesystem under a loop pool's sparse files.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostRoom {
+    /// Bytes free on the filesystem (for an unprivileged writer).
+    pub free: u64,
+    /// Bytes the sparse files may still take as the pool writes into them (their sizes minus
+    /// what they have allocated).
+    pub promised: u64,
+}
+
+impl HostRoom {
+    /// Bytes the host can still give the files beyond what they already promise.
+    pub fn room(&self) -> u64 {
+        self.free.saturating_sub(self.promised)
+    }
+
+    /// Bytes the files promise that the host cannot give: the pool would fail writing them.
+    pub fn shortfall(&self) -> u64 {
+        self.promised.saturating_sub(self.free)
+    }
 }

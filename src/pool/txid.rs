@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
-use super::{PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
+use super::{HostRoom, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
 
 /// See the module doc.
 pub struct NumberedPool {
@@ -175,7 +175,7 @@ impl ThinPool for NumberedPool {
         self.inner.grow(data_bytes, metadata_bytes)
     }
 
-    fn host_room(&self) -> Result<Option<u64>, PoolError> {
+    fn host_room(&self) -> Result<Option<HostRoom>, PoolError> {
         self.inner.host_room()
     }
 }
