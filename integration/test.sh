@@ -131,7 +131,8 @@ step containerd-fetch bash integration/fetch-containerd.sh
 # then runs. Packed from the binary built above (dev profile, the one every other test runs),
 # not a second release build: `cargo deb` alone makes the release package (deploy/README.md).
 build_deb() {
-  cargo deb --no-build --profile dev --no-strip --fast -o "$RESULTS/thinsnap.deb" || return 1
+  # (stripped: a 24 MB binary instead of 149 MB unpacks in seconds, not minutes, in the VM)
+  cargo deb --no-build --profile dev --fast -o "$RESULTS/thinsnap.deb" || return 1
   dpkg-deb -c "$RESULTS/thinsnap.deb"
 }
 step deb build_deb
