@@ -348,13 +348,31 @@ async fn run_container(
 }
 
 async fn remove_container(ctx: &mut Ctx, name: &str, id: &str) {
-    let r = ctx
+    let mut r = ctx
         .rt
         .stop_container(StopContainerRequest {
             container_id: id.into(),
             timeout: 2,
         })
         .await;
+    if let Err(e) = &r {
+        // Seen once on containerd 2.1.9 + runc 1.1.5, on overlayfs and thinsnap pods alike: the
+        // shim closes its connection during the kill ("ttrpc: closed") although the container
+        // does exit. The kubelet retries a failed StopContainer; so does this test, once, and
+        // says so.
+        println!(
+            "note: StopContainer {name} failed ({:?}: {}); retrying once as the kubelet does",
+            e.code(),
+            e.message()
+        );
+        r = ctx
+            .rt
+            .stop_container(StopContainerRequest {
+                container_id: id.into(),
+                timeout: 2,
+            })
+            .await;
+    }
     ctx.t.call(&format!("StopContainer {name}"), r);
     let r = ctx
         .rt
