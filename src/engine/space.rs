@@ -25,11 +25,6 @@ fn below_floor(st: &PoolStatus, floor: f64) -> bool {
 }
 
 impl Engine {
-    async fn pool_status(&self) -> Result<PoolStatus, EngineError> {
-        self.on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
-            .await
-    }
-
     /// Refuses to create while free data or metadata space is under the floor
     /// (`pool.min_free_space`), or while the pool cannot take writes. With `pool.autogrow`, grows
     /// the pool first and refuses only if that was not enough.
@@ -38,10 +33,20 @@ impl Engine {
     /// the pool's status as read.
     pub(super) async fn check_space(&self) -> Result<PoolStatus, EngineError> {
         let floor = self.settings.min_free_percent;
-        let mut st = self.pool_status().await?;
+        // One trip to the blocking pool for both: this runs on every Prepare and View.
+        let read = || {
+            self.on_pool(|pool| {
+                let st = pool.status().map_err(pool_err("read pool status"))?;
+                let host = pool
+                    .host_room()
+                    .map_err(pool_err("read the host's free space"))?;
+                Ok((st, host))
+            })
+        };
+        let (mut st, mut host) = read().await?;
         if self.settings.autogrow.is_some() && below_floor(&st, floor) {
             match self.autogrow().await {
-                Ok(true) => st = self.pool_status().await?,
+                Ok(true) => (st, host) = read().await?,
                 Ok(false) => {}
                 Err(e) => warn!(error = %e, "cannot grow the pool"),
             }
@@ -73,12 +78,6 @@ impl Engine {
         // A loop pool's sparse files may promise more than the host's filesystem still holds:
         // the pool's free space is only as good as the host's, and a write the host cannot back
         // puts the pool in fail mode. Only the part the host can back counts against the floor.
-        let host = self
-            .on_pool(|pool| {
-                pool.host_room()
-                    .map_err(pool_err("read the host's free space"))
-            })
-            .await?;
         if let Some(h) = host {
             let (free, required) =
                 free_and_required(st.data_used_bytes, st.data_total_bytes, floor);
