@@ -30,8 +30,7 @@ use tracing::{info, warn};
 use super::{pool_err, Engine, EngineError, Settings};
 use crate::fs::FsError;
 use crate::model::{Kind, ThinId};
-use crate::pool::txid::NumberedPool;
-use crate::pool::{PoolError, ThinPool};
+use crate::pool::{NumberedPool, PoolError, ThinPool};
 use crate::store::{BaseRecord, DeviceRecord, SnapshotRecord, State, Store, BASE_OWNER};
 
 /// What recovery did, for logs and tests.

@@ -23,6 +23,7 @@ pub mod txid;
 use std::path::PathBuf;
 
 pub use crate::model::{ThinId, MAX_THIN_ID};
+pub use txid::NumberedPool;
 
 /// Errors of the pool layer. Each names the device or thin id it concerns.
 #[derive(Debug, thiserror::Error)]
