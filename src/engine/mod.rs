@@ -9,7 +9,8 @@
 //!
 //! The calls live here; the rest along its seams: `error` (the error type and how the layers
 //! below map into it), `limits` (what a request may carry), `space` (the free-space floor,
-//! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`).
+//! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`), `types` (what
+//! callers see and give: infos, mounts, status, settings).
 
 pub mod autogrow;
 mod error;
@@ -19,70 +20,25 @@ mod locks;
 mod reaper;
 pub mod recovery;
 mod space;
+mod types;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{info, warn};
 
-use crate::config::{AutogrowConfig, Config, FsConfig, PoolMode};
 use crate::fs::mount_options;
 pub use crate::model::{Kind, ThinId};
-use crate::pool::{NumberedPool, PoolError, PoolInfo, PoolStatus, ThinPool};
+use crate::pool::{NumberedPool, PoolError, PoolInfo, ThinPool};
 use crate::store::{BaseRecord, NewSnapshot, SnapshotRecord, State, Store, StoreError};
 pub(crate) use error::pool_err;
 pub use error::EngineError;
 use limits::{check_key, check_labels, size_label};
 pub use limits::{MAX_KEY_LEN, MAX_LABELS, MAX_LABEL_LEN, SIZE_LABEL};
 use locks::KeyLocks;
-
-/// What a client sees of a snapshot.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SnapshotInfo {
-    pub key: String,
-    pub kind: Kind,
-    pub parent: String,
-    pub labels: BTreeMap<String, String>,
-    pub created_at: SystemTime,
-    pub updated_at: SystemTime,
-}
-
-/// A mount for containerd: `mount -t <fs_type> -o <options> <source> <target>`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mount {
-    pub fs_type: String,
-    pub source: String,
-    pub options: Vec<String>,
-}
-
-/// Space a snapshot uses, excluding its parent.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Usage {
-    pub size: u64,
-    pub inodes: u64,
-}
-
-/// The base device every parentless snapshot is a thin snapshot of, for `thinsnap status`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct BaseInfo {
-    pub thin_id: ThinId,
-    pub fs_type: String,
-    pub size: u64,
-}
-
-/// Counts for `thinsnap status`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineStatus {
-    pub pool: PoolStatus,
-    pub active: u64,
-    pub views: u64,
-    pub committed: u64,
-    pub thin_ids: u64,
-    pub base: BaseInfo,
-}
+pub use types::{BaseInfo, EngineStatus, Mount, Settings, SnapshotInfo, Usage};
 
 /// Nanoseconds since the epoch, for records.
 fn now_ns() -> u64 {
@@ -103,58 +59,6 @@ pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
 
 fn to_time(ns: u64) -> SystemTime {
     UNIX_EPOCH + std::time::Duration::from_nanos(ns)
-}
-
-/// What the engine takes from the configuration.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub fs: FsConfig,
-    /// Prepare and View are refused below this share (percent) of free data or metadata space.
-    pub min_free_percent: f64,
-    /// Remove answers once the record is gone; a background reaper deletes the device.
-    pub remove_async: bool,
-    /// Discard a device's blocks before deleting it.
-    pub discard: bool,
-    /// The state directory (`root`): temporary mounts (growing xfs) go under it; status shows it.
-    pub root: PathBuf,
-    /// thinsnap made the pool (loop mode): a thin id in it that the store does not know is an
-    /// orphan of ours and is deleted at start. Otherwise such ids belong to someone else.
-    pub owns_pool: bool,
-    /// Not owning the pool: start even if it holds thin ids the store does not know.
-    pub allow_foreign_devices: bool,
-    /// Loop mode with `pool.autogrow.enabled`: grow the pool as it fills.
-    pub autogrow: Option<AutogrowConfig>,
-}
-
-impl Settings {
-    /// The engine's part of `config`.
-    pub fn from_config(config: &Config) -> Settings {
-        Settings {
-            fs: config.fs.clone(),
-            min_free_percent: config.pool.min_free_space.0,
-            remove_async: config.remove.asynchronous,
-            discard: config.remove.discard,
-            root: config.root.clone(),
-            owns_pool: config.pool.mode == PoolMode::Loop,
-            allow_foreign_devices: config.pool.allow_foreign_devices,
-            autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
-                .then(|| config.pool.autogrow.clone()),
-        }
-    }
-
-    /// Defaults with `fs`, for tests.
-    pub fn with_fs(fs: FsConfig) -> Settings {
-        Settings {
-            fs,
-            min_free_percent: 10.0,
-            remove_async: false,
-            discard: false,
-            root: std::env::temp_dir(),
-            owns_pool: true,
-            allow_foreign_devices: false,
-            autogrow: None,
-        }
-    }
 }
 
 /// How many thin ids in a row Prepare skips because a device thinsnap does not own holds them.

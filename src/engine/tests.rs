@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::recovery::{self, Report};
 use super::*;
+use crate::config::FsConfig;
 use crate::fs::FsError;
 use crate::pool::fake::FakePool;
 use crate::pool::ThinPool;

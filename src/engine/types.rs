@@ -1,0 +1,108 @@
+//! What the engine's callers see and give: a snapshot's info, its mounts and usage, the status
+//! counts, and the engine's part of the configuration. Plain data: no behaviour beyond building
+//! [`Settings`] from the configuration.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use crate::config::{AutogrowConfig, Config, FsConfig, PoolMode};
+use crate::model::{Kind, ThinId};
+use crate::pool::PoolStatus;
+
+/// What a client sees of a snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotInfo {
+    pub key: String,
+    pub kind: Kind,
+    pub parent: String,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+}
+
+/// A mount for containerd: `mount -t <fs_type> -o <options> <source> <target>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mount {
+    pub fs_type: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Space a snapshot uses, excluding its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Usage {
+    pub size: u64,
+    pub inodes: u64,
+}
+
+/// The base device every parentless snapshot is a thin snapshot of, for `thinsnap status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BaseInfo {
+    pub thin_id: ThinId,
+    pub fs_type: String,
+    pub size: u64,
+}
+
+/// Counts for `thinsnap status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStatus {
+    pub pool: PoolStatus,
+    pub active: u64,
+    pub views: u64,
+    pub committed: u64,
+    pub thin_ids: u64,
+    pub base: BaseInfo,
+}
+
+/// What the engine takes from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub fs: FsConfig,
+    /// Prepare and View are refused below this share (percent) of free data or metadata space.
+    pub min_free_percent: f64,
+    /// Remove answers once the record is gone; a background reaper deletes the device.
+    pub remove_async: bool,
+    /// Discard a device's blocks before deleting it.
+    pub discard: bool,
+    /// The state directory (`root`): temporary mounts (growing xfs) go under it; status shows it.
+    pub root: PathBuf,
+    /// thinsnap made the pool (loop mode): a thin id in it that the store does not know is an
+    /// orphan of ours and is deleted at start. Otherwise such ids belong to someone else.
+    pub owns_pool: bool,
+    /// Not owning the pool: start even if it holds thin ids the store does not know.
+    pub allow_foreign_devices: bool,
+    /// Loop mode with `pool.autogrow.enabled`: grow the pool as it fills.
+    pub autogrow: Option<AutogrowConfig>,
+}
+
+impl Settings {
+    /// The engine's part of `config`.
+    pub fn from_config(config: &Config) -> Settings {
+        Settings {
+            fs: config.fs.clone(),
+            min_free_percent: config.pool.min_free_space.0,
+            remove_async: config.remove.asynchronous,
+            discard: config.remove.discard,
+            root: config.root.clone(),
+            owns_pool: config.pool.mode == PoolMode::Loop,
+            allow_foreign_devices: config.pool.allow_foreign_devices,
+            autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
+                .then(|| config.pool.autogrow.clone()),
+        }
+    }
+
+    /// Defaults with `fs`, for tests.
+    pub fn with_fs(fs: FsConfig) -> Settings {
+        Settings {
+            fs,
+            min_free_percent: 10.0,
+            remove_async: false,
+            discard: false,
+            root: std::env::temp_dir(),
+            owns_pool: true,
+            allow_foreign_devices: false,
+            autogrow: None,
+        }
+    }
+}
