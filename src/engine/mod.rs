@@ -477,7 +477,7 @@ impl Engine {
             Err(e) => Some(e),
             Ok(()) => {
                 crate::failpoint!("remove:after-intent");
-                match self.reap_locked(id).await {
+                match self.reap_locked(id, rec.size).await {
                     Ok(()) => None,
                     Err(e) => {
                         // The kernel kept the device (a failed or read-only pool): give the

@@ -23,16 +23,16 @@ impl Engine {
     pub(super) async fn reap(&self, id: ThinId) -> bool {
         let id_text = id.to_string();
         let _device = self.thin_locks.lock(&[&id_text]).await;
-        match self.store.device(id) {
-            Ok(Some(d)) if d.state == State::Deleting => {}
+        let size = match self.store.device(id) {
+            Ok(Some(d)) if d.state == State::Deleting => d.size,
             // Given back by a Remove whose delete failed, or reaped already.
             Ok(_) => return true,
             Err(e) => {
                 warn!(thin_id = id, error = %e, "cannot read the device record");
                 return false;
             }
-        }
-        match self.reap_locked(id).await {
+        };
+        match self.reap_locked(id, size).await {
             Ok(()) => true,
             Err(e) => {
                 warn!(thin_id = id, error = %e, "cannot delete thin device; left for cleanup");
@@ -42,15 +42,11 @@ impl Engine {
     }
 
     /// [`Engine::reap`]'s work, for a caller that holds the thin id's lock and knows the record
-    /// is Deleting.
+    /// is Deleting; `size` is the device's (for `remove.discard`), which the caller has read.
     ///
     /// Returns the pool's or the store's error; the record is then still Deleting.
-    pub(super) async fn reap_locked(&self, id: ThinId) -> Result<(), EngineError> {
-        let discard = self
-            .settings
-            .discard
-            .then(|| self.store.device(id).ok().flatten().map(|d| d.size))
-            .flatten();
+    pub(super) async fn reap_locked(&self, id: ThinId, size: u64) -> Result<(), EngineError> {
+        let discard = self.settings.discard.then_some(size);
         self.on_pool(move |pool| {
             pool.remove_device(id, discard)
                 .map_err(pool_err(format!("delete thin id {id}")))?;
