@@ -53,6 +53,11 @@ where
     }
 }
 
+/// Whether `r` succeeded or failed with `code`: a retry's two acceptable answers.
+fn ok_or<T>(r: &Result<T, tonic::Status>, code: Code) -> bool {
+    r.as_ref().map_or_else(|s| s.code() == code, |_| true)
+}
+
 async fn stat(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<Info, tonic::Status> {
     c.stat(StatSnapshotRequest {
         snapshotter: "thinsnap".into(),
@@ -142,8 +147,7 @@ async fn vm_calls_cut_short_by_their_client_leave_nothing_stuck() {
             );
         } else {
             assert!(
-                retry.is_ok()
-                    || retry.as_ref().err().map(|s| s.code()) == Some(Code::AlreadyExists),
+                ok_or(&retry, Code::AlreadyExists),
                 "{key}: retry after a cut-short Prepare: {retry:?}"
             );
         }
@@ -161,7 +165,7 @@ async fn vm_calls_cut_short_by_their_client_leave_nothing_stuck() {
         let ok = cut_short(deadline, c.clone().view(with_deadline(req, deadline))).await;
         let retry = view(&mut c, &key, "P").await;
         assert!(
-            retry.is_ok() || retry.as_ref().err().map(|s| s.code()) == Some(Code::AlreadyExists),
+            ok_or(&retry, Code::AlreadyExists),
             "{key}: retry after a cut-short View: {retry:?}"
         );
         assert_eq!(stat(&mut c, &key).await.expect("view there").kind, 1);
@@ -191,7 +195,7 @@ async fn vm_calls_cut_short_by_their_client_leave_nothing_stuck() {
             );
         } else {
             assert!(
-                retry.is_ok() || retry.as_ref().err().map(|s| s.code()) == Some(Code::NotFound),
+                ok_or(&retry, Code::NotFound),
                 "{name}: retry after a cut-short Commit: {retry:?}"
             );
         }
@@ -223,7 +227,7 @@ async fn vm_calls_cut_short_by_their_client_leave_nothing_stuck() {
             );
         } else {
             assert!(
-                retry.is_ok() || retry.as_ref().err().map(|s| s.code()) == Some(Code::NotFound),
+                ok_or(&retry, Code::NotFound),
                 "{name}: retry after a cut-short Remove: {retry:?}"
             );
         }
