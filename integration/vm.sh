@@ -13,7 +13,7 @@
 #                (default: integration/.results/vm-<date>-<pid>); the guest sees it as $VM_RESULTS
 #   VM_TIMEOUT   overall timeout in seconds, boot included (default 3600); the guest gets
 #                VM_DEADLINE (epoch seconds) a minute before it, see guest/all.sh
-#   VM_MEMORY    guest memory (default 4G)        VM_CPUS  guest vCPUs (default 2)
+#   VM_MEMORY    guest memory (default 6G)        VM_CPUS  guest vCPUs (default 2)
 #   VM_KERNEL    kernel image (default: newest /boot/vmlinuz-*-amd64 that is not -cloud-)
 #   VM_PASS_ENV  space-separated names of host variables to export in the guest
 #                (RUST_LOG RUST_BACKTRACE THINSNAP_BIN are always passed when set)
@@ -78,7 +78,7 @@ shq() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
 cmd="/bin/bash $(shq "$REPO/integration/guest/entry.sh") $(shq "$results") $(shq "$script")"
 for a in "$@"; do cmd+=" $(shq "$a")"; done
 
-echo "vm.sh: kernel $kver, ${VM_CPUS:-2} vCPUs, ${VM_MEMORY:-4G}, timeout ${timeout_s}s, results $results"
+echo "vm.sh: kernel $kver, ${VM_CPUS:-2} vCPUs, ${VM_MEMORY:-6G}, timeout ${timeout_s}s, results $results"
 echo "vm.sh: guest runs: ${script#"$REPO"/} $*"
 
 start=$(date +%s)
@@ -89,7 +89,7 @@ start=$(date +%s)
 #   console lands in the results dir.
 # - timeout (not --foreground) signals the whole process group, i.e. vng and its qemu child.
 timeout --kill-after=30 "$timeout_s" \
-  vng --disable-kvm --force-9p -m "${VM_MEMORY:-4G}" -p "${VM_CPUS:-2}" \
+  vng --disable-kvm --force-9p -m "${VM_MEMORY:-6G}" -p "${VM_CPUS:-2}" \
     --run "$kernel" --user root \
     --rwdir "$results" \
     --exec "$cmd" \

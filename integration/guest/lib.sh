@@ -34,7 +34,7 @@ guest_prelude() {
 
   # A plain tmpfs on /tmp (virtme gives an overlay of the host's /tmp over a small /run tmpfs):
   # the pools' sparse loop files and the suites' scratch dirs live here.
-  mount -t tmpfs -o "mode=1777,size=${GUEST_TMP_SIZE:-3G}" thinsnap-tmp /tmp || fail_loudly "cannot mount tmpfs on /tmp"
+  mount -t tmpfs -o "mode=1777,size=${GUEST_TMP_SIZE:-4G}" thinsnap-tmp /tmp || fail_loudly "cannot mount tmpfs on /tmp"
 
   # Loop devices: the kernel creates a few; make sure losetup -f can always find more.
   [[ -c /dev/loop-control ]] || fail_loudly "/dev/loop-control missing"
