@@ -3,7 +3,9 @@
 //! - calls cut short by their client (a kubelet timeout, a containerd restart, a ^C: the gRPC
 //!   call is cancelled and the server drops the handler): nothing may be left stuck or lost;
 //! - a thinsnap killed while its start-up reads the pool's metadata (thin_ls on a reserved
-//!   metadata snapshot): the next start must serve.
+//!   metadata snapshot): the next start must serve;
+//! - a thinsnap killed with devices suspended (a pool grow, a snapshot of an active origin): the
+//!   next start resumes them and serves.
 
 mod common;
 
@@ -302,4 +304,64 @@ async fn vm_killed_during_thin_ls_the_next_start_serves() {
     });
     assert_no_leak(&d, &mut a, "after a kill during thin_ls").await;
     prepare(&mut c, "b", "").await.expect("serves");
+}
+
+/// Whether dm device `name` is suspended.
+fn suspended(name: &str) -> bool {
+    use devicemapper::{DevId, DmFlags, DmName, DM};
+    let dm = DM::new().expect("dm");
+    let info = dm
+        .device_info(&DevId::Name(DmName::new(name).expect("name")))
+        .unwrap_or_else(|e| panic!("info of {name}: {e}"));
+    info.flags().contains(DmFlags::DM_SUSPEND)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_killed_with_devices_suspended_the_next_start_resumes_them() {
+    let mut d = daemon("suspended");
+    d.start();
+    let (mut c, _) = d.clients().await;
+    let m = prepare(&mut c, "a", "").await.expect("a");
+    write_file(&d.dir, &m[0], "f", "A");
+    let a_dev = m[0].source.trim_start_matches("/dev/mapper/").to_string();
+    d.stop();
+    // An active snapshot's device left suspended, as a thinsnap killed while it snapshotted an
+    // active origin leaves it (thin-provisioning.rst: the origin is suspended meanwhile).
+    {
+        use devicemapper::{DevId, DmFlags, DmName, DmOptions, DM};
+        DM::new()
+            .expect("dm")
+            .device_suspend(
+                &DevId::Name(DmName::new(&a_dev).expect("name")),
+                DmOptions::default().set_flags(DmFlags::DM_SUSPEND),
+            )
+            .expect("suspend a");
+    }
+    assert!(suspended(&a_dev));
+    // Killed in the middle of a pool grow: the new table loaded, the pool suspended.
+    let fp = "grow:pool-suspended";
+    d.start_with(Some(fp));
+    let out = d.cli(&["pool", "grow", "--data-size", "2GiB"]);
+    assert!(!out.status.success(), "{fp}: the grow answered");
+    d.expect_killed(fp);
+    assert!(suspended(&d.pool), "{fp}: the pool is not suspended");
+    // The next start resumes both, and serves.
+    d.start();
+    assert!(!suspended(&d.pool), "the pool is still suspended");
+    assert!(!suspended(&a_dev), "{a_dev} is still suspended");
+    let (mut c, mut a) = d.clients().await;
+    let st = status(&mut a).await;
+    assert_eq!(
+        st.data.expect("data").total_bytes,
+        2 << 30,
+        "the grow, done but for its resume, is live"
+    );
+    with_mount(&d.dir, &mounts(&mut c, "a").await[0], |root| {
+        assert_eq!(std::fs::read_to_string(root.join("f")).expect("f"), "A");
+    });
+    let m = prepare(&mut c, "b", "").await.expect("serves");
+    write_file(&d.dir, &m[0], "g", "B");
+    assert_no_leak(&d, &mut a, "after a kill with devices suspended").await;
+    assert!(d.log().contains("left suspended"), "{}", d.log_tail(30));
 }

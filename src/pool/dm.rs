@@ -96,10 +96,12 @@ impl DmPool {
         let pool_dev = device_info(&dm, &name)?
             .ok_or_else(|| PoolError::PoolMissing(name.clone()))?
             .device();
+        let prefix = format!("{}-snap-", config.pool.name);
+        resume_left_suspended(&dm, &name, config.pool.mode, &prefix)?;
         Ok(DmPool {
             pool_dev,
             dm,
-            prefix: format!("{}-snap-", config.pool.name),
+            prefix,
             name,
             mode: config.pool.mode,
             block_size,
@@ -140,17 +142,21 @@ impl ThinPool for DmPool {
     fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<(), PoolError> {
         // thin-provisioning.rst: an active origin must be suspended while the snapshot is taken.
         let origin_name = self.thin_name(origin);
-        let _guard = if device_exists(&self.dm, &origin_name)? {
+        let guard = if device_exists(&self.dm, &origin_name)? {
             Some(ioctl::suspend(&self.dm, &origin_name)?)
         } else {
             None
         };
+        // On a failed message the guard resumes the origin as it drops.
         self.message(&format!("create_snap {id} {origin}"))
             .map_err(|e| match self.message_err("create_snap", id, e) {
                 // The id is new; a missing device can only be the origin.
                 PoolError::ThinNotFound(_) => PoolError::ThinNotFound(origin),
                 other => other,
-            })
+            })?;
+        // The snapshot exists, but an origin left suspended would hang every reader of it: that
+        // is a failed call (the engine undoes the snapshot), not a success.
+        guard.map_or(Ok(()), ioctl::ResumeGuard::resume)
     }
 
     fn delete_thin(&self, id: ThinId) -> Result<(), PoolError> {
@@ -188,7 +194,7 @@ impl ThinPool for DmPool {
         }
         // Without DM_SKIP_LOCKFS the suspend freezes the mounted filesystem: its dirty pages are
         // written to the device before the pool sees the suspend. Resumed at once.
-        drop(ioctl::suspend(&self.dm, &name)?);
+        ioctl::suspend(&self.dm, &name)?.resume()?;
         let n = dm_name(&name)?;
         let devid = DevId::Name(&n);
         self.dm
@@ -215,13 +221,9 @@ impl ThinPool for DmPool {
     }
 
     fn active_ids(&self) -> Result<Vec<ThinId>, PoolError> {
-        let devices = self
-            .dm
-            .list_devices()
-            .map_err(dm_err("list devices", &self.name))?;
-        Ok(devices
+        Ok(ioctl::list_names(&self.dm)?
             .iter()
-            .filter_map(|(n, _, _)| n.to_string().strip_prefix(&self.prefix)?.parse().ok())
+            .filter_map(|n| n.strip_prefix(&self.prefix)?.parse().ok())
             .collect())
     }
 
@@ -365,8 +367,11 @@ impl ThinPool for DmPool {
         self.dm
             .table_load(&id, &[(0, sectors, target, params)], DmOptions::default())
             .map_err(dm_err("load table of", &self.name))?;
-        // Suspended and resumed at once: the resume makes the new table live.
-        drop(ioctl::suspend(&self.dm, &self.name)?);
+        // Suspended and resumed at once: the resume makes the new table live. A failed resume
+        // is an error: the pool would stay suspended, every thin device's I/O blocked.
+        let suspended = ioctl::suspend(&self.dm, &self.name)?;
+        crate::failpoint!("grow:pool-suspended");
+        suspended.resume()?;
         info!(pool = %self.name, data_bytes = sectors * SECTOR, "reloaded pool table");
         Ok(())
     }
@@ -380,8 +385,44 @@ impl ThinPool for DmPool {
     }
 }
 
-/// `thinsnap pool destroy`: removes every dm device with this pool's prefix; in existing mode
+/// Resumes thinsnap's devices that a killed process left suspended: a thinsnap killed between
+/// the suspend and the resume of a pool grow, or of an origin's snapshot, leaves the device
+/// suspended in the kernel, and every reader of it (a container, the next start) blocks. The
+/// pool itself only in loop mode: in lvm and existing mode it is someone else's to suspend,
+/// and a suspended pool there is reported, not touched.
+///
+/// Returns an error naming the device if one cannot be resumed.
+fn resume_left_suspended(
+    dm: &DM,
+    pool: &str,
+    mode: PoolMode,
+    prefix: &str,
+) -> Result<(), PoolError> {
+    if device_info(dm, pool)?.is_some_and(|i| ioctl::is_suspended(&i)) {
+        if mode == PoolMode::Loop {
+            warn!(
+                pool,
+                "pool left suspended (a grow killed before its resume): resuming it"
+            );
+            ioctl::resume(dm, pool)?;
+        } else {
+            warn!(pool, %mode, "the pool is suspended; thin I/O blocks until its owner resumes it");
+        }
+    }
+    for name in ioctl::list_names(dm)? {
+        let ours = name
+            .strip_prefix(prefix)
+            .is_some_and(|id| id.parse::<ThinId>().is_ok());
+        if ours && device_info(dm, &name)?.is_some_and(|i| ioctl::is_suspended(&i)) {
+            warn!(device = %name, "thin device left suspended (a snapshot of it killed before its resume): resuming it");
+            ioctl::resume(dm, &name)?;
+        }
+    }
+    Ok(())
+}
+
 /// deletes `thin_ids` (the ones the store knows) from the pool, which stays; in loop mode removes
+/// `thinsnap pool destroy`: removes every dm device with this pool's prefix; in existing mode
 /// the pool and detaches its loop devices, and with `remove_files` deletes the sparse files.
 ///
 /// Returns an error if device-mapper is missing or a device is busy.

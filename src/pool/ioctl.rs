@@ -235,26 +235,71 @@ fn remove_node(name: &str) {
     }
 }
 
-/// Resumes a suspended device when dropped, on every path (the crate's own
-/// `ThinDev::snapshot` leaves the origin suspended when the message fails).
+/// Resumes a suspended device: explicitly with [`ResumeGuard::resume`], which says whether it
+/// worked, or, on a path that returns early (the crate's own `ThinDev::snapshot` leaves the
+/// origin suspended when the message fails), when dropped, where a failure can only be logged.
 pub struct ResumeGuard<'a> {
     dm: &'a DM,
-    name: DmNameBuf,
+    /// `None` once resumed.
+    name: Option<DmNameBuf>,
 }
 
-impl Drop for ResumeGuard<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self
-            .dm
-            .device_suspend(&DevId::Name(&self.name), DmOptions::default())
-        {
-            warn!(device = %self.name.to_string(), error = %e, "cannot resume device");
+impl ResumeGuard<'_> {
+    /// Resumes the device now.
+    ///
+    /// Returns an error naming the device if the resume fails: it is then still suspended (I/O
+    /// to it blocks until it is resumed), so the caller must not report success. The next start
+    /// resumes it ([`resume`]) if nothing else does first.
+    pub fn resume(mut self) -> Result<(), PoolError> {
+        match self.name.take() {
+            Some(name) => resume_name(self.dm, &name),
+            None => Ok(()),
         }
     }
 }
 
+impl Drop for ResumeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take() {
+            if let Err(e) = resume_name(self.dm, &name) {
+                warn!(device = %name.to_string(), error = %e, "cannot resume device: left suspended");
+            }
+        }
+    }
+}
+
+fn resume_name(dm: &DM, name: &DmName) -> Result<(), PoolError> {
+    dm.device_suspend(&DevId::Name(name), DmOptions::default())
+        .map(|_| ())
+        .map_err(dm_err("resume", name.to_string()))
+}
+
+/// Resumes dm device `name` (a suspend left behind by a process killed before its resume).
+///
+/// Returns an error naming the device if the resume fails.
+pub fn resume(dm: &DM, name: &str) -> Result<(), PoolError> {
+    resume_name(dm, &dm_name(name)?)
+}
+
+/// Whether the device `info` describes is suspended.
+pub fn is_suspended(info: &DeviceInfo) -> bool {
+    info.flags().contains(DmFlags::DM_SUSPEND)
+}
+
+/// The names of every dm device on the system.
+///
+/// Returns an error if the list ioctl fails.
+pub fn list_names(dm: &DM) -> Result<Vec<String>, PoolError> {
+    Ok(dm
+        .list_devices()
+        .map_err(dm_err("list", "dm devices"))?
+        .into_iter()
+        .map(|(name, _, _)| name.to_string())
+        .collect())
+}
+
 /// Suspends dm device `name` (without DM_SKIP_LOCKFS: a filesystem mounted on it is frozen, its
-/// dirty pages written first) and returns the guard that resumes it when dropped.
+/// dirty pages written first) and returns the guard that resumes it.
 ///
 /// Returns an error if the suspend fails; nothing is then left suspended.
 pub fn suspend<'a>(dm: &'a DM, name: &str) -> Result<ResumeGuard<'a>, PoolError> {
@@ -264,7 +309,7 @@ pub fn suspend<'a>(dm: &'a DM, name: &str) -> Result<ResumeGuard<'a>, PoolError>
         DmOptions::default().set_flags(DmFlags::DM_SUSPEND),
     )
     .map_err(dm_err("suspend", name))?;
-    Ok(ResumeGuard { dm, name: n })
+    Ok(ResumeGuard { dm, name: Some(n) })
 }
 
 /// Discards bytes `0..size_bytes` of the block device at `path` (BLKDISCARD).

@@ -71,6 +71,10 @@ impl NumberedPool {
         if !self.owned {
             return Ok(out);
         }
+        // The kernel has made the change and the marker does not count it yet: the window in
+        // which the store's transaction id alone would miss a change (recovery must see it by
+        // the call's intent record).
+        crate::failpoint!("pool:before-txid-bump");
         match self.inner.set_transaction_id(*id, *id + 1) {
             Ok(()) => {
                 *id += 1;
