@@ -3,7 +3,7 @@
 //! - calls cut short by their client (a kubelet timeout, a containerd restart, a ^C: the gRPC
 //!   call is cancelled and the server drops the handler): nothing may be left stuck or lost;
 //! - a thinsnap killed while its start-up reads the pool's metadata (thin_ls on a reserved
-//!   metadata snapshot): the next start must serve;
+//!   metadata snapshot): the next start must serve; without thin_ls it refuses to start;
 //! - a thinsnap killed with devices suspended (a pool grow, a snapshot of an active origin): the
 //!   next start resumes them and serves.
 
@@ -292,6 +292,17 @@ async fn vm_killed_during_thin_ls_the_next_start_serves() {
         )
         .expect("set_transaction_id");
     }
+    // Without thin_ls this start cannot tell its own thin ids from someone else's: it refuses,
+    // saying what to install, rather than guess (it used to go on without looking).
+    d.env = vec![("PATH".into(), "/usr/bin".into())];
+    assert!(
+        !std::path::Path::new("/usr/bin/thin_ls").exists(),
+        "thin_ls is in /usr/bin: the test cannot hide it"
+    );
+    let (st, log) = d.serve_until_exit();
+    assert!(!st.success());
+    assert!(log.contains("install thin-provisioning-tools"), "{log}");
+    d.env.clear();
     // Killed with the metadata snapshot reserved.
     let fp = "recovery:metadata-snap-held";
     d.child = Some(d.spawn(Some(fp)));

@@ -292,16 +292,13 @@ impl<'a> Recovery<'a> {
             }
         }
         self.report.thin_ids_listed = true;
-        let Some(kernel) = self
+        // Without thin_ls (PoolError::ThinLsMissing) the start fails with what to install: an
+        // unknown id could be an orphan to delete or someone else's volume to keep, and
+        // thinsnap does not guess.
+        let kernel = self
             .pool
             .list_thin_ids()
-            .map_err(pool_err("list the pool's thin ids"))?
-        else {
-            warn!(
-                "thin_ls not found (thin-provisioning-tools): orphan thin ids cannot be looked for"
-            );
-            return Ok(());
-        };
+            .map_err(pool_err("list the pool's thin ids"))?;
         let known = self.known_ids()?;
         let unknown: Vec<ThinId> = kernel.difference(&known).copied().collect();
         if unknown.is_empty() {

@@ -908,6 +908,41 @@ async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
     assert_eq!(report.orphans_deleted, vec![4242]);
 }
 
+#[tokio::test]
+async fn a_start_that_must_list_thin_ids_without_thin_ls_fails_saying_so() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("prepare");
+    let T {
+        _dir,
+        path,
+        pool,
+        engine,
+    } = t;
+    drop(engine);
+    // A change the store never saw: this start must read the pool's thin ids.
+    let txid = pool.status().expect("status").transaction_id;
+    pool.create_thin(4242).expect("change the store never saw");
+    pool.set_transaction_id(txid, txid + 1).expect("txid");
+    pool.fail_nth_with("list_thin_ids", 1, PoolError::ThinLsMissing("pool".into()));
+    let err = recovery::start(
+        pool.clone(),
+        reopen(&path),
+        Settings::with_fs(FsConfig::default()),
+        &no_format,
+    )
+    .err()
+    .expect("a start without thin_ls guessed");
+    assert!(
+        err.to_string().contains("install thin-provisioning-tools"),
+        "{err}"
+    );
+    // Nothing was deleted on a guess, and the next start (thin_ls back) deletes the orphan.
+    assert!(pool.thin_ids().contains(&4242));
+    let (engine, report) = start_on(&path, pool.clone());
+    assert_eq!(report.orphans_deleted, vec![4242]);
+    assert!(engine.record("a").expect("read").is_some());
+}
+
 fn autogrow_settings() -> Settings {
     let mut settings = Settings::with_fs(FsConfig::default());
     settings.autogrow = Some(crate::config::AutogrowConfig {

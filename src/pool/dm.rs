@@ -272,7 +272,7 @@ impl ThinPool for DmPool {
         discarded
     }
 
-    fn list_thin_ids(&self) -> Result<Option<std::collections::BTreeSet<ThinId>>, PoolError> {
+    fn list_thin_ids(&self) -> Result<std::collections::BTreeSet<ThinId>, PoolError> {
         let table = table_of(&self.dm, &self.name, true)?;
         let Some((_, _, _, params)) = table.first() else {
             return Err(PoolError::PoolMissing(self.name.clone()));
@@ -314,7 +314,9 @@ impl ThinPool for DmPool {
         }
         let out = match out {
             Ok(o) => o,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(PoolError::ThinLsMissing(self.name.clone()))
+            }
             Err(source) => {
                 return Err(PoolError::Io {
                     op: "run thin_ls on",
@@ -332,12 +334,10 @@ impl ThinPool for DmPool {
                 ),
             });
         }
-        Ok(Some(
-            String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .filter_map(|t| t.parse().ok())
-                .collect(),
-        ))
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect())
     }
 
     fn host_room(&self) -> Result<Option<super::HostRoom>, PoolError> {

@@ -286,9 +286,9 @@ impl ThinPool for FakePool {
         Ok(())
     }
 
-    fn list_thin_ids(&self) -> Result<Option<BTreeSet<ThinId>>, PoolError> {
+    fn list_thin_ids(&self) -> Result<BTreeSet<ThinId>, PoolError> {
         let s = self.enter("list_thin_ids", "list_thin_ids".to_string())?;
-        Ok(Some(s.thins.keys().copied().collect()))
+        Ok(s.thins.keys().copied().collect())
     }
 
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {

@@ -34,6 +34,12 @@ pub enum PoolError {
     NoDeviceMapper(String),
     #[error("thin pool {0} does not exist")]
     PoolMissing(String),
+    #[error(
+        "thin_ls not found: thinsnap reads pool {0}'s thin ids with it at a start that needs them \
+         (the pool changed without the store seeing it, or the pool is shared); \
+         install thin-provisioning-tools"
+    )]
+    ThinLsMissing(String),
     #[error("dm device {name} is a {found} target, not a thin-pool")]
     NotAThinPool { name: String, found: String },
     #[error("thin id {0} already exists in the pool")]
@@ -167,8 +173,11 @@ pub trait ThinPool: Send + Sync + 'static {
     fn discard(&self, id: ThinId, size_bytes: u64) -> Result<(), PoolError>;
 
     /// Every thin id in the pool's metadata, read from a metadata snapshot (start-up only: it runs
-    /// `thin_ls`). `None` when the tool is not installed.
-    fn list_thin_ids(&self) -> Result<Option<std::collections::BTreeSet<ThinId>>, PoolError>;
+    /// `thin_ls`).
+    ///
+    /// Returns [`PoolError::ThinLsMissing`] if thin_ls is not installed: without it thinsnap
+    /// cannot tell its own thin ids from someone else's, so it does not guess.
+    fn list_thin_ids(&self) -> Result<std::collections::BTreeSet<ThinId>, PoolError>;
 
     /// Grows the pool's data and/or metadata space online (loop mode: the files, the loop
     /// devices' capacity, then the pool table is reloaded). Sizes smaller than now are refused.

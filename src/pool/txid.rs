@@ -171,7 +171,7 @@ impl ThinPool for NumberedPool {
         self.inner.discard(id, size_bytes)
     }
 
-    fn list_thin_ids(&self) -> Result<Option<BTreeSet<ThinId>>, PoolError> {
+    fn list_thin_ids(&self) -> Result<BTreeSet<ThinId>, PoolError> {
         self.inner.list_thin_ids()
     }
 

@@ -53,6 +53,8 @@ pub struct Daemon {
     /// `pool.name`: the prefix of thinsnap's dm device names.
     pub pool: String,
     pub child: Option<Child>,
+    /// Environment variables every later spawn of `thinsnap serve` gets (a PATH without a tool).
+    pub env: Vec<(String, String)>,
     /// Set once the process is gone and the pool destroyed ([`Daemon::shut_down`]).
     shut_down: bool,
 }
@@ -71,6 +73,7 @@ impl Daemon {
             dir,
             pool: format!("{pool_prefix}-{name}-{pid}"),
             child: None,
+            env: Vec::new(),
             shut_down: false,
         }
     }
@@ -135,6 +138,7 @@ impl Daemon {
         if let Some(fp) = failpoint {
             cmd.env("THINSNAP_FAILPOINT", fp);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.spawn().expect("spawn thinsnap")
     }
 
