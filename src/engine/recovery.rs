@@ -41,6 +41,9 @@ pub struct Report {
     pub reactivated: Vec<ThinId>,
     pub deactivated: Vec<ThinId>,
     pub orphans_deleted: Vec<ThinId>,
+    /// Thin ids of interrupted creates in a shared pool, not deleted: they may be another
+    /// owner's (see `undo_create`).
+    pub left_alone: Vec<ThinId>,
     pub base_created: bool,
     /// The pool's thin ids were read (thin_ls) and compared with the store's; false when the
     /// pool's transaction id showed that the store had seen every change.
@@ -50,6 +53,7 @@ pub struct Report {
 impl Report {
     fn changed_anything(&self) -> bool {
         !self.undone_creates.is_empty()
+            || !self.left_alone.is_empty()
             || !self.finished_deletes.is_empty()
             || !self.orphans_deleted.is_empty()
             || !self.reactivated.is_empty()
@@ -165,8 +169,19 @@ impl<'a> Recovery<'a> {
 
     fn undo_create(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
         let id = dev.thin_id;
-        info!(thin_id = id, owner = %dev.owner, "undoing interrupted create");
-        self.delete(id)?;
+        if self.settings.allow_foreign_devices && !self.settings.owns_pool {
+            // A pool shared with someone else, and no transaction id of ours to tell whether
+            // this Prepare's create_snap ran: the id in the kernel may be the snapshot it made,
+            // or another owner's volume that answered its create_snap with EEXIST just before
+            // the kill. Never delete what may not be ours: the id is left alone (counted as a
+            // foreign device from now on; at worst an empty snapshot of one of our layers).
+            warn!(thin_id = id, owner = %dev.owner,
+                  "interrupted create in a shared pool: its thin id, if the pool holds it, may be another owner's; left alone");
+            self.report.left_alone.push(id);
+        } else {
+            info!(thin_id = id, owner = %dev.owner, "undoing interrupted create");
+            self.delete(id)?;
+        }
         let owned_snapshot = self
             .snapshots
             .get(&dev.owner)

@@ -909,6 +909,57 @@ async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
 }
 
 #[tokio::test]
+async fn recovery_never_deletes_an_interrupted_creates_thin_id_in_a_shared_pool() {
+    let t = setup();
+    let T {
+        _dir,
+        path,
+        pool,
+        engine,
+    } = t;
+    // Killed right after create_snap answered EEXIST (another owner's volume holds the id)
+    // and before the records were dropped: the intent is durable, the id is someone else's.
+    let plan = engine
+        .store
+        .begin_create(
+            &NewSnapshot {
+                key: "k".into(),
+                kind: Kind::Active,
+                parent: None,
+                labels: BTreeMap::new(),
+                now: 1,
+                size: None,
+            },
+            &engine.base,
+        )
+        .expect("intent");
+    engine.store.flush_sync().expect("flush");
+    drop(engine);
+    pool.create_thin(plan.thin_id).expect("the other owner's volume");
+    let mut settings = Settings::with_fs(FsConfig::default());
+    settings.owns_pool = false;
+    settings.allow_foreign_devices = true;
+    let (engine, report) = recovery::start(pool.clone(), reopen(&path), settings, &no_format)
+        .expect("start");
+    assert!(
+        pool.thin_ids().contains(&plan.thin_id),
+        "the other owner's volume was deleted"
+    );
+    assert_eq!(report.left_alone, vec![plan.thin_id]);
+    // The key is free again, and a new Prepare takes another id.
+    assert!(engine.record("k").expect("read").is_none());
+    let engine = Arc::new(engine);
+    engine
+        .create(Kind::Active, "k", "", BTreeMap::new())
+        .await
+        .expect("prepare again");
+    assert_ne!(
+        engine.record("k").expect("read").expect("k").thin_id,
+        plan.thin_id
+    );
+}
+
+#[tokio::test]
 async fn a_start_that_must_list_thin_ids_without_thin_ls_fails_saying_so() {
     let t = setup();
     prep(&t, "a", "").await.expect("prepare");
