@@ -62,7 +62,7 @@ fn to_time(ns: u64) -> SystemTime {
 }
 
 /// How many thin ids in a row Prepare skips because a device thinsnap does not own holds them.
-const MAX_TAKEN_IDS: u32 = 64;
+pub(super) const MAX_TAKEN_IDS: u32 = 64;
 
 /// Why making a snapshot's device failed: its thin id is someone else's, or anything else.
 enum MakeError {

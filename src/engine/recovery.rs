@@ -330,6 +330,10 @@ impl<'a> Recovery<'a> {
         if self.settings.allow_foreign_devices {
             info!(count = unknown.len(), ids = ?unknown,
                   "the pool holds thin devices thinsnap does not know; leaving them alone");
+            // New ids go past theirs: no Prepare has to find them by EEXIST.
+            if let Some(&max) = unknown.iter().max() {
+                self.store.allocate_past(max)?;
+            }
             return Ok(());
         }
         Err(EngineError::FailedPrecondition(format!(
@@ -369,12 +373,32 @@ impl<'a> Recovery<'a> {
     fn make_base(&self, format: Formatter<'_>) -> Result<BaseRecord, EngineError> {
         let (pool, store, fs) = (self.pool, self.store, &self.settings.fs);
         let size = fs.base_size.as_u64();
-        let id = store.begin_device(BASE_OWNER, size)?;
-        store.flush_sync()?;
-        crate::failpoint!("base:after-intent");
+        let mut tries = 0;
+        let id = loop {
+            tries += 1;
+            let id = store.begin_device(BASE_OWNER, size)?;
+            store.flush_sync()?;
+            crate::failpoint!("base:after-intent");
+            match pool.create_thin(id) {
+                Ok(()) => break id,
+                // Another owner's volume in a shared pool: not ours to touch (the undo below
+                // would delete it); drop the record and take the next id.
+                Err(PoolError::ThinExists(_)) if tries < super::MAX_TAKEN_IDS => {
+                    warn!(
+                        thin_id = id,
+                        "thin id taken by a device thinsnap does not own; trying the next one"
+                    );
+                    store.forget_device(id)?;
+                    store.flush_sync()?;
+                }
+                Err(e) => {
+                    store.forget_device(id)?;
+                    store.flush_sync()?;
+                    return Err(pool_err(format!("create base thin id {id}"))(e));
+                }
+            }
+        };
         let made = (|| {
-            pool.create_thin(id)
-                .map_err(pool_err(format!("create base thin id {id}")))?;
             crate::failpoint!("base:after-create");
             let dev = pool
                 .activate(id, size)

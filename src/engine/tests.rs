@@ -935,12 +935,13 @@ async fn recovery_never_deletes_an_interrupted_creates_thin_id_in_a_shared_pool(
         .expect("intent");
     engine.store.flush_sync().expect("flush");
     drop(engine);
-    pool.create_thin(plan.thin_id).expect("the other owner's volume");
+    pool.create_thin(plan.thin_id)
+        .expect("the other owner's volume");
     let mut settings = Settings::with_fs(FsConfig::default());
     settings.owns_pool = false;
     settings.allow_foreign_devices = true;
-    let (engine, report) = recovery::start(pool.clone(), reopen(&path), settings, &no_format)
-        .expect("start");
+    let (engine, report) =
+        recovery::start(pool.clone(), reopen(&path), settings, &no_format).expect("start");
     assert!(
         pool.thin_ids().contains(&plan.thin_id),
         "the other owner's volume was deleted"
@@ -957,6 +958,45 @@ async fn recovery_never_deletes_an_interrupted_creates_thin_id_in_a_shared_pool(
         engine.record("k").expect("read").expect("k").thin_id,
         plan.thin_id
     );
+}
+
+#[tokio::test]
+async fn a_shared_pools_foreign_ids_are_never_taken_nor_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("db");
+    let pool = Arc::new(FakePool::new());
+    // Another owner's volumes, on the ids a fresh store would hand out first.
+    pool.create_thin(0).expect("foreign 0");
+    pool.create_thin(5).expect("foreign 5");
+    let mut settings = Settings::with_fs(FsConfig::default());
+    settings.owns_pool = false;
+    settings.allow_foreign_devices = true;
+    let (engine, report) = recovery::start(pool.clone(), reopen(&path), settings, &no_format)
+        .expect("start on a shared pool");
+    assert!(report.base_created);
+    assert!(
+        engine.base.thin_id > 5,
+        "the base took id {}, not past the pool's ids",
+        engine.base.thin_id
+    );
+    let engine = Arc::new(engine);
+    engine
+        .create(Kind::Active, "a", "", BTreeMap::new())
+        .await
+        .expect("prepare");
+    assert!(engine.record("a").expect("read").expect("a").thin_id > 5);
+    let ids = pool.thin_ids();
+    assert!(
+        ids.contains(&0) && ids.contains(&5),
+        "a foreign volume is gone: {ids:?}"
+    );
+    // No id was found taken by trying it: nothing was even attempted on theirs.
+    let calls = pool.calls();
+    let tried: Vec<&String> = calls[2..]
+        .iter()
+        .filter(|c| c.ends_with(" 0") || c.ends_with(" 5") || c.contains(" 5 "))
+        .collect();
+    assert!(tried.is_empty(), "{tried:?}");
 }
 
 #[tokio::test]

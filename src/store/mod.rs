@@ -273,6 +273,23 @@ impl Store {
         Ok(id)
     }
 
+    /// Makes every later thin id larger than `id` (unless the ids wrap): a shared pool's
+    /// foreign ids, read at start, are then never tried (ids are handed out in increasing order).
+    pub fn allocate_past(&self, id: ThinId) -> Result<(), StoreError> {
+        let next = id.saturating_add(1) & MAX_THIN_ID;
+        (&self.meta,).transaction(|(meta,)| {
+            let now = match meta.get(META_NEXT_ID)? {
+                Some(v) => u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4])),
+                None => 0,
+            };
+            if now <= id {
+                meta.insert(META_NEXT_ID, &next.to_be_bytes())?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// Records the finished base device and marks its device record Ready.
     pub fn set_base(&self, base: &BaseRecord) -> Result<(), StoreError> {
         (&self.devices, &self.meta).transaction(|(devices, meta)| {
