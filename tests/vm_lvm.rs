@@ -7,6 +7,9 @@
 //! `cargo test` lists them as ignored, and `integration/test.sh` runs them inside the VM with
 //! `--ignored`. Every test cleans up (thinsnap's devices, the volume group, the physical volume
 //! label, the profile, the loop device) also when it fails.
+//!
+//! One test uses existing mode on an LVM thin pool that holds a thin volume of LVM's own: the
+//! volume must come out of Prepares, crashes and restarts intact, byte for byte.
 
 mod common;
 
@@ -36,6 +39,15 @@ fn run(program: &str, args: &[&str]) -> Output {
         .args(args)
         .env("LVM_SUPPRESS_FD_WARNINGS", "1")
         .env("LC_ALL", "C")
+        // Without a udev daemon (the VM) libdevmapper makes the /dev/mapper nodes itself.
+        .env(
+            "DM_DISABLE_UDEV",
+            if Path::new("/run/udev/control").exists() {
+                "0"
+            } else {
+                "1"
+            },
+        )
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
@@ -464,4 +476,163 @@ fn vm_lvm_never_takes_over_another_volume_group() {
     drop(d);
     ok("vgremove", &["--yes", &other]);
     ok("pvremove", &["--yes", &disk.dev]);
+}
+
+/// A volume group on a [`Disk`] made by hand with an LVM thin pool and a thin volume of LVM's
+/// own; removed by force when dropped.
+struct ForeignVg {
+    vg: String,
+    dev: String,
+}
+
+impl Drop for ForeignVg {
+    fn drop(&mut self) {
+        let _ = run("vgremove", &["--force", "--force", "--yes", &self.vg]);
+        let _ = run("pvremove", &["--force", "--force", "--yes", &self.dev]);
+    }
+}
+
+/// The bytes of block device `dev`.
+fn read_device(dev: &str) -> Vec<u8> {
+    std::fs::read(dev).unwrap_or_else(|e| panic!("read {dev}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, device-mapper and lvm2: run in the VM by integration/test.sh"]
+async fn vm_existing_lvm_pool_keeps_its_own_thin_volume_byte_for_byte() {
+    let disk = Disk::new("foreign");
+    let vg = format!("tsfvg{}", std::process::id());
+    let _cleanup = ForeignVg {
+        vg: vg.clone(),
+        dev: disk.dev.clone(),
+    };
+    ok("pvcreate", &["--yes", &disk.dev]);
+    ok("vgcreate", &["--yes", &vg, &disk.dev]);
+    ok(
+        "lvcreate",
+        &[
+            "--yes",
+            "--type",
+            "thin-pool",
+            "-L",
+            "1G",
+            "-n",
+            "pool",
+            &vg,
+        ],
+    );
+    ok(
+        "lvcreate",
+        &[
+            "--yes",
+            "-V",
+            "32M",
+            "--thinpool",
+            "pool",
+            "-n",
+            "mine",
+            &vg,
+        ],
+    );
+    // LVM's volume, filled with data no snapshot of thinsnap's could produce.
+    let lv_dev = format!("/dev/mapper/{vg}-mine");
+    let data: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&lv_dev, &data).unwrap_or_else(|e| panic!("write {lv_dev}: {e}"));
+    let thin_id: u32 = report("lvs", &["-o", "thin_id", &format!("{vg}/mine")])[0]["thin_id"]
+        .trim()
+        .parse()
+        .expect("thin id of LVM's volume");
+    // Inactive, as an LVM volume nobody uses right now is; the pool stays active.
+    ok("lvchange", &["--yes", "-an", &format!("{vg}/mine")]);
+    ok("lvchange", &["--yes", "-ay", &format!("{vg}/pool")]);
+    let pool_dm = format!("{vg}-pool-tpool");
+    assert!(
+        DM::new()
+            .expect("dm")
+            .device_info(&DevId::Name(DmName::new(&pool_dm).expect("name")))
+            .is_ok(),
+        "LVM's thin-pool device {pool_dm} is not active"
+    );
+
+    let mut d = Daemon::prepare_dir("vmlvm", "unused", "foreign");
+    d.pool = pool_dm.clone();
+    d.write_config(&format!(
+        "mode = \"existing\"\nname = \"{pool_dm}\"\nallow_foreign_devices = true\n\
+         [fs]\nbase_size = \"64MiB\""
+    ));
+    d.start();
+    let (mut c, _) = d.clients().await;
+    let m = prepare(&mut c, "l1", "").await.expect("prepare l1");
+    write_file(&d.dir, &m[0], "f", "L1");
+    commit(&mut c, "c1", "l1").await.expect("commit");
+    let mut n = 0;
+    // Killed at every step of a Prepare (the interrupted create's thin id is left alone in a
+    // shared pool), of a Commit and of a Remove, then restarted: LVM's volume is never touched.
+    for fp in [
+        "prepare:after-intent",
+        "prepare:after-create-snap",
+        "prepare:after-activate",
+        "commit:after-deactivate",
+        "remove:after-intent",
+        "remove:after-delete",
+    ] {
+        n += 1;
+        d.stop();
+        d.start_with(Some(fp));
+        let (mut c, _) = d.clients().await;
+        let key = format!("k{n}");
+        // Commit and Remove need a snapshot first: made now, the armed failpoint not hit yet.
+        let call = match fp.split_once(':').expect("group:step").0 {
+            "prepare" => prepare(&mut c, &key, "c1").await.map(|_| ()),
+            "commit" => {
+                let m = prepare(&mut c, &key, "c1")
+                    .await
+                    .expect("prepare to commit");
+                write_file(&d.dir, &m[0], "g", "G");
+                commit(&mut c, &format!("{key}c"), &key).await
+            }
+            _ => {
+                prepare(&mut c, &key, "c1")
+                    .await
+                    .expect("prepare to remove");
+                commit(&mut c, &format!("{key}c"), &key)
+                    .await
+                    .expect("commit to remove");
+                remove(&mut c, &format!("{key}c")).await
+            }
+        };
+        assert!(
+            call.is_err(),
+            "{fp}: the call answered; failpoint not reached"
+        );
+        d.expect_killed(fp);
+        d.start();
+        let (mut c, _) = d.clients().await;
+        with_mount(&d.dir, &mounts(&mut c, "l1").await[0], |root| {
+            assert_eq!(std::fs::read_to_string(root.join("f")).expect("f"), "L1");
+        });
+        let (_, mut a) = d.clients().await;
+        let ids = status_with_thin_ids(&mut a).await.thin_ids;
+        assert!(
+            !ids.contains(&thin_id),
+            "{fp}: thinsnap lists LVM's thin id {thin_id} as its own: {ids:?}"
+        );
+        println!("{fp}: ok");
+    }
+    // thinsnap gone, its devices deleted from the pool (existing mode leaves the pool itself).
+    d.stop();
+    let out = d.cli(&["pool", "destroy"]);
+    assert!(
+        out.status.success(),
+        "pool destroy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.shut_down();
+    ok("lvchange", &["--yes", "-ay", &format!("{vg}/mine")]);
+    assert!(
+        read_device(&lv_dev) == data,
+        "LVM's thin volume {vg}/mine changed"
+    );
 }

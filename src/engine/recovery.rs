@@ -169,12 +169,14 @@ impl<'a> Recovery<'a> {
 
     fn undo_create(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
         let id = dev.thin_id;
-        if self.settings.allow_foreign_devices && !self.settings.owns_pool {
+        let shared = self.settings.allow_foreign_devices && !self.settings.owns_pool;
+        if shared && !self.active.contains(&id) {
             // A pool shared with someone else, and no transaction id of ours to tell whether
             // this Prepare's create_snap ran: the id in the kernel may be the snapshot it made,
             // or another owner's volume that answered its create_snap with EEXIST just before
             // the kill. Never delete what may not be ours: the id is left alone (counted as a
             // foreign device from now on; at worst an empty snapshot of one of our layers).
+            // An active device under our prefix is ours: thinsnap activated it.
             warn!(thin_id = id, owner = %dev.owner,
                   "interrupted create in a shared pool: its thin id, if the pool holds it, may be another owner's; left alone");
             self.report.left_alone.push(id);
