@@ -18,6 +18,38 @@ fn pct(used: u64, total: u64) -> f64 {
     }
 }
 
+/// What an operator must do about an unhealthy pool (one that takes no changes, so not even a
+/// Remove can win space back), or `None` for a healthy one.
+pub fn action(st: &StatusResponse) -> Option<String> {
+    let meta = st.metadata.clone().unwrap_or_default();
+    let grow_meta = if st.pool_mode == "loop" {
+        "`thinsnap pool grow --metadata-size SIZE`"
+    } else {
+        "`lvextend --poolmetadatasize +SIZE VG/POOL` (lvm) or the pool owner's tools"
+    };
+    let repair = "stop thinsnap and repair the metadata offline (`thin_check`/`thin_repair`; `lvconvert --repair VG/POOL` for LVM), then start thinsnap";
+    if st.needs_check {
+        Some(format!("the pool's metadata needs checking: {repair}"))
+    } else if st.read_only && meta.total_bytes > 0 && meta.used_bytes >= meta.total_bytes / 100 * 99
+    {
+        Some(format!(
+            "the pool's metadata is full, so it takes no changes (Remove cannot free space): grow it with {grow_meta}; the pool resumes writing at once"
+        ))
+    } else if st.read_only {
+        Some(format!(
+            "the pool is read-only (after a metadata error, or loaded read-only) and takes no changes (Remove cannot free space): see the kernel log (dmesg); {repair}"
+        ))
+    } else if st.out_of_data_space {
+        Some(if st.pool_mode == "loop" {
+            "the pool's data space is full: Remove snapshots, or grow it with `thinsnap pool grow --data-size SIZE`".to_string()
+        } else {
+            "the pool's data space is full: Remove snapshots, or grow it with `lvextend` (lvm) or the pool owner's tools".to_string()
+        })
+    } else {
+        None
+    }
+}
+
 /// `st` as the text `thinsnap status` prints, or as JSON with `json`.
 pub fn render(st: &StatusResponse, json: bool) -> String {
     let mut out = String::new();
@@ -44,7 +76,8 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
             "min_free_space_percent": st.min_free_space_percent,
             "transaction_id": st.transaction_id,
             "health": {"read_only": st.read_only, "out_of_data_space": st.out_of_data_space,
-                       "needs_check": st.needs_check, "error_if_no_space": st.error_if_no_space},
+                       "needs_check": st.needs_check, "error_if_no_space": st.error_if_no_space,
+                       "action": action(st)},
             "snapshots": {"active": st.snapshots_active, "view": st.snapshots_view,
                           "committed": st.snapshots_committed},
             "thin_ids_in_use": st.thin_ids_in_use,
@@ -97,6 +130,9 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
             health.join(", ")
         }
     );
+    if let Some(a) = action(st) {
+        w!("Action Needed:             {a}");
+    }
     w!("Error If No Space:         {}", st.error_if_no_space);
     w!(
         "Snapshots:                 {} active, {} view, {} committed",
@@ -177,5 +213,36 @@ mod tests {
         assert_eq!(v["health"]["read_only"], true);
         assert_eq!(v["snapshots"]["active"], 3);
         assert_eq!(v["loop_files"][0]["device"], "/dev/loop0");
+    }
+
+    #[test]
+    fn an_unhealthy_pool_says_what_to_run() {
+        let mut st = sample();
+        // Read-only with room in its metadata: an error, repaired offline.
+        let text = render(&st, false);
+        assert!(
+            text.contains("Action Needed:") && text.contains("thin_repair"),
+            "{text}"
+        );
+        // Read-only with its metadata full: grow the metadata (loop: thinsnap's own command).
+        st.metadata = Some(Space {
+            used_bytes: 1 << 20,
+            total_bytes: 1 << 20,
+        });
+        let a = action(&st).expect("an action");
+        assert!(a.contains("thinsnap pool grow --metadata-size"), "{a}");
+        st.pool_mode = "lvm".into();
+        assert!(action(&st)
+            .expect("an action")
+            .contains("lvextend --poolmetadatasize"));
+        let v: serde_json::Value = serde_json::from_str(&render(&st, true)).expect("json");
+        assert!(v["health"]["action"]
+            .as_str()
+            .expect("action")
+            .contains("lvextend"));
+        // A healthy pool: no action line.
+        st.read_only = false;
+        assert!(action(&st).is_none());
+        assert!(!render(&st, false).contains("Action Needed"));
     }
 }

@@ -5,7 +5,9 @@
 //! - a thinsnap killed while its start-up reads the pool's metadata (thin_ls on a reserved
 //!   metadata snapshot): the next start must serve; without thin_ls it refuses to start;
 //! - a thinsnap killed with devices suspended (a pool grow, a snapshot of an active origin): the
-//!   next start resumes them and serves.
+//!   next start resumes them and serves;
+//! - a pool gone read-only (its metadata full or failed): changes are refused with a clear error,
+//!   status says what to run, nothing is lost, and all works again once it is writable.
 
 mod common;
 
@@ -375,4 +377,81 @@ async fn vm_killed_with_devices_suspended_the_next_start_resumes_them() {
     write_file(&d.dir, &m[0], "g", "B");
     assert_no_leak(&d, &mut a, "after a kill with devices suspended").await;
     assert!(d.log().contains("left suspended"), "{}", d.log_tail(30));
+}
+
+/// Reloads pool `pool`'s table with the `read_only` feature added (`on`) or taken out.
+fn set_pool_read_only(pool: &str, on: bool) {
+    use devicemapper::{DevId, DmFlags, DmName, DmOptions, DM};
+    let dm = DM::new().expect("dm");
+    let name = DmName::new(pool).expect("name");
+    let id = DevId::Name(name);
+    let (_, table) = dm
+        .table_status(
+            &id,
+            DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
+        )
+        .expect("table");
+    let (start, len, target, params) = table[0].clone();
+    // <metadata dev> <data dev> <block size> <low water mark> <#features> [<feature>...]
+    let words: Vec<&str> = params.split_whitespace().collect();
+    let mut features: Vec<&str> = words[5..]
+        .iter()
+        .copied()
+        .filter(|f| *f != "read_only")
+        .collect();
+    if on {
+        features.push("read_only");
+    }
+    let params = format!(
+        "{} {} {}",
+        words[..4].join(" "),
+        features.len(),
+        features.join(" ")
+    );
+    dm.table_load(&id, &[(start, len, target, params)], DmOptions::default())
+        .expect("load table");
+    dm.device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+        .expect("suspend");
+    dm.device_suspend(&id, DmOptions::default())
+        .expect("resume");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_a_read_only_pool_refuses_changes_clearly_and_loses_nothing() {
+    let mut d = daemon("readonly");
+    d.start();
+    let (mut c, _) = d.clients().await;
+    let m = prepare(&mut c, "a", "").await.expect("a");
+    write_file(&d.dir, &m[0], "f", "A");
+    set_pool_read_only(&d.pool, true);
+    // Remove cannot win space back from a pool that takes no changes: it says why, and the
+    // snapshot is still there.
+    let err = remove(&mut c, "a")
+        .await
+        .expect_err("remove on a read-only pool");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("read-only"), "{err:?}");
+    assert!(stat(&mut c, "a").await.is_ok(), "the snapshot is gone");
+    let err = prepare(&mut c, "b", "")
+        .await
+        .expect_err("prepare on a read-only pool");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // status says what to do.
+    let out = d.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Action Needed:") && text.contains("read-only"),
+        "{text}"
+    );
+    // Writable again: the same Remove works, and nothing leaked.
+    set_pool_read_only(&d.pool, false);
+    let out = d.cli(&["status"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("Action Needed"));
+    with_mount(&d.dir, &mounts(&mut c, "a").await[0], |root| {
+        assert_eq!(std::fs::read_to_string(root.join("f")).expect("f"), "A");
+    });
+    remove(&mut c, "a").await.expect("remove once writable");
+    let (_, mut a) = d.clients().await;
+    assert_no_leak(&d, &mut a, "after a read-only spell").await;
 }

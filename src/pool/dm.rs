@@ -124,6 +124,8 @@ impl DmPool {
             Some(Errno::EEXIST) => PoolError::ThinExists(id),
             Some(Errno::ENODATA) | Some(Errno::ENOENT) => PoolError::ThinNotFound(id),
             Some(Errno::ENOSPC) => PoolError::NoSpace(self.name.clone()),
+            // The kernel refuses every pool message in read-only (and fail) mode.
+            Some(Errno::EOPNOTSUPP) => PoolError::ReadOnly(self.name.clone()),
             _ => PoolError::Dm {
                 op,
                 target: format!("thin id {id} in pool {}", self.name),

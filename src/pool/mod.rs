@@ -50,6 +50,11 @@ pub enum PoolError {
     Busy(String),
     #[error("thin pool {0} is out of space")]
     NoSpace(String),
+    #[error(
+        "thin pool {0} is read-only and takes no changes (its metadata is full or failed); \
+         `thinsnap status` says what to do"
+    )]
+    ReadOnly(String),
     #[error("{0}")]
     Unsupported(String),
     #[error("{0}")]
