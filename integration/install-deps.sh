@@ -30,6 +30,16 @@ if [[ ${1:-} == --runtime ]]; then
   PKGS=("${RUNTIME_PKGS[@]}")
 fi
 
+# cargo-deb compiles for minutes and needs nothing apt installs (gcc is on the machine): it
+# builds beside apt-get instead of after it. Not for --runtime.
+export PATH="$HOME/.cargo/bin:$PATH"
+deb_pid=""
+if [[ ${1:-} != --runtime ]] && command -v cargo >/dev/null 2>&1 && ! cargo deb --version >/dev/null 2>&1; then
+  deb_log=$(mktemp)
+  cargo install cargo-deb --locked --quiet >"$deb_log" 2>&1 &
+  deb_pid=$!
+fi
+
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -54,8 +64,9 @@ fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 bash "$here/fetch-containerd.sh" --check >/dev/null 2>&1 || bash "$here/fetch-containerd.sh"
 # the Debian package of thinsnap (cargo deb; integration/test.sh builds it for the VM)
-export PATH="$HOME/.cargo/bin:$PATH"
-if command -v cargo >/dev/null 2>&1 && ! cargo deb --version >/dev/null 2>&1; then
-  cargo install cargo-deb --locked --quiet
+if [[ -n $deb_pid ]] && ! wait "$deb_pid"; then
+  cat "$deb_log" >&2
+  echo "install-deps: cargo install cargo-deb failed" >&2
+  exit 1
 fi
 echo "install-deps: ok ($(ls /boot/vmlinuz-*-amd64 2>/dev/null | grep -v cloud | tail -1))"
