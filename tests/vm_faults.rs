@@ -30,6 +30,17 @@ fn daemon(name: &str) -> Daemon {
     d
 }
 
+/// A started daemon ([`daemon`]) with one active snapshot "a" holding file "f" = "A"; returns
+/// the snapshot's mounts too.
+async fn started_with_a(name: &str) -> (Daemon, Vec<containerd_snapshots::api::types::Mount>) {
+    let mut d = daemon(name);
+    d.start();
+    let (mut c, _) = d.clients().await;
+    let m = prepare(&mut c, "a", "").await.expect("a");
+    write_file(&d.dir, &m[0], "f", "A");
+    (d, m)
+}
+
 /// `req` with a gRPC deadline of `deadline`, as containerd sends its caller's context.
 fn with_deadline<T>(req: T, deadline: Duration) -> Request<T> {
     let mut r = Request::new(req);
@@ -267,11 +278,7 @@ async fn vm_calls_cut_short_by_their_client_leave_nothing_stuck() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_killed_during_thin_ls_the_next_start_serves() {
-    let mut d = daemon("thinls");
-    d.start();
-    let (mut c, _) = d.clients().await;
-    let m = prepare(&mut c, "a", "").await.expect("a");
-    write_file(&d.dir, &m[0], "f", "A");
+    let (mut d, _) = started_with_a("thinls").await;
     d.stop();
     // A store behind the pool (the pool's transaction id moved on without it) makes the next
     // start read the pool's thin ids with thin_ls.
@@ -332,11 +339,7 @@ fn suspended(name: &str) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_killed_with_devices_suspended_the_next_start_resumes_them() {
-    let mut d = daemon("suspended");
-    d.start();
-    let (mut c, _) = d.clients().await;
-    let m = prepare(&mut c, "a", "").await.expect("a");
-    write_file(&d.dir, &m[0], "f", "A");
+    let (mut d, m) = started_with_a("suspended").await;
     let a_dev = m[0].source.trim_start_matches("/dev/mapper/").to_string();
     d.stop();
     // An active snapshot's device left suspended, as a thinsnap killed while it snapshotted an
@@ -419,11 +422,8 @@ fn set_pool_read_only(pool: &str, on: bool) {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_a_read_only_pool_refuses_changes_clearly_and_loses_nothing() {
-    let mut d = daemon("readonly");
-    d.start();
+    let (d, _) = started_with_a("readonly").await;
     let (mut c, _) = d.clients().await;
-    let m = prepare(&mut c, "a", "").await.expect("a");
-    write_file(&d.dir, &m[0], "f", "A");
     set_pool_read_only(&d.pool, true);
     // Remove cannot win space back from a pool that takes no changes: it says why, and the
     // snapshot is still there.

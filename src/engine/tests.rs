@@ -105,6 +105,18 @@ impl T {
         )
     }
 
+    /// Drops the engine (as a crash would) and gives back what a new start needs.
+    fn crash(self) -> (tempfile::TempDir, std::path::PathBuf, Arc<FakePool>) {
+        let T {
+            _dir,
+            path,
+            pool,
+            engine,
+        } = self;
+        drop(engine);
+        (_dir, path, pool)
+    }
+
     fn base_id(&self) -> ThinId {
         self.engine.base.thin_id
     }
@@ -1003,13 +1015,7 @@ async fn a_shared_pools_foreign_ids_are_never_taken_nor_deleted() {
 async fn a_start_that_must_list_thin_ids_without_thin_ls_fails_saying_so() {
     let t = setup();
     prep(&t, "a", "").await.expect("prepare");
-    let T {
-        _dir,
-        path,
-        pool,
-        engine,
-    } = t;
-    drop(engine);
+    let (_dir, path, pool) = t.crash();
     // A change the store never saw: this start must read the pool's thin ids.
     let txid = pool.status().expect("status").transaction_id;
     pool.create_thin(4242).expect("change the store never saw");
