@@ -86,13 +86,7 @@ fn setup() -> T {
 impl T {
     /// Drops the engine (as a crash would, without any further call) and starts a new one.
     fn restart(self) -> (T, Report) {
-        let T {
-            _dir,
-            path,
-            pool,
-            engine,
-        } = self;
-        drop(engine);
+        let (_dir, path, pool) = self.crash();
         let (engine, report) = start_on(&path, pool.clone());
         (
             T {
