@@ -411,7 +411,8 @@ if [[ $SNAP == thinsnap ]]; then
   else
     fail "thinsnap status --json" "$(cat "$W/status0.json")"
   fi
-  dmsetup ls | awk '{print $1}' | sort >"$W/dm-baseline.txt"
+  # Only this pool's devices: other tests run beside this one in the VM (all.sh's lanes).
+  dmsetup ls | awk -v p="$POOL" 'index($1, p) == 1 {print $1}' | sort >"$W/dm-baseline.txt"
   echo "dm devices with no snapshot: $(tr '\n' ' ' <"$W/dm-baseline.txt")"
   grep -qx "$POOL" "$W/dm-baseline.txt" && pass "pool device $POOL exists" || fail "pool device $POOL exists"
 fi
@@ -611,7 +612,7 @@ if [[ $SNAP == thinsnap ]]; then
     fail "thinsnap status: no snapshot record, one thin id in use (the base)" "$(jq -c '{snapshots, thin_ids_in_use}' "$W/status-end.json" 2>&1)"
   [[ -z $(dm_snaps) ]] && pass "dmsetup ls: no thin snapshot device left" || fail "dmsetup ls: no thin snapshot device left" "$(dm_snaps)"
   [[ -z $(mapper_snaps) ]] && pass "/dev/mapper: no $POOL-snap-* node left" || fail "/dev/mapper: no $POOL-snap-* node left" "$(mapper_snaps)"
-  dmsetup ls | awk '{print $1}' | sort >"$W/dm-end.txt"
+  dmsetup ls | awk -v p="$POOL" 'index($1, p) == 1 {print $1}' | sort >"$W/dm-end.txt"
   cmp -s "$W/dm-baseline.txt" "$W/dm-end.txt" && pass "dm devices are back to the fresh pool's: $(tr '\n' ' ' <"$W/dm-end.txt")" ||
     fail "dm devices are back to the fresh pool's" "$(diff "$W/dm-baseline.txt" "$W/dm-end.txt")"
   grep -q "/dev/mapper/$POOL-snap-" /proc/mounts && fail "no thin device mounted" "$(grep "$POOL" /proc/mounts)" || pass "no thin device mounted"
