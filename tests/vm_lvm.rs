@@ -557,11 +557,11 @@ async fn vm_existing_lvm_pool_keeps_its_own_thin_volume_byte_for_byte() {
     );
 
     let mut d = Daemon::prepare_dir("vmlvm", "unused", "foreign");
+    // write_config names the pool `d.pool`: LVM's thin-pool device.
     d.pool = pool_dm.clone();
-    d.write_config(&format!(
-        "mode = \"existing\"\nname = \"{pool_dm}\"\nallow_foreign_devices = true\n\
-         [fs]\nbase_size = \"64MiB\""
-    ));
+    d.write_config(
+        "mode = \"existing\"\nallow_foreign_devices = true\n[fs]\nbase_size = \"64MiB\"",
+    );
     d.start();
     let (mut c, _) = d.clients().await;
     let m = prepare(&mut c, "l1", "").await.expect("prepare l1");
