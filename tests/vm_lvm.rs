@@ -567,6 +567,9 @@ async fn vm_existing_lvm_pool_keeps_its_own_thin_volume_byte_for_byte() {
     let m = prepare(&mut c, "l1", "").await.expect("prepare l1");
     write_file(&d.dir, &m[0], "f", "L1");
     commit(&mut c, "c1", "l1").await.expect("commit");
+    // An active snapshot that must come through every crash with its data.
+    let m = prepare(&mut c, "live", "c1").await.expect("prepare live");
+    write_file(&d.dir, &m[0], "g", "LIVE");
     let mut n = 0;
     // Killed at every step of a Prepare (the interrupted create's thin id is left alone in a
     // shared pool), of a Commit and of a Remove, then restarted: LVM's volume is never touched.
@@ -610,8 +613,9 @@ async fn vm_existing_lvm_pool_keeps_its_own_thin_volume_byte_for_byte() {
         d.expect_killed(fp);
         d.start();
         let (mut c, _) = d.clients().await;
-        with_mount(&d.dir, &mounts(&mut c, "l1").await[0], |root| {
+        with_mount(&d.dir, &mounts(&mut c, "live").await[0], |root| {
             assert_eq!(std::fs::read_to_string(root.join("f")).expect("f"), "L1");
+            assert_eq!(std::fs::read_to_string(root.join("g")).expect("g"), "LIVE");
         });
         let (_, mut a) = d.clients().await;
         let ids = status_with_thin_ids(&mut a).await.thin_ids;
