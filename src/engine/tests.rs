@@ -25,11 +25,11 @@ macro_rules! assert_err {
     }};
 }
 
-struct T {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-    pool: Arc<FakePool>,
-    engine: Arc<Engine>,
+pub(super) struct T {
+    pub(super) _dir: tempfile::TempDir,
+    pub(super) path: std::path::PathBuf,
+    pub(super) pool: Arc<FakePool>,
+    pub(super) engine: Arc<Engine>,
 }
 
 fn no_format(_: &std::path::Path) -> Result<(), FsError> {
@@ -40,7 +40,7 @@ fn no_format(_: &std::path::Path) -> Result<(), FsError> {
 /// its own background thread a moment after the last handle is dropped (a real crash ends the
 /// process, so the daemon never meets this): a bounded number of tries, each only after a
 /// failed open.
-fn reopen(path: &std::path::Path) -> Store {
+pub(super) fn reopen(path: &std::path::Path) -> Store {
     let mut tries = 0;
     loop {
         match Store::open(path) {
@@ -57,7 +57,7 @@ fn reopen(path: &std::path::Path) -> Store {
     }
 }
 
-fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Arc<Engine>, Report) {
+pub(super) fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Arc<Engine>, Report) {
     let store = reopen(path);
     let (e, r) = recovery::start(
         pool,
@@ -69,7 +69,7 @@ fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Arc<Engine>, Report
     (Arc::new(e), r)
 }
 
-fn setup() -> T {
+pub(super) fn setup() -> T {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
     let pool = Arc::new(FakePool::new());
@@ -85,7 +85,7 @@ fn setup() -> T {
 
 impl T {
     /// Drops the engine (as a crash would, without any further call) and starts a new one.
-    fn restart(self) -> (T, Report) {
+    pub(super) fn restart(self) -> (T, Report) {
         let T {
             _dir,
             path,
@@ -105,7 +105,7 @@ impl T {
         )
     }
 
-    fn base_id(&self) -> ThinId {
+    pub(super) fn base_id(&self) -> ThinId {
         self.engine.base.thin_id
     }
 }
@@ -121,11 +121,11 @@ async fn keys_listed(t: &T, filters: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn no_labels() -> BTreeMap<String, String> {
+pub(super) fn no_labels() -> BTreeMap<String, String> {
     BTreeMap::new()
 }
 
-async fn prep(t: &T, key: &str, parent: &str) -> Result<Vec<Mount>, EngineError> {
+pub(super) async fn prep(t: &T, key: &str, parent: &str) -> Result<Vec<Mount>, EngineError> {
     t.engine
         .create(Kind::Active, key, parent, no_labels())
         .await
@@ -288,6 +288,7 @@ async fn a_half_made_snapshot_is_rolled_back_without_a_restart() {
         labels: no_labels(),
         now: 0,
         size: None,
+        roll_forward: false,
     };
     let plan = t
         .engine
@@ -480,6 +481,7 @@ async fn crash_between_intent_and_outcome_is_undone_at_start() {
         labels: no_labels(),
         now: 1,
         size: None,
+        roll_forward: false,
     };
     let plan = t
         .engine
@@ -558,7 +560,7 @@ async fn concurrent_prepares_of_one_key_have_one_winner() {
     assert_eq!(t.pool.thin_ids().len(), 2);
 }
 
-fn setup_with(settings: Settings) -> T {
+pub(super) fn setup_with(settings: Settings) -> T {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
     let pool = Arc::new(FakePool::new());
@@ -872,6 +874,8 @@ async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
     t.engine.remove("b").await.expect("remove");
     // create_snap a, create_snap b, delete b: each numbered, in the pool and in the store.
     assert_eq!(t.pool.status().expect("status").transaction_id, before + 3);
+    // A clean stop flushes the last call's outcome (each call flushes only its intent).
+    t.engine.shutdown().await.expect("shutdown");
     let (t, report) = t.restart();
     assert!(
         !report.thin_ids_listed,
@@ -885,6 +889,7 @@ async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
         .create(Kind::Active, "x", "c", BTreeMap::new())
         .await
         .is_err());
+    t.engine.shutdown().await.expect("shutdown");
     let (t, report) = t.restart();
     assert!(
         !report.thin_ids_listed,
