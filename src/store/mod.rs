@@ -3,7 +3,9 @@
 //!
 //! Only this module imports `sled`. Every method that changes more than one record does it in one
 //! sled transaction across the trees, so a reader never sees half an operation; nothing is durable
-//! until [`Store::flush`] returns, and the engine flushes before it answers a call. The store knows
+//! until [`Store::flush`] returns (sled's background flush is off), and a flush makes every write
+//! before it durable. The engine flushes a call's intent before it touches the kernel; the
+//! outcome is durable with the next flush. [`Store::flushes`] counts them. The store knows
 //! nothing of the kernel.
 
 mod commit;
