@@ -85,6 +85,10 @@ block_size = "${BLOCK_KIB}KiB"
 type = "ext4"
 base_size = "${BASE_MIB}MiB"
 EOF
+  # A third argument: the metrics endpoint's host:port (store flushes per call, see -metrics).
+  if [[ -n ${3:-} ]]; then
+    printf '[metrics]\naddress = "%s"\n' "$3" >>"$dir/config.toml"
+  fi
 }
 
 status=0
@@ -112,9 +116,9 @@ run_devmapper() {
 }
 
 run_thinsnap() {
-  tsconfig bts /tmp/bts
+  tsconfig bts /tmp/bts 127.0.0.1:9464
   "$DRIVER" -mode thinsnap -bin "$THINSNAP" -config /tmp/bts/config.toml -sock /tmp/bts/thinsnap.sock \
-    -pool bts -log /tmp/bts/daemon.log "${common[@]}" -out "$R/thinsnap.json"
+    -pool bts -log /tmp/bts/daemon.log -metrics http://127.0.0.1:9464/metrics "${common[@]}" -out "$R/thinsnap.json"
   local rc=$?
   # The daemon logs to the guest's tmpfs while measured (the results dir is 9p: slow writes).
   cp /tmp/bts/daemon.log "$R/thinsnap-daemon.log"

@@ -19,7 +19,7 @@
 #
 # Steps 2-4 failing do not stop the run (so one CI run shows everything); a failed build does
 # stop it before the VM. Results and logs: integration/.results/test-<date>/.
-# Environment: VM_TIMEOUT (seconds, default 4200), GUEST_PARTS (e.g. "rust conformance"),
+# Environment: VM_TIMEOUT (seconds, default 5400), GUEST_PARTS (e.g. "rust conformance"),
 # CONFORMANCE_PARALLEL, CONFORMANCE_FS, RUST_LOG; see integration/vm.sh and integration/guest/.
 set -uo pipefail
 
@@ -139,7 +139,7 @@ step deb build_deb
 
 export THINSNAP_BIN
 THINSNAP_BIN=$(<"$RESULTS/thinsnap-bin.txt")
-export VM_RESULTS=$RESULTS/vm VM_TIMEOUT=${VM_TIMEOUT:-4200}
+export VM_RESULTS=$RESULTS/vm VM_TIMEOUT=${VM_TIMEOUT:-5400}
 export CRI_TEST_BIN THINSNAP_DEB
 CRI_TEST_BIN=$(cat "$RESULTS/cri-test-bin.txt" 2>/dev/null)
 [[ -s $RESULTS/thinsnap.deb ]] && THINSNAP_DEB=$RESULTS/thinsnap.deb

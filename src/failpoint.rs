@@ -12,12 +12,20 @@ pub const ALL: &[&str] = &[
     "base:after-intent",
     "base:after-create",
     "base:after-format",
+    // `<call>:start` is hit when a call has its keys locked, before it touches anything: armed
+    // as `<call>:start@2` it kills the second call, after the first one answered OK with only
+    // its intent durable (its outcome is written, not flushed): the crash test then checks that
+    // the answered call survives.
+    "prepare:start",
     "prepare:after-intent",
     "prepare:after-create-snap",
     "prepare:after-activate",
     "prepare:after-outcome",
+    "commit:start",
+    "commit:after-intent",
     "commit:after-deactivate",
     "commit:after-record",
+    "remove:start",
     "remove:after-deactivate",
     "remove:after-intent",
     "remove:after-delete",

@@ -4,6 +4,8 @@
 //! - every snapshot it lists can be mounted and holds what was written;
 //! - the thin ids in the pool's metadata (thin_ls on a metadata snapshot) are exactly the ones the
 //!   store knows: nothing leaked, nothing pointing at nothing;
+//! - the interrupted call has the one outcome its kill point allows (done or not done);
+//! - a call that answered OK before the kill, with only its intent durable, survives;
 //! - the interrupted call can be made again.
 //!
 //! Then random SIGKILLs under a concurrent load of Prepare/Commit/Remove, repeated.
@@ -143,10 +145,102 @@ async fn vm_sigkill_at_every_failpoint_converges() {
             let (mut c, _) = d.clients().await;
             fixture(d, &mut c, &p).await
         };
+        let (group, step) = fp.split_once(':').expect("group:step");
+        if step == "start" {
+            // The first call answers OK with only its intent durable; the second is killed
+            // before it writes anything, so nothing flushed the first one's outcome.
+            let armed = format!("{fp}@2");
+            d.stop();
+            d.start_with(Some(&armed));
+            let (mut c, _) = d.clients().await;
+            let second = match group {
+                "prepare" => {
+                    let m = prepare(&mut c, &k("victim"), &k("C1"))
+                        .await
+                        .expect("the first prepare answers");
+                    write_file(&d.dir, &m[0], "v", "V");
+                    prepare(&mut c, &k("victim2"), &k("C1")).await.map(|_| ())
+                }
+                "commit" => {
+                    commit(&mut c, &k("victimC"), &k("toCommit"))
+                        .await
+                        .expect("the first commit answers");
+                    commit(&mut c, &k("never"), &k("toRemoveActive")).await
+                }
+                _ => {
+                    remove(&mut c, &k("toRemoveActive"))
+                        .await
+                        .expect("the first remove answers");
+                    remove(&mut c, &k("toRemoveCommitted")).await
+                }
+            };
+            assert!(second.is_err(), "{armed}: the second call answered");
+            d.expect_killed(fp);
+            d.start();
+            let (mut c, mut a) = d.clients().await;
+            assert_no_leak(d, &mut a, fp).await;
+            for (key, _, files) in &expected {
+                check_content(d, &mut c, key, files).await;
+            }
+            let names = list_all(&mut c).await;
+            let has = |key: &str| names.contains_key(&k(key));
+            let l1 = ("f".to_string(), "L1".to_string());
+            match group {
+                "prepare" => {
+                    assert!(
+                        has("victim"),
+                        "{fp}: an answered Prepare was lost: {names:?}"
+                    );
+                    assert!(
+                        !has("victim2"),
+                        "{fp}: the killed Prepare happened: {names:?}"
+                    );
+                    check_content(d, &mut c, &k("victim"), &[l1, ("v".into(), "V".into())]).await;
+                    prepare(&mut c, &k("victim2"), &k("C1"))
+                        .await
+                        .expect("the killed prepare can be made");
+                }
+                "commit" => {
+                    assert!(
+                        has("victimC") && !has("toCommit"),
+                        "{fp}: an answered Commit was lost: {names:?}"
+                    );
+                    assert!(
+                        has("toRemoveActive") && !has("never"),
+                        "{fp}: the killed Commit happened: {names:?}"
+                    );
+                    check_content(d, &mut c, &k("victimC"), &[l1, ("t".into(), "T".into())]).await;
+                }
+                _ => {
+                    assert!(
+                        !has("toRemoveActive"),
+                        "{fp}: an answered Remove came back: {names:?}"
+                    );
+                    assert!(
+                        has("toRemoveCommitted"),
+                        "{fp}: the killed Remove happened: {names:?}"
+                    );
+                    check_content(
+                        d,
+                        &mut c,
+                        &k("toRemoveCommitted"),
+                        &[("r".into(), "R".into())],
+                    )
+                    .await;
+                    prepare(&mut c, &k("toRemoveActive"), &k("C1"))
+                        .await
+                        .expect("the removed key can be prepared again");
+                }
+            }
+            assert_no_leak(d, &mut a, fp).await;
+            let outcome = "the answered call survived, the killed one did not happen: ok";
+            println!("{fp}: {outcome}");
+            report.push(format!("{fp}: {outcome}"));
+            continue;
+        }
         d.stop();
         d.start_with(Some(fp));
         let (mut c, _) = d.clients().await;
-        let (group, _) = fp.split_once(':').expect("group:step");
         let call = match (group, fp) {
             ("prepare", _) => prepare(&mut c, &k("victim"), &k("C1")).await.map(|_| ()),
             ("commit", _) => commit(&mut c, &k("victimC"), &k("toCommit")).await,
@@ -166,10 +260,18 @@ async fn vm_sigkill_at_every_failpoint_converges() {
         }
         let names = list_all(&mut c).await;
         let (victim, victim_c, to_commit) = (k("victim"), k("victimC"), k("toCommit"));
+        // Each kill point has one outcome (done or not done), decided by what is durable: the
+        // intent, and for Prepare whether the pool has the thin device.
         let outcome = match group {
             "prepare" => {
-                // Undone (the usual case) or, if the outcome was durable, complete.
-                if names.contains_key(&victim) {
+                let made = fp != "prepare:after-intent";
+                assert_eq!(
+                    names.contains_key(&victim),
+                    made,
+                    "{fp}: the Prepare should be {}: {names:?}",
+                    if made { "completed" } else { "undone" }
+                );
+                if made {
                     assert_eq!(
                         prepare(&mut c, &victim, &k("C1"))
                             .await
@@ -183,28 +285,26 @@ async fn vm_sigkill_at_every_failpoint_converges() {
                 prepare(&mut c, &victim, &k("C1"))
                     .await
                     .expect("prepare the interrupted key again");
-                "prepare again: ok"
+                if made {
+                    "completed by recovery; removed, prepared again: ok"
+                } else {
+                    "undone; prepared again: ok"
+                }
             }
             "commit" => {
                 let before = names.contains_key(&to_commit);
                 let after = names.contains_key(&victim_c);
                 assert!(before ^ after, "{fp}: commit half done: {names:?}");
+                assert!(
+                    after,
+                    "{fp}: a Commit whose intent is durable was undone: {names:?}"
+                );
                 let files = [
                     ("f".to_string(), "L1".to_string()),
                     ("t".to_string(), "T".to_string()),
                 ];
-                if before {
-                    check_content(d, &mut c, &to_commit, &files).await;
-                    commit(&mut c, &victim_c, &to_commit)
-                        .await
-                        .expect("commit again");
-                }
                 check_content(d, &mut c, &victim_c, &files).await;
-                if before {
-                    "commit undone, then again: ok"
-                } else {
-                    "commit complete: ok"
-                }
+                "commit completed by recovery: ok"
             }
             _ => {
                 let key = if fp == "remove:after-deactivate" {
@@ -212,14 +312,18 @@ async fn vm_sigkill_at_every_failpoint_converges() {
                 } else {
                     k("toRemoveCommitted")
                 };
-                if names.contains_key(&key) {
-                    if key.ends_with("toRemoveCommitted") {
-                        check_content(d, &mut c, &key, &[("r".into(), "R".into())]).await;
-                    }
+                let done = fp != "remove:after-deactivate";
+                assert_eq!(
+                    !names.contains_key(&key),
+                    done,
+                    "{fp}: the Remove should be {}: {names:?}",
+                    if done { "done" } else { "not done" }
+                );
+                if !done {
                     remove(&mut c, &key).await.expect("remove again");
-                    "remove undone, then again: ok"
+                    "remove not done (before its intent), then again: ok"
                 } else {
-                    "remove complete: ok"
+                    "remove completed: ok"
                 }
             }
         };

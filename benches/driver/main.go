@@ -2,7 +2,7 @@
 // benches/run.sh through benches/guest.sh) except for -mode report, which runs on the host.
 //
 //	driver -mode devmapper -pool NAME -root DIR -base-size 128MiB -out devmapper.json
-//	driver -mode thinsnap  -bin thinsnap -config FILE -sock SOCK -out thinsnap.json
+//	driver -mode thinsnap  -bin thinsnap -config FILE -sock SOCK [-metrics URL] -out thinsnap.json
 //	driver -mode startup   -bin thinsnap -config FILE -sock SOCK -pool NAME -out startup.json
 //	driver -mode report    -dir RESULTS_DIR -out benches/RESULTS.md
 //
@@ -47,6 +47,7 @@ var (
 	dir        = flag.String("dir", "", "report: the results directory")
 	command    = flag.String("command", "benches/run.sh", "report: the command that produced the results")
 	skipLatNoP = flag.Bool("skip-noparent", false, "(b) skip the no-parent case (smoke runs)")
+	metricsURL = flag.String("metrics", "", "thinsnap: its /metrics URL, to count store flushes per call in (b)")
 )
 
 func writeJSON(path string, v interface{}) {
@@ -128,6 +129,10 @@ func runThinsnap() {
 	ctx := context.Background()
 	d := &daemon{bin: *bin, config: *config, sock: *sock, logPath: *logPath}
 	firstStart := d.start()
+	if *metricsURL != "" {
+		url := *metricsURL
+		flushCount = func() int64 { return scrapeFlushes(url) }
+	}
 	logf("thinsnap ready after %s (new pool: loop files, pool, base mkfs)", firstStart)
 	idle := settleRSS(d.pid())
 	sn, conn := dial(*sock)
@@ -191,6 +196,10 @@ func runStartup() {
 	ctx := context.Background()
 	d := &daemon{bin: *bin, config: *config, sock: *sock, logPath: *logPath}
 	firstStart := d.start()
+	if *metricsURL != "" {
+		url := *metricsURL
+		flushCount = func() int64 { return scrapeFlushes(url) }
+	}
 	logf("thinsnap ready after %s (new pool)", firstStart)
 	idleEmpty := settleRSS(d.pid())
 

@@ -273,8 +273,10 @@ func runReport() {
 		w("")
 		w("\"with parent\": on top of a chain of %d committed snapshots. Remove (active) removes a view (an active device); Remove (committed) a committed snapshot. View's floor is Prepare's (the same kernel work). Stat (no kernel work: the RPC path and a store read) is there to split thinsnap's time: Prepare - floor - Stat is what the store, locking and extra ioctls add.", ts.Latency.ChainDepth)
 		w("")
-		w("| call | case | thinsnap p50 | thinsnap p99 | devmapper p50 | devmapper p99 | floor p50 | floor p99 | devmapper / thinsnap (p50) | devmapper / thinsnap (p99) | thinsnap / floor (p50) | thinsnap / floor (p99) |")
-		w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+		w("thinsnap fsyncs/call: durable store writes (sled flushes, one fsync each on a disk) per call, from thinsnap's `thinsnap_store_flushes_total` read before and after each run of one kind of call (\"-\": not counted in that run).")
+		w("")
+		w("| call | case | thinsnap p50 | thinsnap p99 | thinsnap fsyncs/call | devmapper p50 | devmapper p99 | floor p50 | floor p99 | devmapper / thinsnap (p50) | devmapper / thinsnap (p99) | thinsnap / floor (p50) | thinsnap / floor (p99) |")
+		w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 		for _, op := range []string{"prepare", "view", "commit", "remove_active", "remove_committed", "stat"} {
 			for _, parent := range []bool{false, true} {
 				c := "no parent"
@@ -282,7 +284,11 @@ func runReport() {
 					c = "with parent"
 				}
 				a, d, f := lat(ts, parent, op), lat(dm, parent, op), flo(parent, op)
-				w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", op, c, ms(a.P50), ms(a.P99), ms(d.P50), ms(d.P99), ms(f.P50), ms(f.P99),
+				fs := "-"
+				if a.FsyncsPerCall != nil {
+					fs = fmt.Sprintf("%.2f", *a.FsyncsPerCall)
+				}
+				w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", op, c, ms(a.P50), ms(a.P99), fs, ms(d.P50), ms(d.P99), ms(f.P50), ms(f.P99),
 					ratio(float64(d.P50), float64(a.P50)), ratio(float64(d.P99), float64(a.P99)),
 					ratio(float64(a.P50), float64(f.P50)), ratio(float64(a.P99), float64(f.P99)))
 			}

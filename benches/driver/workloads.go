@@ -5,12 +5,16 @@ package main
 // snapshotter in process, and thinsnap through containerd's own proxy client over its socket.
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,6 +31,9 @@ type Stats struct {
 	Mean int64 `json:"mean_ns"`
 	Min  int64 `json:"min_ns"`
 	Max  int64 `json:"max_ns"`
+	// Durable store writes (sled flushes: an fsync each on a disk) per call, counted by
+	// thinsnap's thinsnap_store_flushes_total; absent for devmapper.
+	FsyncsPerCall *float64 `json:"fsyncs_per_call,omitempty"`
 }
 
 func summarize(d []time.Duration) Stats {
@@ -260,6 +267,20 @@ func removeAll(ctx context.Context, sn snapshots.Snapshotter, names []string) {
 // in batches of `batch` so that the pool never holds more than 2*batch of them at once.
 func latency(ctx context.Context, sn snapshots.Snapshotter, tag, parent string, n, batch int) map[string]Stats {
 	var prep, view, commit, rmActive, rmCommitted, stat []time.Duration
+	// Store flushes per kind of call: the counter is read before and after each run of one kind
+	// (the calls are sequential, nothing else runs), outside the timed calls.
+	flushes := map[string]int64{}
+	calls := map[string]int{}
+	counted := func(op string, k int, f func()) {
+		if flushCount == nil {
+			f()
+			return
+		}
+		before := flushCount()
+		f()
+		flushes[op] += flushCount() - before
+		calls[op] += k
+	}
 	timed := func(into *[]time.Duration, what string, f func() error) {
 		t := time.Now()
 		err := f()
@@ -272,36 +293,48 @@ func latency(ctx context.Context, sn snapshots.Snapshotter, tag, parent string, 
 		if end > n {
 			end = n
 		}
-		for i := start; i < end; i++ {
-			key := fmt.Sprintf("%s-p-%d", tag, i)
-			timed(&prep, "prepare "+key, func() error { _, err := sn.Prepare(ctx, key, parent); return err })
-		}
+		counted("prepare", end-start, func() {
+			for i := start; i < end; i++ {
+				key := fmt.Sprintf("%s-p-%d", tag, i)
+				timed(&prep, "prepare "+key, func() error { _, err := sn.Prepare(ctx, key, parent); return err })
+			}
+		})
 		// Stat: a read-only call, the cost of the RPC path and a store read without the kernel.
-		for i := start; i < end; i++ {
-			key := fmt.Sprintf("%s-p-%d", tag, i)
-			timed(&stat, "stat "+key, func() error { _, err := sn.Stat(ctx, key); return err })
-		}
-		for i := start; i < end; i++ {
-			key, name := fmt.Sprintf("%s-p-%d", tag, i), fmt.Sprintf("%s-c-%d", tag, i)
-			timed(&commit, "commit "+key, func() error { return sn.Commit(ctx, name, key) })
-		}
-		for i := start; i < end; i++ {
-			key := fmt.Sprintf("%s-v-%d", tag, i)
-			timed(&view, "view "+key, func() error { _, err := sn.View(ctx, key, parent); return err })
-		}
-		for i := start; i < end; i++ {
-			key := fmt.Sprintf("%s-v-%d", tag, i)
-			timed(&rmActive, "remove "+key, func() error { return sn.Remove(ctx, key) })
-		}
-		for i := start; i < end; i++ {
-			name := fmt.Sprintf("%s-c-%d", tag, i)
-			timed(&rmCommitted, "remove "+name, func() error { return sn.Remove(ctx, name) })
-		}
+		counted("stat", end-start, func() {
+			for i := start; i < end; i++ {
+				key := fmt.Sprintf("%s-p-%d", tag, i)
+				timed(&stat, "stat "+key, func() error { _, err := sn.Stat(ctx, key); return err })
+			}
+		})
+		counted("commit", end-start, func() {
+			for i := start; i < end; i++ {
+				key, name := fmt.Sprintf("%s-p-%d", tag, i), fmt.Sprintf("%s-c-%d", tag, i)
+				timed(&commit, "commit "+key, func() error { return sn.Commit(ctx, name, key) })
+			}
+		})
+		counted("view", end-start, func() {
+			for i := start; i < end; i++ {
+				key := fmt.Sprintf("%s-v-%d", tag, i)
+				timed(&view, "view "+key, func() error { _, err := sn.View(ctx, key, parent); return err })
+			}
+		})
+		counted("remove_active", end-start, func() {
+			for i := start; i < end; i++ {
+				key := fmt.Sprintf("%s-v-%d", tag, i)
+				timed(&rmActive, "remove "+key, func() error { return sn.Remove(ctx, key) })
+			}
+		})
+		counted("remove_committed", end-start, func() {
+			for i := start; i < end; i++ {
+				name := fmt.Sprintf("%s-c-%d", tag, i)
+				timed(&rmCommitted, "remove "+name, func() error { return sn.Remove(ctx, name) })
+			}
+		})
 		if end%100 == 0 || end == n {
 			logf("latency %s: %d/%d", tag, end, n)
 		}
 	}
-	return map[string]Stats{
+	res := map[string]Stats{
 		"prepare":          summarize(prep),
 		"view":             summarize(view),
 		"commit":           summarize(commit),
@@ -309,6 +342,36 @@ func latency(ctx context.Context, sn snapshots.Snapshotter, tag, parent string, 
 		"remove_committed": summarize(rmCommitted),
 		"stat":             summarize(stat),
 	}
+	for op, k := range calls {
+		if k > 0 {
+			st := res[op]
+			v := float64(flushes[op]) / float64(k)
+			st.FsyncsPerCall = &v
+			res[op] = st
+		}
+	}
+	return res
+}
+
+// flushCount reads thinsnap_store_flushes_total from thinsnap's metrics endpoint (-metrics);
+// nil when there is none (devmapper, or thinsnap without -metrics).
+var flushCount func() int64
+
+func scrapeFlushes(url string) int64 {
+	resp, err := http.Get(url)
+	must(err, "GET %s", url)
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 2 && f[0] == "thinsnap_store_flushes_total" {
+			v, err := strconv.ParseFloat(f[1], 64)
+			must(err, "parse %q", sc.Text())
+			return int64(v)
+		}
+	}
+	must(fmt.Errorf("no thinsnap_store_flushes_total"), "scrape %s", url)
+	return 0
 }
 
 // ---- (c) concurrent clients ----------------------------------------------------------------------

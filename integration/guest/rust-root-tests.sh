@@ -11,7 +11,7 @@ set -uo pipefail
 guest_prelude
 
 list=${1:-$VM_RESULTS/rust-test-executables.txt}
-per_exe_timeout=${RUST_ROOT_TEST_TIMEOUT:-1200}
+per_exe_timeout=${RUST_ROOT_TEST_TIMEOUT:-2700}
 if [[ ! -r $list ]]; then
   echo "rust-root-tests: list of test executables not found: $list" >&2
   echo "0 passed, 1 failed"

@@ -1,7 +1,8 @@
 //! The snapshot engine: containerd's snapshot semantics on top of the pool and the [`Store`].
 //! It owns the order of every mutating call (intent recorded and flushed, then the kernel, then
-//! the outcome recorded and flushed), per-key locking, rollback of a failed call, and recovery
-//! at start ([`recovery`]).
+//! the outcome recorded: one durable write per call on the common path; the outcome is durable
+//! with the next flush, and until then recovery completes the call from its intent), per-key
+//! locking, rollback of a failed call, and recovery at start ([`recovery`]).
 //!
 //! It must not know gRPC (the `grpc` module converts) nor device-mapper (the pool does); pool
 //! calls are blocking ioctls and always go through `spawn_blocking`. It reaches the pool only
@@ -9,10 +10,12 @@
 //!
 //! The calls live here; the rest along its seams: `error` (the error type and how the layers
 //! below map into it), `limits` (what a request may carry), `space` (the free-space floor,
-//! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`), `types` (what
-//! callers see and give: infos, mounts, status, settings).
+//! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`),
+//! `commit` (Commit and its intent), `types` (what callers see and give: infos, mounts, status,
+//! settings).
 
 pub mod autogrow;
+mod commit;
 mod error;
 pub mod filter;
 mod limits;
@@ -195,6 +198,7 @@ impl Engine {
         check_labels(&labels)?;
         let size = size_label(key, &labels)?;
         let _guard = self.locks.lock(&[key]).await;
+        crate::failpoint!("prepare:start");
         // A half-made snapshot of this key that its own call could not undo (a store write that
         // failed during the undo): nobody else holds the key, so roll it back now instead of
         // answering AlreadyExists until a restart.
@@ -203,6 +207,12 @@ impl Engine {
         if let Some(want) = size {
             self.check_size_bound(key, want, &st)?;
         }
+        // The common path answers with only its intent durable: recovery completes the call if
+        // the pool has its thin device (see DeviceRecord::roll_forward). Not with the size
+        // label (a thin device whose filesystem may not be grown yet is not a finished
+        // snapshot), nor in a pool thinsnap does not own (a thin id found there after a crash
+        // may be someone else's): those flush their outcome before they answer.
+        let roll_forward = size.is_none() && self.pool.current().is_some();
         let new = NewSnapshot {
             key: key.to_string(),
             kind,
@@ -210,6 +220,7 @@ impl Engine {
             labels,
             now: now_ns(),
             size,
+            roll_forward,
         };
         let mut tries = 0;
         let (id, origin) = loop {
@@ -270,10 +281,12 @@ impl Engine {
                 }
             }
         };
-        // 3. Outcome.
+        // 3. Outcome: written; durable with the next flush (any call's), or made so by recovery.
         let finished = async {
             self.store.finish_create(key)?;
-            self.flush().await?;
+            if !roll_forward {
+                self.flush().await?;
+            }
             Ok::<_, EngineError>(())
         }
         .await;
@@ -350,71 +363,6 @@ impl Engine {
         Ok(self.mounts_of(&rec))
     }
 
-    /// Commits active snapshot `key` as `name`: the device keeps its thin id and is deactivated.
-    ///
-    /// Returns NotFound if `key` does not exist, FailedPrecondition if it is a view or committed
-    /// or still mounted, AlreadyExists if `name` is taken.
-    pub async fn commit(
-        &self,
-        name: &str,
-        key: &str,
-        labels: BTreeMap<String, String>,
-    ) -> Result<(), EngineError> {
-        check_key("name", name)?;
-        check_key("key", key)?;
-        check_labels(&labels)?;
-        let _guard = self.locks.lock(&[key, name]).await;
-        let rec = self.ready(key)?;
-        if rec.kind != Kind::Active {
-            return Err(EngineError::FailedPrecondition(format!(
-                "snapshot {key:?} is {}; only an active snapshot can be committed",
-                rec.kind.as_str()
-            )));
-        }
-        if self.store.get(name)?.is_some() {
-            return Err(EngineError::AlreadyExists(format!(
-                "snapshot {name:?} already exists"
-            )));
-        }
-        let (id, size) = (rec.thin_id, rec.size);
-        let what = format!("commit snapshot {key:?}");
-        let mapped = self
-            .on_pool(move |pool| {
-                pool.activate(id, size)
-                    .map_err(pool_err(format!("{what}: activate thin id {id}")))?;
-                let mapped = pool
-                    .mapped_bytes(id)
-                    .map_err(pool_err(format!("{what}: read usage of thin id {id}")))?;
-                match pool.deactivate(id) {
-                    Ok(()) => {}
-                    // containerd's own conformance suite commits snapshots it has not
-                    // unmounted yet (so does a careless client): flush the filesystem now and
-                    // let the device go at its last close, as containerd's devmapper does.
-                    Err(PoolError::Busy(_)) => {
-                        warn!(thin_id = id, "committing a snapshot that is still mounted");
-                        pool.deactivate_deferred(id).map_err(pool_err(what))?;
-                    }
-                    Err(e) => return Err(pool_err(what)(e)),
-                }
-                crate::failpoint!("commit:after-deactivate");
-                Ok(mapped)
-            })
-            .await?;
-        let committed = self.store.commit(key, name, labels, mapped, now_ns());
-        let committed = match committed {
-            Ok(c) => self.flush().await.map(|_| c).map_err(EngineError::from),
-            Err(e) => Err(e.into()),
-        };
-        if let Err(e) = committed {
-            // The active snapshot is still what the store has: give it its device back.
-            self.reactivate(id, size).await;
-            return Err(e);
-        }
-        crate::failpoint!("commit:after-record");
-        info!(key, name, thin_id = id, mapped, "committed snapshot");
-        Ok(())
-    }
-
     /// Removes a snapshot and deletes its thin device (with `remove.async`, queues the device
     /// for the reaper and answers at once).
     ///
@@ -436,6 +384,7 @@ impl Engine {
             }
             parent = now;
         };
+        crate::failpoint!("remove:start");
         if rec.kind == Kind::Committed && rec.children > 0 {
             return Err(EngineError::FailedPrecondition(format!(
                 "snapshot {key:?} has {} child snapshot(s); remove them first",
@@ -660,11 +609,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Durable store writes (flushes) since start: see [`Store::flushes`].
+    pub fn store_flushes(&self) -> u64 {
+        self.store.flushes()
+    }
+
     /// The record of a snapshot, for tests.
     pub fn record(&self, key: &str) -> Result<Option<SnapshotRecord>, EngineError> {
         Ok(self.store.get(key)?)
     }
 }
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 mod tests;

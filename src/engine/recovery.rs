@@ -4,9 +4,15 @@
 //! Every mutating call records its intent (state Creating or Deleting) durably before it touches
 //! the kernel, so after a crash or a reboot each record says what may be half done. [`start`]
 //! runs these phases in order, each logged:
-//! 1. `Recovery::settle_devices`: a device Creating never answered its caller; its thin device
-//!    may exist: delete it, drop the records (the client saw an error or nothing, and will
-//!    retry). A device Deleting is already gone for clients: finish deleting it. A Ready device:
+//! 1. `Recovery::settle_devices`: a device Creating whose call flushes its outcome before it
+//!    answers (`roll_forward` false: the size label, a pool thinsnap does not own, records of
+//!    older versions) never answered its caller; its thin device may exist: delete it, drop the
+//!    records (the client saw an error or nothing, and will retry). A device Creating with
+//!    `roll_forward` may have answered OK with only its intent durable: if the pool has its thin
+//!    device, activate it and mark it Ready (the call is complete); if not, undo it as above.
+//!    A device Deleting is already gone for clients: finish deleting it. A Ready device with a
+//!    Commit intent: finish the Commit from the intent (then, as committed, its device is
+//!    deactivated). A Ready device:
 //!    an active snapshot or view whose device is not active (a reboot) is activated again, a
 //!    committed snapshot's or the base's active device is deactivated, and a device no snapshot
 //!    owns is deleted.
@@ -37,6 +43,10 @@ use crate::store::{BaseRecord, DeviceRecord, SnapshotRecord, State, Store, BASE_
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Report {
     pub undone_creates: Vec<ThinId>,
+    /// Creates whose intent was durable and whose thin device the pool had: completed.
+    pub completed_creates: Vec<ThinId>,
+    /// Commits whose intent was durable: completed.
+    pub completed_commits: Vec<ThinId>,
     pub finished_deletes: Vec<ThinId>,
     pub reactivated: Vec<ThinId>,
     pub deactivated: Vec<ThinId>,
@@ -54,6 +64,8 @@ impl Report {
     fn changed_anything(&self) -> bool {
         !self.undone_creates.is_empty()
             || !self.left_alone.is_empty()
+            || !self.completed_creates.is_empty()
+            || !self.completed_commits.is_empty()
             || !self.finished_deletes.is_empty()
             || !self.orphans_deleted.is_empty()
             || !self.reactivated.is_empty()
@@ -159,12 +171,73 @@ impl<'a> Recovery<'a> {
     fn settle_devices(&mut self) -> Result<(), EngineError> {
         for dev in self.store.devices()? {
             match dev.state {
+                State::Creating if dev.roll_forward => self.settle_create(&dev)?,
                 State::Creating => self.undo_create(&dev)?,
                 State::Deleting => self.finish_delete(&dev)?,
+                State::Ready if dev.commit.is_some() => self.finish_commit(&dev)?,
                 State::Ready => self.settle_ready(&dev)?,
             }
         }
         Ok(())
+    }
+
+    /// A create that may have answered OK with only its intent durable: complete if the pool
+    /// has its thin device (the kernel step was made; activating it is the probe), undo if not.
+    /// In a pool thinsnap owns, a thin id is only ever made after its intent is durable, so a
+    /// thin device under this id is this call's.
+    fn settle_create(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
+        let id = dev.thin_id;
+        let size = match self.snapshots.get(&dev.owner) {
+            Some(r) if r.thin_id == id && r.state == State::Creating => r.size,
+            _ => return self.undo_create(dev),
+        };
+        match self.pool.activate(id, size) {
+            Ok(_) => {
+                info!(thin_id = id, key = %dev.owner,
+                      "completing an interrupted create: the pool has its thin device");
+                self.store.finish_create(&dev.owner)?;
+                if let Some(r) = self.snapshots.get_mut(&dev.owner) {
+                    r.state = State::Ready;
+                }
+                self.active.insert(id);
+                self.report.completed_creates.push(id);
+                Ok(())
+            }
+            Err(PoolError::ThinNotFound(_)) => self.undo_create(dev),
+            Err(e) => Err(pool_err(format!(
+                "activate thin id {id} of the interrupted create of {:?}",
+                dev.owner
+            ))(e)),
+        }
+    }
+
+    /// A Commit whose intent is durable: finished from the intent; then the device is settled
+    /// as a committed snapshot's (deactivated if active).
+    fn finish_commit(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
+        let (id, key) = (dev.thin_id, dev.owner.clone());
+        let mut settled = dev.clone();
+        settled.commit = None;
+        match self.store.finish_commit(&key) {
+            Ok(rec) => {
+                let name = dev
+                    .commit
+                    .as_ref()
+                    .map(|c| c.name.clone())
+                    .unwrap_or_default();
+                info!(thin_id = id, key = %key, name = %name, "completing an interrupted commit");
+                self.snapshots.remove(&key);
+                self.snapshots.insert(name.clone(), rec);
+                settled.owner = name;
+                self.report.completed_commits.push(id);
+            }
+            // Cannot happen (the call held both keys until the crash): the snapshot stays as
+            // it was, never half committed.
+            Err(e) => {
+                warn!(thin_id = id, key = %key, error = %e, "cannot complete an interrupted commit; dropping its intent");
+                self.store.abandon_commit(&key)?;
+            }
+        }
+        self.settle_ready(&settled)
     }
 
     fn undo_create(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {

@@ -25,11 +25,11 @@ macro_rules! assert_err {
     }};
 }
 
-struct T {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-    pool: Arc<FakePool>,
-    engine: Arc<Engine>,
+pub(super) struct T {
+    pub(super) _dir: tempfile::TempDir,
+    pub(super) path: std::path::PathBuf,
+    pub(super) pool: Arc<FakePool>,
+    pub(super) engine: Arc<Engine>,
 }
 
 fn no_format(_: &std::path::Path) -> Result<(), FsError> {
@@ -40,7 +40,7 @@ fn no_format(_: &std::path::Path) -> Result<(), FsError> {
 /// its own background thread a moment after the last handle is dropped (a real crash ends the
 /// process, so the daemon never meets this): a bounded number of tries, each only after a
 /// failed open.
-fn reopen(path: &std::path::Path) -> Store {
+pub(super) fn reopen(path: &std::path::Path) -> Store {
     let mut tries = 0;
     loop {
         match Store::open(path) {
@@ -57,7 +57,7 @@ fn reopen(path: &std::path::Path) -> Store {
     }
 }
 
-fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Arc<Engine>, Report) {
+pub(super) fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Arc<Engine>, Report) {
     let store = reopen(path);
     let (e, r) = recovery::start(
         pool,
@@ -69,7 +69,7 @@ fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Arc<Engine>, Report
     (Arc::new(e), r)
 }
 
-fn setup() -> T {
+pub(super) fn setup() -> T {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
     let pool = Arc::new(FakePool::new());
@@ -85,8 +85,8 @@ fn setup() -> T {
 
 impl T {
     /// Drops the engine (as a crash would, without any further call) and starts a new one.
-    fn restart(self) -> (T, Report) {
-        let (_dir, path, pool) = self.crash();
+    pub(super) fn restart(self) -> (T, Report) {
+        let (_dir, path, pool) = self.into_parts();
         let (engine, report) = start_on(&path, pool.clone());
         (
             T {
@@ -100,7 +100,7 @@ impl T {
     }
 
     /// Drops the engine (as a crash would) and gives back what a new start needs.
-    fn crash(self) -> (tempfile::TempDir, std::path::PathBuf, Arc<FakePool>) {
+    pub(super) fn into_parts(self) -> (tempfile::TempDir, std::path::PathBuf, Arc<FakePool>) {
         let T {
             _dir,
             path,
@@ -111,7 +111,7 @@ impl T {
         (_dir, path, pool)
     }
 
-    fn base_id(&self) -> ThinId {
+    pub(super) fn base_id(&self) -> ThinId {
         self.engine.base.thin_id
     }
 }
@@ -127,11 +127,11 @@ async fn keys_listed(t: &T, filters: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn no_labels() -> BTreeMap<String, String> {
+pub(super) fn no_labels() -> BTreeMap<String, String> {
     BTreeMap::new()
 }
 
-async fn prep(t: &T, key: &str, parent: &str) -> Result<Vec<Mount>, EngineError> {
+pub(super) async fn prep(t: &T, key: &str, parent: &str) -> Result<Vec<Mount>, EngineError> {
     t.engine
         .create(Kind::Active, key, parent, no_labels())
         .await
@@ -294,6 +294,7 @@ async fn a_half_made_snapshot_is_rolled_back_without_a_restart() {
         labels: no_labels(),
         now: 0,
         size: None,
+        roll_forward: false,
     };
     let plan = t
         .engine
@@ -486,6 +487,7 @@ async fn crash_between_intent_and_outcome_is_undone_at_start() {
         labels: no_labels(),
         now: 1,
         size: None,
+        roll_forward: false,
     };
     let plan = t
         .engine
@@ -564,7 +566,7 @@ async fn concurrent_prepares_of_one_key_have_one_winner() {
     assert_eq!(t.pool.thin_ids().len(), 2);
 }
 
-fn setup_with(settings: Settings) -> T {
+pub(super) fn setup_with(settings: Settings) -> T {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
     let pool = Arc::new(FakePool::new());
@@ -878,6 +880,8 @@ async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
     t.engine.remove("b").await.expect("remove");
     // create_snap a, create_snap b, delete b: each numbered, in the pool and in the store.
     assert_eq!(t.pool.status().expect("status").transaction_id, before + 3);
+    // A clean stop flushes the last call's outcome (each call flushes only its intent).
+    t.engine.shutdown().await.expect("shutdown");
     let (t, report) = t.restart();
     assert!(
         !report.thin_ids_listed,
@@ -891,6 +895,7 @@ async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
         .create(Kind::Active, "x", "c", BTreeMap::new())
         .await
         .is_err());
+    t.engine.shutdown().await.expect("shutdown");
     let (t, report) = t.restart();
     assert!(
         !report.thin_ids_listed,
@@ -935,6 +940,8 @@ async fn recovery_never_deletes_an_interrupted_creates_thin_id_in_a_shared_pool(
                 labels: BTreeMap::new(),
                 now: 1,
                 size: None,
+                // As the engine writes it in a pool it does not own: never rolled forward.
+                roll_forward: false,
             },
             &engine.base,
         )
@@ -1009,7 +1016,7 @@ async fn a_shared_pools_foreign_ids_are_never_taken_nor_deleted() {
 async fn a_start_that_must_list_thin_ids_without_thin_ls_fails_saying_so() {
     let t = setup();
     prep(&t, "a", "").await.expect("prepare");
-    let (_dir, path, pool) = t.crash();
+    let (_dir, path, pool) = t.into_parts();
     // A change the store never saw: this start must read the pool's thin ids.
     let txid = pool.status().expect("status").transaction_id;
     pool.create_thin(4242).expect("change the store never saw");

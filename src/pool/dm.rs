@@ -181,7 +181,15 @@ impl ThinPool for DmPool {
             "thin",
             size_bytes / SECTOR,
             &format!("{} {id}", self.pool_dev),
-        )?;
+        )
+        .map_err(|e| match &e {
+            // The thin target's constructor cannot open the thin id: the pool has no such
+            // device (dm-thin's __open_device answers ENODATA). Recovery asks exactly this.
+            PoolError::Dm { source, .. } if errno_of(source) == Some(Errno::ENODATA) => {
+                PoolError::ThinNotFound(id)
+            }
+            _ => e,
+        })?;
         Ok(path)
     }
 

@@ -58,6 +58,28 @@ pub struct DeviceRecord {
     pub origin: Option<ThinId>,
     /// The snapshot key that owns it, or [`BASE_OWNER`].
     pub owner: String,
+    /// State Creating only: the call answers before its outcome is durable, so recovery
+    /// completes it (the record becomes Ready) when the pool has the thin device, and undoes it
+    /// otherwise. False (and records written before this field): recovery always undoes it.
+    #[serde(default)]
+    pub roll_forward: bool,
+    /// A Commit of the owning active snapshot whose intent is durable: recovery completes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<CommitIntent>,
+}
+
+/// What a Commit records before it touches the kernel (see `Store::begin_commit`): everything
+/// the committed record needs, so recovery can finish the Commit without the kernel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitIntent {
+    /// The name the snapshot is committed under.
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Bytes mapped by the device, read before the intent.
+    pub mapped: u64,
+    /// Nanoseconds since the Unix epoch.
+    pub now: u64,
 }
 
 /// Owner name of the base device's record.
