@@ -13,6 +13,7 @@
 # Lanes: the parts run in two lanes at once, "rust" beside "conformance then e2e" (each part is
 # mostly one process at a time, so one lane leaves the second vCPU idle; two lanes cut the VM's
 # time by about a third). Every part names its own pools and devices, so they do not meet.
+# The test executables named in RUST_LATE run in the second lane, after e2e (part "rust-late").
 # GUEST_LANES=1 runs everything in one lane, in order, with the leftover-device check after each
 # part; with two lanes the check runs once, after both. Explicit PARTs run in one lane.
 set -uo pipefail
@@ -94,7 +95,8 @@ run_part() {
 
 one_part() {
   case $1 in
-    rust) run_part rust "$here/rust-root-tests.sh" ;;
+    rust) run_part rust "$here/rust-root-tests.sh" "${rust_list:-$VM_RESULTS/rust-test-executables.txt}" ;;
+    rust-late) run_part rust-late "$here/rust-root-tests.sh" "$results/rust-late.txt" ;;
     conformance) run_part conformance "$here/conformance.sh" ;;
     e2e)
       # ---- HOOK: owned by integration/e2e/: the containerd version matrix (end-to-end and CRI
@@ -110,6 +112,14 @@ one_part() {
 }
 
 if ((lanes > 1)) && [[ " ${parts[*]} " == *" rust "* ]] && ((${#parts[@]} > 1)); then
+  # Balance the lanes: the crash tests alone take as long as conformance and e2e together, so the
+  # test executables named in RUST_LATE (default: vm_pool_ops, vm_lazy) run as part "rust-late"
+  # after the other lane's parts.
+  rust_list=$results/rust.txt
+  late_pattern=$(printf '%s-|' ${RUST_LATE:-vm_pool_ops vm_lazy})
+  grep -v '^[[:space:]]*\(#\|$\)' "$VM_RESULTS/rust-test-executables.txt" | grep -Ev "/(${late_pattern%|})[^/]*$" >"$rust_list"
+  grep -v '^[[:space:]]*\(#\|$\)' "$VM_RESULTS/rust-test-executables.txt" | grep -E "/(${late_pattern%|})[^/]*$" >"$results/rust-late.txt"
+  [[ -s $results/rust-late.txt ]] && parts+=(rust-late)
   say "two lanes: rust | ${parts[*]/rust/}"
   one_part rust &
   rust_lane=$!
