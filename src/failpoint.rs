@@ -24,6 +24,12 @@ pub const ALL: &[&str] = &[
     "remove:after-forget",
 ];
 
+/// Failpoints of lazy activation (a device activated on first use), killed by
+/// `tests/vm_lazy.rs` rather than by the crash tests' fixture: `dm:after-device-create` is hit by
+/// every dm device made (a device left without a table), `lazy:after-activate` after a
+/// snapshot's device is activated on first use.
+pub const LAZY: &[&str] = &["dm:after-device-create", "lazy:after-activate"];
+
 struct Armed {
     name: String,
     nth: u64,

@@ -24,6 +24,9 @@ pub struct Metrics {
     errors: IntCounterVec,
     space: GaugeVec,
     snapshots: GaugeVec,
+    /// Snapshots whose devices are not live: `awaiting_activation` (lazy activation after a
+    /// reboot) and `quarantined`.
+    devices: GaugeVec,
 }
 
 impl Default for Metrics {
@@ -61,11 +64,20 @@ impl Metrics {
         .expect("static metric definition");
         let snapshots = GaugeVec::new(Opts::new("snapshots", "Snapshots by kind"), &["kind"])
             .expect("static metric definition");
+        let devices = GaugeVec::new(
+            Opts::new(
+                "snapshot_devices",
+                "Active snapshots and views whose devices await activation, and quarantined snapshots",
+            ),
+            &["state"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(latency.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
             Box::new(space.clone()),
             Box::new(snapshots.clone()),
+            Box::new(devices.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -75,6 +87,7 @@ impl Metrics {
             errors,
             space,
             snapshots,
+            devices,
         }
     }
 
@@ -115,6 +128,12 @@ impl Metrics {
                 m.snapshots
                     .with_label_values(&["committed"])
                     .set(st.committed as f64);
+                m.devices
+                    .with_label_values(&["awaiting_activation"])
+                    .set(st.inactive as f64);
+                m.devices
+                    .with_label_values(&["quarantined"])
+                    .set(st.quarantined.len() as f64);
             }
             Err(e) => warn!(error = %e, "cannot read pool status for metrics"),
         }

@@ -502,7 +502,7 @@ async fn crash_between_intent_and_outcome_is_undone_at_start() {
 }
 
 #[tokio::test]
-async fn reboot_reactivates_active_snapshots_and_views_only() {
+async fn reboot_leaves_active_snapshots_and_views_awaiting_activation() {
     let t = setup();
     prep(&t, "a", "").await.expect("a");
     t.engine
@@ -520,7 +520,7 @@ async fn reboot_reactivates_active_snapshots_and_views_only() {
         .collect();
     t.pool.reboot();
     let (t, report) = t.restart();
-    let mut re = report.reactivated.clone();
+    let mut re = report.awaiting_activation.clone();
     re.sort();
     let mut want = vec![ids[0], ids[1]];
     want.sort();
@@ -1049,3 +1049,6 @@ async fn remove_racing_prepare_of_a_child_never_orphans_the_child() {
     let in_pool: Vec<_> = t.pool.thin_ids().into_iter().collect();
     assert_eq!(in_pool, known);
 }
+
+#[path = "tests_lazy.rs"]
+mod lazy;

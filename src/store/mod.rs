@@ -6,6 +6,7 @@
 //! until [`Store::flush`] returns, and the engine flushes before it answers a call. The store knows
 //! nothing of the kernel.
 
+mod quarantine;
 pub mod records;
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ use std::path::Path;
 use sled::transaction::{abort, ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
-pub use records::{BaseRecord, DeviceRecord, Kind, SnapshotRecord, State, BASE_OWNER};
+pub use records::{BaseRecord, DeviceRecord, Kind, Quarantine, SnapshotRecord, State, BASE_OWNER};
 
 use crate::model::{ThinId, MAX_THIN_ID};
 
@@ -346,6 +347,7 @@ impl Store {
                     origin_mapped,
                     mapped: 0,
                     children: 0,
+                    quarantine: None,
                 };
                 snapshots.insert(new.key.as_bytes(), enc(&rec))?;
                 let dev = DeviceRecord {
