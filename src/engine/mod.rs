@@ -10,7 +10,8 @@
 //! The calls live here; the rest along its seams: `error` (the error type and how the layers
 //! below map into it), `limits` (what a request may carry), `space` (the free-space floor,
 //! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`), `types` (what
-//! callers see and give: infos, mounts, status, settings).
+//! callers see and give: infos, mounts, status, settings), `activate` (a device made on first use
+//! after a reboot; quarantined snapshots).
 
 mod activate;
 pub mod autogrow;
@@ -462,6 +463,7 @@ impl Engine {
             self.store.begin_remove(key)?;
             self.flush().await?;
             let _ = reaper.send(id);
+            self.lazy.done(id);
             info!(
                 key,
                 thin_id = id,
