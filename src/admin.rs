@@ -14,7 +14,7 @@ pub mod api {
 }
 
 use api::admin_server::Admin;
-use api::{GrowRequest, LoopFile, Space, StatusRequest, StatusResponse};
+use api::{GrowRequest, LoopFile, Quarantined, Space, StatusRequest, StatusResponse};
 
 /// The Admin service over an engine.
 pub struct AdminService {
@@ -96,6 +96,17 @@ impl Admin for AdminService {
             base_thin_id: base.thin_id,
             min_free_space_percent: self.engine.min_free_percent(),
             thin_ids,
+            snapshots_inactive: st.inactive,
+            quarantined: st
+                .quarantined
+                .into_iter()
+                .map(|q| Quarantined {
+                    key: q.key,
+                    thin_id: q.thin_id,
+                    kind: q.kind.as_str().to_string(),
+                    reason: q.reason,
+                })
+                .collect(),
         }))
     }
 }

@@ -12,7 +12,8 @@
 //! - [`model`]: the vocabulary every layer shares (thin ids, snapshot kinds); imports nothing.
 //! - [`metrics`]: the opt-in Prometheus endpoint; call latency and errors, pool space.
 //! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
-//!   recovery at start ([`engine::recovery`]), containerd's filter syntax ([`engine::filter`]).
+//!   recovery at start ([`engine::recovery`]; devices of active snapshots made on first use,
+//!   quarantine: `engine::activate`), containerd's filter syntax ([`engine::filter`]).
 //! - [`store`]: the sled database: snapshot and device records, thin id allocation, schema version.
 //! - [`pool`]: the `ThinPool` trait and its device-mapper implementation ([`pool::dm`]) over the
 //!   shared dm ioctls (`pool::ioctl`); loop-file ([`pool::loopback`]) and LVM ([`pool::lvm`])

@@ -28,6 +28,9 @@ pub struct Metrics {
     snapshots: GaugeVec,
     /// The store's flushes since start, brought up to the engine's count at each scrape.
     flushes: IntCounter,
+    /// Snapshots whose devices are not live: `awaiting_activation` (lazy activation after a
+    /// reboot) and `quarantined`.
+    devices: GaugeVec,
 }
 
 impl Default for Metrics {
@@ -70,12 +73,21 @@ impl Metrics {
             "Durable writes of the store (sled flushes, one fsync each on a disk)",
         )
         .expect("static metric definition");
+        let devices = GaugeVec::new(
+            Opts::new(
+                "snapshot_devices",
+                "Active snapshots and views whose devices await activation, and quarantined snapshots",
+            ),
+            &["state"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(flushes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(errors.clone()),
             Box::new(space.clone()),
             Box::new(snapshots.clone()),
+            Box::new(devices.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -86,6 +98,7 @@ impl Metrics {
             space,
             snapshots,
             flushes,
+            devices,
         }
     }
 
@@ -135,6 +148,12 @@ impl Metrics {
                 m.snapshots
                     .with_label_values(&["committed"])
                     .set(st.committed as f64);
+                m.devices
+                    .with_label_values(&["awaiting_activation"])
+                    .set(st.inactive as f64);
+                m.devices
+                    .with_label_values(&["quarantined"])
+                    .set(st.quarantined.len() as f64);
             }
             Err(e) => warn!(error = %e, "cannot read pool status for metrics"),
         }

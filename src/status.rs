@@ -79,7 +79,11 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
                        "needs_check": st.needs_check, "error_if_no_space": st.error_if_no_space,
                        "action": action(st)},
             "snapshots": {"active": st.snapshots_active, "view": st.snapshots_view,
-                          "committed": st.snapshots_committed},
+                          "committed": st.snapshots_committed,
+                          "inactive": st.snapshots_inactive},
+            "quarantined": st.quarantined.iter().map(|q| serde_json::json!(
+                {"key": q.key, "thin_id": q.thin_id, "kind": q.kind, "reason": q.reason}))
+                .collect::<Vec<_>>(),
             "thin_ids_in_use": st.thin_ids_in_use,
             "loop_files": st.loop_files.iter().map(|l| serde_json::json!(
                 {"role": l.role, "file": l.file, "device": l.device})).collect::<Vec<_>>(),
@@ -140,6 +144,20 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
         st.snapshots_view,
         st.snapshots_committed
     );
+    w!(
+        "Awaiting Activation:       {} (devices made on first use)",
+        st.snapshots_inactive
+    );
+    w!("Quarantined:               {}", st.quarantined.len());
+    for q in &st.quarantined {
+        w!(
+            "  {:?} ({}, thin id {}): {}",
+            q.key,
+            q.kind,
+            q.thin_id,
+            q.reason
+        );
+    }
     w!(
         "Thin Ids In Use:           {} (base: {})",
         st.thin_ids_in_use,

@@ -219,6 +219,10 @@ async fn vm_restart_and_reboot_keep_everything() {
     });
     let st = status(&mut a).await;
     assert_eq!(st.thin_ids_in_use, 4);
+    // The view's device is made by the first call that needs it (lazy activation).
+    assert_eq!(st.snapshots_inactive, 1, "the view awaits activation");
+    let mv = mounts(&mut c, "view").await;
+    assert!(Path::new(&mv[0].source).exists(), "view not activated");
     assert_eq!(
         d.our_dm_devices().len(),
         2,

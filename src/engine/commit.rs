@@ -40,7 +40,13 @@ impl Engine {
                 "snapshot {name:?} already exists"
             )));
         }
+        // A device not activated yet this run (lazy activation after a reboot) is made now: the
+        // committed record's usage is read from it and its dirty pages flushed by deactivation.
+        self.ensure_device(key, &rec).await?;
         let (id, size) = (rec.thin_id, rec.size);
+        // The device is this call's until the Commit is done: no first-use activation races it.
+        let id_text = id.to_string();
+        let _device = self.thin_locks.lock(&[&id_text]).await;
         // What the committed record keeps for Usage, read from the active device.
         let what = format!("commit snapshot {key:?}");
         let mapped = self

@@ -12,8 +12,9 @@
 //! below map into it), `limits` (what a request may carry), `space` (the free-space floor,
 //! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`),
 //! `commit` (Commit and its intent), `types` (what callers see and give: infos, mounts, status,
-//! settings).
+//! settings), `activate` (a device made on first use after a reboot; quarantined snapshots).
 
+mod activate;
 pub mod autogrow;
 mod commit;
 mod error;
@@ -36,6 +37,7 @@ use crate::fs::mount_options;
 pub use crate::model::{Kind, ThinId};
 use crate::pool::{NumberedPool, PoolError, PoolInfo, ThinPool};
 use crate::store::{BaseRecord, NewSnapshot, SnapshotRecord, State, Store, StoreError};
+pub use activate::QuarantinedInfo;
 pub(crate) use error::pool_err;
 pub use error::EngineError;
 use limits::{check_key, check_labels, size_label};
@@ -99,6 +101,8 @@ pub struct Engine {
     reaper_queue: Mutex<Option<UnboundedReceiver<ThinId>>>,
     /// What last limited `pool.autogrow` (logged when it changes).
     autogrow_limited: Mutex<Vec<String>>,
+    /// Devices not activated yet this run (see [`activate`]).
+    lazy: activate::Lazy,
 }
 
 impl Engine {
@@ -121,6 +125,7 @@ impl Engine {
             reaper,
             reaper_queue: Mutex::new(reaper_queue),
             autogrow_limited: Mutex::new(Vec::new()),
+            lazy: activate::Lazy::default(),
         }
     }
 
@@ -203,6 +208,7 @@ impl Engine {
         // failed during the undo): nobody else holds the key, so roll it back now instead of
         // answering AlreadyExists until a restart.
         self.heal(key).await?;
+        self.check_parent(parent)?;
         let st = self.check_space().await?;
         if let Some(want) = size {
             self.check_size_bound(key, want, &st)?;
@@ -360,6 +366,7 @@ impl Engine {
                 "snapshot {key:?} is committed; only active snapshots and views have mounts"
             )));
         }
+        self.ensure_device(key, &rec).await?;
         Ok(self.mounts_of(&rec))
     }
 
@@ -392,12 +399,16 @@ impl Engine {
             )));
         }
         let id = rec.thin_id;
+        if rec.quarantine.as_ref().is_some_and(|q| q.thin_id_gone) {
+            return self.remove_gone(key, id).await;
+        }
         if let Some(reaper) = &self.reaper {
             // remove.async: answer once the record is gone; the reaper deletes the device,
             // retrying while it is busy, so Remove never blocks containerd's garbage collector.
             self.store.begin_remove(key)?;
             self.flush().await?;
             let _ = reaper.send(id);
+            self.lazy.done(id);
             info!(
                 key,
                 thin_id = id,
@@ -440,11 +451,13 @@ impl Engine {
             }
         };
         if let Some(e) = failed {
-            if active {
+            // A device never activated this run stays so (the first call that needs it will).
+            if active && !self.lazy.is_pending(id) {
                 self.reactivate(id, rec.size).await;
             }
             return Err(e);
         }
+        self.lazy.done(id);
         info!(key, thin_id = id, "removed snapshot");
         Ok(())
     }
@@ -507,9 +520,13 @@ impl Engine {
     pub async fn usage(&self, key: &str) -> Result<Usage, EngineError> {
         check_key("key", key)?;
         let rec = self.ready(key)?;
+        if let Some(q) = &rec.quarantine {
+            return Err(activate::quarantined(key, rec.thin_id, q));
+        }
         let mapped = match rec.kind {
             Kind::Committed => rec.mapped,
             Kind::Active | Kind::View => {
+                self.ensure_device(key, &rec).await?;
                 let id = rec.thin_id;
                 self.on_pool(move |pool| {
                     pool.mapped_bytes(id)
@@ -564,6 +581,8 @@ impl Engine {
                 size: self.base.size,
             },
             thin_ids: self.store.devices()?.len() as u64,
+            inactive: self.lazy.inactive(),
+            quarantined: self.quarantined()?,
             ..EngineStatus::default()
         };
         for (_, rec) in self.store.snapshots()? {

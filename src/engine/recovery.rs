@@ -12,10 +12,16 @@
 //!    device, activate it and mark it Ready (the call is complete); if not, undo it as above.
 //!    A device Deleting is already gone for clients: finish deleting it. A Ready device with a
 //!    Commit intent: finish the Commit from the intent (then, as committed, its device is
-//!    deactivated). A Ready device:
-//!    an active snapshot or view whose device is not active (a reboot) is activated again, a
-//!    committed snapshot's or the base's active device is deactivated, and a device no snapshot
-//!    owns is deleted.
+//!    deactivated). A Ready device: an active snapshot or view is left as it is, its device
+//!    activated by the first call that needs it (lazy activation, `super::activate`: a start
+//!    after a reboot does not re-make every device before serving), a committed snapshot's or
+//!    the base's active device is deactivated, and a device no snapshot owns is deleted.
+//!
+//! Start-up is never blocked for ever by one device: a kernel step that fails here (a delete
+//! refused by a read-only pool, a device still mounted) is logged and left for the next call on
+//! its key, Cleanup or the next start; a Ready snapshot whose thin id the pool does not have
+//! (seen by the thin_ls pass) is quarantined (`super::activate`), kept and reported, never
+//! dropped.
 //! 2. `Recovery::drop_dangling_snapshots`: a snapshot record whose device record is gone is
 //!    never served.
 //! 3. `Recovery::delete_unowned_active`: an active dm device with our prefix that no record
@@ -27,7 +33,7 @@
 //! The base device is recognised by its thin id (the base record's), not by its owner name:
 //! snapshot keys are opaque, and a client's key may be anything, `<base>` included.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -37,7 +43,9 @@ use super::{pool_err, Engine, EngineError, Settings};
 use crate::fs::FsError;
 use crate::model::{Kind, ThinId};
 use crate::pool::{NumberedPool, PoolError, ThinPool};
-use crate::store::{BaseRecord, DeviceRecord, SnapshotRecord, State, Store, BASE_OWNER};
+use crate::store::{
+    BaseRecord, DeviceRecord, Quarantine, SnapshotRecord, State, Store, BASE_OWNER,
+};
 
 /// What recovery did, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -48,7 +56,12 @@ pub struct Report {
     /// Commits whose intent was durable: completed.
     pub completed_commits: Vec<ThinId>,
     pub finished_deletes: Vec<ThinId>,
-    pub reactivated: Vec<ThinId>,
+    /// Active snapshots and views whose dm devices are missing: activated on first use.
+    pub awaiting_activation: Vec<ThinId>,
+    /// Ready snapshots quarantined at this start (their thin ids are gone from the pool).
+    pub quarantined: Vec<ThinId>,
+    /// Kernel steps that failed and were left for later (their records kept as they were).
+    pub left_for_later: Vec<ThinId>,
     pub deactivated: Vec<ThinId>,
     pub orphans_deleted: Vec<ThinId>,
     /// Thin ids of interrupted creates in a shared pool, not deleted: they may be another
@@ -68,7 +81,8 @@ impl Report {
             || !self.completed_commits.is_empty()
             || !self.finished_deletes.is_empty()
             || !self.orphans_deleted.is_empty()
-            || !self.reactivated.is_empty()
+            || !self.quarantined.is_empty()
+            || !self.left_for_later.is_empty()
     }
 }
 
@@ -101,17 +115,26 @@ pub fn start(
         );
     } else {
         r.reconcile_thin_ids()?;
+        store.flush_sync()?;
     }
     let base = r.ensure_base(format)?;
     let report = r.report;
+    let pending = r.pending;
     if report.changed_anything() {
         info!(?report, "recovery done");
     }
+    info!(
+        awaiting_activation = report.awaiting_activation.len(),
+        quarantined = report.quarantined.len(),
+        "serving; active snapshots' devices are activated on first use"
+    );
     if let Some(id) = pool.current() {
         store.set_pool_transaction_id(id)?;
         store.flush_sync()?;
     }
-    Ok((Engine::new(pool, store, base, settings), report))
+    let engine = Engine::new(pool, store, base, settings);
+    engine.lazy.fill(pending);
+    Ok((engine, report))
 }
 
 /// The state recovery works on: what the kernel and the store had at start, and what was done.
@@ -129,6 +152,8 @@ struct Recovery<'a> {
     /// Nothing half done, and the store saw the outcome of the pool's last change: the store
     /// knows every thin id in the pool.
     consistent: bool,
+    /// Active snapshots and views not known to have a live device (see `super::activate`).
+    pending: BTreeMap<ThinId, bool>,
     report: Report,
 }
 
@@ -157,6 +182,7 @@ impl<'a> Recovery<'a> {
             snapshots: store.snapshots()?.into_iter().collect(),
             recorded_txid,
             consistent,
+            pending: BTreeMap::new(),
             report: Report::default(),
         })
     }
@@ -255,7 +281,14 @@ impl<'a> Recovery<'a> {
             self.report.left_alone.push(id);
         } else {
             info!(thin_id = id, owner = %dev.owner, "undoing interrupted create");
-            self.delete(id)?;
+            if let Err(e) = self.delete(id) {
+                // A read-only pool, a device still open: the record stays Creating (invisible
+                // to clients); the next Prepare of the key, Cleanup or the next start tries
+                // again.
+                warn!(thin_id = id, owner = %dev.owner, error = %e, "cannot undo the interrupted create yet; left for later");
+                self.report.left_for_later.push(id);
+                return Ok(());
+            }
         }
         let owned_snapshot = self
             .snapshots
@@ -290,10 +323,7 @@ impl<'a> Recovery<'a> {
         let id = dev.thin_id;
         if self.base.as_ref().is_some_and(|b| b.thin_id == id) {
             if self.active.contains(&id) {
-                self.pool
-                    .deactivate(id)
-                    .map_err(pool_err(format!("deactivate base thin id {id}")))?;
-                self.report.deactivated.push(id);
+                self.deactivate_or_defer(id, "base");
             }
             return Ok(());
         }
@@ -305,35 +335,56 @@ impl<'a> Recovery<'a> {
                       "device record without snapshot; deleting");
                 self.store.mark_deleting(id)?;
                 self.store.flush_sync()?;
-                self.delete(id)?;
-                self.store.forget_device(id)?;
-                self.report.orphans_deleted.push(id);
+                match self.delete(id) {
+                    Ok(()) => {
+                        self.store.forget_device(id)?;
+                        self.report.orphans_deleted.push(id);
+                    }
+                    // Deleting now: the reaper, Cleanup or the next start finishes it.
+                    Err(e) => {
+                        warn!(thin_id = id, error = %e, "cannot delete yet; left for cleanup");
+                        self.report.left_for_later.push(id);
+                    }
+                }
             }
             Some(rec) if rec.kind == Kind::Committed => {
                 if self.active.contains(&id) {
                     info!(thin_id = id, key = %dev.owner, "deactivating committed snapshot");
-                    match self.pool.deactivate(id) {
-                        Ok(()) => self.report.deactivated.push(id),
-                        // Still mounted (committed while mounted): it goes at its last close;
-                        // nothing to repair.
-                        Err(PoolError::Busy(_)) => {
-                            let _ = self.pool.deactivate_deferred(id);
-                        }
-                        Err(e) => return Err(pool_err(format!("deactivate thin id {id}"))(e)),
-                    }
+                    self.deactivate_or_defer(id, "committed snapshot");
                 }
             }
-            Some(rec) => {
-                if !self.active.contains(&id) {
-                    info!(thin_id = id, key = %dev.owner, "reactivating snapshot");
-                    self.pool
-                        .activate(id, rec.size)
-                        .map_err(pool_err(format!("reactivate thin id {id}")))?;
-                    self.report.reactivated.push(id);
+            // Quarantined: nothing to do with its device until it is removed.
+            Some(rec) if rec.quarantine.is_some() => {}
+            Some(_) => {
+                // Lazy activation: the first call that needs the device activates it (and
+                // verifies one that is present: a crash may have left it half made).
+                let missing = !self.active.contains(&id);
+                if missing {
+                    self.report.awaiting_activation.push(id);
                 }
+                self.pending.insert(id, missing);
             }
         }
         Ok(())
+    }
+
+    /// Deactivates the active device of a committed snapshot or of the base. Still mounted
+    /// (committed while mounted, a base-format mount left by a crash): it goes at its last
+    /// close. Any other failure is logged: a stray active device of an immutable snapshot harms
+    /// nothing, and start-up must not depend on it.
+    fn deactivate_or_defer(&mut self, id: ThinId, what: &str) {
+        let done = match self.pool.deactivate(id) {
+            Ok(()) => {
+                self.report.deactivated.push(id);
+                Ok(())
+            }
+            Err(PoolError::Busy(_)) => self.pool.deactivate_deferred(id),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            warn!(thin_id = id, what, error = %e, "cannot deactivate; left active");
+            self.report.left_for_later.push(id);
+        }
     }
 
     fn known_ids(&self) -> Result<BTreeSet<ThinId>, EngineError> {
@@ -361,8 +412,14 @@ impl<'a> Recovery<'a> {
                 thin_id = id,
                 "active dm device with our prefix but no record; deleting"
             );
-            self.delete(id)?;
-            self.report.orphans_deleted.push(id);
+            match self.delete(id) {
+                Ok(()) => self.report.orphans_deleted.push(id),
+                // Cleanup retries (an active device with no record is an orphan there too).
+                Err(e) => {
+                    warn!(thin_id = id, error = %e, "cannot delete yet; left for cleanup");
+                    self.report.left_for_later.push(id);
+                }
+            }
         }
         Ok(())
     }
@@ -389,6 +446,7 @@ impl<'a> Recovery<'a> {
             .pool
             .list_thin_ids()
             .map_err(pool_err("list the pool's thin ids"))?;
+        self.quarantine_gone(&kernel)?;
         let known = self.known_ids()?;
         let unknown: Vec<ThinId> = kernel.difference(&known).copied().collect();
         if unknown.is_empty() {
@@ -397,8 +455,13 @@ impl<'a> Recovery<'a> {
         if self.settings.owns_pool {
             for id in unknown {
                 warn!(thin_id = id, "thin id in the pool with no record; deleting");
-                self.delete(id)?;
-                self.report.orphans_deleted.push(id);
+                match self.delete(id) {
+                    Ok(()) => self.report.orphans_deleted.push(id),
+                    Err(e) => {
+                        warn!(thin_id = id, error = %e, "cannot delete yet; the next start tries again");
+                        self.report.left_for_later.push(id);
+                    }
+                }
             }
             return Ok(());
         }
@@ -418,6 +481,30 @@ impl<'a> Recovery<'a> {
             unknown.len(),
             unknown.iter().take(16).collect::<Vec<_>>()
         )))
+    }
+
+    /// Quarantines every Ready snapshot whose thin id the pool (`kernel`, from thin_ls) does
+    /// not have: deleted behind thinsnap's back, a restored database. Kept and reported, never
+    /// dropped; Remove clears it without sending the pool a delete.
+    fn quarantine_gone(&mut self, kernel: &BTreeSet<ThinId>) -> Result<(), EngineError> {
+        for (key, rec) in &self.snapshots {
+            let id = rec.thin_id;
+            if rec.state != State::Ready || rec.quarantine.is_some() || kernel.contains(&id) {
+                continue;
+            }
+            let q = Quarantine {
+                reason: format!("thin id {id} is gone from the pool (not in thin_ls)"),
+                thin_id_gone: true,
+                since: super::now_ns(),
+            };
+            warn!(key = %key, thin_id = id, reason = %q.reason, "quarantining snapshot");
+            if self.store.set_quarantine(key, id, &q)? {
+                self.pending.remove(&id);
+                self.report.awaiting_activation.retain(|&i| i != id);
+                self.report.quarantined.push(id);
+            }
+        }
+        Ok(())
     }
 
     /// Phase 5: the existing base, checked against the configuration, or a new one.

@@ -41,20 +41,7 @@ fn no_format(_: &std::path::Path) -> Result<(), FsError> {
 /// process, so the daemon never meets this): a bounded number of tries, each only after a
 /// failed open.
 pub(super) fn reopen(path: &std::path::Path) -> Store {
-    let mut tries = 0;
-    loop {
-        match Store::open(path) {
-            Ok(s) => return s,
-            Err(e) if tries < 200 => {
-                tries += 1;
-                if tries == 1 {
-                    eprintln!("store still locked by the dropped engine ({e}); trying again");
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => panic!("store: {e}"),
-        }
-    }
+    crate::store::open_after_drop(path)
 }
 
 pub(super) fn start_on(path: &std::path::Path, pool: Arc<FakePool>) -> (Arc<Engine>, Report) {
@@ -510,7 +497,7 @@ async fn crash_between_intent_and_outcome_is_undone_at_start() {
 }
 
 #[tokio::test]
-async fn reboot_reactivates_active_snapshots_and_views_only() {
+async fn reboot_leaves_active_snapshots_and_views_awaiting_activation() {
     let t = setup();
     prep(&t, "a", "").await.expect("a");
     t.engine
@@ -528,7 +515,7 @@ async fn reboot_reactivates_active_snapshots_and_views_only() {
         .collect();
     t.pool.reboot();
     let (t, report) = t.restart();
-    let mut re = report.reactivated.clone();
+    let mut re = report.awaiting_activation.clone();
     re.sort();
     let mut want = vec![ids[0], ids[1]];
     want.sort();
@@ -1182,3 +1169,6 @@ async fn remove_racing_prepare_of_a_child_never_orphans_the_child() {
     let in_pool: Vec<_> = t.pool.thin_ids().into_iter().collect();
     assert_eq!(in_pool, known);
 }
+
+#[path = "tests_lazy.rs"]
+mod lazy;

@@ -53,6 +53,11 @@ pub struct EngineStatus {
     pub committed: u64,
     pub thin_ids: u64,
     pub base: BaseInfo,
+    /// Active snapshots and views whose dm devices are missing (after a reboot) and not yet
+    /// activated by a call that needs them.
+    pub inactive: u64,
+    /// Snapshots whose devices cannot be used, with the reason.
+    pub quarantined: Vec<super::QuarantinedInfo>,
 }
 
 /// What the engine takes from the configuration.

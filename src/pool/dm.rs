@@ -172,8 +172,24 @@ impl ThinPool for DmPool {
         // One DM_DEV_STATUS tells both whether the device is already active (recovery, a retried
         // call) and, if it is, its device number for the node.
         if let Some(info) = device_info(&self.dm, &name)? {
-            ioctl::ensure_node(&name, info.device());
-            return Ok(path);
+            let flags = info.flags();
+            if !flags.contains(DmFlags::DM_ACTIVE_PRESENT) {
+                // Half made: a thinsnap killed between the device's create and its resume. No
+                // live table, so nothing can have it open: make it again.
+                warn!(device = %name, "dm device without a live table; making it again");
+                remove_device(&self.dm, &name)?;
+            } else {
+                if flags.contains(DmFlags::DM_SUSPEND) {
+                    // Left suspended by a killed thinsnap: resume it (it may be mounted).
+                    warn!(device = %name, "dm device left suspended; resuming it");
+                    let n = dm_name(&name)?;
+                    self.dm
+                        .device_suspend(&DevId::Name(&n), DmOptions::default())
+                        .map_err(dm_err("resume", &name))?;
+                }
+                ioctl::ensure_node(&name, info.device());
+                return Ok(path);
+            }
         }
         create_device(
             &self.dm,

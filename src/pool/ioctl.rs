@@ -120,6 +120,9 @@ pub fn create_device(
     let info = dm
         .device_create(&n, None, DmOptions::default())
         .map_err(dm_err("create", name))?;
+    // Killed here, the device exists with no table (tests/vm_lazy.rs): the next activate
+    // must make it again.
+    crate::failpoint!("dm:after-device-create");
     let id = DevId::Name(&n);
     let table = vec![(0u64, sectors, target.to_string(), params.to_string())];
     let loaded = dm

@@ -9,6 +9,7 @@
 //! nothing of the kernel.
 
 mod commit;
+mod quarantine;
 pub mod records;
 
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ use sled::transaction::{abort, ConflictableTransactionError, TransactionError, T
 use sled::Transactional;
 
 pub use records::{
-    BaseRecord, CommitIntent, DeviceRecord, Kind, SnapshotRecord, State, BASE_OWNER,
+    BaseRecord, CommitIntent, DeviceRecord, Kind, Quarantine, SnapshotRecord, State, BASE_OWNER,
 };
 
 use crate::model::{ThinId, MAX_THIN_ID};
@@ -389,6 +390,7 @@ impl Store {
                     origin_mapped,
                     mapped: 0,
                     children: 0,
+                    quarantine: None,
                 };
                 snapshots.insert(new.key.as_bytes(), enc(&rec))?;
                 let dev = DeviceRecord {
@@ -614,6 +616,29 @@ fn allocate_id(devices: &TransactionalTree, meta: &TransactionalTree) -> TxResul
     abort(StoreError::NoFreeThinId)
 }
 
+/// [`Store::open`] for tests that open a database right after dropping it: sled's threads may
+/// hold its file lock a few milliseconds longer, so a locked database is tried again (for up to
+/// two seconds) instead of failing the test.
+///
+/// Panics if it cannot be opened by then.
+#[cfg(test)]
+pub(crate) fn open_after_drop(path: &Path) -> Store {
+    let mut tries = 0;
+    loop {
+        match Store::open(path) {
+            Ok(s) => return s,
+            Err(e) if tries < 200 => {
+                tries += 1;
+                if tries == 1 {
+                    eprintln!("store still locked by the dropped one ({e}); trying again");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("store: {e}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -780,7 +805,7 @@ mod tests {
             }
             s.flush_sync().expect("flush");
         }
-        let s = Store::open(&path).expect("reopen");
+        let s = open_after_drop(&path);
         let b = s.base().expect("base").expect("base kept");
         let p = s
             .begin_create(&new("after", Kind::Active, None), &b)

@@ -45,6 +45,23 @@ pub struct SnapshotRecord {
     /// How many snapshots name this one as parent (Remove refuses while non-zero).
     #[serde(default)]
     pub children: u32,
+    /// Set when the snapshot's device cannot be used (its thin id is gone from the pool, the
+    /// kernel refuses it): its calls answer FailedPrecondition with the reason; Remove clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<Quarantine>,
+}
+
+/// Why a snapshot is quarantined (see [`SnapshotRecord::quarantine`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quarantine {
+    pub reason: String,
+    /// The pool has no thin device of this id any more: Remove must not send it a delete (the id
+    /// may be someone else's by now), only drop the records.
+    #[serde(default)]
+    pub thin_id_gone: bool,
+    /// Nanoseconds since the Unix epoch.
+    #[serde(default)]
+    pub since: u64,
 }
 
 /// A thin device of the pool, keyed by thin id.

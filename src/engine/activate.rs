@@ -1,0 +1,235 @@
+//! Lazy activation and quarantine: after a reboot the store knows every active snapshot and view
+//! but the kernel has none of their dm devices. Start-up does not re-make them (linear in their
+//! number); it hands the engine the set of thin ids whose devices are not known to be live, and
+//! the first call that needs a device (Mounts, Usage, Commit) activates it here, once, under the
+//! thin id's lock. Remove never activates: deactivating a missing device is nothing to do.
+//!
+//! A snapshot whose device cannot be used for good (its thin id is gone from the pool) is
+//! quarantined: the record stays in the store with the reason ([`Quarantine`]), its own calls
+//! answer FailedPrecondition naming the key, the thin id and the reason, `thinsnap status` lists
+//! it, and Remove drops its records without sending the pool a delete. Any other activation
+//! failure (a busy or failed pool, an ioctl error) is that call's error; the snapshot stays
+//! awaiting activation and the next call tries again.
+//!
+//! Activation is idempotent in the kernel (an active device is returned as it is, a half-made one
+//! is made again: see `pool::dm`), and nothing about it is recorded: a crash in the middle leaves
+//! at most a dm device the next start sees as present but not yet verified, which the first call
+//! on it verifies (or repairs) the same way.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tracing::{info, warn};
+
+use super::{now_ns, pool_err, Engine, EngineError};
+use crate::model::{Kind, ThinId};
+use crate::pool::{PoolError, ThinPool};
+use crate::store::{Quarantine, SnapshotRecord, State};
+
+/// Thin ids of active snapshots and views whose dm devices this run has not activated yet.
+#[derive(Default)]
+pub(super) struct Lazy {
+    /// thin id -> whether its device was missing at start (`true`: inactive, awaiting
+    /// activation) or present but not yet verified by this run (`false`: a crash may have left
+    /// it half made; the first call checks it with the idempotent activate).
+    pending: Mutex<BTreeMap<ThinId, bool>>,
+    /// Devices activated on first use since start.
+    activations: AtomicU64,
+}
+
+impl Lazy {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<ThinId, bool>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets what start-up found (see [`Lazy::pending`]).
+    pub(super) fn fill(&self, pending: BTreeMap<ThinId, bool>) {
+        *self.map() = pending;
+    }
+
+    pub(super) fn is_pending(&self, id: ThinId) -> bool {
+        self.map().contains_key(&id)
+    }
+
+    /// The device of `id` is live (activated, verified) or gone: nothing more to do for it.
+    pub(super) fn done(&self, id: ThinId) {
+        self.map().remove(&id);
+    }
+
+    /// How many snapshots' devices are missing and await activation.
+    pub(super) fn inactive(&self) -> u64 {
+        self.map().values().filter(|missing| **missing).count() as u64
+    }
+
+    pub(super) fn activations(&self) -> u64 {
+        self.activations.load(Ordering::Relaxed)
+    }
+}
+
+/// The error a quarantined snapshot's calls answer.
+pub(super) fn quarantined(key: &str, id: ThinId, q: &Quarantine) -> EngineError {
+    EngineError::FailedPrecondition(format!(
+        "snapshot {key:?} (thin id {id}) is quarantined: {}; remove it",
+        q.reason
+    ))
+}
+
+/// A quarantined snapshot, for `thinsnap status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuarantinedInfo {
+    pub key: String,
+    pub thin_id: ThinId,
+    pub kind: Kind,
+    pub reason: String,
+}
+
+impl Engine {
+    /// Makes sure the dm device of snapshot `key` (record `rec`, read by the caller) is live:
+    /// activates it if this run has not yet, exactly once however many calls ask at the same
+    /// time (the thin id's lock, and the pending set read again under it).
+    ///
+    /// Returns FailedPrecondition if the snapshot is quarantined (or becomes so: the pool has no
+    /// such thin id), NotFound if it was removed meanwhile, and the pool's error (mapped as
+    /// every pool error is) if the activation fails otherwise; the snapshot then stays pending.
+    pub(super) async fn ensure_device(
+        &self,
+        key: &str,
+        rec: &SnapshotRecord,
+    ) -> Result<(), EngineError> {
+        let id = rec.thin_id;
+        if let Some(q) = &rec.quarantine {
+            return Err(quarantined(key, id, q));
+        }
+        if !self.lazy.is_pending(id) {
+            return Ok(());
+        }
+        let id_text = id.to_string();
+        let _device = self.thin_locks.lock(&[&id_text]).await;
+        if !self.lazy.is_pending(id) {
+            // A concurrent call activated it while this one waited.
+            return Ok(());
+        }
+        // Read again under the lock: a Remove takes it before its intent, so a record still here
+        // is still this snapshot's.
+        let rec = match self.store.get(key)? {
+            Some(r) if r.state == State::Ready && r.thin_id == id => r,
+            _ => return Err(EngineError::NotFound(format!("snapshot {key:?} not found"))),
+        };
+        if let Some(q) = &rec.quarantine {
+            return Err(quarantined(key, id, q));
+        }
+        let size = rec.size;
+        let activated = self
+            .on_pool(move |pool| {
+                let r = pool.activate(id, size);
+                crate::failpoint!("lazy:after-activate");
+                Ok(r)
+            })
+            .await?;
+        match activated {
+            Ok(_) => {
+                self.lazy.done(id);
+                self.lazy.activations.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    key,
+                    thin_id = id,
+                    "activated the snapshot's device on first use"
+                );
+                Ok(())
+            }
+            Err(PoolError::ThinNotFound(_)) => {
+                let q = Quarantine {
+                    reason: format!("thin id {id} is gone from the pool"),
+                    thin_id_gone: true,
+                    since: now_ns(),
+                };
+                self.quarantine(key, id, &q).await?;
+                Err(quarantined(key, id, &q))
+            }
+            Err(e) => {
+                warn!(key, thin_id = id, error = %e, "cannot activate the snapshot's device; the next call tries again");
+                Err(pool_err(format!("snapshot {key:?}: activate thin id {id}"))(e))
+            }
+        }
+    }
+
+    /// Records `key` (thin id `id`) as quarantined, durably, and stops awaiting its activation.
+    ///
+    /// Returns an error if the store cannot be written.
+    pub(super) async fn quarantine(
+        &self,
+        key: &str,
+        id: ThinId,
+        q: &Quarantine,
+    ) -> Result<(), EngineError> {
+        warn!(key, thin_id = id, reason = %q.reason, "quarantining snapshot");
+        self.store.set_quarantine(key, id, q)?;
+        self.flush().await?;
+        self.lazy.done(id);
+        Ok(())
+    }
+
+    /// Remove of a quarantined snapshot whose thin id is gone from the pool: its records go,
+    /// and the pool is not sent a delete (the id is not ours any more). The caller holds the key.
+    ///
+    /// Returns NotFound if it is not there, FailedPrecondition if it has children.
+    pub(super) async fn remove_gone(&self, key: &str, id: ThinId) -> Result<(), EngineError> {
+        let id_text = id.to_string();
+        let _device = self.thin_locks.lock(&[&id_text]).await;
+        self.store.begin_remove(key)?;
+        self.store.forget_device(id)?;
+        self.flush().await?;
+        self.lazy.done(id);
+        info!(
+            key,
+            thin_id = id,
+            "removed quarantined snapshot; its thin id was already gone from the pool"
+        );
+        Ok(())
+    }
+
+    /// Every quarantined snapshot.
+    ///
+    /// Returns an error if the store cannot be read.
+    pub fn quarantined(&self) -> Result<Vec<QuarantinedInfo>, EngineError> {
+        Ok(self
+            .store
+            .quarantined()?
+            .into_iter()
+            .filter_map(|(key, r)| {
+                let reason = r.quarantine?.reason;
+                Some(QuarantinedInfo {
+                    key,
+                    thin_id: r.thin_id,
+                    kind: r.kind,
+                    reason,
+                })
+            })
+            .collect())
+    }
+
+    /// How many devices were activated on first use since start (for tests and logs).
+    pub fn lazy_activations(&self) -> u64 {
+        self.lazy.activations()
+    }
+}
+
+impl Engine {
+    /// Prepare and View refuse a quarantined parent (its thin id may be gone: create_snap
+    /// would fail, or snapshot someone else's device).
+    ///
+    /// Returns FailedPrecondition naming the parent, its thin id and the reason.
+    pub(super) fn check_parent(&self, parent: &str) -> Result<(), EngineError> {
+        if parent.is_empty() {
+            return Ok(());
+        }
+        match self.store.get(parent)? {
+            Some(r) => match &r.quarantine {
+                Some(q) => Err(quarantined(parent, r.thin_id, q)),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+}
