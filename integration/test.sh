@@ -12,9 +12,10 @@
 # 7. the containerd matrix's inputs: the test images (integration/e2e/build-images.py), the CRI test
 #    client (integration/cri-test), containerd 1.7/2.x (integration/fetch-containerd.sh), and
 #    thinsnap's Debian package (cargo deb), which the VM installs and the matrix runs
-# 8. ONE VM (integration/vm.sh integration/guest/all.sh): root-only cargo tests on real dm-thin,
-#    containerd's snapshotter conformance suite, and the containerd matrix: the end-to-end test
-#    and the CRI tests on containerd 1.6.20, 1.7.24 and 2.1.9 (integration/e2e/matrix-guest.sh)
+# 8. ONE VM (integration/vm.sh integration/guest/all.sh), in two lanes at once: root-only cargo
+#    tests on real dm-thin, beside containerd's snapshotter conformance suite and then the
+#    containerd matrix: the end-to-end test and the CRI tests on containerd 1.6.20, 1.7.24 and
+#    2.1.9 (integration/e2e/matrix-guest.sh); GUEST_LANES=1 runs them one after the other
 # 9. a summary with the version x test table; exit status non-zero if anything failed.
 #
 # Steps 2-4 failing do not stop the run (so one CI run shows everything); a failed build does

@@ -13,7 +13,8 @@
 # Lanes: the parts run in two lanes at once, "rust" beside "conformance then e2e" (each part is
 # mostly one process at a time, so one lane leaves the second vCPU idle; two lanes cut the VM's
 # time by about a third). Every part names its own pools and devices, so they do not meet.
-# The test executables named in RUST_LATE run in the second lane, after e2e (part "rust-late").
+# The test executables named in RUST_LATE (default vm_lazy) run in the second lane, after e2e
+# (part "rust-late").
 # GUEST_LANES=1 runs everything in one lane, in order, with the leftover-device check after each
 # part; with two lanes the check runs once, after both. Explicit PARTs run in one lane.
 set -uo pipefail
@@ -112,11 +113,12 @@ one_part() {
 }
 
 if ((lanes > 1)) && [[ " ${parts[*]} " == *" rust "* ]] && ((${#parts[@]} > 1)); then
-  # Balance the lanes: the crash tests alone take as long as conformance and e2e together, so the
-  # test executables named in RUST_LATE (default: vm_pool_ops, vm_lazy) run as part "rust-late"
-  # after the other lane's parts.
+  # Balance the lanes: the test executables named in RUST_LATE run as part "rust-late" after the
+  # other lane's parts. The default, vm_lazy, evens them out (measured: rust 1574 s with
+  # vm_pool_ops and vm_lazy out of it, conformance + e2e 1949 s, those two 299 s), and its
+  # simulated reboots run alone. RUST_LATE=none keeps every executable in the rust part.
   rust_list=$results/rust.txt
-  late_pattern=$(printf '%s-|' ${RUST_LATE:-vm_pool_ops vm_lazy})
+  late_pattern=$(printf '%s-|' ${RUST_LATE:-vm_lazy})
   grep -v '^[[:space:]]*\(#\|$\)' "$VM_RESULTS/rust-test-executables.txt" | grep -Ev "/(${late_pattern%|})[^/]*$" >"$rust_list"
   grep -v '^[[:space:]]*\(#\|$\)' "$VM_RESULTS/rust-test-executables.txt" | grep -E "/(${late_pattern%|})[^/]*$" >"$results/rust-late.txt"
   [[ -s $results/rust-late.txt ]] && parts+=(rust-late)
@@ -165,13 +167,22 @@ dmesg >"$VM_RESULTS/dmesg.txt" 2>&1
 #   (vm_a_read_only_pool_refuses_changes_clearly_and_loses_nothing). The kernel names the pool
 #   by major:minor, so these cannot be told apart by name; a real metadata failure also logs
 #   its own error lines, which still fail the run.
-expected='device-mapper: thin: (Deletion of thin device [0-9]+ failed\.|[0-9]+:[0-9]+: (switching pool to (read-only|write) mode|unable to service pool target messages in READ_ONLY or FAIL mode))'
-known=$(grep -E -c "$expected" "$VM_RESULTS/dmesg.txt" || true)
+# - "thin: Couldn't open thin internal device (-ENODATA)" followed at once by "ioctl: error adding
+#   target to table": activation used as a probe of a thin id the pool does not have (recovery
+#   settling a Prepare killed before its create_snap; a snapshot whose thin id was deleted behind
+#   thinsnap's back, which is then quarantined). Only that pair: an "error adding target" after
+#   anything else still fails the run.
+expected='device-mapper: (thin: (Deletion of thin device [0-9]+ failed\.|[0-9]+:[0-9]+: (switching pool to (read-only|write) mode|unable to service pool target messages in READ_ONLY or FAIL mode))|table: [0-9]+:[0-9]+: thin: Couldn.t open thin internal device \(-ENODATA\)|ioctl: error adding target to table ?\(after ENODATA\))'
+# The probe's second line is marked as such only when it follows the first.
+awk '/thin: Couldn.t open thin internal device \(-ENODATA\)/ {print; probe = 1; next}
+     probe && /device-mapper: ioctl: error adding target to table/ {print $0 " (after ENODATA)"; probe = 0; next}
+     {probe = 0; print}' "$VM_RESULTS/dmesg.txt" >"$VM_RESULTS/dmesg-marked.txt"
+known=$(grep -E -c "$expected" "$VM_RESULTS/dmesg-marked.txt" || true)
 if ((known > 0)); then
-  say "kernel log: $known expected line(s) (idempotent deletes, the read-only pool test), not counted"
-  grep -E "$expected" "$VM_RESULTS/dmesg.txt" | sed 's/^/  /' | head -n 40
+  say "kernel log: $known expected line(s) (idempotent deletes, the read-only pool test, activation probes), not counted"
+  grep -E "$expected" "$VM_RESULTS/dmesg-marked.txt" | sed 's/^/  /' | head -n 40
 fi
-alarms=$(grep -E -i 'out of memory|oom-kill|killed process|BUG:|WARNING:|Call Trace|blocked for more than|device-mapper: .*(error|fail)|thin.*(error|fail|needs_check|read-only|out of data)' "$VM_RESULTS/dmesg.txt" | grep -E -v "$expected" | head -n 40)
+alarms=$(grep -E -i 'out of memory|oom-kill|killed process|BUG:|WARNING:|Call Trace|blocked for more than|device-mapper: .*(error|fail)|thin.*(error|fail|needs_check|read-only|out of data)' "$VM_RESULTS/dmesg-marked.txt" | grep -E -v "$expected" | head -n 40)
 if [[ -n $alarms ]]; then
   say "kernel log: alarming lines (all of it in $VM_RESULTS/dmesg.txt)"
   echo "$alarms"
