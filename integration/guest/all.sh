@@ -122,7 +122,9 @@ if ((lanes > 1)) && [[ " ${parts[*]} " == *" rust "* ]] && ((${#parts[@]} > 1));
   grep -v '^[[:space:]]*\(#\|$\)' "$VM_RESULTS/rust-test-executables.txt" | grep -Ev "/(${late_pattern%|})[^/]*$" >"$rust_list"
   grep -v '^[[:space:]]*\(#\|$\)' "$VM_RESULTS/rust-test-executables.txt" | grep -E "/(${late_pattern%|})[^/]*$" >"$results/rust-late.txt"
   [[ -s $results/rust-late.txt ]] && parts+=(rust-late)
-  say "two lanes: rust | ${parts[*]/rust/}"
+  others=()
+  for part in "${parts[@]}"; do [[ $part == rust ]] || others+=("$part"); done
+  say "two lanes: rust | ${others[*]}"
   one_part rust &
   rust_lane=$!
   for part in "${parts[@]}"; do
