@@ -69,10 +69,7 @@ impl Lazy {
 
 /// The error a quarantined snapshot's calls answer.
 pub(super) fn quarantined(key: &str, id: ThinId, q: &Quarantine) -> EngineError {
-    EngineError::FailedPrecondition(format!(
-        "snapshot {key:?} (thin id {id}) is quarantined: {}; remove it",
-        q.reason
-    ))
+    EngineError::FailedPrecondition(q.refusal(key, id))
 }
 
 /// A quarantined snapshot, for `thinsnap status`.
@@ -212,24 +209,5 @@ impl Engine {
     /// How many devices were activated on first use since start (for tests and logs).
     pub fn lazy_activations(&self) -> u64 {
         self.lazy.activations()
-    }
-}
-
-impl Engine {
-    /// Prepare and View refuse a quarantined parent (its thin id may be gone: create_snap
-    /// would fail, or snapshot someone else's device).
-    ///
-    /// Returns FailedPrecondition naming the parent, its thin id and the reason.
-    pub(super) fn check_parent(&self, parent: &str) -> Result<(), EngineError> {
-        if parent.is_empty() {
-            return Ok(());
-        }
-        match self.store.get(parent)? {
-            Some(r) => match &r.quarantine {
-                Some(q) => Err(quarantined(parent, r.thin_id, q)),
-                None => Ok(()),
-            },
-            None => Ok(()),
-        }
     }
 }

@@ -208,7 +208,6 @@ impl Engine {
         // failed during the undo): nobody else holds the key, so roll it back now instead of
         // answering AlreadyExists until a restart.
         self.heal(key).await?;
-        self.check_parent(parent)?;
         let st = self.check_space().await?;
         if let Some(want) = size {
             self.check_size_bound(key, want, &st)?;

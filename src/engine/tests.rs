@@ -70,6 +70,32 @@ pub(super) fn setup() -> T {
     }
 }
 
+/// The intent of a parentless Prepare of `key`, recorded by hand as a call that never finished
+/// leaves it (state Creating, `roll_forward` false: recovery undoes it), and, with `made`, its
+/// `create_snap` done in the pool.
+pub(super) fn intent_of(t: &T, key: &str, made: bool) -> crate::store::CreatePlan {
+    let new = crate::store::NewSnapshot {
+        key: key.into(),
+        kind: Kind::Active,
+        parent: None,
+        labels: no_labels(),
+        now: 1,
+        size: None,
+        roll_forward: false,
+    };
+    let plan = t
+        .engine
+        .store
+        .begin_create(&new, &t.engine.base)
+        .expect("intent");
+    if made {
+        t.pool
+            .create_snap(plan.thin_id, plan.origin)
+            .expect("kernel");
+    }
+    plan
+}
+
 impl T {
     /// Drops the engine (as a crash would, without any further call) and starts a new one.
     pub(super) fn restart(self) -> (T, Report) {
@@ -274,23 +300,7 @@ async fn a_half_made_snapshot_is_rolled_back_without_a_restart() {
     let t = setup();
     // A Prepare whose undo could not finish (its store write failed): the record stays
     // Creating. Made here by hand, as the crash-free path cannot leave it.
-    let new = crate::store::NewSnapshot {
-        key: "k".into(),
-        kind: Kind::Active,
-        parent: None,
-        labels: no_labels(),
-        now: 0,
-        size: None,
-        roll_forward: false,
-    };
-    let plan = t
-        .engine
-        .store
-        .begin_create(&new, &t.engine.base)
-        .expect("intent");
-    t.pool
-        .create_snap(plan.thin_id, t.base_id())
-        .expect("kernel");
+    let plan = intent_of(&t, "k", true);
     assert_err!(t.engine.stat("k").await, NotFound);
     // A retry of the Prepare heals it and succeeds.
     prep(&t, "k", "").await.expect("retry is not AlreadyExists");
@@ -299,18 +309,7 @@ async fn a_half_made_snapshot_is_rolled_back_without_a_restart() {
         "half-made device kept"
     );
     // Cleanup heals one whose key nobody retries.
-    let new = crate::store::NewSnapshot {
-        key: "j".into(),
-        ..new
-    };
-    let plan = t
-        .engine
-        .store
-        .begin_create(&new, &t.engine.base)
-        .expect("intent");
-    t.pool
-        .create_snap(plan.thin_id, t.base_id())
-        .expect("kernel");
+    let plan = intent_of(&t, "j", true);
     t.engine.cleanup().await.expect("cleanup");
     assert!(t.engine.record("j").expect("rec").is_none());
     assert!(!t.pool.thin_ids().contains(&plan.thin_id));
@@ -467,23 +466,7 @@ async fn crash_between_intent_and_outcome_is_undone_at_start() {
     prep(&t, "keep", "").await.expect("keep");
     // A crash after the intent and create_snap but before the outcome: simulate by recording the
     // intent and doing the kernel step by hand.
-    let new = crate::store::NewSnapshot {
-        key: "lost".into(),
-        kind: Kind::Active,
-        parent: None,
-        labels: no_labels(),
-        now: 1,
-        size: None,
-        roll_forward: false,
-    };
-    let plan = t
-        .engine
-        .store
-        .begin_create(&new, &t.engine.base)
-        .expect("intent");
-    t.pool
-        .create_snap(plan.thin_id, plan.origin)
-        .expect("kernel");
+    let plan = intent_of(&t, "lost", true);
     t.pool.activate(plan.thin_id, plan.size).expect("kernel");
     t.engine.store.flush_sync().expect("flush");
     let (t, report) = t.restart();
@@ -909,32 +892,12 @@ async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
 #[tokio::test]
 async fn recovery_never_deletes_an_interrupted_creates_thin_id_in_a_shared_pool() {
     let t = setup();
-    let T {
-        _dir,
-        path,
-        pool,
-        engine,
-    } = t;
     // Killed right after create_snap answered EEXIST (another owner's volume holds the id)
-    // and before the records were dropped: the intent is durable, the id is someone else's.
-    let plan = engine
-        .store
-        .begin_create(
-            &NewSnapshot {
-                key: "k".into(),
-                kind: Kind::Active,
-                parent: None,
-                labels: BTreeMap::new(),
-                now: 1,
-                size: None,
-                // As the engine writes it in a pool it does not own: never rolled forward.
-                roll_forward: false,
-            },
-            &engine.base,
-        )
-        .expect("intent");
-    engine.store.flush_sync().expect("flush");
-    drop(engine);
+    // and before the records were dropped: the intent is durable (never rolled forward, as the
+    // engine writes it in a pool it does not own), the id is someone else's.
+    let plan = intent_of(&t, "k", false);
+    t.engine.store.flush_sync().expect("flush");
+    let (_dir, path, pool) = t.into_parts();
     pool.create_thin(plan.thin_id)
         .expect("the other owner's volume");
     let mut settings = Settings::with_fs(FsConfig::default());

@@ -121,15 +121,7 @@ async fn a_snapshot_whose_thin_id_is_gone_is_quarantined_and_others_serve() {
     t.pool.delete_thin(a).expect("delete behind our back");
     let deletes = t.pool.count("delete_thin");
     let got = t.engine.mounts("a").await;
-    let msg = got
-        .as_ref()
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    assert!(
-        matches!(got, Err(EngineError::FailedPrecondition(_))),
-        "{msg}"
-    );
+    let msg = precondition_message(&got);
     assert!(
         msg.contains("\"a\"") && msg.contains(&format!("thin id {a}")),
         "{msg}"
@@ -185,15 +177,7 @@ async fn the_thin_ls_pass_quarantines_a_committed_parent_that_is_gone() {
     assert!(report.thin_ids_listed);
     assert_eq!(report.quarantined, vec![c.thin_id]);
     let got = prep(&t, "child", "c").await;
-    let msg = got
-        .as_ref()
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    assert!(
-        matches!(got, Err(EngineError::FailedPrecondition(_))),
-        "{msg}"
-    );
+    let msg = precondition_message(&got);
     assert!(
         msg.contains("\"c\"") && msg.contains("quarantined"),
         "{msg}"
@@ -209,24 +193,8 @@ async fn the_thin_ls_pass_quarantines_a_committed_parent_that_is_gone() {
 #[tokio::test]
 async fn an_undo_the_pool_refuses_at_start_does_not_block_the_start() {
     let t = setup();
-    let new = crate::store::NewSnapshot {
-        key: "k".into(),
-        kind: Kind::Active,
-        parent: None,
-        labels: no_labels(),
-        now: 0,
-        size: None,
-        // An intent recovery undoes (with roll_forward it would complete it instead).
-        roll_forward: false,
-    };
-    let plan = t
-        .engine
-        .store
-        .begin_create(&new, &t.engine.base)
-        .expect("intent");
-    t.pool
-        .create_snap(plan.thin_id, t.base_id())
-        .expect("kernel");
+    // An intent recovery undoes (with roll_forward it would complete it instead).
+    let plan = intent_of(&t, "k", true);
     // A read-only pool refuses the delete that undoes the interrupted create.
     t.pool.fail_next("delete_thin");
     let (t, report) = t.restart();
@@ -235,4 +203,12 @@ async fn an_undo_the_pool_refuses_at_start_does_not_block_the_start() {
     // The next Prepare of the key rolls it back and makes it.
     prep(&t, "k", "").await.expect("k");
     assert!(!t.pool.thin_ids().contains(&plan.thin_id));
+}
+
+/// The message of `got`, which must be FailedPrecondition (a quarantined snapshot's answer).
+fn precondition_message<T: std::fmt::Debug>(got: &Result<T, EngineError>) -> String {
+    match got {
+        Err(e @ EngineError::FailedPrecondition(_)) => e.to_string(),
+        other => panic!("not FailedPrecondition: {other:?}"),
+    }
 }

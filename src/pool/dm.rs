@@ -179,13 +179,10 @@ impl ThinPool for DmPool {
                 warn!(device = %name, "dm device without a live table; making it again");
                 remove_device(&self.dm, &name)?;
             } else {
-                if flags.contains(DmFlags::DM_SUSPEND) {
+                if ioctl::is_suspended(&info) {
                     // Left suspended by a killed thinsnap: resume it (it may be mounted).
                     warn!(device = %name, "dm device left suspended; resuming it");
-                    let n = dm_name(&name)?;
-                    self.dm
-                        .device_suspend(&DevId::Name(&n), DmOptions::default())
-                        .map_err(dm_err("resume", &name))?;
+                    ioctl::resume(&self.dm, &name)?;
                 }
                 ioctl::ensure_node(&name, info.device());
                 return Ok(path);

@@ -359,6 +359,13 @@ impl Store {
                                 parent.kind.as_str()
                             )));
                         }
+                        // A quarantined parent's thin id is gone (or unusable): a snapshot of
+                        // it would fail, or snapshot someone else's device.
+                        if let Some(q) = &parent.quarantine {
+                            return abort(StoreError::FailedPrecondition(
+                                q.refusal(p, parent.thin_id),
+                            ));
+                        }
                         // The count in the parent's record makes "has children" transactional:
                         // a concurrent Remove of the parent conflicts with this write.
                         parent.children += 1;

@@ -64,6 +64,16 @@ pub struct Quarantine {
     pub since: u64,
 }
 
+impl Quarantine {
+    /// What a call on quarantined snapshot `key` (thin id `id`) is told.
+    pub fn refusal(&self, key: &str, id: crate::model::ThinId) -> String {
+        format!(
+            "snapshot {key:?} (thin id {id}) is quarantined: {}; remove it",
+            self.reason
+        )
+    }
+}
+
 /// A thin device of the pool, keyed by thin id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
