@@ -125,18 +125,7 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    // The daemon's own work is ioctls and store writes on the blocking pool; the async side only
-    // carries gRPC. A few workers serve any node (the default, one per core, costs a thread and
-    // its stack per core on a large machine, for nothing).
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(4);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
+    let rt = server::runtime().context("cannot start the tokio runtime")?;
     match cli.command {
         Command::Serve { config } => rt.block_on(serve(config.as_deref())),
         Command::Status { config, json } => rt.block_on(status(config.as_deref(), json)),

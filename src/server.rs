@@ -75,6 +75,24 @@ pub fn bind(address: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
+/// The daemon's tokio runtime (`thinsnap serve` and the CLI's calls).
+///
+/// The daemon's own work is ioctls and store writes on the blocking pool; the async side only
+/// carries gRPC. A few workers serve any node (the default, one per core, costs a thread and
+/// its stack per core on a large machine, for nothing).
+///
+/// Returns an error if the runtime's threads cannot be started.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(4);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+}
+
 /// Serves both services on `listener` and runs the daemon's background tasks (the reaper and
 /// autogrow when configured, the metrics endpoint on `metrics` if given) until `shutdown`
 /// completes; then lets in-flight calls finish, stops and joins the tasks, and flushes the store.
