@@ -58,6 +58,8 @@ pub struct EngineStatus {
     pub inactive: u64,
     /// Snapshots whose devices cannot be used, with the reason.
     pub quarantined: Vec<super::QuarantinedInfo>,
+    /// Warm spares: ready, wanted, taken and missed.
+    pub spares: super::SpareCounts,
 }
 
 /// What the engine takes from the configuration.
@@ -79,6 +81,8 @@ pub struct Settings {
     pub allow_foreign_devices: bool,
     /// Loop mode with `pool.autogrow.enabled`: grow the pool as it fills.
     pub autogrow: Option<AutogrowConfig>,
+    /// `[spares] count`: warm spares kept at most; 0: none.
+    pub spares: u32,
 }
 
 impl Settings {
@@ -94,6 +98,7 @@ impl Settings {
             allow_foreign_devices: config.pool.allow_foreign_devices,
             autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
                 .then(|| config.pool.autogrow.clone()),
+            spares: config.spares.count,
         }
     }
 
@@ -108,6 +113,7 @@ impl Settings {
             owns_pool: true,
             allow_foreign_devices: false,
             autogrow: None,
+            spares: 0,
         }
     }
 }
