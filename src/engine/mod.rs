@@ -657,3 +657,5 @@ impl Engine {
 mod crash_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_spares;

@@ -439,3 +439,21 @@ impl From<EngineError> for SpareError {
         SpareError::Made(e)
     }
 }
+
+#[cfg(test)]
+impl Engine {
+    /// Runs the refiller's rounds until it has nothing to do; returns how many it ran.
+    pub(super) async fn refill_until_idle(&self) -> usize {
+        let mut rounds = 0;
+        while let Step::Again = self.refill_step().await.expect("refill") {
+            rounds += 1;
+            assert!(rounds < 1000, "the refiller never settles");
+        }
+        rounds
+    }
+
+    /// The thin id of the ready spare of `parent` (`""`: the base), if any.
+    pub(super) fn spare_of(&self, parent: &str) -> Option<ThinId> {
+        self.spares.inner().ready.get(parent).map(|s| s.id)
+    }
+}
