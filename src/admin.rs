@@ -101,6 +101,8 @@ impl Admin for AdminService {
             spares_target: st.spares.target,
             spares_taken: st.spares.taken,
             spares_missed: st.spares.missed,
+            spares_rounds: st.spares.rounds,
+            spares_refilling: st.spares.refilling,
             quarantined: st
                 .quarantined
                 .into_iter()

@@ -294,12 +294,14 @@ mod tests {
             target: 4,
             taken: 7,
             missed: 1,
+            ..Default::default()
         });
         m.set_spares(crate::engine::SpareCounts {
             ready: 1,
             target: 4,
             taken: 9,
             missed: 1,
+            ..Default::default()
         });
         let text = text(&m);
         for want in [

@@ -39,12 +39,12 @@ pub use crate::model::{Kind, ThinId};
 use crate::pool::{NumberedPool, PoolError, PoolInfo, ThinPool};
 use crate::store::{BaseRecord, NewSnapshot, SnapshotRecord, State, Store, StoreError};
 pub use activate::QuarantinedInfo;
-pub use spares::{SpareCounts, SPARE_OWNER};
 pub(crate) use error::pool_err;
 pub use error::EngineError;
 use limits::{check_key, check_labels, size_label};
 pub use limits::{MAX_KEY_LEN, MAX_LABELS, MAX_LABEL_LEN, SIZE_LABEL};
 use locks::KeyLocks;
+pub use spares::{SpareCounts, SPARE_OWNER};
 pub use types::{BaseInfo, EngineStatus, Mount, Settings, SnapshotInfo, Usage};
 
 /// Nanoseconds since the epoch, for records.

@@ -58,6 +58,9 @@ pub(super) struct Spares {
     idle: Notify,
     taken: AtomicU64,
     missed: AtomicU64,
+    /// Refiller rounds begun and ended: equal while the refiller is idle (tests wait for it).
+    rounds: AtomicU64,
+    rounds_done: AtomicU64,
 }
 
 /// A foreground call in flight (see [`Spares::busy`]).
@@ -82,6 +85,10 @@ pub struct SpareCounts {
     pub taken: u64,
     /// Prepares and Views that could have used a spare but found none since start.
     pub missed: u64,
+    /// Refiller rounds begun since start, and whether one is under way: a check of the pool
+    /// against the store is only meaningful between rounds.
+    pub rounds: u64,
+    pub refilling: bool,
 }
 
 impl Spares {
@@ -138,6 +145,9 @@ impl Spares {
             target: self.target as u64,
             taken: self.taken.load(Ordering::Relaxed),
             missed: self.missed.load(Ordering::Relaxed),
+            rounds: self.rounds.load(Ordering::SeqCst),
+            refilling: self.rounds.load(Ordering::SeqCst)
+                != self.rounds_done.load(Ordering::SeqCst),
         }
     }
 
@@ -207,8 +217,23 @@ impl Engine {
             }
             Err(e) => {
                 // The call is refused (the key exists, the parent is not committed): the spare
-                // is still there and still a spare.
-                sp.inner().ready.entry(parent.to_string()).or_insert(spare);
+                // is still there and still a spare; given back, or deleted if the refiller made
+                // another one meanwhile.
+                let given_back = {
+                    let mut inner = sp.inner();
+                    match inner.ready.entry(parent.to_string()) {
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(spare);
+                            true
+                        }
+                        std::collections::hash_map::Entry::Occupied(_) => false,
+                    }
+                };
+                if !given_back {
+                    if let Err(e) = self.evict(parent, spare.id).await {
+                        warn!(thin_id = spare.id, error = %e, "cannot delete a spare; left for the next start");
+                    }
+                }
                 return Err(e.into());
             }
         };
@@ -278,7 +303,10 @@ impl Engine {
                 if *stop.borrow() {
                     return;
                 }
-                match self.refill_step().await {
+                self.spares.rounds.fetch_add(1, Ordering::SeqCst);
+                let step = self.refill_step().await;
+                self.spares.rounds_done.fetch_add(1, Ordering::SeqCst);
+                match step {
                     Ok(Step::Again) => {}
                     Ok(Step::Idle) => break,
                     Err(e) => {
@@ -379,10 +407,9 @@ impl Engine {
                     }
                 }
                 crate::failpoint!("spare:after-create-snap");
-                pool.activate(id, size)
-                    .map_err(|e| {
-                        SpareError::Made(pool_err(format!("activate spare thin id {id}"))(e))
-                    })?;
+                pool.activate(id, size).map_err(|e| {
+                    SpareError::Made(pool_err(format!("activate spare thin id {id}"))(e))
+                })?;
                 crate::failpoint!("spare:after-activate");
                 Ok(true)
             })

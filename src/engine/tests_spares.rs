@@ -86,7 +86,11 @@ async fn prepare_and_view_on_a_warm_spare_make_no_device_and_keep_the_lineage() 
         t.engine.store_flushes(),
     );
     let m = prep(&t, "x", "c1").await.expect("prepare on the spare");
-    assert_eq!(t.pool.count("create_snap"), snaps, "create_snap on the path");
+    assert_eq!(
+        t.pool.count("create_snap"),
+        snaps,
+        "create_snap on the path"
+    );
     assert_eq!(t.pool.count("activate"), acts, "activate on the path");
     assert_eq!(t.engine.store_flushes() - flushes, 1, "one flush");
     let x = t.engine.record("x").expect("rec").expect("x");
@@ -117,7 +121,10 @@ async fn prepare_and_view_on_a_warm_spare_make_no_device_and_keep_the_lineage() 
         .expect("view on the base's spare");
     assert_eq!(t.pool.count("create_snap"), snaps);
     assert!(m[0].options.contains(&"ro".to_string()), "{:?}", m[0]);
-    assert_eq!(t.engine.record("v").expect("r").expect("v").thin_id, base_spare);
+    assert_eq!(
+        t.engine.record("v").expect("r").expect("v").thin_id,
+        base_spare
+    );
     let counts = t.engine.spare_counts();
     assert_eq!((counts.taken, counts.target), (2, 2));
     // Taken spares are ordinary snapshots: Remove works, nothing leaks.
@@ -154,7 +161,11 @@ async fn a_prepare_without_a_spare_is_counted_missed_and_takes_the_usual_path() 
     let mut labels = no_labels();
     labels.insert(SIZE_LABEL.to_string(), "1GiB".to_string());
     let _ = t.engine.create(Kind::Active, "big", "c1", labels).await;
-    assert_eq!(t.engine.spare_of("c1"), Some(spare), "a sized Prepare took it");
+    assert_eq!(
+        t.engine.spare_of("c1"),
+        Some(spare),
+        "a sized Prepare took it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -177,7 +188,13 @@ async fn concurrent_prepares_on_one_parent_never_share_a_spare() {
         task.await.expect("task");
     }
     let ids: Vec<ThinId> = (0..8)
-        .map(|i| t.engine.record(&format!("k{i}")).expect("r").expect("k").thin_id)
+        .map(|i| {
+            t.engine
+                .record(&format!("k{i}"))
+                .expect("r")
+                .expect("k")
+                .thin_id
+        })
         .collect();
     let distinct: BTreeSet<ThinId> = ids.iter().copied().collect();
     assert_eq!(distinct.len(), 8, "two Prepares got one thin id: {ids:?}");
@@ -197,7 +214,11 @@ async fn remove_of_the_parent_deletes_its_spares_first() {
         t.engine.refill_until_idle().await;
         let spare = t.engine.spare_of("c1").expect("spare");
         // A second spare still being made (intent only) is doomed too.
-        let making = t.engine.store.begin_spare(Some("c1"), c1, 1 << 30).expect("intent");
+        let making = t
+            .engine
+            .store
+            .begin_spare(Some("c1"), c1, 1 << 30)
+            .expect("intent");
         t.engine.remove("c1").await.expect("remove c1");
         if remove_async {
             // The reaper deletes in the order of its queue: the spares, then the parent.
@@ -241,7 +262,13 @@ async fn a_kill_at_each_step_of_a_spare_converges_with_nothing_leaked() {
     // What SIGKILL leaves at each failpoint: spare:after-intent (the intent flushed),
     // spare:after-create-snap (and the thin device), spare:after-activate (and its dm device),
     // a finished spare (Ready, not flushed, then flushed by another call), prepare:after-take.
-    for step in ["after-intent", "after-create-snap", "after-activate", "ready", "taken"] {
+    for step in [
+        "after-intent",
+        "after-create-snap",
+        "after-activate",
+        "ready",
+        "taken",
+    ] {
         let t = spares_on(2);
         let c1 = committed(&t, "c1", 10).await;
         let mut taken = None;
@@ -261,7 +288,11 @@ async fn a_kill_at_each_step_of_a_spare_converges_with_nothing_leaked() {
                 }
             }
             _ => {
-                let id = t.engine.store.begin_spare(Some("c1"), c1, 1 << 30).expect("i");
+                let id = t
+                    .engine
+                    .store
+                    .begin_spare(Some("c1"), c1, 1 << 30)
+                    .expect("i");
                 t.engine.flush().await.expect("flush");
                 if step != "after-intent" {
                     t.engine.pool.create_snap(id, c1).expect("create_snap");
@@ -280,7 +311,11 @@ async fn a_kill_at_each_step_of_a_spare_converges_with_nothing_leaked() {
             assert_eq!(report.spares_dropped.len(), 2, "{step}: {report:?}");
         }
         if let Some(id) = taken {
-            let x = t.engine.record("x").expect("r").expect("the taken snapshot survives");
+            let x = t
+                .engine
+                .record("x")
+                .expect("r")
+                .expect("the taken snapshot survives");
             assert_eq!(x.thin_id, id);
             assert_eq!(c.children, 1);
         }
@@ -289,7 +324,11 @@ async fn a_kill_at_each_step_of_a_spare_converges_with_nothing_leaked() {
         let (t, _) = restart_with(t, 2);
         let snaps = t.pool.count("create_snap");
         prep(&t, "y", "c1").await.expect("prepare after restart");
-        assert_eq!(t.pool.count("create_snap"), snaps + 1, "{step}: old spare taken");
+        assert_eq!(
+            t.pool.count("create_snap"),
+            snaps + 1,
+            "{step}: old spare taken"
+        );
         t.engine.refill_until_idle().await;
         let spare = t.engine.spare_of("c1").expect("a new spare");
         prep(&t, "z", "c1").await.expect("take the new spare");
@@ -306,7 +345,11 @@ async fn the_free_space_floor_stops_refills() {
     t.pool.set_space(1000, 950);
     let snaps = t.pool.count("create_snap");
     t.engine.refill_until_idle().await;
-    assert_eq!(t.pool.count("create_snap"), snaps, "a spare made under the floor");
+    assert_eq!(
+        t.pool.count("create_snap"),
+        snaps,
+        "a spare made under the floor"
+    );
     assert!(spare_records(&t).is_empty());
     t.pool.set_space(0, 0);
     t.engine.refill_until_idle().await;
@@ -327,10 +370,19 @@ async fn eviction_bounds_the_count_and_deletes_evicted_spares() {
     assert!(t.engine.spare_of("c3").is_some());
     assert_eq!(t.engine.spare_of("c1"), None);
     assert_eq!(t.engine.spare_of("c2"), None);
-    assert!(!t.pool.thin_ids().contains(&old), "the evicted spare's device stays");
+    assert!(
+        !t.pool.thin_ids().contains(&old),
+        "the evicted spare's device stays"
+    );
     assert_eq!(spare_records(&t).len(), 2);
     assert_eq!(t.engine.spare_counts().ready, 2);
-    assert!(t.engine.record("c1").expect("r").expect("c1").spares.is_empty());
+    assert!(t
+        .engine
+        .record("c1")
+        .expect("r")
+        .expect("c1")
+        .spares
+        .is_empty());
     // A Prepare on c1 makes it wanted again, in place of c3.
     prep(&t, "x", "c1").await.expect("prepare");
     t.engine.refill_until_idle().await;
@@ -351,7 +403,10 @@ async fn a_quarantined_parent_is_refused_even_with_a_spare() {
         thin_id_gone: false,
         since: 0,
     };
-    t.engine.store.set_quarantine("c1", c1, &q).expect("quarantine");
+    t.engine
+        .store
+        .set_quarantine("c1", c1, &q)
+        .expect("quarantine");
     let err = prep(&t, "x", "c1").await.expect_err("quarantined parent");
     assert!(matches!(err, EngineError::FailedPrecondition(_)), "{err}");
     assert!(t.engine.record("x").expect("r").is_none());

@@ -126,15 +126,16 @@ impl Store {
     /// Returns false (and changes nothing) if it is no longer a spare in state Creating (a
     /// Remove of its parent marked it Deleting meanwhile).
     pub fn finish_spare(&self, id: ThinId) -> Result<bool, StoreError> {
-        let done = (&self.snapshots, &self.devices).transaction(|(snapshots, devices)| {
-            match spare_record(snapshots, devices, id)? {
-                Some(dev) if dev.state == State::Creating => {
-                    set_device_state(devices, id, State::Ready)?;
-                    Ok(true)
-                }
-                _ => Ok(false),
-            }
-        })?;
+        let done =
+            (&self.snapshots, &self.devices).transaction(
+                |(snapshots, devices)| match spare_record(snapshots, devices, id)? {
+                    Some(dev) if dev.state == State::Creating => {
+                        set_device_state(devices, id, State::Ready)?;
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                },
+            )?;
         Ok(done)
     }
 
