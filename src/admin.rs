@@ -103,6 +103,7 @@ impl Admin for AdminService {
             spares_missed: st.spares.missed,
             spares_rounds: st.spares.rounds,
             spares_refilling: st.spares.refilling,
+            spare_thin_ids: st.spare_thin_ids,
             quarantined: st
                 .quarantined
                 .into_iter()

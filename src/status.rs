@@ -82,7 +82,8 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
                           "committed": st.snapshots_committed,
                           "inactive": st.snapshots_inactive},
             "spares": {"ready": st.spares_ready, "target": st.spares_target,
-                       "taken": st.spares_taken, "missed": st.spares_missed},
+                       "taken": st.spares_taken, "missed": st.spares_missed,
+                       "thin_ids": st.spare_thin_ids},
             "quarantined": st.quarantined.iter().map(|q| serde_json::json!(
                 {"key": q.key, "thin_id": q.thin_id, "kind": q.kind, "reason": q.reason}))
                 .collect::<Vec<_>>(),
@@ -258,6 +259,7 @@ mod tests {
         st.spares_target = 2;
         st.spares_taken = 5;
         st.spares_missed = 3;
+        st.spare_thin_ids = vec![7, 9];
         let text = render(&st, false);
         assert!(
             text.contains("Warm Spares:               1 ready / 2 (taken 5, missed 3)"),
@@ -278,6 +280,7 @@ mod tests {
                 &serde_json::json!(3)
             )
         );
+        assert_eq!(v["spares"]["thin_ids"], serde_json::json!([7, 9]));
     }
 
     #[test]

@@ -586,6 +586,8 @@ impl Engine {
         let pool = self
             .on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
             .await?;
+        let devices = self.store.devices()?;
+        let spare_ids = self.spare_ids(&devices)?;
         let mut st = EngineStatus {
             pool,
             base: BaseInfo {
@@ -593,7 +595,9 @@ impl Engine {
                 fs_type: self.base.fs_type.clone(),
                 size: self.base.size,
             },
-            thin_ids: self.store.devices()?.len() as u64,
+            // Warm spares apart: they are no snapshot's (see `spare_thin_ids`).
+            thin_ids: (devices.len() - spare_ids.len()) as u64,
+            spare_thin_ids: spare_ids,
             inactive: self.lazy.inactive(),
             quarantined: self.quarantined()?,
             spares: self.spares.counts(),

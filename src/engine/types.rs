@@ -51,6 +51,7 @@ pub struct EngineStatus {
     pub active: u64,
     pub views: u64,
     pub committed: u64,
+    /// Device records but warm spares: snapshots, the base, devices being deleted.
     pub thin_ids: u64,
     pub base: BaseInfo,
     /// Active snapshots and views whose dm devices are missing (after a reboot) and not yet
@@ -60,6 +61,8 @@ pub struct EngineStatus {
     pub quarantined: Vec<super::QuarantinedInfo>,
     /// Warm spares: ready, wanted, taken and missed.
     pub spares: super::SpareCounts,
+    /// The thin ids of every warm spare's device record (any state); not in `thin_ids`.
+    pub spare_thin_ids: Vec<ThinId>,
 }
 
 /// What the engine takes from the configuration.
