@@ -411,3 +411,31 @@ async fn a_quarantined_parent_is_refused_even_with_a_spare() {
     assert!(matches!(err, EngineError::FailedPrecondition(_)), "{err}");
     assert!(t.engine.record("x").expect("r").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refiller_task_fills_in_the_background_and_stops_on_shutdown() {
+    let t = spares_on(2);
+    committed(&t, "c1", 10).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = {
+        let e = t.engine.clone();
+        tokio::spawn(async move { e.run_spares(stop_rx).await })
+    };
+    // Wait for the event (both spares ready), bounded so a broken refiller fails, not hangs.
+    let filled = async {
+        while t.engine.spare_counts().ready < 2 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), filled)
+        .await
+        .expect("the refiller never made the base's and c1's spares");
+    assert!(t.engine.spare_of("c1").is_some() && t.engine.spare_of("").is_some());
+    stop_tx.send(true).expect("stop");
+    tokio::time::timeout(std::time::Duration::from_secs(60), task)
+        .await
+        .expect("the refiller did not stop")
+        .expect("task");
+    assert_no_leak(&t, "after the refiller ran");
+}
