@@ -225,10 +225,10 @@ impl<'a> Recovery<'a> {
     /// that happens to be named so.
     fn is_spare(&self, dev: &DeviceRecord) -> bool {
         dev.owner == SPARE_OWNER
-            && !self
+            && self
                 .snapshots
                 .get(SPARE_OWNER)
-                .is_some_and(|r| r.thin_id == dev.thin_id)
+                .is_none_or(|r| r.thin_id != dev.thin_id)
     }
 
     /// A spare at start: whatever its state, it goes (see the module doc).
