@@ -12,7 +12,8 @@
 //! below map into it), `limits` (what a request may carry), `space` (the free-space floor,
 //! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`),
 //! `commit` (Commit and its intent), `types` (what callers see and give: infos, mounts, status,
-//! settings), `activate` (a device made on first use after a reboot; quarantined snapshots).
+//! settings), `activate` (a device made on first use after a reboot; quarantined snapshots),
+//! `spares` (warm spares: Prepare and View on a device made ahead, and their refiller).
 
 mod activate;
 pub mod autogrow;

@@ -439,3 +439,41 @@ async fn the_refiller_task_fills_in_the_background_and_stops_on_shutdown() {
         .expect("task");
     assert_no_leak(&t, "after the refiller ran");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refiller_waits_while_a_foreground_call_is_in_flight() {
+    let t = spares_on(2);
+    let snaps = t.pool.count("create_snap");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // A call in flight from before the refiller starts (its first round is due at once).
+    let busy = t.engine.spares.busy();
+    let task = {
+        let e = t.engine.clone();
+        tokio::spawn(async move { e.run_spares(stop_rx).await })
+    };
+    // Nothing may happen while the call is in flight: on the fake pool the base's spare is made
+    // in microseconds once the refiller runs, so a broken wait shows here (a correct one never
+    // fails this, however slow the machine).
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        t.engine.spare_counts().rounds,
+        0,
+        "a round ran during a call"
+    );
+    assert_eq!(t.pool.count("create_snap"), snaps);
+    drop(busy);
+    let filled = async {
+        while t.engine.spare_of("").is_none() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), filled)
+        .await
+        .expect("the refiller never ran after the call ended");
+    stop_tx.send(true).expect("stop");
+    task.await.expect("task");
+}
