@@ -394,13 +394,12 @@ async fn vm_sigkill_at_spare_failpoints_converges() {
             assert!(r.is_err(), "{fp}: the take answered; failpoint not reached");
         } else {
             // Hit 1 is the base's spare, made at start; hit 2 is C1's, wanted once a Prepare
-            // used C1 (that Prepare answers first: the refiller waits for calls in flight).
+            // used C1. The refiller waits for that Prepare to return, but its answer may still
+            // be on the wire when the kill comes: whether it arrived is not asserted.
             let armed = format!("{fp}@2");
             d.start_with(Some(&armed));
             let (mut c, _) = d.clients().await;
-            prepare(&mut c, &format!("touch{n}"), "C1")
-                .await
-                .expect("touch");
+            let _ = prepare(&mut c, &format!("touch{n}"), "C1").await;
         }
         d.expect_killed(fp);
         d.start();
