@@ -97,6 +97,13 @@ impl Admin for AdminService {
             min_free_space_percent: self.engine.min_free_percent(),
             thin_ids,
             snapshots_inactive: st.inactive,
+            spares_ready: st.spares.ready,
+            spares_target: st.spares.target,
+            spares_taken: st.spares.taken,
+            spares_missed: st.spares.missed,
+            spares_rounds: st.spares.rounds,
+            spares_refilling: st.spares.refilling,
+            spare_thin_ids: st.spare_thin_ids,
             quarantined: st
                 .quarantined
                 .into_iter()

@@ -45,6 +45,16 @@ pub const OTHERS: &[&str] = &["recovery:metadata-snap-held", "grow:pool-suspende
 /// snapshot's device is activated on first use.
 pub const LAZY: &[&str] = &["dm:after-device-create", "lazy:after-activate"];
 
+/// Failpoints of warm spares (`engine::spares`), reached only with `[spares] count` > 0 and
+/// killed by the crash test's daemon with spares on (tests/vm_crash.rs): a Prepare's take of a
+/// spare (after its flush), and the refiller's three steps.
+pub const SPARES: &[&str] = &[
+    "prepare:after-take",
+    "spare:after-intent",
+    "spare:after-create-snap",
+    "spare:after-activate",
+];
+
 struct Armed {
     name: String,
     nth: u64,
@@ -93,8 +103,8 @@ macro_rules! failpoint {
 
 #[cfg(test)]
 mod tests {
-    /// Every `failpoint!` in the source is in [`super::ALL`], [`super::OTHERS`] or
-    /// [`super::LAZY`], so a crash test kills at it: a failpoint no test arms proves nothing.
+    /// Every `failpoint!` in the source is in [`super::ALL`], [`super::OTHERS`],
+    /// [`super::LAZY`] or [`super::SPARES`], so a crash test kills at it: a failpoint no test arms proves nothing.
     #[test]
     fn every_failpoint_in_the_source_is_listed() {
         fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
@@ -116,9 +126,12 @@ mod tests {
             &mut found,
         );
         assert!(found.len() >= super::ALL.len(), "found {found:?}");
+        for name in super::SPARES {
+            assert!(found.iter().any(|f| f == name), "{name:?} is in no source");
+        }
         for name in found {
             assert!(
-                [super::ALL, super::OTHERS, super::LAZY]
+                [super::ALL, super::OTHERS, super::LAZY, super::SPARES]
                     .iter()
                     .any(|list| list.contains(&name.as_str())),
                 "failpoint {name:?} is in no list: no crash test kills at it"

@@ -5,7 +5,8 @@
 //! # Layout
 //! - [`config`]: typed TOML configuration, every default, validation naming the key.
 //! - [`server`]: the running daemon: the tonic server on the unix socket (both services) and the
-//!   background tasks (reaper, autogrow, metrics), graceful stop; the client side.
+//!   background tasks (reaper, autogrow, the spares' refiller, metrics), graceful stop; the
+//!   client side.
 //! - [`grpc`]: containerd's Snapshots service -> [`engine`]; `EngineError` -> gRPC status codes.
 //! - [`admin`]: thinsnap's own Admin service (proto/) -> [`engine`].
 //! - [`status`]: renders the Admin service's status for `thinsnap status` (text or JSON).
@@ -13,7 +14,8 @@
 //! - [`metrics`]: the opt-in Prometheus endpoint; call latency and errors, pool space.
 //! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
 //!   recovery at start ([`engine::recovery`]; devices of active snapshots made on first use,
-//!   quarantine: `engine::activate`), containerd's filter syntax ([`engine::filter`]).
+//!   quarantine: `engine::activate`), warm spares made ahead of Prepare and View
+//!   (`engine::spares`), containerd's filter syntax ([`engine::filter`]).
 //! - [`store`]: the sled database: snapshot and device records, thin id allocation, schema version.
 //! - [`pool`]: the `ThinPool` trait and its device-mapper implementation ([`pool::dm`]) over the
 //!   shared dm ioctls (`pool::ioctl`); loop-file ([`pool::loopback`]) and LVM ([`pool::lvm`])

@@ -31,6 +31,14 @@ pub struct Metrics {
     /// Snapshots whose devices are not live: `awaiting_activation` (lazy activation after a
     /// reboot) and `quarantined`.
     devices: GaugeVec,
+    /// Warm spares ready to be taken (`thinsnap_spares_ready`).
+    spares_ready: prometheus::Gauge,
+    /// Prepares and Views served from a warm spare, brought up to the engine's count at each
+    /// scrape (`thinsnap_spares_taken_total`).
+    spares_taken: IntCounter,
+    /// Prepares and Views that could have used a spare but found none
+    /// (`thinsnap_spares_missed_total`).
+    spares_missed: IntCounter,
 }
 
 impl Default for Metrics {
@@ -81,8 +89,23 @@ impl Metrics {
             &["state"],
         )
         .expect("static metric definition");
+        let spares_ready = prometheus::Gauge::new("spares_ready", "Warm spares ready to be taken")
+            .expect("static metric definition");
+        let spares_taken = IntCounter::new(
+            "spares_taken_total",
+            "Prepares and Views served from a warm spare",
+        )
+        .expect("static metric definition");
+        let spares_missed = IntCounter::new(
+            "spares_missed_total",
+            "Prepares and Views that could have used a warm spare but found none",
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(flushes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(spares_ready.clone()),
+            Box::new(spares_taken.clone()),
+            Box::new(spares_missed.clone()),
             Box::new(latency.clone()),
             Box::new(errors.clone()),
             Box::new(space.clone()),
@@ -99,15 +122,22 @@ impl Metrics {
             snapshots,
             flushes,
             devices,
+            spares_ready,
+            spares_taken,
+            spares_missed,
         }
     }
 
     /// Brings `thinsnap_store_flushes_total` up to `total`, the store's count since start.
     fn set_flushes(&self, total: u64) {
-        let seen = self.flushes.get();
-        if total > seen {
-            self.flushes.inc_by(total - seen);
-        }
+        catch_up(&self.flushes, total);
+    }
+
+    /// The warm spares' gauge and counters, from the engine's counts.
+    fn set_spares(&self, c: crate::engine::SpareCounts) {
+        self.spares_ready.set(c.ready as f64);
+        catch_up(&self.spares_taken, c.taken);
+        catch_up(&self.spares_missed, c.missed);
     }
 
     /// Records one call of `method` that started at `start`, failed with `code` if any.
@@ -127,6 +157,7 @@ impl Metrics {
     pub async fn render(&self, engine: &Engine) -> String {
         let m = self;
         m.set_flushes(engine.store_flushes());
+        m.set_spares(engine.spare_counts());
         match engine.status().await {
             Ok(st) => {
                 let p = &st.pool;
@@ -162,6 +193,14 @@ impl Metrics {
             .encode(&m.registry.gather(), &mut buf)
             .expect("text encoding into a Vec cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// Brings counter `c` up to `total`, a count the engine keeps since start.
+fn catch_up(c: &IntCounter, total: u64) {
+    let seen = c.get();
+    if total > seen {
+        c.inc_by(total - seen);
     }
 }
 
@@ -245,6 +284,35 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("thinsnap_store_flushes_total 5"), "{text}");
+    }
+
+    #[test]
+    fn spares_have_a_gauge_and_two_counters_under_the_names_benches_read() {
+        let m = Metrics::new();
+        m.set_spares(crate::engine::SpareCounts {
+            ready: 2,
+            target: 4,
+            taken: 7,
+            missed: 1,
+            ..Default::default()
+        });
+        m.set_spares(crate::engine::SpareCounts {
+            ready: 1,
+            target: 4,
+            taken: 9,
+            missed: 1,
+            ..Default::default()
+        });
+        let text = text(&m);
+        for want in [
+            "# TYPE thinsnap_spares_ready gauge",
+            "thinsnap_spares_ready 1",
+            "# TYPE thinsnap_spares_taken_total counter",
+            "thinsnap_spares_taken_total 9",
+            "thinsnap_spares_missed_total 1",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in {text}");
+        }
     }
 
     #[test]

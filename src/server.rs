@@ -115,6 +115,10 @@ pub async fn run(
         let (e, stop) = (engine.clone(), stop.clone());
         tasks.spawn(async move { e.run_autogrow(stop).await });
     }
+    {
+        let (e, stop) = (engine.clone(), stop.clone());
+        tasks.spawn(async move { e.run_spares(stop).await });
+    }
     if let Some(addr) = metrics {
         let (e, r, mut stop) = (engine.clone(), registry.clone(), stop.clone());
         let stopped = async move { crate::engine::stopped(&mut stop).await };

@@ -81,6 +81,9 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
             "snapshots": {"active": st.snapshots_active, "view": st.snapshots_view,
                           "committed": st.snapshots_committed,
                           "inactive": st.snapshots_inactive},
+            "spares": {"ready": st.spares_ready, "target": st.spares_target,
+                       "taken": st.spares_taken, "missed": st.spares_missed,
+                       "thin_ids": st.spare_thin_ids},
             "quarantined": st.quarantined.iter().map(|q| serde_json::json!(
                 {"key": q.key, "thin_id": q.thin_id, "kind": q.kind, "reason": q.reason}))
                 .collect::<Vec<_>>(),
@@ -148,6 +151,17 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
         "Awaiting Activation:       {} (devices made on first use)",
         st.snapshots_inactive
     );
+    if st.spares_target == 0 {
+        w!("Warm Spares:               off");
+    } else {
+        w!(
+            "Warm Spares:               {} ready / {} (taken {}, missed {})",
+            st.spares_ready,
+            st.spares_target,
+            st.spares_taken,
+            st.spares_missed
+        );
+    }
     w!("Quarantined:               {}", st.quarantined.len());
     for q in &st.quarantined {
         w!(
@@ -231,6 +245,42 @@ mod tests {
         assert_eq!(v["health"]["read_only"], true);
         assert_eq!(v["snapshots"]["active"], 3);
         assert_eq!(v["loop_files"][0]["device"], "/dev/loop0");
+    }
+
+    #[test]
+    fn spares_are_shown_ready_over_target_or_off() {
+        let mut st = sample();
+        assert!(
+            render(&st, false).contains("Warm Spares:               off"),
+            "{}",
+            render(&st, false)
+        );
+        st.spares_ready = 1;
+        st.spares_target = 2;
+        st.spares_taken = 5;
+        st.spares_missed = 3;
+        st.spare_thin_ids = vec![7, 9];
+        let text = render(&st, false);
+        assert!(
+            text.contains("Warm Spares:               1 ready / 2 (taken 5, missed 3)"),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&render(&st, true)).expect("json");
+        assert_eq!(
+            (
+                &v["spares"]["ready"],
+                &v["spares"]["target"],
+                &v["spares"]["taken"],
+                &v["spares"]["missed"]
+            ),
+            (
+                &serde_json::json!(1),
+                &serde_json::json!(2),
+                &serde_json::json!(5),
+                &serde_json::json!(3)
+            )
+        );
+        assert_eq!(v["spares"]["thin_ids"], serde_json::json!([7, 9]));
     }
 
     #[test]

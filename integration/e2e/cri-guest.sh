@@ -99,6 +99,11 @@ metadata_size = "128MiB"
 type = "ext4"
 base_size = "1GiB"
 EOF
+# THINSNAP_SPARES (set by matrix-guest.sh; default 0, off): [spares] count
+if ((${THINSNAP_SPARES:-0} > 0)); then
+  printf '[spares]\ncount = %s\n' "$THINSNAP_SPARES" >>"$TCONF"
+  echo "thinsnap with warm spares: [spares] count = $THINSNAP_SPARES"
+fi
 
 # thinsnap, started as the unit's ExecStart says (binary and config path substituted)
 mapfile -t unit < <($PY "$E2E/e2e.py" unit-exec "${THINSNAP_UNIT:-$REPO/deploy/thinsnap.service}" "$BIN" "$TCONF")

@@ -3,7 +3,7 @@
 //!
 //! This module only parses and checks values; it must not touch the pool, the store or the disk
 //! (beyond reading the file). Each section checks its own keys: `[pool]` with `[pool.lvm]` and
-//! `[pool.autogrow]` in `pool`, `[fs]` in `fs`; the top-level keys, `[remove]` and
+//! `[pool.autogrow]` in `pool`, `[fs]` in `fs`; the top-level keys, `[remove]`, `[spares]` and
 //! `[metrics]` here.
 
 use std::path::{Path, PathBuf};
@@ -67,6 +67,7 @@ pub struct Config {
     pub pool: PoolConfig,
     pub fs: FsConfig,
     pub remove: RemoveConfig,
+    pub spares: SparesConfig,
     pub metrics: MetricsConfig,
 }
 
@@ -119,6 +120,33 @@ pub struct RemoveConfig {
     pub discard: bool,
 }
 
+/// The most warm spares `[spares] count` may ask for.
+pub const MAX_SPARES: u32 = 64;
+
+/// Warm spares: thin snapshots of recently used committed snapshots (and of the base) made and
+/// activated in the background, so that Prepare and View touch no kernel device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SparesConfig {
+    /// How many spares to keep at most (one per origin); 0 turns the feature off.
+    pub count: u32,
+}
+
+impl SparesConfig {
+    /// Checks `[spares]`.
+    ///
+    /// Returns an error naming `spares.count` when it is above [`MAX_SPARES`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.count > MAX_SPARES {
+            return Err(invalid(
+                "spares.count",
+                format!("{} is more than the {MAX_SPARES} allowed", self.count),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The opt-in Prometheus endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -152,6 +180,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             fs: FsConfig::default(),
             remove: RemoveConfig::default(),
+            spares: SparesConfig::default(),
             metrics: MetricsConfig::default(),
         }
     }
@@ -213,6 +242,7 @@ impl Config {
         }
         self.pool.validate()?;
         self.fs.validate()?;
+        self.spares.validate()?;
         self.metrics.validate()?;
         Ok(())
     }
@@ -368,6 +398,14 @@ mod tests {
         assert!(err_of("root = \"relative\"").contains("root"));
         assert!(err_of("[fs]\ntype = \"xfs\"\nbase_size = \"100MiB\"").contains("fs.base_size"));
         assert!(err_of("[fs]\nmount_options = [\"a,b\"]").contains("fs.mount_options"));
+        assert!(err_of("[spares]\ncount = 65").contains("spares.count"));
+        assert_eq!(
+            Config::parse("[spares]\ncount = 64")
+                .expect("64 spares")
+                .spares
+                .count,
+            64
+        );
         assert!(
             err_of("[pool]\nmode = \"existing\"\n[pool.autogrow]\nenabled = true")
                 .contains("pool.autogrow.enabled")

@@ -174,9 +174,10 @@ impl Engine {
     pub(super) async fn remove_gone(&self, key: &str, id: ThinId) -> Result<(), EngineError> {
         let id_text = id.to_string();
         let _device = self.thin_locks.lock(&[&id_text]).await;
-        self.store.begin_remove(key)?;
+        let removed = self.store.begin_remove(key)?;
         self.store.forget_device(id)?;
         self.flush().await?;
+        self.reap_spares(key, &removed.spares).await;
         self.lazy.done(id);
         info!(
             key,

@@ -26,6 +26,7 @@ impl Engine {
         check_key("name", name)?;
         check_key("key", key)?;
         check_labels(&labels)?;
+        let _busy = self.spares.busy();
         let _guard = self.locks.lock(&[key, name]).await;
         crate::failpoint!("commit:start");
         let rec = self.ready(key)?;
@@ -98,6 +99,8 @@ impl Engine {
         }
         crate::failpoint!("commit:after-record");
         info!(key, name, thin_id = id, mapped, "committed snapshot");
+        // A layer just committed is the likeliest next parent: a spare of it is wanted.
+        self.spares.touch(name);
         Ok(())
     }
 

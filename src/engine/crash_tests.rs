@@ -14,7 +14,7 @@ use super::tests::{no_labels, prep, setup, start_on, T};
 use super::*;
 use crate::store::{CommitIntent, State};
 
-fn copy_dir(from: &Path, to: &Path) {
+pub(super) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("readdir") {
         let entry = entry.expect("entry");
@@ -29,7 +29,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 impl T {
     /// What a SIGKILL now leaves: the database as of its last flush, the pool as it is.
-    fn crash(self) -> (T, Report) {
+    pub(super) fn crash(self) -> (T, Report) {
         let T {
             _dir,
             path,

@@ -12,7 +12,8 @@
 //! below map into it), `limits` (what a request may carry), `space` (the free-space floor,
 //! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`),
 //! `commit` (Commit and its intent), `types` (what callers see and give: infos, mounts, status,
-//! settings), `activate` (a device made on first use after a reboot; quarantined snapshots).
+//! settings), `activate` (a device made on first use after a reboot; quarantined snapshots),
+//! `spares` (warm spares: Prepare and View on a device made ahead, and their refiller).
 
 mod activate;
 pub mod autogrow;
@@ -24,6 +25,7 @@ mod locks;
 mod reaper;
 pub mod recovery;
 mod space;
+mod spares;
 mod types;
 
 use std::collections::BTreeMap;
@@ -43,6 +45,7 @@ pub use error::EngineError;
 use limits::{check_key, check_labels, size_label};
 pub use limits::{MAX_KEY_LEN, MAX_LABELS, MAX_LABEL_LEN, SIZE_LABEL};
 use locks::KeyLocks;
+pub use spares::{SpareCounts, SPARE_OWNER};
 pub use types::{BaseInfo, EngineStatus, Mount, Settings, SnapshotInfo, Usage};
 
 /// Nanoseconds since the epoch, for records.
@@ -103,6 +106,8 @@ pub struct Engine {
     autogrow_limited: Mutex<Vec<String>>,
     /// Devices not activated yet this run (see [`activate`]).
     lazy: activate::Lazy,
+    /// Warm spares (see [`spares`]).
+    spares: spares::Spares,
 }
 
 impl Engine {
@@ -118,7 +123,6 @@ impl Engine {
             pool,
             store,
             base,
-            settings,
             locks: KeyLocks::default(),
             thin_locks: KeyLocks::default(),
             kernel: tokio::sync::RwLock::new(()),
@@ -126,6 +130,8 @@ impl Engine {
             reaper_queue: Mutex::new(reaper_queue),
             autogrow_limited: Mutex::new(Vec::new()),
             lazy: activate::Lazy::default(),
+            spares: spares::Spares::new(settings.spares),
+            settings,
         }
     }
 
@@ -202,6 +208,7 @@ impl Engine {
         check_key("key", key)?;
         check_labels(&labels)?;
         let size = size_label(key, &labels)?;
+        let _busy = self.spares.busy();
         let _guard = self.locks.lock(&[key]).await;
         crate::failpoint!("prepare:start");
         // A half-made snapshot of this key that its own call could not undo (a store write that
@@ -211,6 +218,9 @@ impl Engine {
         let st = self.check_space().await?;
         if let Some(want) = size {
             self.check_size_bound(key, want, &st)?;
+        } else if let Some(mounts) = self.take_spare(kind, key, parent, &labels).await? {
+            // A warm spare of the parent became this snapshot: no device made on this path.
+            return Ok(mounts);
         }
         // The common path answers with only its intent durable: recovery completes the call if
         // the pool has its thin device (see DeviceRecord::roll_forward). Not with the size
@@ -377,6 +387,7 @@ impl Engine {
     /// snapshot is still there.
     pub async fn remove(&self, key: &str) -> Result<(), EngineError> {
         check_key("key", key)?;
+        let _busy = self.spares.busy();
         // The key and its parent: the parent must not go while this snapshot may still be given
         // back (a failed delete). Locked together, in order; a key removed and made again with
         // another parent meanwhile is read again.
@@ -404,8 +415,10 @@ impl Engine {
         if let Some(reaper) = &self.reaper {
             // remove.async: answer once the record is gone; the reaper deletes the device,
             // retrying while it is busy, so Remove never blocks containerd's garbage collector.
-            self.store.begin_remove(key)?;
+            let removed = self.store.begin_remove(key)?;
             self.flush().await?;
+            // Its spares first (the reaper takes them in order), then its own device.
+            self.reap_spares(key, &removed.spares).await;
             let _ = reaper.send(id);
             self.lazy.done(id);
             info!(
@@ -427,15 +440,17 @@ impl Engine {
         let id_text = id.to_string();
         let _device = self.thin_locks.lock(&[&id_text]).await;
         let removed = async {
-            self.store.begin_remove(key)?;
+            let removed = self.store.begin_remove(key)?;
             self.flush().await?;
-            Ok::<_, EngineError>(())
+            Ok::<_, EngineError>(removed)
         }
         .await;
         let failed = match removed {
             Err(e) => Some(e),
-            Ok(()) => {
+            Ok(removed) => {
                 crate::failpoint!("remove:after-intent");
+                // Its spares (marked Deleting by the same transaction) go before its device.
+                self.reap_spares(key, &removed.spares).await;
                 match self.reap_locked(id, rec.size).await {
                     Ok(()) => None,
                     Err(e) => {
@@ -572,6 +587,8 @@ impl Engine {
         let pool = self
             .on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
             .await?;
+        let devices = self.store.devices()?;
+        let spare_ids = self.spare_ids(&devices)?;
         let mut st = EngineStatus {
             pool,
             base: BaseInfo {
@@ -579,9 +596,12 @@ impl Engine {
                 fs_type: self.base.fs_type.clone(),
                 size: self.base.size,
             },
-            thin_ids: self.store.devices()?.len() as u64,
+            // Warm spares apart: they are no snapshot's (see `spare_thin_ids`).
+            thin_ids: (devices.len() - spare_ids.len()) as u64,
+            spare_thin_ids: spare_ids,
             inactive: self.lazy.inactive(),
             quarantined: self.quarantined()?,
+            spares: self.spares.counts(),
             ..EngineStatus::default()
         };
         for (_, rec) in self.store.snapshots()? {
@@ -642,3 +662,5 @@ impl Engine {
 mod crash_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_spares;

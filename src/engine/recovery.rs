@@ -22,6 +22,12 @@
 //! its key, Cleanup or the next start; a Ready snapshot whose thin id the pool does not have
 //! (seen by the thin_ls pass) is quarantined (`super::activate`), kept and reported, never
 //! dropped.
+//!
+//! A warm spare's device record (owner `SPARE_OWNER`, see `super::spares`) is settled as its own
+//! kind: Creating is undone as an interrupted create (the shared-pool rule included), Deleting is
+//! finished, and Ready is deleted too: only a spare whose device this run activated is ever
+//! handed out, and the refiller makes new ones. Every committed snapshot's list of spares is then
+//! emptied. No spare survives a start, so none leaks and none is handed out twice.
 //! 2. `Recovery::drop_dangling_snapshots`: a snapshot record whose device record is gone is
 //!    never served.
 //! 3. `Recovery::delete_unowned_active`: an active dm device with our prefix that no record
@@ -44,7 +50,7 @@ use crate::fs::FsError;
 use crate::model::{Kind, ThinId};
 use crate::pool::{NumberedPool, PoolError, ThinPool};
 use crate::store::{
-    BaseRecord, DeviceRecord, Quarantine, SnapshotRecord, State, Store, BASE_OWNER,
+    BaseRecord, DeviceRecord, Quarantine, SnapshotRecord, State, Store, BASE_OWNER, SPARE_OWNER,
 };
 
 /// What recovery did, for logs and tests.
@@ -67,6 +73,8 @@ pub struct Report {
     /// Thin ids of interrupted creates in a shared pool, not deleted: they may be another
     /// owner's (see `undo_create`).
     pub left_alone: Vec<ThinId>,
+    /// Warm spares deleted at start (Ready ones; interrupted ones count as undone creates).
+    pub spares_dropped: Vec<ThinId>,
     pub base_created: bool,
     /// The pool's thin ids were read (thin_ls) and compared with the store's; false when the
     /// pool's transaction id showed that the store had seen every change.
@@ -83,6 +91,7 @@ impl Report {
             || !self.orphans_deleted.is_empty()
             || !self.quarantined.is_empty()
             || !self.left_for_later.is_empty()
+            || !self.spares_dropped.is_empty()
     }
 }
 
@@ -105,6 +114,7 @@ pub fn start(
     );
     let mut r = Recovery::read(&pool, &store, &settings)?;
     r.settle_devices()?;
+    r.clear_spare_lists()?;
     r.drop_dangling_snapshots()?;
     r.delete_unowned_active()?;
     store.flush_sync()?;
@@ -196,12 +206,68 @@ impl<'a> Recovery<'a> {
     /// Phase 1: every device record according to its state.
     fn settle_devices(&mut self) -> Result<(), EngineError> {
         for dev in self.store.devices()? {
+            if self.is_spare(&dev) {
+                self.settle_spare(&dev)?;
+                continue;
+            }
             match dev.state {
                 State::Creating if dev.roll_forward => self.settle_create(&dev)?,
                 State::Creating => self.undo_create(&dev)?,
                 State::Deleting => self.finish_delete(&dev)?,
                 State::Ready if dev.commit.is_some() => self.finish_commit(&dev)?,
                 State::Ready => self.settle_ready(&dev)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A warm spare's record: owned by [`SPARE_OWNER`] and not the device of a client's snapshot
+    /// that happens to be named so.
+    fn is_spare(&self, dev: &DeviceRecord) -> bool {
+        dev.owner == SPARE_OWNER
+            && self
+                .snapshots
+                .get(SPARE_OWNER)
+                .is_none_or(|r| r.thin_id != dev.thin_id)
+    }
+
+    /// A spare at start: whatever its state, it goes (see the module doc).
+    fn settle_spare(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
+        let id = dev.thin_id;
+        match dev.state {
+            State::Creating => self.undo_create(dev),
+            State::Deleting => self.finish_delete(dev),
+            State::Ready => {
+                info!(
+                    thin_id = id,
+                    origin = ?dev.origin,
+                    "deleting a warm spare of the last run"
+                );
+                self.store.mark_deleting(id)?;
+                self.store.flush_sync()?;
+                match self.delete(id) {
+                    Ok(()) => {
+                        self.store.forget_device(id)?;
+                        self.active.remove(&id);
+                        self.report.spares_dropped.push(id);
+                    }
+                    // Deleting now: the reaper, Cleanup or the next start finishes it.
+                    Err(e) => {
+                        warn!(thin_id = id, error = %e, "cannot delete the spare yet; left for cleanup");
+                        self.report.left_for_later.push(id);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Empties the spare list of every committed snapshot (no spare survives a start).
+    fn clear_spare_lists(&mut self) -> Result<(), EngineError> {
+        for (key, rec) in self.snapshots.iter_mut() {
+            if !rec.spares.is_empty() {
+                self.store.clear_spare_list(key)?;
+                rec.spares.clear();
             }
         }
         Ok(())

@@ -32,7 +32,7 @@ pub(super) struct T {
     pub(super) engine: Arc<Engine>,
 }
 
-fn no_format(_: &std::path::Path) -> Result<(), FsError> {
+pub(super) fn no_format(_: &std::path::Path) -> Result<(), FsError> {
     Ok(())
 }
 

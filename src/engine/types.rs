@@ -51,6 +51,7 @@ pub struct EngineStatus {
     pub active: u64,
     pub views: u64,
     pub committed: u64,
+    /// Device records but warm spares: snapshots, the base, devices being deleted.
     pub thin_ids: u64,
     pub base: BaseInfo,
     /// Active snapshots and views whose dm devices are missing (after a reboot) and not yet
@@ -58,6 +59,10 @@ pub struct EngineStatus {
     pub inactive: u64,
     /// Snapshots whose devices cannot be used, with the reason.
     pub quarantined: Vec<super::QuarantinedInfo>,
+    /// Warm spares: ready, wanted, taken and missed.
+    pub spares: super::SpareCounts,
+    /// The thin ids of every warm spare's device record (any state); not in `thin_ids`.
+    pub spare_thin_ids: Vec<ThinId>,
 }
 
 /// What the engine takes from the configuration.
@@ -79,6 +84,8 @@ pub struct Settings {
     pub allow_foreign_devices: bool,
     /// Loop mode with `pool.autogrow.enabled`: grow the pool as it fills.
     pub autogrow: Option<AutogrowConfig>,
+    /// `[spares] count`: warm spares kept at most; 0: none.
+    pub spares: u32,
 }
 
 impl Settings {
@@ -94,6 +101,7 @@ impl Settings {
             allow_foreign_devices: config.pool.allow_foreign_devices,
             autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
                 .then(|| config.pool.autogrow.clone()),
+            spares: config.spares.count,
         }
     }
 
@@ -108,6 +116,7 @@ impl Settings {
             owns_pool: true,
             allow_foreign_devices: false,
             autogrow: None,
+            spares: 0,
         }
     }
 }

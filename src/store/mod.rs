@@ -11,6 +11,7 @@
 mod commit;
 mod quarantine;
 pub mod records;
+mod spares;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +23,7 @@ use sled::Transactional;
 
 pub use records::{
     BaseRecord, CommitIntent, DeviceRecord, Kind, Quarantine, SnapshotRecord, State, BASE_OWNER,
+    SPARE_OWNER,
 };
 
 use crate::model::{ThinId, MAX_THIN_ID};
@@ -343,36 +345,10 @@ impl Store {
                 if snapshots.get(new.key.as_bytes())?.is_some() {
                     return abort(StoreError::AlreadyExists(new.key.clone()));
                 }
-                let (origin, size, origin_mapped) = match &new.parent {
-                    None => (base.thin_id, base.size, base.mapped),
-                    Some(p) => {
-                        let Some(v) = snapshots.get(p.as_bytes())? else {
-                            return abort(StoreError::NotFound(p.clone()));
-                        };
-                        let mut parent: SnapshotRecord = tx_dec(p.clone(), &v)?;
-                        if parent.state != State::Ready {
-                            return abort(StoreError::NotFound(p.clone()));
-                        }
-                        if parent.kind != Kind::Committed {
-                            return abort(StoreError::FailedPrecondition(format!(
-                                "parent {p:?} is not a committed snapshot (it is {})",
-                                parent.kind.as_str()
-                            )));
-                        }
-                        // A quarantined parent's thin id is gone (or unusable): a snapshot of
-                        // it would fail, or snapshot someone else's device.
-                        if let Some(q) = &parent.quarantine {
-                            return abort(StoreError::FailedPrecondition(
-                                q.refusal(p, parent.thin_id),
-                            ));
-                        }
-                        // The count in the parent's record makes "has children" transactional:
-                        // a concurrent Remove of the parent conflicts with this write.
-                        parent.children += 1;
-                        snapshots.insert(p.as_bytes(), enc(&parent))?;
-                        (parent.thin_id, parent.size, parent.mapped)
-                    }
-                };
+                let (origin, size, origin_mapped, parent) = claim_parent(snapshots, new, base)?;
+                if let (Some(p), Some(parent)) = (&new.parent, &parent) {
+                    snapshots.insert(p.as_bytes(), enc(parent))?;
+                }
                 if let Some(want) = new.size {
                     if want < size {
                         return abort(StoreError::SizeBelowParent {
@@ -398,6 +374,7 @@ impl Store {
                     mapped: 0,
                     children: 0,
                     quarantine: None,
+                    spares: Vec::new(),
                 };
                 snapshots.insert(new.key.as_bytes(), enc(&rec))?;
                 let dev = DeviceRecord {
@@ -487,8 +464,9 @@ impl Store {
         Ok(())
     }
 
-    /// Removes snapshot `key` for clients and marks its device Deleting; the caller deletes the
-    /// thin device and then calls [`Store::forget_device`].
+    /// Removes snapshot `key` for clients and marks its device Deleting, and its warm spares
+    /// (the returned record's `spares`) too; the caller deletes the spares' thin devices, then
+    /// its own, and calls [`Store::forget_device`] for each.
     ///
     /// Returns NotFound if `key` is not there, FailedPrecondition if it has children.
     pub fn begin_remove(&self, key: &str) -> Result<SnapshotRecord, StoreError> {
@@ -505,6 +483,7 @@ impl Store {
                 release_child(snapshots, p)?;
             }
             set_device_state(devices, rec.thin_id, State::Deleting)?;
+            spares::doom_spares(snapshots, devices, &rec)?;
             Ok(rec)
         })?;
         Ok(rec)
@@ -531,7 +510,10 @@ impl Store {
                 snapshots.insert(p.as_bytes(), enc(&parent))?;
             }
             set_device_state(devices, rec.thin_id, State::Ready)?;
-            snapshots.insert(key.as_bytes(), enc(rec))?;
+            // Its spares went with the Remove (Deleting, reaped): not given back.
+            let mut rec = rec.clone();
+            rec.spares.clear();
+            snapshots.insert(key.as_bytes(), enc(&rec))?;
             Ok(())
         })?;
         Ok(())
@@ -570,6 +552,43 @@ enum DeviceFate {
     Forget,
     /// The device may exist: keep its record, Deleting, until it is reaped.
     Deleting,
+}
+
+/// The origin of a new snapshot of `new.parent` (or of the base): its thin id, size and mapped
+/// bytes, with the parent's record as it must be written (one more child). Writes nothing.
+///
+/// Aborts with NotFound if the parent does not exist, FailedPrecondition if it is not committed
+/// or is quarantined.
+fn claim_parent(
+    snapshots: &TransactionalTree,
+    new: &NewSnapshot,
+    base: &BaseRecord,
+) -> TxResult<(ThinId, u64, u64, Option<SnapshotRecord>)> {
+    let Some(p) = &new.parent else {
+        return Ok((base.thin_id, base.size, base.mapped, None));
+    };
+    let Some(v) = snapshots.get(p.as_bytes())? else {
+        return abort(StoreError::NotFound(p.clone()));
+    };
+    let mut parent: SnapshotRecord = tx_dec(p.clone(), &v)?;
+    if parent.state != State::Ready {
+        return abort(StoreError::NotFound(p.clone()));
+    }
+    if parent.kind != Kind::Committed {
+        return abort(StoreError::FailedPrecondition(format!(
+            "parent {p:?} is not a committed snapshot (it is {})",
+            parent.kind.as_str()
+        )));
+    }
+    // A quarantined parent's thin id is gone (or unusable): a snapshot of it would fail, or
+    // snapshot someone else's device.
+    if let Some(q) = &parent.quarantine {
+        return abort(StoreError::FailedPrecondition(q.refusal(p, parent.thin_id)));
+    }
+    // The count in the parent's record makes "has children" transactional: a concurrent Remove
+    // of the parent conflicts with this write.
+    parent.children += 1;
+    Ok((parent.thin_id, parent.size, parent.mapped, Some(parent)))
 }
 
 fn ready_snapshot(snapshots: &TransactionalTree, key: &str) -> TxResult<SnapshotRecord> {

@@ -49,6 +49,10 @@ pub struct SnapshotRecord {
     /// kernel refuses it): its calls answer FailedPrecondition with the reason; Remove clears it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<Quarantine>,
+    /// Committed snapshots: thin ids of the warm spares made of this one (device records owned
+    /// by [`SPARE_OWNER`]): Remove marks them Deleting in its own transaction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spares: Vec<ThinId>,
 }
 
 /// Why a snapshot is quarantined (see [`SnapshotRecord::quarantine`]).
@@ -111,6 +115,11 @@ pub struct CommitIntent {
 
 /// Owner name of the base device's record.
 pub const BASE_OWNER: &str = "<base>";
+
+/// Owner name of a warm spare's device record (a thin snapshot of `origin` made ahead of a
+/// Prepare or View; see `engine::spares`). Recognised by this owner *and* by no snapshot record
+/// holding its thin id: keys are opaque, a client may use this name too.
+pub const SPARE_OWNER: &str = "<spare>";
 
 /// The base device every parentless snapshot is a thin snapshot of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

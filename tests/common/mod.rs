@@ -492,29 +492,51 @@ pub fn kernel_thin_ids(pool: &str, meta_dev: &str) -> std::collections::BTreeSet
         .collect()
 }
 
+/// Nothing leaked: the pool's thin ids are the store's, and the active dm devices with our
+/// prefix are those of active snapshots and views (but those awaiting activation) and of ready
+/// warm spares. With spares on, checked between two rounds of the refiller (it makes and deletes
+/// devices in the background): a check that a round overlapped is made again.
 pub async fn assert_no_leak(d: &Daemon, a: &mut AdminClient<Channel>, what: &str) {
-    let st = status_with_thin_ids(a).await;
-    let meta = st
-        .loop_files
-        .iter()
-        .find(|l| l.role == "metadata")
-        .expect("metadata loop device")
-        .device
-        .clone();
-    let store: std::collections::BTreeSet<u32> = st.thin_ids.iter().copied().collect();
-    let kernel = kernel_thin_ids(&st.pool_name, &meta);
-    assert_eq!(
-        kernel,
-        store,
-        "{what}: pool thin ids != store thin ids\n{}",
-        d.log_tail(40)
-    );
-    // Every active dm device with our prefix belongs to an active snapshot or view, and every
-    // active snapshot or view has one, but those still awaiting activation (after a reboot).
-    let active = d.our_dm_devices().len();
-    assert_eq!(
-        active as u64,
-        st.snapshots_active + st.snapshots_view - st.snapshots_inactive,
-        "{what}: active dm devices != active snapshots + views - awaiting activation"
-    );
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < START_TIMEOUT,
+            "{what}: the spares' refiller never idles\n{}",
+            d.log_tail(40)
+        );
+        let st = status_with_thin_ids(a).await;
+        if st.spares_refilling {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let meta = st
+            .loop_files
+            .iter()
+            .find(|l| l.role == "metadata")
+            .expect("metadata loop device")
+            .device
+            .clone();
+        let store: std::collections::BTreeSet<u32> = st.thin_ids.iter().copied().collect();
+        let kernel = kernel_thin_ids(&st.pool_name, &meta);
+        let active = d.our_dm_devices().len() as u64;
+        let after = status(a).await;
+        if after.spares_refilling || after.spares_rounds != st.spares_rounds {
+            continue;
+        }
+        assert_eq!(
+            kernel,
+            store,
+            "{what}: pool thin ids != store thin ids\n{}",
+            d.log_tail(40)
+        );
+        // Every active dm device with our prefix belongs to an active snapshot or view, or is
+        // a ready spare, and every active snapshot or view has one, but those still awaiting
+        // activation (after a reboot).
+        assert_eq!(
+            active,
+            st.snapshots_active + st.snapshots_view - st.snapshots_inactive + st.spares_ready,
+            "{what}: active dm devices != active snapshots + views - awaiting activation + spares"
+        );
+        return;
+    }
 }

@@ -1,0 +1,501 @@
+//! Warm spares (`[spares] count`): thin snapshots made and activated ahead of time, of the base
+//! and of recently used or committed snapshots, so that Prepare and View on one of them are a
+//! store transaction and one flush, with no `create_snap` and no device resume on the caller's
+//! path. A committed snapshot and the base never change, so a snapshot of one taken now equals
+//! one taken at the next Prepare on it; device names derive from thin ids, so the spare's thin id
+//! simply becomes the snapshot's.
+//!
+//! The store holds each spare as a device record (owner [`SPARE_OWNER`], `origin` its origin's
+//! thin id) made as every device is: intent (Creating, flushed), then the kernel, then Ready. This
+//! module holds what only this run knows: the spares whose devices were activated by this run
+//! (the only ones handed out), the origins wanted (the base, then the most recently used or
+//! committed, one spare each, at most `count`) and the refiller ([`Engine::run_spares`]), which
+//! makes one spare at a time, only while no foreground call is in flight, never under the
+//! free-space floor or on a read-only pool. Recovery deletes every spare it finds at start.
+//!
+//! It must not touch a spare's device except under its thin id's lock (`thin_locks`), which a
+//! Remove's reap of it also takes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use super::{now_ns, pool_err, stopped, Engine, EngineError, Mount};
+use crate::model::{Kind, ThinId};
+use crate::pool::{PoolError, ThinPool};
+use crate::store::{NewSnapshot, State, StoreError};
+
+pub use crate::store::SPARE_OWNER;
+
+/// A spare made and activated by this run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Spare {
+    id: ThinId,
+}
+
+/// What the engine keeps of spares in memory. The parent key `""` stands for the base.
+#[derive(Default)]
+struct Inner {
+    /// Ready spares activated this run, by parent key.
+    ready: HashMap<String, Spare>,
+    /// Parents recently used by a Prepare or View, or committed: most recent first.
+    recent: VecDeque<String>,
+}
+
+/// The warm spares of one engine (see the module doc).
+#[derive(Default)]
+pub(super) struct Spares {
+    /// `[spares] count`; 0: off.
+    target: usize,
+    inner: Mutex<Inner>,
+    /// Wakes the refiller: a spare was taken or missed, a parent was used or committed.
+    poke: Notify,
+    /// Foreground calls in flight: the refiller waits for none.
+    inflight: AtomicUsize,
+    idle: Notify,
+    taken: AtomicU64,
+    missed: AtomicU64,
+    /// Refiller rounds begun and ended: equal while the refiller is idle (tests wait for it).
+    rounds: AtomicU64,
+    rounds_done: AtomicU64,
+}
+
+/// A foreground call in flight (see [`Spares::busy`]).
+pub(super) struct Busy<'a>(&'a Spares);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Counts for `thinsnap status` and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpareCounts {
+    /// Spares ready to be taken.
+    pub ready: u64,
+    /// `[spares] count`.
+    pub target: u64,
+    /// Prepares and Views served from a spare since start.
+    pub taken: u64,
+    /// Prepares and Views that could have used a spare but found none since start.
+    pub missed: u64,
+    /// Refiller rounds begun since start, and whether one is under way: a check of the pool
+    /// against the store is only meaningful between rounds.
+    pub rounds: u64,
+    pub refilling: bool,
+}
+
+impl Spares {
+    pub(super) fn new(target: u32) -> Spares {
+        let s = Spares {
+            target: target as usize,
+            ..Spares::default()
+        };
+        if s.target > 0 {
+            // The first round (the base's spare) runs as soon as the refiller starts.
+            s.poke.notify_one();
+        }
+        s
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks a foreground call in flight until the guard drops.
+    pub(super) fn busy(&self) -> Busy<'_> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        Busy(self)
+    }
+
+    /// `parent` was just used or committed: it goes first in the wanted origins.
+    pub(super) fn touch(&self, parent: &str) {
+        if self.target == 0 || parent.is_empty() {
+            return;
+        }
+        let mut inner = self.inner();
+        inner.recent.retain(|p| p != parent);
+        inner.recent.push_front(parent.to_string());
+        // Beyond `target` an origin is never wanted (the base takes one place).
+        inner.recent.truncate(self.target);
+        drop(inner);
+        self.poke.notify_one();
+    }
+
+    /// `parent` is gone (removed): it is wanted no more; its spares are the Remove's to reap.
+    pub(super) fn forget(&self, parent: &str) {
+        if self.target == 0 {
+            return;
+        }
+        let mut inner = self.inner();
+        inner.recent.retain(|p| p != parent);
+        inner.ready.remove(parent);
+    }
+
+    /// The counts (see [`SpareCounts`]).
+    pub(super) fn counts(&self) -> SpareCounts {
+        SpareCounts {
+            ready: self.inner().ready.len() as u64,
+            target: self.target as u64,
+            taken: self.taken.load(Ordering::Relaxed),
+            missed: self.missed.load(Ordering::Relaxed),
+            rounds: self.rounds.load(Ordering::SeqCst),
+            refilling: self.rounds.load(Ordering::SeqCst)
+                != self.rounds_done.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The origins wanted now, by parent key (`""`: the base), most wanted first.
+    fn wanted(&self) -> Vec<String> {
+        let inner = self.inner();
+        std::iter::once(String::new())
+            .chain(inner.recent.iter().cloned())
+            .take(self.target)
+            .collect()
+    }
+}
+
+/// What one round of the refiller did.
+enum Step {
+    /// Something was done (or skipped); look again.
+    Again,
+    /// Nothing to do, or nothing may be done now (under the floor): wait for a poke.
+    Idle,
+}
+
+impl Engine {
+    /// The thin ids among `devices` (the store's device records) that are warm spares'.
+    ///
+    /// Returns an error if the store cannot be read.
+    pub(super) fn spare_ids(
+        &self,
+        devices: &[crate::store::DeviceRecord],
+    ) -> Result<Vec<ThinId>, EngineError> {
+        let named = self.store.get(SPARE_OWNER)?.map(|r| r.thin_id);
+        Ok(devices
+            .iter()
+            .filter(|d| d.owner == SPARE_OWNER && Some(d.thin_id) != named)
+            .map(|d| d.thin_id)
+            .collect())
+    }
+
+    /// Spares ready, wanted, taken and missed (see [`SpareCounts`]).
+    pub fn spare_counts(&self) -> SpareCounts {
+        self.spares.counts()
+    }
+
+    /// Prepare or View of `key` on a warm spare of `parent`: `Some(mounts)` when one was taken
+    /// (one transaction, one flush); `None` when there was none to take (the caller makes the
+    /// snapshot as usual). The caller holds the key's lock and checked the free-space floor.
+    ///
+    /// Returns AlreadyExists, NotFound or FailedPrecondition as Prepare does, or a store error.
+    pub(super) async fn take_spare(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<Vec<Mount>>, EngineError> {
+        let sp = &self.spares;
+        if sp.target == 0 {
+            return Ok(None);
+        }
+        sp.touch(parent);
+        let spare = sp.inner().ready.remove(parent);
+        let Some(spare) = spare else {
+            sp.missed.fetch_add(1, Ordering::Relaxed);
+            sp.poke.notify_one();
+            return Ok(None);
+        };
+        let new = NewSnapshot {
+            key: key.to_string(),
+            kind,
+            parent: (!parent.is_empty()).then(|| parent.to_string()),
+            labels: labels.clone(),
+            now: now_ns(),
+            size: None,
+            roll_forward: false,
+        };
+        let rec = match self.store.take_spare(&new, &self.base, spare.id) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => {
+                // Gone meanwhile (its parent removed and made again, evicted): the usual path.
+                sp.missed.fetch_add(1, Ordering::Relaxed);
+                sp.poke.notify_one();
+                return Ok(None);
+            }
+            Err(e) => {
+                // The call is refused (the key exists, the parent is not committed): the spare
+                // is still there and still a spare; given back, or deleted if the refiller made
+                // another one meanwhile.
+                let given_back = {
+                    let mut inner = sp.inner();
+                    match inner.ready.entry(parent.to_string()) {
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(spare);
+                            true
+                        }
+                        std::collections::hash_map::Entry::Occupied(_) => false,
+                    }
+                };
+                if !given_back {
+                    if let Err(e) = self.evict(parent, spare.id).await {
+                        warn!(thin_id = spare.id, error = %e, "cannot delete a spare; left for the next start");
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.flush().await {
+            // Not durable: undo as a failed Prepare does (the device is reaped).
+            warn!(key, thin_id = spare.id, error = %e, "cannot flush the take of a spare; undoing");
+            self.undo_create(key, spare.id).await;
+            sp.poke.notify_one();
+            return Err(e.into());
+        }
+        crate::failpoint!("prepare:after-take");
+        sp.taken.fetch_add(1, Ordering::Relaxed);
+        sp.poke.notify_one();
+        info!(
+            key,
+            thin_id = spare.id,
+            kind = kind.as_str(),
+            "created snapshot from a warm spare"
+        );
+        Ok(Some(self.mounts_of(&rec)))
+    }
+
+    /// Deletes the spares a Remove of their parent marked Deleting (`ids`, from the removed
+    /// record), before the parent's own device.
+    pub(super) async fn reap_spares(&self, parent: &str, ids: &[ThinId]) {
+        self.spares.forget(parent);
+        for &id in ids {
+            match &self.reaper {
+                Some(reaper) => {
+                    let _ = reaper.send(id);
+                }
+                None => {
+                    self.reap(id).await;
+                }
+            }
+        }
+    }
+
+    /// The refiller: waits for a poke, then makes or deletes spares one at a time until the
+    /// wanted ones are there, each only while no foreground call is in flight. Returns when
+    /// `stop` turns true; does nothing with `[spares] count = 0`.
+    pub async fn run_spares(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        if self.spares.target == 0 {
+            return;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => return,
+                _ = self.spares.poke.notified() => {}
+            }
+            loop {
+                // Foreground calls first: wait until none is in flight.
+                loop {
+                    let idle = self.spares.idle.notified();
+                    tokio::pin!(idle);
+                    idle.as_mut().enable();
+                    if self.spares.inflight.load(Ordering::SeqCst) == 0 {
+                        break;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = stopped(&mut stop) => return,
+                        _ = idle => {}
+                    }
+                }
+                if *stop.borrow() {
+                    return;
+                }
+                self.spares.rounds.fetch_add(1, Ordering::SeqCst);
+                let step = self.refill_step().await;
+                self.spares.rounds_done.fetch_add(1, Ordering::SeqCst);
+                match step {
+                    Ok(Step::Again) => {}
+                    Ok(Step::Idle) => break,
+                    Err(e) => {
+                        warn!(error = %e, "spares: cannot refill; trying again at the next call");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round of the refiller: deletes one unwanted spare, or makes one wanted one.
+    async fn refill_step(&self) -> Result<Step, EngineError> {
+        let wanted = self.spares.wanted();
+        let unwanted = {
+            let inner = self.spares.inner();
+            inner
+                .ready
+                .iter()
+                .find(|(p, _)| !wanted.contains(p))
+                .map(|(p, s)| (p.clone(), *s))
+        };
+        if let Some((parent, spare)) = unwanted {
+            self.spares.inner().ready.remove(&parent);
+            self.evict(&parent, spare.id).await?;
+            return Ok(Step::Again);
+        }
+        let missing = {
+            let inner = self.spares.inner();
+            wanted.into_iter().find(|p| !inner.ready.contains_key(p))
+        };
+        let Some(parent) = missing else {
+            return Ok(Step::Idle);
+        };
+        // Never under the free-space floor nor on a read-only pool (a cheap status ioctl).
+        if let Err(e) = self.check_space().await {
+            debug!(error = %e, "spares: not refilling while the pool is low or read-only");
+            return Ok(Step::Idle);
+        }
+        let (origin, size) = if parent.is_empty() {
+            (self.base.thin_id, self.base.size)
+        } else {
+            match self.store.get(&parent)? {
+                Some(r)
+                    if r.state == State::Ready
+                        && r.kind == Kind::Committed
+                        && r.quarantine.is_none() =>
+                {
+                    (r.thin_id, r.size)
+                }
+                _ => {
+                    self.spares.forget(&parent);
+                    return Ok(Step::Again);
+                }
+            }
+        };
+        self.make_spare(&parent, origin, size).await?;
+        Ok(Step::Again)
+    }
+
+    /// Deletes spare `id` of `parent` (no longer wanted).
+    async fn evict(&self, parent: &str, id: ThinId) -> Result<(), EngineError> {
+        let p = (!parent.is_empty()).then_some(parent);
+        if self.store.drop_spare(id, p)? {
+            self.flush().await?;
+            self.reap(id).await;
+            debug!(thin_id = id, parent, "spares: deleted an unwanted spare");
+        }
+        Ok(())
+    }
+
+    /// Makes a spare of `parent` (thin id `origin`): intent, create_snap, activate, Ready.
+    async fn make_spare(&self, parent: &str, origin: ThinId, size: u64) -> Result<(), EngineError> {
+        let p = (!parent.is_empty()).then_some(parent);
+        let id = match self.store.begin_spare(p, origin, size) {
+            Ok(id) => id,
+            Err(StoreError::FailedPrecondition(_)) => {
+                // Removed or quarantined since it was read.
+                self.spares.forget(parent);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.flush().await?;
+        crate::failpoint!("spare:after-intent");
+        let id_text = id.to_string();
+        let _device = self.thin_locks.lock(&[&id_text]).await;
+        // Ok(true): made; Ok(false): the thin id is someone else's (a shared pool).
+        let made = self
+            .on_pool_as(move |pool| {
+                match pool.create_snap(id, origin) {
+                    Ok(()) => {}
+                    Err(PoolError::ThinExists(_)) => return Ok(false),
+                    Err(e) => {
+                        return Err(SpareError::NotMade(pool_err(format!(
+                            "create spare thin id {id}"
+                        ))(e)))
+                    }
+                }
+                crate::failpoint!("spare:after-create-snap");
+                pool.activate(id, size).map_err(|e| {
+                    SpareError::Made(pool_err(format!("activate spare thin id {id}"))(e))
+                })?;
+                crate::failpoint!("spare:after-activate");
+                Ok(true)
+            })
+            .await;
+        match made {
+            Ok(true) => {
+                if self.store.finish_spare(id)? {
+                    self.spares
+                        .inner()
+                        .ready
+                        .insert(parent.to_string(), Spare { id });
+                    debug!(thin_id = id, origin, parent, "spares: made a spare");
+                }
+                // Otherwise a Remove of the parent marked it Deleting: its reap (waiting for this
+                // thin id's lock) deletes it.
+                Ok(())
+            }
+            Ok(false) => {
+                warn!(
+                    thin_id = id,
+                    "spares: thin id taken by a device thinsnap does not own; not a spare"
+                );
+                self.store.forget_spare(id, p)?;
+                self.flush().await?;
+                Ok(())
+            }
+            Err(SpareError::NotMade(e)) => {
+                // The kernel refused the create_snap: no device was made.
+                self.store.forget_spare(id, p)?;
+                self.flush().await?;
+                Err(e)
+            }
+            Err(SpareError::Made(e)) => {
+                if self.store.drop_spare(id, p)? {
+                    self.flush().await?;
+                    drop(_device);
+                    self.reap(id).await;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Why making a spare's device failed: before anything was made, or after (or not known).
+enum SpareError {
+    NotMade(EngineError),
+    Made(EngineError),
+}
+
+impl From<EngineError> for SpareError {
+    /// A failed pool task: whether the device was made is not known, so it is reaped.
+    fn from(e: EngineError) -> Self {
+        SpareError::Made(e)
+    }
+}
+
+#[cfg(test)]
+impl Engine {
+    /// Runs the refiller's rounds until it has nothing to do; returns how many it ran.
+    pub(super) async fn refill_until_idle(&self) -> usize {
+        let mut rounds = 0;
+        while let Step::Again = self.refill_step().await.expect("refill") {
+            rounds += 1;
+            assert!(rounds < 1000, "the refiller never settles");
+        }
+        rounds
+    }
+
+    /// The thin id of the ready spare of `parent` (`""`: the base), if any.
+    pub(super) fn spare_of(&self, parent: &str) -> Option<ThinId> {
+        self.spares.inner().ready.get(parent).map(|s| s.id)
+    }
+}

@@ -1,0 +1,479 @@
+//! Warm spares on the fake pool: a Prepare or View on a spare makes no device on its path and
+//! gets its parent's lineage; `count = 0` never makes one; concurrent Prepares never share one;
+//! Remove of the parent deletes its spares; a kill at each step of making or taking one
+//! converges with nothing leaked; the free-space floor stops refills; eviction bounds the count.
+//! The refiller is driven round by round (`refill_until_idle`), not by its background task.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::tests::{no_format, no_labels, prep, reopen, setup_with, T};
+use super::*;
+use crate::config::FsConfig;
+use crate::store::SPARE_OWNER;
+
+fn settings(count: u32) -> Settings {
+    let mut s = Settings::with_fs(FsConfig::default());
+    s.spares = count;
+    s
+}
+
+fn spares_on(count: u32) -> T {
+    setup_with(settings(count))
+}
+
+/// Starts a new engine with `count` spares on the same store and pool (a restart).
+fn restart_with(t: T, count: u32) -> (T, recovery::Report) {
+    let (_dir, path, pool) = t.into_parts();
+    let store = reopen(&path);
+    let (engine, report) =
+        recovery::start(pool.clone(), store, settings(count), &no_format).expect("start");
+    (
+        T {
+            _dir,
+            path,
+            pool,
+            engine: Arc::new(engine),
+        },
+        report,
+    )
+}
+
+/// A committed snapshot `name` (made from an active one whose device maps `bytes`).
+async fn committed(t: &T, name: &str, bytes: u64) -> ThinId {
+    let key = format!("{name}-active");
+    prep(t, &key, "").await.expect("prepare");
+    let id = t.engine.record(&key).expect("rec").expect("rec").thin_id;
+    t.pool.write(id, bytes);
+    t.engine
+        .commit(name, &key, no_labels())
+        .await
+        .expect("commit");
+    id
+}
+
+/// The spares' device records in the store.
+fn spare_records(t: &T) -> Vec<crate::store::DeviceRecord> {
+    t.engine
+        .store
+        .devices()
+        .expect("devices")
+        .into_iter()
+        .filter(|d| d.owner == SPARE_OWNER)
+        .collect()
+}
+
+/// Nothing leaked: the pool's thin ids are exactly the store's device records.
+fn assert_no_leak(t: &T, what: &str) {
+    let store: BTreeSet<ThinId> = t.engine.thin_ids().expect("ids").into_iter().collect();
+    assert_eq!(t.pool.thin_ids(), store, "{what}: pool and store disagree");
+}
+
+#[tokio::test]
+async fn prepare_and_view_on_a_warm_spare_make_no_device_and_keep_the_lineage() {
+    let t = spares_on(2);
+    let c1 = committed(&t, "c1", 12345).await;
+    t.engine.refill_until_idle().await;
+    let spare = t.engine.spare_of("c1").expect("a spare of c1");
+    assert!(t.engine.spare_of("").is_some(), "no spare of the base");
+    assert!(
+        t.pool.active().contains(&spare),
+        "the spare's device is not active"
+    );
+    let (snaps, acts, flushes) = (
+        t.pool.count("create_snap"),
+        t.pool.count("activate"),
+        t.engine.store_flushes(),
+    );
+    let m = prep(&t, "x", "c1").await.expect("prepare on the spare");
+    assert_eq!(
+        t.pool.count("create_snap"),
+        snaps,
+        "create_snap on the path"
+    );
+    assert_eq!(t.pool.count("activate"), acts, "activate on the path");
+    assert_eq!(t.engine.store_flushes() - flushes, 1, "one flush");
+    let x = t.engine.record("x").expect("rec").expect("x");
+    assert_eq!((x.thin_id, x.state), (spare, crate::store::State::Ready));
+    assert_eq!(x.parent.as_deref(), Some("c1"));
+    assert_eq!(m[0].source, format!("/dev/mapper/fake-snap-{spare}"));
+    // The lineage: the spare is a snapshot of c1's thin id and maps what c1 mapped.
+    assert!(
+        t.pool
+            .calls()
+            .contains(&format!("create_snap {spare} {c1}")),
+        "{:?}",
+        t.pool.calls()
+    );
+    assert_eq!(t.pool.mapped_bytes(spare).expect("mapped"), 12345);
+    assert_eq!(x.origin_mapped, 12345);
+    assert_eq!(t.engine.usage("x").await.expect("usage").size, 0);
+    let c = t.engine.record("c1").expect("rec").expect("c1");
+    assert_eq!((c.children, c.spares.clone()), (1, vec![]));
+    // A View on the base's spare, likewise.
+    t.engine.refill_until_idle().await;
+    let base_spare = t.engine.spare_of("").expect("base spare");
+    let snaps = t.pool.count("create_snap");
+    let m = t
+        .engine
+        .create(Kind::View, "v", "", no_labels())
+        .await
+        .expect("view on the base's spare");
+    assert_eq!(t.pool.count("create_snap"), snaps);
+    assert!(m[0].options.contains(&"ro".to_string()), "{:?}", m[0]);
+    assert_eq!(
+        t.engine.record("v").expect("r").expect("v").thin_id,
+        base_spare
+    );
+    let counts = t.engine.spare_counts();
+    assert_eq!((counts.taken, counts.target), (2, 2));
+    // Taken spares are ordinary snapshots: Remove works, nothing leaks.
+    t.engine.remove("x").await.expect("remove x");
+    t.engine.remove("v").await.expect("remove v");
+    t.engine.refill_until_idle().await;
+    assert_no_leak(&t, "after taking and removing");
+}
+
+#[tokio::test]
+async fn count_zero_never_makes_a_spare() {
+    let t = spares_on(0);
+    committed(&t, "c1", 10).await;
+    assert_eq!(t.engine.refill_until_idle().await, 0);
+    let snaps = t.pool.count("create_snap");
+    prep(&t, "x", "c1").await.expect("prepare");
+    assert_eq!(t.pool.count("create_snap"), snaps + 1, "the usual path");
+    assert!(spare_records(&t).is_empty());
+    let c = t.engine.spare_counts();
+    assert_eq!((c.ready, c.target, c.taken, c.missed), (0, 0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_prepare_without_a_spare_is_counted_missed_and_takes_the_usual_path() {
+    let t = spares_on(2);
+    committed(&t, "c1", 10).await;
+    let (snaps, missed) = (t.pool.count("create_snap"), t.engine.spare_counts().missed);
+    prep(&t, "x", "c1").await.expect("prepare");
+    assert_eq!(t.pool.count("create_snap"), snaps + 1);
+    assert_eq!(t.engine.spare_counts().missed, missed + 1);
+    // A size label never takes one.
+    t.engine.refill_until_idle().await;
+    let spare = t.engine.spare_of("c1").expect("spare");
+    let mut labels = no_labels();
+    labels.insert(SIZE_LABEL.to_string(), "1GiB".to_string());
+    let _ = t.engine.create(Kind::Active, "big", "c1", labels).await;
+    assert_eq!(
+        t.engine.spare_of("c1"),
+        Some(spare),
+        "a sized Prepare took it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_prepares_on_one_parent_never_share_a_spare() {
+    let t = spares_on(2);
+    committed(&t, "c1", 10).await;
+    t.engine.refill_until_idle().await;
+    let spare = t.engine.spare_of("c1").expect("spare");
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let e = t.engine.clone();
+            tokio::spawn(async move {
+                e.create(Kind::Active, &format!("k{i}"), "c1", no_labels())
+                    .await
+                    .expect("prepare")
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let ids: Vec<ThinId> = (0..8)
+        .map(|i| {
+            t.engine
+                .record(&format!("k{i}"))
+                .expect("r")
+                .expect("k")
+                .thin_id
+        })
+        .collect();
+    let distinct: BTreeSet<ThinId> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), 8, "two Prepares got one thin id: {ids:?}");
+    assert_eq!(ids.iter().filter(|&&id| id == spare).count(), 1);
+    assert_eq!(t.engine.spare_counts().taken, 1);
+    assert_eq!(t.engine.record("c1").expect("r").expect("c1").children, 8);
+    assert_no_leak(&t, "after concurrent prepares");
+}
+
+#[tokio::test]
+async fn remove_of_the_parent_deletes_its_spares_first() {
+    for remove_async in [false, true] {
+        let mut s = settings(2);
+        s.remove_async = remove_async;
+        let t = setup_with(s);
+        let c1 = committed(&t, "c1", 10).await;
+        t.engine.refill_until_idle().await;
+        let spare = t.engine.spare_of("c1").expect("spare");
+        // A second spare still being made (intent only) is doomed too.
+        let making = t
+            .engine
+            .store
+            .begin_spare(Some("c1"), c1, 1 << 30)
+            .expect("intent");
+        t.engine.remove("c1").await.expect("remove c1");
+        if remove_async {
+            // The reaper deletes in the order of its queue: the spares, then the parent.
+            let mut queue = t
+                .engine
+                .reaper_queue
+                .lock()
+                .expect("queue")
+                .take()
+                .expect("the reaper's queue");
+            let mut queued = Vec::new();
+            while let Ok(id) = queue.try_recv() {
+                queued.push(id);
+            }
+            assert_eq!(queued, vec![spare, making, c1]);
+            for id in queued {
+                assert!(t.engine.reap(id).await, "reap {id}");
+            }
+        }
+        let calls = t.pool.calls();
+        let pos = |s: String| calls.iter().position(|c| *c == s);
+        assert!(
+            pos(format!("delete {spare}")) < pos(format!("delete {c1}"))
+                && pos(format!("delete {spare}")).is_some(),
+            "async={remove_async}: the spare is not deleted before its parent: {calls:?}"
+        );
+        assert!(!t.pool.thin_ids().contains(&spare));
+        assert!(!t.pool.thin_ids().contains(&making));
+        assert_eq!(t.engine.spare_of("c1"), None);
+        assert!(
+            spare_records(&t).iter().all(|d| d.origin != Some(c1)),
+            "async={remove_async}: {:?}",
+            spare_records(&t)
+        );
+        assert_no_leak(&t, "after removing the parent");
+    }
+}
+
+#[tokio::test]
+async fn a_kill_at_each_step_of_a_spare_converges_with_nothing_leaked() {
+    // What SIGKILL leaves at each failpoint: spare:after-intent (the intent flushed),
+    // spare:after-create-snap (and the thin device), spare:after-activate (and its dm device),
+    // a finished spare (Ready, not flushed, then flushed by another call), prepare:after-take.
+    for step in [
+        "after-intent",
+        "after-create-snap",
+        "after-activate",
+        "ready",
+        "taken",
+    ] {
+        let t = spares_on(2);
+        let c1 = committed(&t, "c1", 10).await;
+        let mut taken = None;
+        match step {
+            "ready" | "taken" => {
+                t.engine.refill_until_idle().await;
+                let spare = t.engine.spare_of("c1").expect("spare");
+                if step == "taken" {
+                    prep(&t, "x", "c1").await.expect("take");
+                    taken = Some(spare);
+                } else {
+                    // Another call's flush makes the Ready records durable.
+                    t.engine
+                        .update("c1", no_labels(), &[])
+                        .await
+                        .expect("update");
+                }
+            }
+            _ => {
+                let id = t
+                    .engine
+                    .store
+                    .begin_spare(Some("c1"), c1, 1 << 30)
+                    .expect("i");
+                t.engine.flush().await.expect("flush");
+                if step != "after-intent" {
+                    t.engine.pool.create_snap(id, c1).expect("create_snap");
+                }
+                if step == "after-activate" {
+                    t.engine.pool.activate(id, 1 << 30).expect("activate");
+                }
+            }
+        }
+        let (t, report) = t.crash();
+        assert_no_leak(&t, step);
+        assert!(spare_records(&t).is_empty(), "{step}: a spare survived");
+        let c = t.engine.record("c1").expect("r").expect("c1");
+        assert!(c.spares.is_empty(), "{step}: {:?}", c.spares);
+        if step == "ready" {
+            assert_eq!(report.spares_dropped.len(), 2, "{step}: {report:?}");
+        }
+        if let Some(id) = taken {
+            let x = t
+                .engine
+                .record("x")
+                .expect("r")
+                .expect("the taken snapshot survives");
+            assert_eq!(x.thin_id, id);
+            assert_eq!(c.children, 1);
+        }
+        // With spares on again: nothing from the last run is handed out (the first Prepare
+        // takes the usual path), then the refiller makes new ones that are taken.
+        let (t, _) = restart_with(t, 2);
+        let snaps = t.pool.count("create_snap");
+        prep(&t, "y", "c1").await.expect("prepare after restart");
+        assert_eq!(
+            t.pool.count("create_snap"),
+            snaps + 1,
+            "{step}: old spare taken"
+        );
+        t.engine.refill_until_idle().await;
+        let spare = t.engine.spare_of("c1").expect("a new spare");
+        prep(&t, "z", "c1").await.expect("take the new spare");
+        assert_eq!(t.engine.record("z").expect("r").expect("z").thin_id, spare);
+        assert_no_leak(&t, step);
+    }
+}
+
+#[tokio::test]
+async fn the_free_space_floor_stops_refills() {
+    let t = spares_on(2);
+    committed(&t, "c1", 10).await;
+    // 5% free: under the default 10% floor.
+    t.pool.set_space(1000, 950);
+    let snaps = t.pool.count("create_snap");
+    t.engine.refill_until_idle().await;
+    assert_eq!(
+        t.pool.count("create_snap"),
+        snaps,
+        "a spare made under the floor"
+    );
+    assert!(spare_records(&t).is_empty());
+    t.pool.set_space(0, 0);
+    t.engine.refill_until_idle().await;
+    assert_eq!(t.engine.spare_counts().ready, 2);
+}
+
+#[tokio::test]
+async fn eviction_bounds_the_count_and_deletes_evicted_spares() {
+    let t = spares_on(2);
+    committed(&t, "c1", 10).await;
+    t.engine.refill_until_idle().await;
+    let old = t.engine.spare_of("c1").expect("spare of c1");
+    // Two later commits: the base and the most recent one are wanted, c1 is not.
+    committed(&t, "c2", 10).await;
+    committed(&t, "c3", 10).await;
+    t.engine.refill_until_idle().await;
+    assert!(t.engine.spare_of("").is_some());
+    assert!(t.engine.spare_of("c3").is_some());
+    assert_eq!(t.engine.spare_of("c1"), None);
+    assert_eq!(t.engine.spare_of("c2"), None);
+    assert!(
+        !t.pool.thin_ids().contains(&old),
+        "the evicted spare's device stays"
+    );
+    assert_eq!(spare_records(&t).len(), 2);
+    assert_eq!(t.engine.spare_counts().ready, 2);
+    assert!(t
+        .engine
+        .record("c1")
+        .expect("r")
+        .expect("c1")
+        .spares
+        .is_empty());
+    // A Prepare on c1 makes it wanted again, in place of c3.
+    prep(&t, "x", "c1").await.expect("prepare");
+    t.engine.refill_until_idle().await;
+    assert!(t.engine.spare_of("c1").is_some());
+    assert_eq!(t.engine.spare_of("c3"), None);
+    assert_eq!(spare_records(&t).len(), 2);
+    assert_no_leak(&t, "after eviction");
+}
+
+#[tokio::test]
+async fn a_quarantined_parent_is_refused_even_with_a_spare() {
+    let t = spares_on(2);
+    let c1 = committed(&t, "c1", 10).await;
+    t.engine.refill_until_idle().await;
+    assert!(t.engine.spare_of("c1").is_some());
+    let q = crate::store::Quarantine {
+        reason: "test".into(),
+        thin_id_gone: false,
+        since: 0,
+    };
+    t.engine
+        .store
+        .set_quarantine("c1", c1, &q)
+        .expect("quarantine");
+    let err = prep(&t, "x", "c1").await.expect_err("quarantined parent");
+    assert!(matches!(err, EngineError::FailedPrecondition(_)), "{err}");
+    assert!(t.engine.record("x").expect("r").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refiller_task_fills_in_the_background_and_stops_on_shutdown() {
+    let t = spares_on(2);
+    committed(&t, "c1", 10).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = {
+        let e = t.engine.clone();
+        tokio::spawn(async move { e.run_spares(stop_rx).await })
+    };
+    // Wait for the event (both spares ready), bounded so a broken refiller fails, not hangs.
+    let filled = async {
+        while t.engine.spare_counts().ready < 2 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), filled)
+        .await
+        .expect("the refiller never made the base's and c1's spares");
+    assert!(t.engine.spare_of("c1").is_some() && t.engine.spare_of("").is_some());
+    stop_tx.send(true).expect("stop");
+    tokio::time::timeout(std::time::Duration::from_secs(60), task)
+        .await
+        .expect("the refiller did not stop")
+        .expect("task");
+    assert_no_leak(&t, "after the refiller ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refiller_waits_while_a_foreground_call_is_in_flight() {
+    let t = spares_on(2);
+    let snaps = t.pool.count("create_snap");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // A call in flight from before the refiller starts (its first round is due at once).
+    let busy = t.engine.spares.busy();
+    let task = {
+        let e = t.engine.clone();
+        tokio::spawn(async move { e.run_spares(stop_rx).await })
+    };
+    // Nothing may happen while the call is in flight: on the fake pool the base's spare is made
+    // in microseconds once the refiller runs, so a broken wait shows here (a correct one never
+    // fails this, however slow the machine).
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        t.engine.spare_counts().rounds,
+        0,
+        "a round ran during a call"
+    );
+    assert_eq!(t.pool.count("create_snap"), snaps);
+    drop(busy);
+    let filled = async {
+        while t.engine.spare_of("").is_none() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), filled)
+        .await
+        .expect("the refiller never ran after the call ended");
+    stop_tx.send(true).expect("stop");
+    task.await.expect("task");
+}
