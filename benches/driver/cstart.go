@@ -51,22 +51,31 @@ func settleMem(pid int) map[string]int64 {
 	return memDetail(pid)
 }
 
-// scrapeMetric reads one unlabelled sample NAME from a Prometheus text endpoint; ok is false
-// when the endpoint does not serve it.
+// scrapeMetric reads metric NAME from a Prometheus text endpoint, summed over its labelled
+// series if it has any; ok is false when the endpoint does not serve it.
 func scrapeMetric(url, name string) (float64, bool) {
 	resp, err := http.Get(url)
 	must(err, "GET %s", url)
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
+	sum, ok := 0.0, false
 	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) == 2 && f[0] == name {
-			v, err := strconv.ParseFloat(f[1], 64)
-			must(err, "parse %q", sc.Text())
-			return v, true
+		l := sc.Text()
+		if strings.HasPrefix(l, "#") || !(strings.HasPrefix(l, name+" ") || strings.HasPrefix(l, name+"{")) {
+			continue
 		}
+		f := strings.Fields(l[strings.LastIndex(l, "}")+1:])
+		if len(f) >= 2 && f[0] == name {
+			f = f[1:]
+		}
+		if len(f) == 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(f[0], 64)
+		must(err, "parse %q", l)
+		sum, ok = sum+v, true
 	}
-	return 0, false
+	return sum, ok
 }
 
 var (
@@ -124,7 +133,7 @@ func (w *spareWatch) wait() {
 			logf("spares: none ready after %s; timing the call anyway (counted as a wait timeout)", *csSpareWait)
 			break
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 	w.waitTotal += time.Since(t)
 }

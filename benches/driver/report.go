@@ -458,7 +458,7 @@ func runReport() {
 	w("- **Command:** `%s`", *command)
 	if haveEnv {
 		w("- **Kernel:** `%s` (guest), %d vCPUs, %d MiB, CPU `%s`, booted by virtme-ng with **software emulation (TCG, no KVM)**: absolute times are 5-20x a real machine's; compare ratios, not absolute times.", env.Kernel, env.VCPUs, env.MemMiB, env.CPU)
-		w("- **Pool settings, identical for every pool** (thinsnap's, devmapper's, the floor's; each fresh, one after the other): data %d MiB and metadata %d MiB sparse files on loop devices on the guest's tmpfs, block size %d KiB, low-water mark 1%%, `skip_block_zeroing`; ext4, base size %d MiB. %s; %s.", env.DataMiB, env.MetaMiB, env.BlockKiB, env.BaseMiB, env.Dmsetup, env.Mkfs)
+		w("- **Pool settings, identical for every pool** (thinsnap's, devmapper's, the floor's; each fresh, one after the other): data %d MiB and metadata %d MiB sparse files on loop devices on the storage of the section (tmpfs or disk), block size %d KiB, low-water mark 1%%, `skip_block_zeroing`; ext4, base size %d MiB. %s; %s.", env.DataMiB, env.MetaMiB, env.BlockKiB, env.BaseMiB, env.Dmsetup, env.Mkfs)
 		for _, d := range strings.Split(*dir, ",") {
 			var e envInfo
 			b, err := os.ReadFile(filepath.Join(d, "env.json"))
@@ -472,8 +472,8 @@ func runReport() {
 			w("- **Run `%s`:** started %s, **counts** `%s`; phases (name, status, seconds): %s", filepath.Base(d), e.Started, e.Counts, ph)
 		}
 	}
-	w("- **thinsnap:** release build, `thinsnap serve` driven through containerd 1.6's own proxy snapshotter client (`snapshots/proxy` over gRPC on the unix socket, containerd's dial options), default logging (info) to a file on tmpfs.")
-	w("- **containerd devmapper:** containerd 1.6.20's `snapshots/devmapper` (Debian `golang-github-containerd-containerd-dev`), called in process through its Go package (no gRPC hop, which favours it), `base_image_size` as above, ext4, its metadata on tmpfs.")
+	w("- **thinsnap:** release build, `thinsnap serve` driven through containerd 1.6's own proxy snapshotter client (`snapshots/proxy` over gRPC on the unix socket, containerd's dial options), default logging (info) to a file next to its store.")
+	w("- **containerd devmapper:** containerd 1.6.20's `snapshots/devmapper` (Debian `golang-github-containerd-containerd-dev`), called in process through its Go package (no gRPC hop, which favours it), `base_image_size` as above, ext4, its metadata on the storage of the section.")
 	w("- **floor:** `benches/dm_floor.rs`, the same `devicemapper` crate thinsnap uses, bare ioctls on a pool of its own.")
 	w("- **Storages:** `tmpfs` = pool files and every store (thinsnap's root, devmapper's root, the floor's pool files) on the guest's tmpfs; `disk` = the same on ext4 on a sparse raw image attached to the VM as a virtio-scsi disk (qemu's default cache)%s. Every ratio is taken within one storage.", map[bool]string{true: ": `" + disk.Disk + "`", false: ""}[haveDisk])
 
