@@ -43,12 +43,12 @@ common=(-ops "${BENCH_OPS:-500}" -batch "${BENCH_BATCH:-25}" -chain "${BENCH_CHA
   echo "  \"phases\": \"$PHASES\","
   echo "  \"storages\": \"$STORAGES\", \"spares\": $SPARES, \"containers\": $CONTAINERS, \"layers\": ${BENCH_LAYERS:-5},"
   echo "  \"fill_clients\": ${BENCH_FILL_CLIENTS:-16}, \"first_mounts\": ${BENCH_FIRST_MOUNTS:-20},"
-  echo "  \"counts\": \"ops=${BENCH_OPS:-500} batch=${BENCH_BATCH:-25} chain=${BENCH_CHAIN:-16} clients=${BENCH_CLIENTS:-8} conc_ops=${BENCH_CONC_OPS:-64} iters=${BENCH_ITERS:-3} snapshots=${BENCH_SNAPSHOTS:-10000} active=${BENCH_ACTIVE:-1000} restarts=${BENCH_RESTARTS:-3} containers=$CONTAINERS layers=${BENCH_LAYERS:-5} spares=$SPARES fill_clients=${BENCH_FILL_CLIENTS:-16} first_mounts=${BENCH_FIRST_MOUNTS:-20} storages=${STORAGES// /+}\","
+  echo "  \"counts\": \"ops=${BENCH_OPS:-500} batch=${BENCH_BATCH:-25} chain=${BENCH_CHAIN:-16} clients=${BENCH_CLIENTS:-8} conc_ops=${BENCH_CONC_OPS:-64} iters=${BENCH_ITERS:-3} snapshots=${BENCH_SNAPSHOTS:-10000} active=${BENCH_ACTIVE:-1000} restarts=${BENCH_RESTARTS:-3} dm_ops=${BENCH_DM_OPS:-${BENCH_OPS:-500}} containers=$CONTAINERS layers=${BENCH_LAYERS:-5} spares=$SPARES fill_clients=${BENCH_FILL_CLIENTS:-16} first_mounts=${BENCH_FIRST_MOUNTS:-20} storages=${STORAGES// /+}\","
   echo "  \"started\": \"$(date -u +%FT%TZ)\""
   echo "}"
 } >"$R/env.json"
 
-# The disk: the first virtio-scsi disk vm.sh attached (VM_DISKS), or BENCH_DISK_DEV; made ext4 and
+# The disk: the first disk vm.sh attached (/dev/vda here) (VM_DISKS), or BENCH_DISK_DEV; made ext4 and
 # mounted on /tmp/disk (the guest's /tmp is its own tmpfs, so the mount point can be made).
 DISK_INFO=""
 setup_disk() {
@@ -146,8 +146,9 @@ phase() {
 run_devmapper() {
   local p=bdm$SFX d=$BASE/bdm
   mkpool $p "$d" || return 1
+  # devmapper's calls cost seconds each under emulation: BENCH_DM_OPS may give it fewer.
   "$DRIVER" -mode devmapper -pool $p -root "$d/root" -base-size "${BASE_MIB}MiB" \
-    "${common[@]}" -out "$R/devmapper$SFX.json"
+    "${common[@]}" -ops "${BENCH_DM_OPS:-${BENCH_OPS:-500}}" -out "$R/devmapper$SFX.json"
   local rc=$?
   dmsetup status $p
   rmpool $p "$d"

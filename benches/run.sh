@@ -5,7 +5,8 @@
 #   benches/run.sh                 # the issue's counts; about 30-45 minutes on a 2-core host
 #   BENCH_OPS=100 BENCH_SNAPSHOTS=2000 BENCH_ACTIVE=200 benches/run.sh    # a quicker, smaller run
 #
-# Environment (defaults in brackets): BENCH_OPS [500] calls per kind in (b); BENCH_BATCH [25];
+# Environment (defaults in brackets): BENCH_OPS [500] calls per kind in (b); BENCH_DM_OPS
+# [BENCH_OPS] the same for devmapper's (b) alone; BENCH_BATCH [25];
 # BENCH_CHAIN [16] parent chain depth; BENCH_CLIENTS [8] and BENCH_CONC_OPS [64] per client for
 # (c); BENCH_ITERS [3] benchsuite iterations; BENCH_SNAPSHOTS [10000] and BENCH_ACTIVE [1000] for
 # (d); BENCH_RESTARTS [3]; pool: BENCH_DATA_MIB [2048], BENCH_META_MIB [256], BENCH_BLOCK_KIB [64],
@@ -65,7 +66,7 @@ for v in $(compgen -e | grep -E '^BENCH_' | grep -vE '^(BENCH_DRIVER|BENCH_FLOOR
 done
 
 # The disk for BENCH_STORAGE=disk: a sparse raw image on the host (not under /tmp, which the
-# guest does not share), attached to the VM as a virtio-scsi disk and made ext4 by guest.sh.
+# guest does not share), attached to the VM (vng --disk) and made ext4 by guest.sh.
 disks=${VM_DISKS:-}
 if [[ " ${BENCH_STORAGE:-tmpfs disk} " == *" disk "* ]]; then
   img=${BENCH_DISK_IMG:-$REPO/benches/.results/disk.img}

@@ -17,8 +17,8 @@
 #   VM_KERNEL    kernel image (default: newest /boot/vmlinuz-*-amd64 that is not -cloud-)
 #   VM_PASS_ENV  space-separated names of host variables to export in the guest
 #                (RUST_LOG RUST_BACKTRACE THINSNAP_BIN are always passed when set)
-#   VM_DISKS     space-separated host image files attached as virtio-scsi disks (vng --disk), in
-#                order; the guest sees them as /dev/sda, /dev/sdb, ... (default: none)
+#   VM_DISKS     space-separated host image files attached as disks (vng --disk), in order; the
+#                guest sees them as /dev/vda, /dev/vdb, ... (default: none)
 #
 # Exit status: the guest script's own exit status, which the guest writes into the results dir
 # (virtme-ng's own status is not trusted). 124 = timeout; 125 = the guest never reported a

@@ -421,12 +421,12 @@ func reportStorage(w func(string, ...interface{}), s *storage) {
 		w("")
 		w("| step | no parent p50 | no parent p99 | with parent p50 | with parent p99 |")
 		w("|---|---|---|---|---|")
-		for _, k := range []string{"prepare", "prepare.create_snap", "prepare.device_create", "prepare.table_load", "prepare.resume", "commit", "remove_active", "remove_committed"} {
+		for _, k := range []string{"prepare", "prepare.create_snap", "prepare.device_create", "prepare.table_load", "prepare.resume", "activate", "commit", "remove_active", "remove_committed"} {
 			a, c := fl.NoParent[k], fl.WithParent[k]
 			w("| %s | %s | %s | %s | %s |", k, ms(a.P50), ms(a.P99), ms(c.P50), ms(c.P99))
 		}
 		w("")
-		w("prepare = message `create_snap` + device create + table load + resume; commit = thin status + device remove; remove_active = device remove + message `delete`; remove_committed = message `delete`.")
+		w("prepare = message `create_snap` + device create + table load + resume; commit = thin status + device remove; remove_active = device remove + message `delete`; remove_committed = message `delete`; activate = device create + table load + resume of a thin device that has none (after a reboot).")
 		w("")
 	}
 
@@ -475,7 +475,7 @@ func runReport() {
 	w("- **thinsnap:** release build, `thinsnap serve` driven through containerd 1.6's own proxy snapshotter client (`snapshots/proxy` over gRPC on the unix socket, containerd's dial options), default logging (info) to a file next to its store.")
 	w("- **containerd devmapper:** containerd 1.6.20's `snapshots/devmapper` (Debian `golang-github-containerd-containerd-dev`), called in process through its Go package (no gRPC hop, which favours it), `base_image_size` as above, ext4, its metadata on the storage of the section.")
 	w("- **floor:** `benches/dm_floor.rs`, the same `devicemapper` crate thinsnap uses, bare ioctls on a pool of its own.")
-	w("- **Storages:** `tmpfs` = pool files and every store (thinsnap's root, devmapper's root, the floor's pool files) on the guest's tmpfs; `disk` = the same on ext4 on a sparse raw image attached to the VM as a virtio-scsi disk (qemu's default cache)%s. Every ratio is taken within one storage.", map[bool]string{true: ": `" + disk.Disk + "`", false: ""}[haveDisk])
+	w("- **Storages:** `tmpfs` = pool files and every store (thinsnap's root, devmapper's root, the floor's pool files) on the guest's tmpfs; `disk` = the same on ext4 on a sparse raw image attached to the VM with `vng --disk` (a virtio disk, qemu's default cache)%s. Every ratio is taken within one storage.", map[bool]string{true: ": `" + disk.Disk + "`", false: ""}[haveDisk])
 
 	w("")
 	sideBySide(w, stors)

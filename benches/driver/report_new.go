@@ -53,7 +53,11 @@ func reportNew(w func(string, ...interface{}), s *storage) {
 			w("| %s | %s | %s | %s | %s | %s | %s | %s |", name, ms(st["start"].P50), ms(st["start"].P99), ms(st["prepare"].P50), ms(st["mounts"].P50), ms(st["mount"].P50), ratio(dmP50, p50(st["start"])), sparesCounts(sp))
 		}
 		row("thinsnap, spares off", s.csOff, s.haveCSOff, "not run", s.csOff.StartSpares)
-		row(fmt.Sprintf("thinsnap, spares on (count %d)", s.csOn.Spares), s.csOn, s.haveCSOn, s.csOnMissing(), s.csOn.StartSpares)
+		onName := "thinsnap, spares on"
+		if s.haveCSOn {
+			onName = fmt.Sprintf("thinsnap, spares on (count %d)", s.csOn.Spares)
+		}
+		row(onName, s.csOn, s.haveCSOn, s.csOnMissing(), s.csOn.StartSpares)
 		row("containerd devmapper", s.csDM, s.haveCSDM, "not run", nil)
 		w("")
 	}
