@@ -8,7 +8,10 @@
 //! - prepare/view: message `create_snap NEW ORIGIN`, device create, table load, resume;
 //! - commit: thin status (the usage containerd asks for) and device remove;
 //! - remove of a committed snapshot: message `delete`;
-//! - remove of an active snapshot: device remove and message `delete`.
+//! - remove of an active snapshot: device remove and message `delete`;
+//! - activate (only): device create, table load, resume of a snapshot that exists in the pool but
+//!   has no device, as after a reboot (the floor of thinsnap's lazy activation on a first Mounts);
+//!   its device is removed again, untimed.
 //!
 //! Usage (root, a kernel with dm-thin):
 //!   dm_floor --pool NAME --ops N --chain DEPTH --base-size BYTES --out FILE.json
@@ -227,6 +230,13 @@ fn series(
         f.status(id)?;
         f.remove(id)?;
         add("commit", t0.elapsed());
+    }
+    // Activate only: the committed snapshots have no device now, as every snapshot after a reboot.
+    for &id in &ids {
+        let t0 = Instant::now();
+        f.activate(id)?;
+        add("activate", t0.elapsed());
+        f.remove(id)?;
     }
     for &id in &ids {
         let t0 = Instant::now();

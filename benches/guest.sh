@@ -19,7 +19,14 @@ DATA_MIB=${BENCH_DATA_MIB:-2048}
 META_MIB=${BENCH_META_MIB:-256}
 BLOCK_KIB=${BENCH_BLOCK_KIB:-64}
 BASE_MIB=${BENCH_BASE_MIB:-128}
-PHASES=${BENCH_PHASES:-devmapper thinsnap startup floor}
+PHASES=${BENCH_PHASES:-devmapper thinsnap startup floor cstart}
+STORAGES=${BENCH_STORAGE:-tmpfs disk}
+SPARES=${BENCH_SPARES:-4}
+CONTAINERS=${BENCH_CONTAINERS:-50}
+# Where the pool files and every store go for the storage being run (set by use_storage), and
+# the suffix of its result files and pool names ("" for tmpfs, so the tmpfs files keep their names).
+BASE=/tmp
+SFX=""
 common=(-ops "${BENCH_OPS:-500}" -batch "${BENCH_BATCH:-25}" -chain "${BENCH_CHAIN:-16}"
   -clients "${BENCH_CLIENTS:-8}" -conc-ops "${BENCH_CONC_OPS:-64}" -bench-iters "${BENCH_ITERS:-3}")
 
@@ -34,10 +41,41 @@ common=(-ops "${BENCH_OPS:-500}" -batch "${BENCH_BATCH:-25}" -chain "${BENCH_CHA
   echo "  \"mkfs\": \"$(mkfs.ext4 -V 2>&1 | head -n1)\","
   echo "  \"data_mib\": $DATA_MIB, \"metadata_mib\": $META_MIB, \"block_kib\": $BLOCK_KIB, \"base_mib\": $BASE_MIB,"
   echo "  \"phases\": \"$PHASES\","
-  echo "  \"counts\": \"ops=${BENCH_OPS:-500} batch=${BENCH_BATCH:-25} chain=${BENCH_CHAIN:-16} clients=${BENCH_CLIENTS:-8} conc_ops=${BENCH_CONC_OPS:-64} iters=${BENCH_ITERS:-3} snapshots=${BENCH_SNAPSHOTS:-10000} active=${BENCH_ACTIVE:-1000} restarts=${BENCH_RESTARTS:-3}\","
+  echo "  \"storages\": \"$STORAGES\", \"spares\": $SPARES, \"containers\": $CONTAINERS, \"layers\": ${BENCH_LAYERS:-5},"
+  echo "  \"fill_clients\": ${BENCH_FILL_CLIENTS:-16}, \"first_mounts\": ${BENCH_FIRST_MOUNTS:-20},"
+  echo "  \"counts\": \"ops=${BENCH_OPS:-500} batch=${BENCH_BATCH:-25} chain=${BENCH_CHAIN:-16} clients=${BENCH_CLIENTS:-8} conc_ops=${BENCH_CONC_OPS:-64} iters=${BENCH_ITERS:-3} snapshots=${BENCH_SNAPSHOTS:-10000} active=${BENCH_ACTIVE:-1000} restarts=${BENCH_RESTARTS:-3} dm_ops=${BENCH_DM_OPS:-${BENCH_OPS:-500}} containers=$CONTAINERS layers=${BENCH_LAYERS:-5} spares=$SPARES fill_clients=${BENCH_FILL_CLIENTS:-16} first_mounts=${BENCH_FIRST_MOUNTS:-20} storages=${STORAGES// /+}\","
   echo "  \"started\": \"$(date -u +%FT%TZ)\""
   echo "}"
 } >"$R/env.json"
+
+# The disk: the first disk vm.sh attached (/dev/vda here) (VM_DISKS), or BENCH_DISK_DEV; made ext4 and
+# mounted on /tmp/disk (the guest's /tmp is its own tmpfs, so the mount point can be made).
+DISK_INFO=""
+setup_disk() {
+  local dev=${BENCH_DISK_DEV:-} i
+  modprobe virtio_scsi 2>/dev/null
+  modprobe sd_mod 2>/dev/null
+  for i in $(seq 50); do
+    [[ -n $dev ]] && break
+    for d in /dev/sd? /dev/vd?; do
+      [[ -b $d ]] && ! grep -q "^$d" /proc/mounts && { dev=$d; break; }
+    done
+    [[ -n $dev ]] || sleep 0.2
+  done
+  [[ -b $dev ]] || { echo "guest.sh: no disk for BENCH_STORAGE=disk (vm.sh VM_DISKS, or BENCH_DISK_DEV)" >&2; return 1; }
+  mkfs.ext4 -q -F -E nodiscard "$dev" || return 1
+  mkdir -p /tmp/disk && mount -t ext4 "$dev" /tmp/disk || return 1
+  DISK_INFO="$dev $(($(blockdev --getsize64 "$dev") >> 20)) MiB, $(cat /sys/block/"${dev##*/}"/device/model 2>/dev/null | xargs) ($(cat /sys/block/"${dev##*/}"/queue/scheduler 2>/dev/null)), ext4 mounted $(grep " /tmp/disk " /proc/mounts | awk '{print $4}')"
+  echo "guest.sh: disk $DISK_INFO"
+}
+
+use_storage() {
+  case $1 in
+    tmpfs) BASE=/tmp SFX="" ;;
+    disk) BASE=/tmp/disk SFX="-disk" ;;
+    *) echo "guest.sh: unknown storage $1" >&2; return 1 ;;
+  esac
+}
 
 # mkpool NAME DIR: the thin pool thinsnap makes in loop mode (src/pool/loopback.rs), made with dmsetup:
 # sparse files on loop devices, the same block size, low-water mark and skip_block_zeroing.
@@ -106,55 +144,113 @@ phase() {
 }
 
 run_devmapper() {
-  mkpool bdm /tmp/bdm || return 1
-  "$DRIVER" -mode devmapper -pool bdm -root /tmp/bdm/root -base-size "${BASE_MIB}MiB" \
-    "${common[@]}" -out "$R/devmapper.json"
+  local p=bdm$SFX d=$BASE/bdm
+  mkpool $p "$d" || return 1
+  # devmapper's calls cost seconds each under emulation: BENCH_DM_OPS may give it fewer.
+  "$DRIVER" -mode devmapper -pool $p -root "$d/root" -base-size "${BASE_MIB}MiB" \
+    "${common[@]}" -ops "${BENCH_DM_OPS:-${BENCH_OPS:-500}}" -out "$R/devmapper$SFX.json"
   local rc=$?
-  dmsetup status bdm
-  rmpool bdm /tmp/bdm
+  dmsetup status $p
+  rmpool $p "$d"
   return $rc
 }
 
 run_thinsnap() {
-  tsconfig bts /tmp/bts 127.0.0.1:9464
-  "$DRIVER" -mode thinsnap -bin "$THINSNAP" -config /tmp/bts/config.toml -sock /tmp/bts/thinsnap.sock \
-    -pool bts -log /tmp/bts/daemon.log -metrics http://127.0.0.1:9464/metrics "${common[@]}" -out "$R/thinsnap.json"
+  local p=bts$SFX d=$BASE/bts
+  tsconfig $p "$d" 127.0.0.1:9464
+  "$DRIVER" -mode thinsnap -bin "$THINSNAP" -config "$d/config.toml" -sock "$d/thinsnap.sock" \
+    -pool $p -log "$d/daemon.log" -metrics http://127.0.0.1:9464/metrics "${common[@]}" -out "$R/thinsnap$SFX.json"
   local rc=$?
-  # The daemon logs to the guest's tmpfs while measured (the results dir is 9p: slow writes).
-  cp /tmp/bts/daemon.log "$R/thinsnap-daemon.log"
-  dmsetup status bts
-  "$THINSNAP" pool destroy --config /tmp/bts/config.toml --remove-files || rc=1
+  # The daemon logs next to its store while measured (the results dir is 9p: slow writes).
+  cp "$d/daemon.log" "$R/thinsnap$SFX-daemon.log"
+  dmsetup status $p
+  "$THINSNAP" pool destroy --config "$d/config.toml" --remove-files || rc=1
+  rm -rf "$d"
   return $rc
 }
 
 run_startup() {
-  tsconfig bst /tmp/bst
-  "$DRIVER" -mode startup -bin "$THINSNAP" -config /tmp/bst/config.toml \
-    -sock /tmp/bst/thinsnap.sock -pool bst -log /tmp/bst/daemon.log \
-    -clients "${BENCH_CLIENTS:-8}" -snapshots "${BENCH_SNAPSHOTS:-10000}" -active "${BENCH_ACTIVE:-1000}" \
-    -restarts "${BENCH_RESTARTS:-3}" -out "$R/startup.json"
+  local p=bst$SFX d=$BASE/bst
+  tsconfig $p "$d"
+  "$DRIVER" -mode startup -bin "$THINSNAP" -config "$d/config.toml" \
+    -sock "$d/thinsnap.sock" -pool $p -log "$d/daemon.log" \
+    -fill-clients "${BENCH_FILL_CLIENTS:-16}" -first-mounts "${BENCH_FIRST_MOUNTS:-20}" \
+    -snapshots "${BENCH_SNAPSHOTS:-10000}" -active "${BENCH_ACTIVE:-1000}" \
+    -restarts "${BENCH_RESTARTS:-3}" -out "$R/startup$SFX.json"
   local rc=$?
-  cp /tmp/bst/daemon.log "$R/startup-daemon.log"
-  dmsetup status bst
-  "$THINSNAP" pool destroy --config /tmp/bst/config.toml --remove-files || rc=1
+  cp "$d/daemon.log" "$R/startup$SFX-daemon.log"
+  dmsetup status $p
+  "$THINSNAP" pool destroy --config "$d/config.toml" --remove-files || rc=1
+  rm -rf "$d"
   return $rc
 }
 
 run_floor() {
-  mkpool bfl /tmp/bfl || return 1
-  "$FLOOR" --pool bfl --ops "${BENCH_OPS:-500}" --chain "${BENCH_CHAIN:-16}" \
-    --base-size $((BASE_MIB << 20)) --out "$R/floor.json"
+  local p=bfl$SFX d=$BASE/bfl
+  mkpool $p "$d" || return 1
+  "$FLOOR" --pool $p --ops "${BENCH_OPS:-500}" --chain "${BENCH_CHAIN:-16}" \
+    --base-size $((BASE_MIB << 20)) --out "$R/floor$SFX.json"
   local rc=$?
-  rmpool bfl /tmp/bfl
+  rmpool $p "$d"
+  return $rc
+}
+
+# The container-start path (g): thinsnap with spares off, with spares on (BENCH_SPARES > 0), and
+# containerd's devmapper, each on a fresh pool of this storage.
+cs_common=(-mode cstart -containers "$CONTAINERS" -layers "${BENCH_LAYERS:-5}" -ops "${BENCH_OPS:-500}")
+run_cstart_ts() {
+  local p=bcs$SFX d=$BASE/bcs spares=${1:-0} name=cstart-ts
+  ((spares > 0)) && name=cstart-ts-spares
+  tsconfig $p "$d" 127.0.0.1:9464
+  ((spares > 0)) && printf '[spares]\ncount = %d\n' "$spares" >>"$d/config.toml"
+  "$DRIVER" "${cs_common[@]}" -target thinsnap -spares "$spares" -bin "$THINSNAP" -config "$d/config.toml" \
+    -sock "$d/thinsnap.sock" -pool $p -log "$d/daemon.log" -metrics http://127.0.0.1:9464/metrics \
+    -out "$R/$name$SFX.json"
+  local rc=$?
+  cp "$d/daemon.log" "$R/$name$SFX-daemon.log"
+  dmsetup status $p
+  "$THINSNAP" pool destroy --config "$d/config.toml" --remove-files || rc=1
+  rm -rf "$d"
+  return $rc
+}
+run_cstart_dm() {
+  local p=bcd$SFX d=$BASE/bcd
+  mkpool $p "$d" || return 1
+  "$DRIVER" "${cs_common[@]}" -target devmapper -pool $p -root "$d/root" -base-size "${BASE_MIB}MiB" \
+    -out "$R/cstart-dm$SFX.json"
+  local rc=$?
+  dmsetup status $p
+  rmpool $p "$d"
   return $rc
 }
 
 rm -f "$R/phases.txt"
-for p in $PHASES; do
-  case $p in
-    devmapper | thinsnap | startup | floor) phase "$p" "run_$p" ;;
-    *) echo "unknown phase $p" >&2; status=1 ;;
-  esac
+for s in $STORAGES; do
+  if [[ $s == disk ]]; then
+    if ! setup_disk; then
+      echo "disk FAILED 0" >>"$R/phases.txt"
+      status=1
+      continue
+    fi
+    echo "{\"disk\": \"$DISK_INFO\"}" >"$R/disk.json"
+  fi
+  use_storage "$s" || { status=1; continue; }
+  for p in $PHASES; do
+    case $p in
+      devmapper | thinsnap | startup | floor) phase "$p$SFX" "run_$p" ;;
+      cstart)
+        phase "cstart-ts$SFX" run_cstart_ts 0
+        if ((SPARES > 0)); then
+          phase "cstart-ts-spares$SFX" run_cstart_ts "$SPARES"
+        else
+          echo "cstart-ts-spares$SFX skipped 0" >>"$R/phases.txt"
+        fi
+        phase "cstart-dm$SFX" run_cstart_dm
+        ;;
+      *) echo "unknown phase $p" >&2; status=1 ;;
+    esac
+  done
+  [[ $s == disk ]] && umount /tmp/disk
 done
 cat "$R/phases.txt"
 exit $status

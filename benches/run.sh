@@ -5,11 +5,17 @@
 #   benches/run.sh                 # the issue's counts; about 30-45 minutes on a 2-core host
 #   BENCH_OPS=100 BENCH_SNAPSHOTS=2000 BENCH_ACTIVE=200 benches/run.sh    # a quicker, smaller run
 #
-# Environment (defaults in brackets): BENCH_OPS [500] calls per kind in (b); BENCH_BATCH [25];
+# Environment (defaults in brackets): BENCH_OPS [500] calls per kind in (b); BENCH_DM_OPS
+# [BENCH_OPS] the same for devmapper's (b) alone; BENCH_BATCH [25];
 # BENCH_CHAIN [16] parent chain depth; BENCH_CLIENTS [8] and BENCH_CONC_OPS [64] per client for
 # (c); BENCH_ITERS [3] benchsuite iterations; BENCH_SNAPSHOTS [10000] and BENCH_ACTIVE [1000] for
 # (d); BENCH_RESTARTS [3]; pool: BENCH_DATA_MIB [2048], BENCH_META_MIB [256], BENCH_BLOCK_KIB [64],
-# BENCH_BASE_MIB [128]; BENCH_PHASES ["devmapper thinsnap startup floor"]; BENCH_RESULTS (the
+# BENCH_BASE_MIB [128]; BENCH_PHASES ["devmapper thinsnap startup floor cstart"];
+# BENCH_STORAGE ["tmpfs disk"] where pool files and stores live (every phase runs once per storage;
+# disk = ext4 on a sparse image attached to the VM: BENCH_DISK_IMG [benches/.results/disk.img],
+# made afresh, BENCH_DISK_GIB [16]); (g) container start: BENCH_CONTAINERS [50], BENCH_LAYERS [5],
+# BENCH_SPARES [4] thinsnap's [spares] count for the spares-on variant (0: not run);
+# (d): BENCH_FILL_CLIENTS [16], BENCH_FIRST_MOUNTS [20]; BENCH_RESULTS (the
 # results dir, default benches/.results/run-<date>); BENCH_REPORT (default benches/RESULTS.md);
 # BENCH_SKIP_BUILD=1 reuses target/release as it is (the Go driver is always rebuilt: seconds);
 # VM_TIMEOUT [3600] and the rest of integration/vm.sh's variables.
@@ -32,8 +38,9 @@ fi
 echo "run.sh: building (release)"
 # One build, release profile, for the daemon and the floor bench (`cargo bench --no-run` would
 # build both again under the bench profile).
+target=${CARGO_TARGET_DIR:-$REPO/target}
 if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
-  floor=$(ls -t target/release/deps/dm_floor-* 2>/dev/null | grep -v '\.d$' | head -n1)
+  floor=$(ls -t "$target"/release/deps/dm_floor-* 2>/dev/null | grep -v '\.d$' | head -n1)
 else
   cargo build --release --bin thinsnap --bench dm_floor
   floor=$(cargo build --release --bench dm_floor --message-format=json 2>/dev/null |
@@ -52,19 +59,31 @@ mkdir -p "$build/gopath"
 results=${BENCH_RESULTS:-$REPO/benches/.results/run-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$results"
 results=$(cd "$results" && pwd -P)
-export BENCH_DRIVER=$build/driver BENCH_FLOOR=$floor THINSNAP_BIN=$REPO/target/release/thinsnap
+export BENCH_DRIVER=$build/driver BENCH_FLOOR=$floor THINSNAP_BIN=$target/release/thinsnap
 pass="BENCH_DRIVER BENCH_FLOOR"
 for v in $(compgen -e | grep -E '^BENCH_' | grep -vE '^(BENCH_DRIVER|BENCH_FLOOR|BENCH_RESULTS|BENCH_REPORT)$'); do
   pass="$pass $v"
 done
 
+# The disk for BENCH_STORAGE=disk: a sparse raw image on the host (not under /tmp, which the
+# guest does not share), attached to the VM (vng --disk) and made ext4 by guest.sh.
+disks=${VM_DISKS:-}
+if [[ " ${BENCH_STORAGE:-tmpfs disk} " == *" disk "* ]]; then
+  img=${BENCH_DISK_IMG:-$REPO/benches/.results/disk.img}
+  mkdir -p "$(dirname "$img")"
+  rm -f "$img"
+  truncate -s "${BENCH_DISK_GIB:-16}G" "$img"
+  disks="$img $disks"
+fi
+
 echo "run.sh: one VM, results in ${results#"$REPO"/}"
 status=0
-VM_RESULTS=$results VM_PASS_ENV="$pass ${VM_PASS_ENV:-}" VM_TIMEOUT=${VM_TIMEOUT:-3600} \
+VM_DISKS=$disks VM_RESULTS=$results VM_PASS_ENV="$pass ${VM_PASS_ENV:-}" VM_TIMEOUT=${VM_TIMEOUT:-3600} \
   integration/vm.sh benches/guest.sh || status=$?
 
 report=${BENCH_REPORT:-$REPO/benches/RESULTS.md}
 BENCH_REPO=$REPO "$build/driver" -mode report -dir "$results" -out "$report" -command "$cmdline" \
   -clients "${BENCH_CLIENTS:-8}"
 echo "run.sh: report in ${report#"$REPO"/} (VM exit status $status)"
+[[ -n ${img:-} ]] && rm -f "$img"
 exit "$status"

@@ -17,6 +17,8 @@
 #   VM_KERNEL    kernel image (default: newest /boot/vmlinuz-*-amd64 that is not -cloud-)
 #   VM_PASS_ENV  space-separated names of host variables to export in the guest
 #                (RUST_LOG RUST_BACKTRACE THINSNAP_BIN are always passed when set)
+#   VM_DISKS     space-separated host image files attached as disks (vng --disk), in order; the
+#                guest sees them as /dev/vda, /dev/vdb, ... (default: none)
 #
 # Exit status: the guest script's own exit status, which the guest writes into the results dir
 # (virtme-ng's own status is not trusted). 124 = timeout; 125 = the guest never reported a
@@ -81,6 +83,15 @@ for a in "$@"; do cmd+=" $(shq "$a")"; done
 echo "vm.sh: kernel $kver, ${VM_CPUS:-2} vCPUs, ${VM_MEMORY:-6G}, timeout ${timeout_s}s, results $results"
 echo "vm.sh: guest runs: ${script#"$REPO"/} $*"
 
+disk_args=()
+for d in ${VM_DISKS:-}; do
+  [[ -f $d ]] || die "VM_DISKS: no such image file: $d"
+  case "$(realpath "$d")" in
+    /tmp/* | /var/tmp/*) die "VM_DISKS must not be under /tmp or /var/tmp: $d" ;;
+  esac
+  disk_args+=(--disk "$(realpath "$d")")
+done
+
 start=$(date +%s)
 # - stdin is /dev/null: with a terminal on stdin qemu would put it into raw mode, and with no
 #   stdin at all (closed fd 0, as some CI runners do) vng falls back to a mode that loses output.
@@ -91,7 +102,7 @@ start=$(date +%s)
 timeout --kill-after=30 "$timeout_s" \
   vng --disable-kvm --force-9p -m "${VM_MEMORY:-6G}" -p "${VM_CPUS:-2}" \
     --run "$kernel" --user root \
-    --rwdir "$results" \
+    --rwdir "$results" "${disk_args[@]}" \
     --exec "$cmd" \
   </dev/null 2>&1 | tee "$results/console.log"
 vng_status=${PIPESTATUS[0]}

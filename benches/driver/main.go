@@ -4,6 +4,7 @@
 //	driver -mode devmapper -pool NAME -root DIR -base-size 128MiB -out devmapper.json
 //	driver -mode thinsnap  -bin thinsnap -config FILE -sock SOCK [-metrics URL] -out thinsnap.json
 //	driver -mode startup   -bin thinsnap -config FILE -sock SOCK -pool NAME -out startup.json
+//	driver -mode cstart    -target thinsnap|devmapper ... [-spares N -metrics URL] -out cstart.json
 //	driver -mode report    -dir RESULTS_DIR -out benches/RESULTS.md
 //
 // Built in GOPATH mode against Debian's containerd 1.6 source (benches/run.sh does it).
@@ -26,7 +27,7 @@ import (
 )
 
 var (
-	mode       = flag.String("mode", "", "devmapper, thinsnap, startup or report")
+	mode       = flag.String("mode", "", "devmapper, thinsnap, startup, cstart or report")
 	out        = flag.String("out", "", "JSON result file (report: the markdown file)")
 	pool       = flag.String("pool", "", "thin pool name")
 	root       = flag.String("root", "", "devmapper: root_path")
@@ -135,6 +136,7 @@ func runThinsnap() {
 	}
 	logf("thinsnap ready after %s (new pool: loop files, pool, base mkfs)", firstStart)
 	idle := settleRSS(d.pid())
+	idleMem := memDetail(d.pid())
 	sn, conn := dial(*sock)
 	var conns []*grpc.ClientConn
 	res := workloads(ctx, sn, "ts",
@@ -160,6 +162,7 @@ func runThinsnap() {
 	}
 	conn.Close()
 	idleAfter := settleRSS(d.pid())
+	res["memory_detail"] = map[string]map[string]int64{"idle_fresh": idleMem, "idle_after": memDetail(d.pid())}
 	res["snapshotter"] = "thinsnap"
 	res["first_start_s"] = firstStart.Seconds()
 	res["memory_idle"] = map[string]int64{"rss_fresh_kb": idle, "rss_after_kb": idleAfter}
@@ -202,13 +205,14 @@ func runStartup() {
 	}
 	logf("thinsnap ready after %s (new pool)", firstStart)
 	idleEmpty := settleRSS(d.pid())
+	memEmpty := memDetail(d.pid())
 
 	// Populate: nActive chains of committed layers, an active snapshot on top of each.
 	committed := *nSnaps - *nActive
-	logf("(d) populating %d committed + %d active snapshots with %d clients", committed, *nActive, *clients)
+	logf("(d) populating %d committed + %d active snapshots with %d clients", committed, *nActive, *fillClients)
 	var sns []snapshots.Snapshotter
 	var conns []*grpc.ClientConn
-	for i := 0; i < *clients; i++ {
+	for i := 0; i < *fillClients; i++ {
 		s, c := dial(*sock)
 		sns, conns = append(sns, s), append(conns, c)
 	}
@@ -265,8 +269,10 @@ func runStartup() {
 	active := activeDevices(*pool)
 	logf("(d) populated in %s: %d snapshots listed in %s, %d active devices", populate, count, walk, active)
 	idleFull := settleRSS(d.pid())
+	memFull := memDetail(d.pid())
 
 	res := map[string]interface{}{
+		"fill_clients": *fillClients, "memory_detail": map[string]map[string]int64{"idle_empty": memEmpty, "idle_filled": memFull},
 		"snapshots": count, "active_devices": active, "populate_s": populate.Seconds(),
 		"list_all_s": walk.Seconds(), "first_start_s": firstStart.Seconds(),
 		"rss_idle_empty_kb": idleEmpty, "rss_idle_populated_kb": idleFull,
@@ -296,7 +302,31 @@ func runStartup() {
 	logf("(d) cold start: ready after %s, first call %s, devices %d -> %d", r, fc, before, after)
 	res["cold_ready_s"], res["cold_first_call_s"] = r.Seconds(), fc.Seconds()
 	res["cold_devices_before"], res["cold_devices_after"] = before, after
+	// The first Mounts of snapshots with no device (lazy activation), each on its own snapshot,
+	// then a second Mounts of the same one (its device now active).
+	n := *firstMounts
+	if n > *nActive-1 {
+		n = *nActive - 1
+	}
+	msn, mconn := dial(*sock)
+	var first, second []time.Duration
+	for j := 1; j <= n; j++ {
+		key := "st-active-" + itoa(j)
+		t := time.Now()
+		_, err := msn.Mounts(ctx, key)
+		first = append(first, time.Since(t))
+		must(err, "first mounts %s", key)
+		t = time.Now()
+		_, err = msn.Mounts(ctx, key)
+		second = append(second, time.Since(t))
+		must(err, "second mounts %s", key)
+	}
+	mconn.Close()
+	res["cold_first_mounts"], res["cold_second_mounts"] = summarize(first), summarize(second)
+	res["cold_devices_after_mounts"] = activeDevices(*pool)
+	logf("(d) after the reboot: first Mounts of %d inactive snapshots p50 %s; devices now %d", n, time.Duration(summarize(first).P50), activeDevices(*pool))
 	res["cold_rss_kb"] = settleRSS(d.pid())
+	res["memory_detail"].(map[string]map[string]int64)["cold_idle"] = memDetail(d.pid())
 	d.stop()
 	writeJSON(*out, res)
 }
@@ -315,6 +345,8 @@ func main() {
 		runThinsnap()
 	case "startup":
 		runStartup()
+	case "cstart":
+		runCstart()
 	case "report":
 		runReport()
 	default:
