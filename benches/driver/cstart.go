@@ -83,7 +83,7 @@ var (
 	csContainers = flag.Int("containers", 50, "cstart: containers started")
 	csLayers     = flag.Int("layers", 5, "cstart: committed layers of the image")
 	csSpares     = flag.Int("spares", 0, "cstart: thinsnap's [spares] count in -config (0: off); >0 makes the driver wait for a spare before each timed call and fail if none is taken")
-	csSpareWait  = flag.Duration("spare-wait", 60*time.Second, "cstart: bound on the untimed wait for thinsnap_spares_ready >= 1")
+	csSpareWait  = flag.Duration("spare-wait", 60*time.Second, "cstart: bound on the untimed wait for every wanted spare to be ready")
 	fillClients  = flag.Int("fill-clients", 16, "(d) concurrent clients filling the store")
 	firstMounts  = flag.Int("first-mounts", 20, "(d) inactive snapshots whose first Mounts is timed after the reboot")
 )
@@ -113,7 +113,20 @@ func newSpareWatch(url string, on bool) *spareWatch {
 	return w
 }
 
-// wait blocks (untimed) until thinsnap_spares_ready >= 1, at most -spare-wait.
+// wanted is how many spares thinsnap keeps here once refilled: one of the base and one of each
+// of the most recently used or committed parents (the image's layers), `[spares] count` in all.
+func wanted() float64 {
+	n := *csSpares
+	if *csLayers+1 < n {
+		n = *csLayers + 1
+	}
+	return float64(n)
+}
+
+// wait blocks (untimed) until every wanted spare is ready (thinsnap_spares_ready reaches
+// wanted()), at most -spare-wait. Waiting for just one would let a call go while the spare of
+// its own parent is still being remade (the base's spare counts as ready too), and time the
+// usual path under the spares-on label.
 func (w *spareWatch) wait() {
 	if !w.on {
 		return
@@ -125,7 +138,7 @@ func (w *spareWatch) wait() {
 		if !ok {
 			must(fmt.Errorf("thinsnap serves no thinsnap_spares_ready: this binary has no spares"), "spares on")
 		}
-		if v >= 1 {
+		if v >= wanted() {
 			break
 		}
 		if time.Since(t) > *csSpareWait {

@@ -39,7 +39,7 @@ func reportNew(w func(string, ...interface{}), s *storage) {
 		}
 		w("## (g) Container start of a pulled image: Prepare of the writable layer -> Mounts -> mount")
 		w("")
-		w("An image of %d committed layers (a few small files each, written through a mount as an unpacker would), then %d containers one after the other: Prepare of a writable layer on the top layer, Mounts, mount(2) of what it returned, timed as one path (start); umount and Remove after each, untimed. Each variant on a fresh pool of this storage. With spares on, the driver waits (untimed, bounded) before each start until `thinsnap_spares_ready` >= 1, so every start is \"a Prepare on a parent that has a spare\"; taken/missed are the deltas of `thinsnap_spares_taken_total` / `thinsnap_spares_missed_total` over the series.", c.Layers, c.Containers)
+		w("An image of %d committed layers (a few small files each, written through a mount as an unpacker would), then %d containers one after the other: Prepare of a writable layer on the top layer, Mounts, mount(2) of what it returned, timed as one path (start); umount and Remove after each, untimed. Each variant on a fresh pool of this storage. With spares on, the driver waits (untimed, bounded) before each start until every wanted spare is ready (`thinsnap_spares_ready` = min(count, layers + 1): the base's and one per recent layer), so every start is \"a Prepare on a parent that has a spare\"; taken/missed are the deltas of `thinsnap_spares_taken_total` / `thinsnap_spares_missed_total` over the series.", c.Layers, c.Containers)
 		w("")
 		w("| variant | start p50 | start p99 | Prepare p50 | Mounts p50 | mount p50 | devmapper / this (start p50) | spares |")
 		w("|---|---|---|---|---|---|---|---|")
