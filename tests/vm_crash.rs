@@ -35,28 +35,6 @@ fn daemon(name: &str) -> Daemon {
     d
 }
 
-/// Waits until at least `n` warm spares are ready and the refiller is idle.
-async fn wait_spares(
-    d: &Daemon,
-    a: &mut thinsnap::admin::api::admin_client::AdminClient<Channel>,
-    n: u64,
-) {
-    let t0 = Instant::now();
-    loop {
-        let st = status(a).await;
-        if st.spares_ready >= n && !st.spares_refilling {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "{} of {n} spares ready after 120s\n{}",
-            st.spares_ready,
-            d.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Every snapshot, as (name, kind).
 async fn list_all(c: &mut SnapshotsClient<Channel>) -> std::collections::BTreeMap<String, i32> {
     list_kinds(c, &[]).await.expect("list")

@@ -8,30 +8,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::*;
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
-use thinsnap::admin::api::admin_client::AdminClient;
 use tonic::transport::Channel;
-
-/// Waits until at least `n` warm spares are ready and the refiller is idle.
-async fn wait_spares(d: &Daemon, a: &mut AdminClient<Channel>, n: u64) {
-    let t0 = Instant::now();
-    loop {
-        let st = status(a).await;
-        if st.spares_ready >= n && !st.spares_refilling {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "{} of {n} spares ready after 120s\n{}",
-            st.spares_ready,
-            d.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// The dm device name of a mount's source (`/dev/mapper/<name>`).
 fn dm_name(source: &str) -> String {

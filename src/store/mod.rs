@@ -117,6 +117,34 @@ pub struct NewSnapshot {
     pub roll_forward: bool,
 }
 
+impl NewSnapshot {
+    /// The record of this new snapshot in `state`, on thin device `thin_id` of `size` bytes
+    /// whose origin had `origin_mapped` bytes mapped.
+    fn record(
+        &self,
+        state: State,
+        thin_id: ThinId,
+        size: u64,
+        origin_mapped: u64,
+    ) -> SnapshotRecord {
+        SnapshotRecord {
+            kind: self.kind,
+            state,
+            parent: self.parent.clone(),
+            labels: self.labels.clone(),
+            created_at: self.now,
+            updated_at: self.now,
+            thin_id,
+            size,
+            origin_mapped,
+            mapped: 0,
+            children: 0,
+            quarantine: None,
+            spares: Vec::new(),
+        }
+    }
+}
+
 /// What [`Store::begin_create`] decided.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreatePlan {
@@ -361,21 +389,7 @@ impl Store {
                 let parent_size = size;
                 let size = new.size.unwrap_or(size);
                 let thin_id = allocate_id(devices, meta)?;
-                let rec = SnapshotRecord {
-                    kind: new.kind,
-                    state: State::Creating,
-                    parent: new.parent.clone(),
-                    labels: new.labels.clone(),
-                    created_at: new.now,
-                    updated_at: new.now,
-                    thin_id,
-                    size,
-                    origin_mapped,
-                    mapped: 0,
-                    children: 0,
-                    quarantine: None,
-                    spares: Vec::new(),
-                };
+                let rec = new.record(State::Creating, thin_id, size, origin_mapped);
                 snapshots.insert(new.key.as_bytes(), enc(&rec))?;
                 let dev = DeviceRecord {
                     thin_id,

@@ -195,21 +195,7 @@ impl Store {
                 parent.spares.retain(|&s| s != id);
                 snapshots.insert(p.as_bytes(), enc(&parent))?;
             }
-            let rec = SnapshotRecord {
-                kind: new.kind,
-                state: State::Ready,
-                parent: new.parent.clone(),
-                labels: new.labels.clone(),
-                created_at: new.now,
-                updated_at: new.now,
-                thin_id: id,
-                size,
-                origin_mapped,
-                mapped: 0,
-                children: 0,
-                quarantine: None,
-                spares: Vec::new(),
-            };
+            let rec = new.record(State::Ready, id, size, origin_mapped);
             snapshots.insert(new.key.as_bytes(), enc(&rec))?;
             dev.owner = new.key.clone();
             dev.roll_forward = false;

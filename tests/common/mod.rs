@@ -540,3 +540,21 @@ pub async fn assert_no_leak(d: &Daemon, a: &mut AdminClient<Channel>, what: &str
         return;
     }
 }
+
+/// Waits until at least `n` warm spares are ready and the refiller is idle.
+pub async fn wait_spares(d: &Daemon, a: &mut AdminClient<Channel>, n: u64) {
+    let t0 = Instant::now();
+    loop {
+        let st = status(a).await;
+        if st.spares_ready >= n && !st.spares_refilling {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{} of {n} spares ready after 120s\n{}",
+            st.spares_ready,
+            d.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
