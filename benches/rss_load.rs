@@ -175,7 +175,13 @@ fn serve(dir: &Path, sock: &Path, delay: Duration) -> Result<(), BoxError> {
         let shutdown = async move {
             term.recv().await;
         };
-        thinsnap::server::run(listener, Arc::new(engine), None, shutdown).await?;
+        thinsnap::server::run(
+            listener,
+            thinsnap::engine::EngineHandle::ready(Arc::new(engine)),
+            None,
+            shutdown,
+        )
+        .await?;
         Ok::<_, BoxError>(())
     })
 }

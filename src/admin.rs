@@ -1,11 +1,9 @@
 //! thinsnap's own admin service (proto/thinsnap/admin/v1): pool status for `thinsnap status`.
 //! It converts; the engine decides.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
-use crate::engine::Engine;
+use crate::engine::EngineHandle;
 
 /// Generated code of proto/thinsnap/admin/v1/admin.proto.
 pub mod api {
@@ -16,13 +14,13 @@ pub mod api {
 use api::admin_server::Admin;
 use api::{GrowRequest, LoopFile, Quarantined, Space, StatusRequest, StatusResponse};
 
-/// The Admin service over an engine.
+/// The Admin service over an engine (its calls wait for it while the daemon starts).
 pub struct AdminService {
-    engine: Arc<Engine>,
+    engine: EngineHandle,
 }
 
 impl AdminService {
-    pub fn new(engine: Arc<Engine>) -> AdminService {
+    pub fn new(engine: EngineHandle) -> AdminService {
         AdminService { engine }
     }
 
@@ -43,7 +41,7 @@ impl Admin for AdminService {
                 "give a data size, a metadata size or both",
             ));
         }
-        self.engine.grow(data, meta).await?;
+        self.engine.engine().await?.grow(data, meta).await?;
         self.status(Request::new(StatusRequest::default())).await
     }
 
@@ -52,13 +50,10 @@ impl Admin for AdminService {
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let list = req.into_inner().list_thin_ids;
-        let st = self.engine.status().await?;
-        let thin_ids = if list {
-            self.engine.thin_ids()?
-        } else {
-            Vec::new()
-        };
-        let info = self.engine.pool_info();
+        let engine = self.engine.engine().await?;
+        let st = engine.status().await?;
+        let thin_ids = if list { engine.thin_ids()? } else { Vec::new() };
+        let info = engine.pool_info();
         let base = st.base;
         Ok(Response::new(StatusResponse {
             pool_name: info.name,
@@ -92,9 +87,9 @@ impl Admin for AdminService {
                     device: device.display().to_string(),
                 })
                 .collect(),
-            root: self.engine.root().display().to_string(),
+            root: engine.root().display().to_string(),
             base_thin_id: base.thin_id,
-            min_free_space_percent: self.engine.min_free_percent(),
+            min_free_space_percent: engine.min_free_percent(),
             thin_ids,
             snapshots_inactive: st.inactive,
             spares_ready: st.spares.ready,

@@ -17,7 +17,7 @@ use containerd_snapshots::{
 };
 use tonic::Status;
 
-use crate::engine::{Engine, EngineError, Kind, SnapshotInfo};
+use crate::engine::{Engine, EngineError, EngineHandle, Kind, SnapshotInfo};
 use crate::metrics::Metrics;
 
 impl From<EngineError> for Status {
@@ -28,6 +28,7 @@ impl From<EngineError> for Status {
             EngineError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
             EngineError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
             EngineError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
+            EngineError::Unavailable(m) => Status::unavailable(m.clone()),
             _ => {
                 // Internal: the whole source chain, so the log on containerd's side says why.
                 let mut msg = e.to_string();
@@ -47,15 +48,30 @@ impl From<EngineError> for Status {
     }
 }
 
-/// The Snapshots service over an engine, recording every call in `metrics`.
+/// The Snapshots service over an engine, recording every call in `metrics`. While the daemon
+/// starts, Stat and List may be answered from the store and every other call waits for the
+/// engine (see [`EngineHandle`]).
 pub struct Service {
-    engine: Arc<Engine>,
+    engine: EngineHandle,
     metrics: Arc<Metrics>,
 }
 
 impl Service {
-    pub fn new(engine: Arc<Engine>, metrics: Arc<Metrics>) -> Service {
+    pub fn new(engine: EngineHandle, metrics: Arc<Metrics>) -> Service {
         Service { engine, metrics }
+    }
+
+    /// Runs a read-only call that needs the engine (waiting for it while the daemon starts).
+    async fn timed_on<T, F, Fut>(&self, method: &'static str, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(Arc<Engine>) -> Fut,
+        Fut: Future<Output = Result<T, EngineError>>,
+    {
+        self.timed(method, async {
+            let engine = self.engine.engine().await?;
+            f(engine).await
+        })
+        .await
     }
 
     /// Runs a read-only call, recording its latency and status code.
@@ -72,16 +88,25 @@ impl Service {
     }
 
     /// Runs a mutating call as a task of its own (see the module doc), recording its latency
-    /// and status code when it ends, also if its client has gone.
+    /// and status code when it ends, also if its client has gone. While the daemon starts it
+    /// first waits for the engine; a client gone meanwhile has changed nothing.
     async fn detached<T, F, Fut>(&self, method: &'static str, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(Arc<Engine>) -> Fut,
         Fut: Future<Output = Result<T, EngineError>> + Send + 'static,
     {
-        let (call, metrics) = (f(self.engine.clone()), self.metrics.clone());
+        let start = std::time::Instant::now();
+        let engine = match self.engine.engine().await {
+            Ok(engine) => engine,
+            Err(e) => {
+                let s = Status::from(e);
+                self.metrics.observe(method, start, Some(s.code()));
+                return Err(s);
+            }
+        };
+        let (call, metrics) = (f(engine), self.metrics.clone());
         let task = tokio::spawn(async move {
-            let start = std::time::Instant::now();
             let r = call.await.map_err(Status::from);
             metrics.observe(method, start, r.as_ref().err().map(|s| s.code()));
             r
@@ -141,7 +166,9 @@ impl Snapshotter for Service {
     }
 
     async fn usage(&self, key: String) -> Result<Usage, Status> {
-        let u = self.timed("usage", self.engine.usage(&key)).await?;
+        let u = self
+            .timed_on("usage", |e| async move { e.usage(&key).await })
+            .await?;
         Ok(Usage {
             size: i64::try_from(u.size).unwrap_or(i64::MAX),
             inodes: i64::try_from(u.inodes).unwrap_or(i64::MAX),
@@ -149,7 +176,7 @@ impl Snapshotter for Service {
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<ApiMount>, Status> {
-        self.timed("mounts", self.engine.mounts(&key))
+        self.timed_on("mounts", |e| async move { e.mounts(&key).await })
             .await
             .map(mounts)
     }

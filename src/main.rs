@@ -13,7 +13,7 @@ use tracing::info;
 use thinsnap::admin::api::admin_client::AdminClient;
 use thinsnap::admin::api::StatusRequest;
 use thinsnap::config::Config;
-use thinsnap::engine::{recovery, Settings};
+use thinsnap::engine::{self, recovery, EngineHandle, Settings};
 use thinsnap::pool::dm::{self, DmPool};
 use thinsnap::pool::ThinPool;
 use thinsnap::store::Store;
@@ -193,33 +193,108 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
           pool = %config.pool.name, mode = %config.pool.mode, "starting");
     server::check_not_in_use(&config.address)?;
     ensure_root(&config.root)?;
-    let c = config.clone();
-    let engine = tokio::task::spawn_blocking(move || -> Result<_> {
-        // The pool first: a kernel without device-mapper is refused before anything is made
-        // under root (the database).
-        let pool: Arc<dyn ThinPool> = Arc::new(DmPool::open(&c)?);
-        let store = Store::open(&c.db_path())
-            .context("cannot open the database (is another thinsnap using this root?)")?;
-        let (fs_config, root) = (c.fs.clone(), c.root.clone());
-        let format = move |dev: &Path| fs::format_base(dev, &fs_config, &root);
-        let (engine, _report) = recovery::start(pool, store, Settings::from_config(&c), &format)?;
-        Ok(engine)
-    })
-    .await??;
+    let (engine, starting) = start(&config).await?;
     let listener = server::bind(&config.address)?;
-    info!(socket = %config.address.display(), "serving");
+    info!(socket = %config.address.display(), starting = starting.is_some(), "serving");
+    let started = engine.clone();
     let shutdown = async move {
-        // Tell systemd (Type=notify) that the socket is there; a no-op outside systemd.
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        // Ready for systemd (Type=notify; a no-op outside systemd) once the engine is there, not
+        // when the socket first answers reads: a start that fails after that stops the server
+        // (its error is the daemon's exit status, below) and systemd sees a failed start.
+        let started = async {
+            if started.engine().await.is_ok() {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                std::future::pending::<()>().await
+            }
+        };
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping"),
             _ = int.recv() => info!("SIGINT: stopping"),
+            _ = started => {}
         }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     };
-    server::run(listener, Arc::new(engine), metrics, shutdown).await?;
+    let served = server::run(listener, engine, metrics, shutdown).await;
     let _ = std::fs::remove_file(&config.address);
+    if let Some(start) = starting {
+        start.await.context("the start task failed")??;
+    }
+    served?;
     Ok(())
+}
+
+/// Makes the pool, opens the store and recovers (see `engine::recovery`), on blocking threads.
+///
+/// After a reboot most of that is the kernel making the pool. When the database is there
+/// already, it is opened meanwhile, and if it is settled (`engine::settled`) the daemon serves
+/// at once: the handle answers Stat and List from the store while the pool is made and
+/// recovery runs (the returned task; it hands the engine to the handle), and every other call
+/// waits for it. Otherwise (the first start, or a store with a call cut short) the engine is
+/// made before anything is served.
+///
+/// Returns an error if device-mapper is missing, or if the pool, the store or recovery fails
+/// before serving.
+async fn start(
+    config: &Config,
+) -> Result<(EngineHandle, Option<tokio::task::JoinHandle<Result<()>>>)> {
+    // A kernel without device-mapper is refused before anything is made under root.
+    dm::check_device_mapper()?;
+    let db = config.db_path();
+    let open_store = move || {
+        Store::open(&db).context("cannot open the database (is another thinsnap using this root?)")
+    };
+    let c = config.clone();
+    let pool = tokio::task::spawn_blocking(move || DmPool::open(&c));
+    // Only a database already there is opened before the pool exists: a first start whose pool
+    // cannot be made leaves nothing behind.
+    let (store, early) = if config.db_path().exists() {
+        let open = open_store.clone();
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let store = open()?;
+            let early = engine::settled(&store)
+                .context("cannot read the database")?
+                .then(|| store.clone());
+            Ok((Some(store), early))
+        })
+        .await??
+    } else {
+        (None, None)
+    };
+    let c = config.clone();
+    let recover = async move {
+        let pool: Arc<dyn ThinPool> = Arc::new(pool.await??);
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let store = match store {
+                Some(store) => store,
+                None => open_store()?,
+            };
+            let (fs_config, root) = (c.fs.clone(), c.root.clone());
+            let format = move |dev: &Path| fs::format_base(dev, &fs_config, &root);
+            let (engine, _report) =
+                recovery::start(pool, store, Settings::from_config(&c), &format)?;
+            Ok(Arc::new(engine))
+        })
+        .await?
+    };
+    match early {
+        None => Ok((EngineHandle::ready(recover.await?), None)),
+        Some(store) => {
+            let (handle, publisher) = EngineHandle::starting(Some(store));
+            let task = tokio::spawn(async move {
+                match recover.await {
+                    Ok(engine) => {
+                        publisher.ready(engine);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        publisher.failed(describe(&e));
+                        Err(e)
+                    }
+                }
+            });
+            Ok((handle, Some(task)))
+        }
+    }
 }
 
 /// A channel to the running daemon's socket.

@@ -17,7 +17,7 @@ use prometheus::{
 };
 use tracing::{info, warn};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineHandle};
 
 /// The metrics of one server: its registry and the collectors in it.
 pub struct Metrics {
@@ -153,8 +153,22 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every metric, after refreshing the pool gauges from `engine`.
-    pub async fn render(&self, engine: &Engine) -> String {
+    /// The text exposition of every metric, after refreshing the pool gauges from `engine`
+    /// (none while the daemon starts: the gauges keep their last values, zero at first).
+    pub async fn render(&self, engine: Option<&Engine>) -> String {
+        let m = self;
+        if let Some(engine) = engine {
+            m.refresh(engine).await;
+        }
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+
+    /// Refreshes the gauges and the engine's counters from `engine`.
+    async fn refresh(&self, engine: &Engine) {
         let m = self;
         m.set_flushes(engine.store_flushes());
         m.set_spares(engine.spare_counts());
@@ -188,11 +202,6 @@ impl Metrics {
             }
             Err(e) => warn!(error = %e, "cannot read pool status for metrics"),
         }
-        let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&m.registry.gather(), &mut buf)
-            .expect("text encoding into a Vec cannot fail");
-        String::from_utf8(buf).expect("the text format is UTF-8")
     }
 }
 
@@ -209,7 +218,7 @@ fn catch_up(c: &IntCounter, total: u64) {
 /// Returns an error if the address cannot be bound.
 pub fn bind(
     addr: SocketAddr,
-    engine: Arc<Engine>,
+    engine: EngineHandle,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<impl std::future::Future<Output = Result<(), hyper::Error>> + Send, hyper::Error> {
@@ -224,7 +233,7 @@ pub fn bind(
                     let resp = if req.uri().path() == "/metrics" {
                         Response::builder()
                             .header("content-type", "text/plain; version=0.0.4")
-                            .body(Body::from(metrics.render(&engine).await))
+                            .body(Body::from(metrics.render(engine.now().as_deref()).await))
                     } else {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)

@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tracing::{info, warn};
 
 use crate::admin::AdminService;
-use crate::engine::Engine;
+use crate::engine::EngineHandle;
 use crate::grpc::Service;
 use crate::metrics::Metrics;
 
@@ -94,13 +94,18 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Serves both services on `listener` and runs the daemon's background tasks (the reaper and
-/// autogrow when configured, the metrics endpoint on `metrics` if given) until `shutdown`
-/// completes; then lets in-flight calls finish, stops and joins the tasks, and flushes the store.
+/// autogrow when configured, the warm spares' refiller, the metrics endpoint on `metrics` if
+/// given) until `shutdown` completes; then lets in-flight calls finish, stops and joins the
+/// tasks, and flushes the store.
+///
+/// `engine` may still be starting (see [`EngineHandle`]): calls wait for it (Stat and List on a
+/// settled store do not), the background tasks start once it is there, and a shutdown
+/// meanwhile waits for the start to end.
 ///
 /// Returns an error if the transport fails or the metrics address cannot be bound.
 pub async fn run(
     listener: UnixListener,
-    engine: Arc<Engine>,
+    engine: EngineHandle,
     metrics: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
@@ -108,16 +113,28 @@ pub async fn run(
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let (e, stop) = (engine.clone(), stop.clone());
-        tasks.spawn(async move { e.run_reaper(stop).await });
+        let (h, stop) = (engine.clone(), stop.clone());
+        tasks.spawn(async move {
+            if let Ok(e) = h.engine().await {
+                e.run_reaper(stop).await
+            }
+        });
     }
     {
-        let (e, stop) = (engine.clone(), stop.clone());
-        tasks.spawn(async move { e.run_autogrow(stop).await });
+        let (h, stop) = (engine.clone(), stop.clone());
+        tasks.spawn(async move {
+            if let Ok(e) = h.engine().await {
+                e.run_autogrow(stop).await
+            }
+        });
     }
     {
-        let (e, stop) = (engine.clone(), stop.clone());
-        tasks.spawn(async move { e.run_spares(stop).await });
+        let (h, stop) = (engine.clone(), stop.clone());
+        tasks.spawn(async move {
+            if let Ok(e) = h.engine().await {
+                e.run_spares(stop).await
+            }
+        });
     }
     if let Some(addr) = metrics {
         let (e, r, mut stop) = (engine.clone(), registry.clone(), stop.clone());
@@ -143,8 +160,11 @@ pub async fn run(
             warn!(error = %e, "a background task failed");
         }
     }
-    if let Err(e) = engine.shutdown().await {
-        warn!(error = %e, "cannot flush the store at shutdown");
+    // The tasks above waited for the start to end: the engine is there unless it failed.
+    if let Some(e) = engine.now() {
+        if let Err(e) = e.shutdown().await {
+            warn!(error = %e, "cannot flush the store at shutdown");
+        }
     }
     served?;
     info!("server stopped");
@@ -210,9 +230,14 @@ mod tests {
             "live socket taken over"
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run(listener, Arc::new(engine), None, async {
-            let _ = stop_rx.await;
-        }));
+        let server = tokio::spawn(run(
+            listener,
+            EngineHandle::ready(Arc::new(engine)),
+            None,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
 
         let ch = connect(&sock).await.expect("connect");
         let mut c = SnapshotsClient::new(ch.clone());
@@ -282,6 +307,72 @@ mod tests {
         assert_eq!(status.snapshots_active, 1);
         assert_eq!(status.thin_ids_in_use, 2);
 
+        stop_tx.send(()).expect("stop");
+        server.await.expect("join").expect("server");
+    }
+
+    /// While the engine is still being made, the socket answers Stat from a settled store and a
+    /// Prepare waits for the engine, then succeeds; a failed start answers Unavailable.
+    #[tokio::test]
+    async fn calls_during_the_start_wait_for_the_engine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("store");
+        let early = store.clone();
+        let (engine, _) = recovery::start(
+            Arc::new(FakePool::new()),
+            store,
+            crate::engine::Settings::with_fs(FsConfig::default()),
+            &|_: &Path| Ok(()),
+        )
+        .expect("engine");
+        let engine = Arc::new(engine);
+        engine
+            .create(crate::engine::Kind::Active, "a", "", Default::default())
+            .await
+            .expect("a");
+        let (handle, publisher) = EngineHandle::starting(Some(early));
+        let sock = dir.path().join("thinsnap.sock");
+        let listener = bind(&sock).expect("bind");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(listener, handle, None, async {
+            let _ = stop_rx.await;
+        }));
+        let mut c = SnapshotsClient::new(connect(&sock).await.expect("connect"));
+        let stat = c
+            .stat(StatSnapshotRequest {
+                snapshotter: "thinsnap".into(),
+                key: "a".into(),
+            })
+            .await
+            .expect("stat answered while starting");
+        assert_eq!(stat.into_inner().info.expect("info").name, "a");
+        let mut c2 = c.clone();
+        let prepare = tokio::spawn(async move { c2.prepare(prep("b", "")).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!prepare.is_finished(), "Prepare must wait for the engine");
+        publisher.ready(engine.clone());
+        let m = prepare
+            .await
+            .expect("join")
+            .expect("prepare after the start");
+        assert_eq!(m.into_inner().mounts.len(), 1);
+        assert!(engine.stat("b").await.is_ok());
+        stop_tx.send(()).expect("stop");
+        server.await.expect("join").expect("server");
+
+        // A start that fails: calls that need the engine get Unavailable, with the reason.
+        let (handle, publisher) = EngineHandle::starting(None);
+        let sock = dir.path().join("failed.sock");
+        let listener = bind(&sock).expect("bind");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(listener, handle, None, async {
+            let _ = stop_rx.await;
+        }));
+        publisher.failed("no pool".into());
+        let mut c = SnapshotsClient::new(connect(&sock).await.expect("connect"));
+        let err = c.prepare(prep("c", "")).await.expect_err("no engine");
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(err.message().contains("no pool"), "{}", err.message());
         stop_tx.send(()).expect("stop");
         server.await.expect("join").expect("server");
     }

@@ -30,6 +30,7 @@ type daemon struct {
 	cmd                        *exec.Cmd
 	logFile                    *os.File
 	exited                     chan error
+	t0                         time.Time // when the last start was exec'd
 }
 
 // start spawns `thinsnap serve` and returns how long it took until the socket accepted a
@@ -41,6 +42,7 @@ func (d *daemon) start() time.Duration {
 	d.cmd = exec.Command(d.bin, "serve", "--config", d.config)
 	d.cmd.Stdout, d.cmd.Stderr = f, f
 	t0 := time.Now()
+	d.t0 = t0
 	must(d.cmd.Start(), "start %s", d.bin)
 	d.exited = make(chan error, 1)
 	go func() { d.exited <- d.cmd.Wait() }()

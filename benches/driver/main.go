@@ -195,6 +195,20 @@ func firstCall(ctx context.Context, key string) time.Duration {
 	return d
 }
 
+// served measures, from the daemon's exec, when it answers reads (a Stat, which a settled
+// store answers while the pool is still being made) and when it answers every call (an Update
+// of a label: a store write, which waits for recovery), each with a new connection.
+func served(ctx context.Context, d *daemon, key string) (reads, all time.Duration) {
+	sn, conn := dial(*sock)
+	defer conn.Close()
+	_, err := sn.Stat(ctx, key)
+	must(err, "stat %s", key)
+	reads = time.Since(d.t0)
+	_, err = sn.Update(ctx, snapshots.Info{Name: key, Labels: map[string]string{"bench": "1"}}, "labels.bench")
+	must(err, "update %s", key)
+	return reads, time.Since(d.t0)
+}
+
 func runStartup() {
 	ctx := context.Background()
 	d := &daemon{bin: *bin, config: *config, sock: *sock, logPath: *logPath}
@@ -277,17 +291,20 @@ func runStartup() {
 		"list_all_s": walk.Seconds(), "first_start_s": firstStart.Seconds(),
 		"rss_idle_empty_kb": idleEmpty, "rss_idle_populated_kb": idleFull,
 	}
-	var warm, warmFirst, stops []float64
+	var warm, warmFirst, warmReads, warmAll, stops []float64
 	var warmRSS []int64
 	for i := 0; i < *restarts; i++ {
 		stops = append(stops, d.stop().Seconds())
 		r := d.start()
 		fc := firstCall(ctx, "st-active-0")
+		reads, all := served(ctx, d, "st-active-0")
 		warm, warmFirst = append(warm, r.Seconds()), append(warmFirst, fc.Seconds())
+		warmReads, warmAll = append(warmReads, reads.Seconds()), append(warmAll, all.Seconds())
 		warmRSS = append(warmRSS, settleRSS(d.pid()))
-		logf("(d) warm restart %d: ready after %s, first call %s", i+1, r, fc)
+		logf("(d) warm restart %d: socket after %s, first call %s; from exec: reads %s, every call %s", i+1, r, fc, reads, all)
 	}
 	res["warm_ready_s"], res["warm_first_call_s"], res["stop_s"], res["warm_rss_kb"] = warm, warmFirst, stops, warmRSS
+	res["warm_reads_s"], res["warm_all_s"] = warmReads, warmAll
 	res["warm_active_devices"] = activeDevices(*pool)
 
 	// Cold: as after a reboot, no dm device, no loop device; the pool files and database stay.
@@ -298,9 +315,11 @@ func runStartup() {
 	before := activeDevices(*pool)
 	r := d.start()
 	fc := firstCall(ctx, "st-active-0")
+	reads, all := served(ctx, d, "st-active-0")
 	after := activeDevices(*pool)
-	logf("(d) cold start: ready after %s, first call %s, devices %d -> %d", r, fc, before, after)
+	logf("(d) cold start: socket after %s, first call %s; from exec: reads %s, every call %s; devices %d -> %d", r, fc, reads, all, before, after)
 	res["cold_ready_s"], res["cold_first_call_s"] = r.Seconds(), fc.Seconds()
+	res["cold_reads_s"], res["cold_all_s"] = reads.Seconds(), all.Seconds()
 	res["cold_devices_before"], res["cold_devices_after"] = before, after
 	// The first Mounts of snapshots with no device (lazy activation), each on its own snapshot,
 	// then a second Mounts of the same one (its device now active).

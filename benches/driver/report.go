@@ -72,13 +72,18 @@ type startupResult struct {
 	WarmActiveDevices int       `json:"warm_active_devices"`
 	ColdReadyS        float64   `json:"cold_ready_s"`
 	ColdFirstCallS    float64   `json:"cold_first_call_s"`
-	ColdBefore        int       `json:"cold_devices_before"`
-	ColdAfter         int       `json:"cold_devices_after"`
-	ColdRSSKB         int64     `json:"cold_rss_kb"`
-	FillClients       int       `json:"fill_clients"`
-	ColdFirstMounts   Stats     `json:"cold_first_mounts"`
-	ColdSecondMounts  Stats     `json:"cold_second_mounts"`
-	ColdAfterMounts   int       `json:"cold_devices_after_mounts"`
+	// From exec: the first Stat answered (reads), the first Update answered (every call).
+	ColdReadsS       float64   `json:"cold_reads_s"`
+	ColdAllS         float64   `json:"cold_all_s"`
+	WarmReadsS       []float64 `json:"warm_reads_s"`
+	WarmAllS         []float64 `json:"warm_all_s"`
+	ColdBefore       int       `json:"cold_devices_before"`
+	ColdAfter        int       `json:"cold_devices_after"`
+	ColdRSSKB        int64     `json:"cold_rss_kb"`
+	FillClients      int       `json:"fill_clients"`
+	ColdFirstMounts  Stats     `json:"cold_first_mounts"`
+	ColdSecondMounts Stats     `json:"cold_second_mounts"`
+	ColdAfterMounts  int       `json:"cold_devices_after_mounts"`
 	// "idle_empty", "idle_filled", "cold_idle".
 	MemoryDetail map[string]map[string]int64 `json:"memory_detail"`
 }

@@ -29,6 +29,9 @@ pub enum EngineError {
     Fs(#[from] FsError),
     #[error("{0}")]
     Internal(String),
+    /// The daemon is not serving this call: its start failed or it stopped while starting.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<StoreError> for EngineError {

@@ -13,13 +13,16 @@
 //! growing the pool), `reaper` (deleting devices: Remove's last step, Cleanup, `remove.async`),
 //! `commit` (Commit and its intent), `types` (what callers see and give: infos, mounts, status,
 //! settings), `activate` (a device made on first use after a reboot; quarantined snapshots),
-//! `spares` (warm spares: Prepare and View on a device made ahead, and their refiller).
+//! `spares` (warm spares: Prepare and View on a device made ahead, and their refiller), `handle`
+//! (the engine as the services reach it while the daemon starts; Stat and List, which only read
+//! the store).
 
 mod activate;
 pub mod autogrow;
 mod commit;
 mod error;
 pub mod filter;
+mod handle;
 mod limits;
 mod locks;
 mod reaper;
@@ -42,6 +45,7 @@ use crate::store::{BaseRecord, NewSnapshot, SnapshotRecord, State, Store, StoreE
 pub use activate::QuarantinedInfo;
 pub(crate) use error::pool_err;
 pub use error::EngineError;
+pub use handle::{settled, EngineHandle, Publisher};
 use limits::{check_key, check_labels, size_label};
 pub use limits::{MAX_KEY_LEN, MAX_LABELS, MAX_LABEL_LEN, SIZE_LABEL};
 use locks::KeyLocks;
@@ -175,21 +179,11 @@ impl Engine {
     }
 
     fn info_of(key: &str, rec: &SnapshotRecord) -> SnapshotInfo {
-        SnapshotInfo {
-            key: key.to_string(),
-            kind: rec.kind,
-            parent: rec.parent.clone().unwrap_or_default(),
-            labels: rec.labels.clone(),
-            created_at: to_time(rec.created_at),
-            updated_at: to_time(rec.updated_at),
-        }
+        handle::info_of(key, rec)
     }
 
     fn ready(&self, key: &str) -> Result<SnapshotRecord, EngineError> {
-        match self.store.get(key)? {
-            Some(rec) if rec.state == State::Ready => Ok(rec),
-            _ => Err(EngineError::NotFound(format!("snapshot {key:?} not found"))),
-        }
+        handle::ready_in(&self.store, key)
     }
 
     /// Prepare (`kind` Active) or View (`kind` View): a thin snapshot of the parent (or of the
@@ -480,9 +474,7 @@ impl Engine {
     ///
     /// Returns NotFound if it does not exist.
     pub async fn stat(&self, key: &str) -> Result<SnapshotInfo, EngineError> {
-        check_key("key", key)?;
-        let rec = self.ready(key)?;
-        Ok(Self::info_of(key, &rec))
+        handle::stat_in(&self.store, key)
     }
 
     /// Updates the labels of a snapshot, the only mutable field. `paths` empty replaces all
@@ -559,25 +551,7 @@ impl Engine {
     ///
     /// Returns InvalidArgument for a malformed filter.
     pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, EngineError> {
-        let parsed =
-            filter::parse_all(filters).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
-        let mut out = Vec::new();
-        for (key, rec) in self.store.snapshots()? {
-            if rec.state != State::Ready {
-                continue;
-            }
-            let parent = rec.parent.clone().unwrap_or_default();
-            let fields = filter::Fields {
-                kind: rec.kind.as_str(),
-                name: &key,
-                parent: &parent,
-                labels: &rec.labels,
-            };
-            if filter::any_matches(&parsed, &fields) {
-                out.push(Self::info_of(&key, &rec));
-            }
-        }
-        Ok(out)
+        handle::list_in(&self.store, filters)
     }
 
     /// Pool space and health with the snapshot counts.
@@ -662,5 +636,7 @@ impl Engine {
 mod crash_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_handle;
 #[cfg(test)]
 mod tests_spares;

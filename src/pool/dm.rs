@@ -444,8 +444,16 @@ fn resume_left_suspended(
     Ok(())
 }
 
-/// deletes `thin_ids` (the ones the store knows) from the pool, which stays; in loop mode removes
+/// Checks that the kernel has device-mapper (opens its control device, one version ioctl): the
+/// daemon refuses to start without it before it makes anything.
+///
+/// Returns NoDeviceMapper otherwise.
+pub fn check_device_mapper() -> Result<(), PoolError> {
+    open_dm().map(|_| ())
+}
+
 /// `thinsnap pool destroy`: removes every dm device with this pool's prefix; in existing mode
+/// deletes `thin_ids` (the ones the store knows) from the pool, which stays; in loop mode removes
 /// the pool and detaches its loop devices, and with `remove_files` deletes the sparse files.
 ///
 /// Returns an error if device-mapper is missing or a device is busy.

@@ -59,6 +59,34 @@ pub struct Daemon {
     shut_down: bool,
 }
 
+/// Whether the daemon on `sock` has started: it answers the admin Status call (which waits for
+/// the start to end) within `within`. False if nothing listens, the start failed or is still
+/// running. On a thread of its own, so that sync tests and tokio tests alike can call it.
+fn answers_status(sock: &Path, within: Duration) -> bool {
+    if std::os::unix::net::UnixStream::connect(sock).is_err() {
+        return false;
+    }
+    let sock = sock.to_path_buf();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let call = async {
+                let ch = thinsnap::server::connect(&sock).await.ok()?;
+                AdminClient::new(ch)
+                    .status(StatusRequest::default())
+                    .await
+                    .ok()
+            };
+            matches!(tokio::time::timeout(within, call).await, Ok(Some(_)))
+        })
+    })
+    .join()
+    .unwrap_or(false)
+}
+
 impl Daemon {
     /// A fresh (emptied) directory `/tmp/thinsnap-<kind>-<name>-<pid>` and a pool named
     /// `<pool_prefix>-<name>-<pid>`; writes no config and starts nothing.
@@ -147,13 +175,13 @@ impl Daemon {
         self.start_with(None);
     }
 
-    /// Starts thinsnap with `failpoint` (see [`Daemon::spawn`]) and waits until its socket
-    /// accepts a connection; fails the test if it exits first or takes over 600s.
+    /// Starts thinsnap with `failpoint` (see [`Daemon::spawn`]) and waits until it has started
+    /// (answers the admin Status call, which waits for recovery: the socket may answer reads
+    /// before); fails the test if it exits first or takes over 600s.
     pub fn start_with(&mut self, failpoint: Option<&str>) {
         self.child = Some(self.spawn(failpoint));
         let t0 = Instant::now();
-        // Connectable, not merely present: a killed daemon leaves a stale socket file behind.
-        while std::os::unix::net::UnixStream::connect(self.sock()).is_err() {
+        while !answers_status(&self.sock(), Duration::from_secs(5)) {
             if let Some(st) = self
                 .child
                 .as_mut()
@@ -168,7 +196,8 @@ impl Daemon {
     }
 
     /// Runs `serve`, which must give up: returns its exit status and what it logged (the log is
-    /// emptied first). Fails the test if it serves instead.
+    /// emptied first). Fails the test if it starts instead (its socket may answer reads for a
+    /// moment while the pool is made: that is not a start).
     pub fn serve_until_exit(&self) -> (ExitStatus, String) {
         let _ = std::fs::remove_file(self.log_path());
         let mut child = self.spawn(None);
@@ -177,7 +206,8 @@ impl Daemon {
             if let Some(st) = child.try_wait().expect("wait") {
                 return (st, self.log());
             }
-            if t0.elapsed() > START_TIMEOUT || self.sock().exists() {
+            if t0.elapsed() > START_TIMEOUT || answers_status(&self.sock(), Duration::from_secs(2))
+            {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!("thinsnap did not refuse to start: {}", self.log());

@@ -1,0 +1,189 @@
+//! The engine as the services reach it, also while the daemon is still starting:
+//! [`EngineHandle`].
+//!
+//! After a reboot most of a start is the kernel's: attaching the loop devices and making the thin
+//! pool (0.5-0.7 s in the VM) come before recovery can run. The store is open long before that.
+//! When it is *settled* (every record Ready, no Commit intent, every snapshot's device recorded:
+//! no call was cut short, so recovery cannot add, drop or rename anything a client sees), Stat
+//! and List (Walk) are answered from it at once, with the code the engine itself answers them
+//! with ([`stat_in`], [`list_in`]). Every other call (and, on a store that is not settled, every
+//! call) waits until recovery has made the engine, or gets Unavailable if the start failed.
+//!
+//! Nothing is written before the engine exists: the early reads only read.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{filter, Engine, EngineError, SnapshotInfo};
+use crate::store::{SnapshotRecord, State, Store, StoreError};
+
+/// What the start ended with: the engine, or why there is none.
+type Outcome = Option<Result<Arc<Engine>, String>>;
+
+/// The engine, or the promise of it while the daemon starts (see the module doc). Cheap to
+/// clone: the gRPC services, the metrics endpoint and the background tasks each hold one.
+#[derive(Clone)]
+pub struct EngineHandle {
+    /// The settled store, answering Stat and List before the engine exists.
+    early: Option<Store>,
+    engine: watch::Receiver<Outcome>,
+}
+
+/// The start's end of an [`EngineHandle`]: publishes the engine once recovery has made it, or
+/// the start's failure.
+pub struct Publisher(watch::Sender<Outcome>);
+
+impl Publisher {
+    /// Hands the engine to every call waiting for it.
+    pub fn ready(self, engine: Arc<Engine>) {
+        self.0.send_replace(Some(Ok(engine)));
+    }
+
+    /// The start failed: waiting calls (and later ones) get Unavailable with `why`.
+    pub fn failed(self, why: String) {
+        self.0.send_replace(Some(Err(why)));
+    }
+}
+
+impl EngineHandle {
+    /// A handle on an engine that is already there.
+    pub fn ready(engine: Arc<Engine>) -> EngineHandle {
+        let (tx, rx) = watch::channel(None);
+        Publisher(tx).ready(engine);
+        EngineHandle {
+            early: None,
+            engine: rx,
+        }
+    }
+
+    /// A handle on an engine still to be made, answering Stat and List from `early` meanwhile
+    /// (give it only a settled store: see [`settled`]).
+    pub fn starting(early: Option<Store>) -> (EngineHandle, Publisher) {
+        let (tx, rx) = watch::channel(None);
+        (EngineHandle { early, engine: rx }, Publisher(tx))
+    }
+
+    /// The engine, waiting for it while the daemon starts.
+    ///
+    /// Returns Unavailable if the start failed.
+    pub async fn engine(&self) -> Result<Arc<Engine>, EngineError> {
+        let mut rx = self.engine.clone();
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| EngineError::Unavailable("thinsnap stopped while starting".into()))?;
+        match outcome.as_ref() {
+            Some(Ok(engine)) => Ok(engine.clone()),
+            Some(Err(why)) => Err(EngineError::Unavailable(format!(
+                "thinsnap failed to start: {why}"
+            ))),
+            None => unreachable!("wait_for returned an outcome"),
+        }
+    }
+
+    /// The engine if it is there now (none while starting or after a failed start).
+    pub fn now(&self) -> Option<Arc<Engine>> {
+        match self.engine.borrow().as_ref() {
+            Some(Ok(engine)) => Some(engine.clone()),
+            _ => None,
+        }
+    }
+
+    /// The store that answers reads now: the engine's, or the settled store while starting.
+    async fn reader(&self) -> Result<Store, EngineError> {
+        if let Some(engine) = self.now() {
+            return Ok(engine.store.clone());
+        }
+        match &self.early {
+            Some(store) => Ok(store.clone()),
+            None => Ok(self.engine().await?.store.clone()),
+        }
+    }
+
+    /// Stat (see [`Engine::stat`]), answered during the start when the store is settled.
+    pub async fn stat(&self, key: &str) -> Result<SnapshotInfo, EngineError> {
+        stat_in(&self.reader().await?, key)
+    }
+
+    /// List (see [`Engine::list`]), answered during the start when the store is settled.
+    pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, EngineError> {
+        list_in(&self.reader().await?, filters)
+    }
+}
+
+/// Whether recovery could change anything a client reads in `store`: false when a call was cut
+/// short (a record Creating or Deleting, a Commit intent) or a snapshot's device record is gone
+/// (recovery drops such a snapshot). Quarantine is not seen by Stat or List.
+///
+/// Returns an error if the store cannot be read.
+pub fn settled(store: &Store) -> Result<bool, StoreError> {
+    let mut ids = BTreeSet::new();
+    for d in store.devices()? {
+        if d.state != State::Ready || d.commit.is_some() {
+            return Ok(false);
+        }
+        ids.insert(d.thin_id);
+    }
+    Ok(store
+        .snapshots()?
+        .iter()
+        .all(|(_, s)| s.state == State::Ready && ids.contains(&s.thin_id)))
+}
+
+/// A snapshot's record as clients see it.
+pub(super) fn info_of(key: &str, rec: &SnapshotRecord) -> SnapshotInfo {
+    SnapshotInfo {
+        key: key.to_string(),
+        kind: rec.kind,
+        parent: rec.parent.clone().unwrap_or_default(),
+        labels: rec.labels.clone(),
+        created_at: super::to_time(rec.created_at),
+        updated_at: super::to_time(rec.updated_at),
+    }
+}
+
+/// The record of `key` if clients see it (Ready).
+///
+/// Returns NotFound otherwise.
+pub(super) fn ready_in(store: &Store, key: &str) -> Result<SnapshotRecord, EngineError> {
+    match store.get(key)? {
+        Some(rec) if rec.state == State::Ready => Ok(rec),
+        _ => Err(EngineError::NotFound(format!("snapshot {key:?} not found"))),
+    }
+}
+
+/// Stat of `key` in `store`.
+///
+/// Returns InvalidArgument for a bad key, NotFound if clients do not see it.
+pub(super) fn stat_in(store: &Store, key: &str) -> Result<SnapshotInfo, EngineError> {
+    super::limits::check_key("key", key)?;
+    Ok(info_of(key, &ready_in(store, key)?))
+}
+
+/// Every snapshot in `store` that passes `filters` (containerd's syntax: several filters OR,
+/// `,` AND).
+///
+/// Returns InvalidArgument for a filter that does not parse.
+pub(super) fn list_in(store: &Store, filters: &[String]) -> Result<Vec<SnapshotInfo>, EngineError> {
+    let parsed =
+        filter::parse_all(filters).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+    let mut out = Vec::new();
+    for (key, rec) in store.snapshots()? {
+        if rec.state != State::Ready {
+            continue;
+        }
+        let parent = rec.parent.clone().unwrap_or_default();
+        let fields = filter::Fields {
+            kind: rec.kind.as_str(),
+            name: &key,
+            parent: &parent,
+            labels: &rec.labels,
+        };
+        if filter::any_matches(&parsed, &fields) {
+            out.push(info_of(&key, &rec));
+        }
+    }
+    Ok(out)
+}
