@@ -195,7 +195,12 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
     ensure_root(&config.root)?;
     let (engine, starting) = start(&config).await?;
     let listener = server::bind(&config.address)?;
-    info!(socket = %config.address.display(), starting = starting.is_some(), "serving");
+    if starting.is_some() {
+        info!(socket = %config.address.display(),
+              "serving Stat and List from the database; other calls wait for the pool and recovery");
+    } else {
+        info!(socket = %config.address.display(), "serving");
+    }
     let started = engine.clone();
     let shutdown = async move {
         // Ready for systemd (Type=notify; a no-op outside systemd) once the engine is there, not

@@ -14,6 +14,7 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
@@ -163,6 +164,10 @@ func runThinsnap() {
 	conn.Close()
 	idleAfter := settleRSS(d.pid())
 	res["memory_detail"] = map[string]map[string]int64{"idle_fresh": idleMem, "idle_after": memDetail(d.pid())}
+	// Where the resident memory is, mapping by mapping (heap, thread arenas, stacks, the binary).
+	if smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", d.pid())); err == nil {
+		os.WriteFile(strings.TrimSuffix(*out, ".json")+"-smaps-idle-after.txt", smaps, 0644)
+	}
 	res["snapshotter"] = "thinsnap"
 	res["first_start_s"] = firstStart.Seconds()
 	res["memory_idle"] = map[string]int64{"rss_fresh_kb": idle, "rss_after_kb": idleAfter}
