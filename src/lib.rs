@@ -5,10 +5,8 @@
 //! # Layout
 //! - [`config`]: typed TOML configuration, every default, validation naming the key.
 //! - [`server`]: the running daemon: the tonic server on the unix socket (both services) and the
-//!   background tasks (reaper, autogrow, the spares' refiller, metrics, the heap trim), graceful
-//!   stop; the client side. While the daemon starts, calls reach the engine through
-//!   `engine::EngineHandle` (Stat and List answered from a settled store, the rest wait).
-//! - [`memory`]: the heap given back to the kernel once a burst of calls is over.
+//!   background tasks (reaper, autogrow, the spares' refiller, metrics), graceful stop; the
+//!   client side.
 //! - [`grpc`]: containerd's Snapshots service -> [`engine`]; `EngineError` -> gRPC status codes.
 //! - [`admin`]: thinsnap's own Admin service (proto/) -> [`engine`].
 //! - [`status`]: renders the Admin service's status for `thinsnap status` (text or JSON).
@@ -35,7 +33,6 @@ pub mod engine;
 pub mod failpoint;
 pub mod fs;
 pub mod grpc;
-pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod pool;

@@ -39,8 +39,6 @@ pub struct Metrics {
     /// Prepares and Views that could have used a spare but found none
     /// (`thinsnap_spares_missed_total`).
     spares_missed: IntCounter,
-    /// Calls ended since start (every method), for [`crate::memory::trim_when_idle`].
-    calls: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -127,7 +125,6 @@ impl Metrics {
             spares_ready,
             spares_taken,
             spares_missed,
-            calls: Default::default(),
         }
     }
 
@@ -146,7 +143,6 @@ impl Metrics {
     /// Records one call of `method` that started at `start`, failed with `code` if any.
     pub fn observe(&self, method: &str, start: Instant, code: Option<tonic::Code>) {
         let m = self;
-        m.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         m.latency
             .with_label_values(&[method])
             .observe(start.elapsed().as_secs_f64());
@@ -155,11 +151,6 @@ impl Metrics {
                 .with_label_values(&[method, &format!("{code:?}")])
                 .inc();
         }
-    }
-
-    /// Calls ended since start.
-    pub fn calls(&self) -> u64 {
-        self.calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The text exposition of every metric, after refreshing the pool gauges from `engine`

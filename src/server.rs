@@ -94,8 +94,8 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Serves both services on `listener` and runs the daemon's background tasks (the reaper and
-/// autogrow when configured, the warm spares' refiller, the heap trim after a burst, the
-/// metrics endpoint on `metrics` if given) until `shutdown` completes; then lets in-flight calls finish, stops and joins the
+/// autogrow when configured, the warm spares' refiller, the metrics endpoint on `metrics` if
+/// given) until `shutdown` completes; then lets in-flight calls finish, stops and joins the
 /// tasks, and flushes the store.
 ///
 /// `engine` may still be starting (see [`EngineHandle`]): calls wait for it (Stat and List on a
@@ -135,10 +135,6 @@ pub async fn run(
                 e.run_spares(stop).await
             }
         });
-    }
-    {
-        let (r, stop) = (registry.clone(), stop.clone());
-        tasks.spawn(crate::memory::trim_when_idle(r, stop));
     }
     if let Some(addr) = metrics {
         let (e, r, mut stop) = (engine.clone(), registry.clone(), stop.clone());
