@@ -210,10 +210,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn grpc_over_unix_socket_maps_status_codes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db")).expect("store");
+    /// An engine on the fake pool with its store under `dir`, and a handle on that store.
+    fn fake_engine(dir: &Path) -> (crate::engine::Engine, Store) {
+        let store = Store::open(&dir.join("db")).expect("store");
+        let early = store.clone();
         let (engine, _) = recovery::start(
             Arc::new(FakePool::new()),
             store,
@@ -221,6 +221,13 @@ mod tests {
             &|_: &Path| Ok(()),
         )
         .expect("engine");
+        (engine, early)
+    }
+
+    #[tokio::test]
+    async fn grpc_over_unix_socket_maps_status_codes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (engine, _) = fake_engine(dir.path());
         let sock = dir.path().join("run/thinsnap.sock");
         let listener = bind(&sock).expect("bind");
         let meta = std::fs::metadata(&sock).expect("socket");
@@ -316,15 +323,7 @@ mod tests {
     #[tokio::test]
     async fn calls_during_the_start_wait_for_the_engine() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db")).expect("store");
-        let early = store.clone();
-        let (engine, _) = recovery::start(
-            Arc::new(FakePool::new()),
-            store,
-            crate::engine::Settings::with_fs(FsConfig::default()),
-            &|_: &Path| Ok(()),
-        )
-        .expect("engine");
+        let (engine, early) = fake_engine(dir.path());
         let engine = Arc::new(engine);
         engine
             .create(crate::engine::Kind::Active, "a", "", Default::default())

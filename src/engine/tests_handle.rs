@@ -15,8 +15,8 @@ async fn still_waiting<F: std::future::Future>(f: F) -> bool {
         .is_err()
 }
 
-#[tokio::test]
-async fn a_store_is_settled_unless_a_call_was_cut_short() {
+/// An engine with "c" committed (from "a") and "b" active on it, every call whole.
+async fn committed_c_with_child_b() -> super::tests::T {
     let t = setup();
     prep(&t, "a", "").await.expect("a");
     t.engine
@@ -24,6 +24,12 @@ async fn a_store_is_settled_unless_a_call_was_cut_short() {
         .await
         .expect("commit");
     prep(&t, "b", "c").await.expect("b");
+    t
+}
+
+#[tokio::test]
+async fn a_store_is_settled_unless_a_call_was_cut_short() {
+    let t = committed_c_with_child_b().await;
     assert!(settled(&t.engine.store).expect("read"), "after whole calls");
 
     // A Prepare cut short after its intent.
@@ -59,13 +65,7 @@ async fn a_store_is_settled_unless_a_call_was_cut_short() {
 
 #[tokio::test]
 async fn a_settled_store_answers_stat_and_list_while_other_calls_wait_for_the_engine() {
-    let t = setup();
-    prep(&t, "a", "").await.expect("a");
-    t.engine
-        .commit("c", "a", no_labels())
-        .await
-        .expect("commit");
-    prep(&t, "b", "c").await.expect("b");
+    let t = committed_c_with_child_b().await;
 
     let (h, publisher) = EngineHandle::starting(Some(t.engine.store.clone()));
     let b = h.stat("b").await.expect("stat while starting");
