@@ -13,7 +13,8 @@ use tracing::info;
 use thinsnap::admin::api::admin_client::AdminClient;
 use thinsnap::admin::api::StatusRequest;
 use thinsnap::config::Config;
-use thinsnap::engine::{self, recovery, EngineHandle, Settings};
+use thinsnap::engine::recovery::{self, Records};
+use thinsnap::engine::{EngineHandle, Settings};
 use thinsnap::pool::dm::{self, DmPool};
 use thinsnap::pool::ThinPool;
 use thinsnap::store::Store;
@@ -252,14 +253,14 @@ async fn start(
     let pool = tokio::task::spawn_blocking(move || DmPool::open(&c));
     // Only a database already there is opened before the pool exists: a first start whose pool
     // cannot be made leaves nothing behind.
-    let (store, early) = if config.db_path().exists() {
+    // Its records are read once, for the settled check and for recovery (`start_from`).
+    let (opened, early) = if config.db_path().exists() {
         let open = open_store.clone();
         tokio::task::spawn_blocking(move || -> Result<_> {
             let store = open()?;
-            let early = engine::settled(&store)
-                .context("cannot read the database")?
-                .then(|| store.clone());
-            Ok((Some(store), early))
+            let records = Records::read(&store).context("cannot read the database")?;
+            let early = records.settled().then(|| store.clone());
+            Ok((Some((store, records)), early))
         })
         .await??
     } else {
@@ -269,14 +270,15 @@ async fn start(
     let recover = async move {
         let pool: Arc<dyn ThinPool> = Arc::new(pool.await??);
         tokio::task::spawn_blocking(move || -> Result<_> {
-            let store = match store {
-                Some(store) => store,
-                None => open_store()?,
-            };
             let (fs_config, root) = (c.fs.clone(), c.root.clone());
             let format = move |dev: &Path| fs::format_base(dev, &fs_config, &root);
-            let (engine, _report) =
-                recovery::start(pool, store, Settings::from_config(&c), &format)?;
+            let settings = Settings::from_config(&c);
+            let (engine, _report) = match opened {
+                Some((store, records)) => {
+                    recovery::start_from(pool, store, records, settings, &format)?
+                }
+                None => recovery::start(pool, open_store()?, settings, &format)?,
+            };
             Ok(Arc::new(engine))
         })
         .await?

@@ -11,11 +11,11 @@
 //!
 //! Nothing is written before the engine exists: the early reads only read.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use super::recovery::Records;
 use super::{filter, Engine, EngineError, SnapshotInfo};
 use crate::store::{SnapshotRecord, State, Store, StoreError};
 
@@ -113,23 +113,12 @@ impl EngineHandle {
     }
 }
 
-/// Whether recovery could change anything a client reads in `store`: false when a call was cut
-/// short (a record Creating or Deleting, a Commit intent) or a snapshot's device record is gone
-/// (recovery drops such a snapshot). Quarantine is not seen by Stat or List.
+/// Whether recovery could change anything a client reads in `store` (see
+/// [`Records::settled`]).
 ///
 /// Returns an error if the store cannot be read.
 pub fn settled(store: &Store) -> Result<bool, StoreError> {
-    let mut ids = BTreeSet::new();
-    for d in store.devices()? {
-        if d.state != State::Ready || d.commit.is_some() {
-            return Ok(false);
-        }
-        ids.insert(d.thin_id);
-    }
-    Ok(store
-        .snapshots()?
-        .iter()
-        .all(|(_, s)| s.state == State::Ready && ids.contains(&s.thin_id)))
+    Ok(Records::read(store)?.settled())
 }
 
 /// A snapshot's record as clients see it.

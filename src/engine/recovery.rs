@@ -50,7 +50,8 @@ use crate::fs::FsError;
 use crate::model::{Kind, ThinId};
 use crate::pool::{NumberedPool, PoolError, ThinPool};
 use crate::store::{
-    BaseRecord, DeviceRecord, Quarantine, SnapshotRecord, State, Store, BASE_OWNER, SPARE_OWNER,
+    BaseRecord, DeviceRecord, Quarantine, SnapshotRecord, State, Store, StoreError, BASE_OWNER,
+    SPARE_OWNER,
 };
 
 /// What recovery did, for logs and tests.
@@ -98,6 +99,45 @@ impl Report {
 /// Formats the freshly made base device (mkfs; see [`crate::fs::format_base`]).
 pub type Formatter<'a> = &'a (dyn Fn(&Path) -> Result<(), FsError> + Sync);
 
+/// Every device and snapshot record of a store, decoded once: what recovery starts from.
+///
+/// The daemon reads them while the kernel makes the pool, to tell whether the store is settled
+/// (see [`Records::settled`]), and hands them to [`start_from`]: a start with thousands of
+/// records reads each once, not once for that check and again for recovery.
+#[derive(Debug, Clone)]
+pub struct Records {
+    devices: Vec<DeviceRecord>,
+    snapshots: HashMap<String, SnapshotRecord>,
+}
+
+impl Records {
+    /// Reads every device and snapshot record of `store`.
+    ///
+    /// Returns an error if the store cannot be read.
+    pub fn read(store: &Store) -> Result<Records, StoreError> {
+        Ok(Records {
+            devices: store.devices()?,
+            snapshots: store.snapshots()?.into_iter().collect(),
+        })
+    }
+
+    /// Whether recovery could change anything a client reads: false when a call was cut short
+    /// (a record Creating or Deleting, a Commit intent) or a snapshot's device record is gone
+    /// (recovery drops such a snapshot). Quarantine is not seen by Stat or List.
+    pub fn settled(&self) -> bool {
+        let mut ids = BTreeSet::new();
+        for d in &self.devices {
+            if d.state != State::Ready || d.commit.is_some() {
+                return false;
+            }
+            ids.insert(d.thin_id);
+        }
+        self.snapshots
+            .values()
+            .all(|s| s.state == State::Ready && ids.contains(&s.thin_id))
+    }
+}
+
 /// Reconciles `store` with `pool`, creates the base device if there is none, and returns the
 /// engine ready to serve.
 ///
@@ -109,10 +149,25 @@ pub fn start(
     settings: Settings,
     format: Formatter<'_>,
 ) -> Result<(Engine, Report), EngineError> {
+    let records = Records::read(&store)?;
+    start_from(pool, store, records, settings, format)
+}
+
+/// [`start`] from `records`, read from `store` since it was opened, with nothing written to it
+/// since.
+///
+/// Returns an error as [`start`] does.
+pub fn start_from(
+    pool: Arc<dyn ThinPool>,
+    store: Store,
+    records: Records,
+    settings: Settings,
+    format: Formatter<'_>,
+) -> Result<(Engine, Report), EngineError> {
     let pool = Arc::new(
         NumberedPool::new(pool, settings.owns_pool).map_err(pool_err("read pool status"))?,
     );
-    let mut r = Recovery::read(&pool, &store, &settings)?;
+    let mut r = Recovery::read(&pool, &store, records, &settings)?;
     r.settle_devices()?;
     r.clear_spare_lists()?;
     r.drop_dangling_snapshots()?;
@@ -155,6 +210,8 @@ struct Recovery<'a> {
     /// Thin ids whose dm devices are active.
     active: BTreeSet<ThinId>,
     base: Option<BaseRecord>,
+    /// Every device record as the start found it, settled by phase 1 (which takes them).
+    devices: Vec<DeviceRecord>,
     /// Every snapshot record, decoded once: a start with thousands of them must not read each
     /// twice (once per device, once more for the dangling check).
     snapshots: HashMap<String, SnapshotRecord>,
@@ -168,10 +225,11 @@ struct Recovery<'a> {
 }
 
 impl<'a> Recovery<'a> {
-    /// Reads the kernel's active devices and the store's records.
+    /// Reads the kernel's active devices and the store's other records.
     fn read(
         pool: &'a NumberedPool,
         store: &'a Store,
+        records: Records,
         settings: &'a Settings,
     ) -> Result<Recovery<'a>, EngineError> {
         let active = pool
@@ -182,14 +240,15 @@ impl<'a> Recovery<'a> {
         let recorded_txid = store.pool_transaction_id()?;
         let consistent = pool.current().is_some()
             && recorded_txid == pool.current()
-            && store.devices()?.iter().all(|d| d.state == State::Ready);
+            && records.devices.iter().all(|d| d.state == State::Ready);
         Ok(Recovery {
             pool,
             store,
             settings,
             active,
             base: store.base()?,
-            snapshots: store.snapshots()?.into_iter().collect(),
+            devices: records.devices,
+            snapshots: records.snapshots,
             recorded_txid,
             consistent,
             pending: BTreeMap::new(),
@@ -205,7 +264,7 @@ impl<'a> Recovery<'a> {
 
     /// Phase 1: every device record according to its state.
     fn settle_devices(&mut self) -> Result<(), EngineError> {
-        for dev in self.store.devices()? {
+        for dev in std::mem::take(&mut self.devices) {
             if self.is_spare(&dev) {
                 self.settle_spare(&dev)?;
                 continue;
