@@ -157,6 +157,7 @@ impl ThinPool for SlowPool {
 
 /// The child: the daemon's server on the fake pool, until SIGTERM.
 fn serve(dir: &Path, sock: &Path, delay: Duration) -> Result<(), BoxError> {
+    thinsnap::server::disable_huge_pages();
     let rt = thinsnap::server::runtime()?;
     let store = Store::open(&dir.join("db"))?;
     let pool = SlowPool {

@@ -178,6 +178,7 @@ fn ensure_root(root: &Path) -> Result<()> {
 
 async fn serve(config_path: Option<&Path>) -> Result<()> {
     let config = Config::load(config_path)?;
+    server::disable_huge_pages();
     // Signal handlers first: a SIGTERM during a long start-up (mkfs of the base) is kept and
     // stops the server as soon as it serves, instead of killing it half way.
     use tokio::signal::unix::{signal, SignalKind};

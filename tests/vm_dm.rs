@@ -37,6 +37,16 @@ async fn vm_lifecycle_on_real_dm_thin() {
     let d = daemon("life", "");
     let (mut c, mut a) = d.clients().await;
 
+    // The daemon runs without transparent huge pages (`server::disable_huge_pages`).
+    let pid = d.child.as_ref().expect("the daemon runs").id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])),
+        "{status}"
+    );
+
     // A parentless snapshot is an empty filesystem: no lost+found.
     let m = prepare(&mut c, "a", "").await.expect("prepare a");
     assert_eq!(m.len(), 1);
