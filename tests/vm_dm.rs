@@ -39,12 +39,12 @@ async fn vm_lifecycle_on_real_dm_thin() {
 
     // The daemon runs without transparent huge pages (`server::disable_huge_pages`).
     let pid = d.child.as_ref().expect("the daemon runs").id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
     assert!(
-        status
+        proc_status
             .lines()
             .any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])),
-        "{status}"
+        "{proc_status}"
     );
 
     // A parentless snapshot is an empty filesystem: no lost+found.
