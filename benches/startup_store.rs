@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use thinsnap::config::FsConfig;
-use thinsnap::engine::recovery;
+use thinsnap::engine::recovery::{self, Records};
 use thinsnap::engine::{Engine, Settings};
 use thinsnap::fs::FsError;
 use thinsnap::pool::fake::FakePool;
@@ -65,11 +65,17 @@ fn no_format(_: &Path) -> Result<(), FsError> {
     Ok(())
 }
 
+/// What the daemon's start does besides the kernel's work: open the store, read its records
+/// and check them settled (`thinsnap serve` does both while the kernel makes the pool), then
+/// recovery from those records.
 fn start(db: &Path, pool: Arc<FakePool>) -> Result<Engine, BoxError> {
     let store = Store::open(db)?;
-    let (engine, _) = recovery::start(
+    let records = Records::read(&store)?;
+    let _serve_reads_early = records.settled();
+    let (engine, _) = recovery::start_from(
         pool,
         store,
+        records,
         Settings::with_fs(FsConfig::default()),
         &no_format,
     )?;
