@@ -6,7 +6,8 @@
 //! - [`config`]: typed TOML configuration, every default, validation naming the key.
 //! - [`server`]: the running daemon: the tonic server on the unix socket (both services) and the
 //!   background tasks (reaper, autogrow, the spares' refiller, metrics), graceful stop; the
-//!   client side.
+//!   client side. While the daemon starts, calls reach the engine through
+//!   `engine::EngineHandle` (Stat and List answered from a settled store, the rest wait).
 //! - [`grpc`]: containerd's Snapshots service -> [`engine`]; `EngineError` -> gRPC status codes.
 //! - [`admin`]: thinsnap's own Admin service (proto/) -> [`engine`].
 //! - [`status`]: renders the Admin service's status for `thinsnap status` (text or JSON).

@@ -233,7 +233,7 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
 /// Makes the pool, opens the store and recovers (see `engine::recovery`), on blocking threads.
 ///
 /// After a reboot most of that is the kernel making the pool. When the database is there
-/// already, it is opened meanwhile, and if it is settled (`engine::settled`) the daemon serves
+/// already, it is opened meanwhile, and if it is settled (`recovery::Records::settled`) the daemon serves
 /// at once: the handle answers Stat and List from the store while the pool is made and
 /// recovery runs (the returned task; it hands the engine to the handle), and every other call
 /// waits for it. Otherwise (the first start, or a store with a call cut short) the engine is

@@ -15,9 +15,10 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+#[cfg(doc)]
 use super::recovery::Records;
 use super::{filter, Engine, EngineError, SnapshotInfo};
-use crate::store::{SnapshotRecord, State, Store, StoreError};
+use crate::store::{SnapshotRecord, State, Store};
 
 /// What the start ended with: the engine, or why there is none.
 type Outcome = Option<Result<Arc<Engine>, String>>;
@@ -59,7 +60,7 @@ impl EngineHandle {
     }
 
     /// A handle on an engine still to be made, answering Stat and List from `early` meanwhile
-    /// (give it only a settled store: see [`settled`]).
+    /// (give it only a settled store: see [`Records::settled`]).
     pub fn starting(early: Option<Store>) -> (EngineHandle, Publisher) {
         let (tx, rx) = watch::channel(None);
         (EngineHandle { early, engine: rx }, Publisher(tx))
@@ -111,14 +112,6 @@ impl EngineHandle {
     pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, EngineError> {
         list_in(&self.reader().await?, filters)
     }
-}
-
-/// Whether recovery could change anything a client reads in `store` (see
-/// [`Records::settled`]).
-///
-/// Returns an error if the store cannot be read.
-pub fn settled(store: &Store) -> Result<bool, StoreError> {
-    Ok(Records::read(store)?.settled())
 }
 
 /// A snapshot's record as clients see it.

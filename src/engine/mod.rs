@@ -45,7 +45,7 @@ use crate::store::{BaseRecord, NewSnapshot, SnapshotRecord, State, Store, StoreE
 pub use activate::QuarantinedInfo;
 pub(crate) use error::pool_err;
 pub use error::EngineError;
-pub use handle::{settled, EngineHandle, Publisher};
+pub use handle::{EngineHandle, Publisher};
 use limits::{check_key, check_labels, size_label};
 pub use limits::{MAX_KEY_LEN, MAX_LABELS, MAX_LABEL_LEN, SIZE_LABEL};
 use locks::KeyLocks;

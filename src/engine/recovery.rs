@@ -104,7 +104,7 @@ pub type Formatter<'a> = &'a (dyn Fn(&Path) -> Result<(), FsError> + Sync);
 /// The daemon reads them while the kernel makes the pool, to tell whether the store is settled
 /// (see [`Records::settled`]), and hands them to [`start_from`]: a start with thousands of
 /// records reads each once, not once for that check and again for recovery.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Records {
     devices: Vec<DeviceRecord>,
     snapshots: HashMap<String, SnapshotRecord>,

@@ -3,10 +3,15 @@
 
 use std::time::Duration;
 
-use super::handle::settled;
+use super::recovery::Records;
 use super::tests::{intent_of, no_labels, prep, setup};
 use super::*;
 use crate::store::CommitIntent;
+
+/// Whether recovery could change anything a client reads in `store` (see `Records::settled`).
+fn settled(store: &Store) -> Result<bool, StoreError> {
+    Ok(Records::read(store)?.settled())
+}
 
 /// Whether `f` is still waiting after a moment (it must be: the engine is not there yet).
 async fn still_waiting<F: std::future::Future>(f: F) -> bool {
