@@ -254,7 +254,7 @@ async fn start(
     let pool = tokio::task::spawn_blocking(move || DmPool::open(&c));
     // Only a database already there is opened before the pool exists: a first start whose pool
     // cannot be made leaves nothing behind.
-    // Its records are read once, for the settled check and for recovery (`start_from`).
+    // Its records are read once for both the settled check and recovery (`start_from`).
     let (opened, early) = if config.db_path().exists() {
         let open = open_store.clone();
         tokio::task::spawn_blocking(move || -> Result<_> {

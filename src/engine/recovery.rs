@@ -103,7 +103,8 @@ pub type Formatter<'a> = &'a (dyn Fn(&Path) -> Result<(), FsError> + Sync);
 ///
 /// The daemon reads them while the kernel makes the pool, to tell whether the store is settled
 /// (see [`Records::settled`]), and hands them to [`start_from`]: a start with thousands of
-/// records reads each once, not once for that check and again for recovery.
+/// records does not read them once for that check and again for recovery (only phase 2
+/// re-reads the device records, which phase 1 may have deleted).
 #[derive(Debug)]
 pub struct Records {
     devices: Vec<DeviceRecord>,
