@@ -13,7 +13,7 @@ RUNTIME_PKGS=(
 )
 PKGS=(
   "${RUNTIME_PKGS[@]}"
-  # the VM test bed (../shared/TESTBED.md): a Debian kernel with dm modules, booted by qemu via virtme-ng
+  # the VM test bed (integration/README.md): a Debian kernel with dm modules, booted by qemu via virtme-ng
   qemu-system-x86 linux-image-amd64 kmod
   # virtme-ng comes from PyPI (below): needs python3 and pip when no other Python is installed
   python3 python3-pip

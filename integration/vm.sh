@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Boots the VM test bed (see TESTBED.md) and runs one script inside it.
+# Boots the VM test bed (see integration/README.md) and runs one script inside it.
 #
 #   integration/vm.sh GUEST_SCRIPT [ARGS...]
 #

@@ -6,7 +6,7 @@
 //! proxy, so a kubelet timeout, a containerd restart or a ^C cancels the gRPC call and hyper
 //! drops the handler's future. Each mutating call therefore runs as a task of its own, which
 //! the request only awaits: the engine's work runs to its outcome or its undo whatever the
-//! client does (CONVENTIONS.md, layering rule 6).
+//! client does (CONTRIBUTING.md, layering rule 6).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
