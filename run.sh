@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export PATH="$HOME/.cargo/bin:$PATH"
 bash integration/install-deps.sh --runtime
+# Rust comes from rustup (Debian 12's rustc is too old): says how to get it when it is missing.
+bash integration/check-toolchain.sh
 cargo build --release --locked --bin thinsnap
 # dm-thin must be in the kernel; load it where it is a module (a no-op where it is built in).
 modprobe dm-thin-pool 2>/dev/null || true

@@ -89,7 +89,7 @@ abort() {
 if [[ ${SKIP_INSTALL_DEPS:-0} != 1 ]]; then
   step install-deps bash integration/install-deps.sh || abort "installing dependencies failed"
 fi
-command -v cargo >/dev/null 2>&1 || abort "cargo not found (looked in PATH and ~/.cargo/bin)"
+bash integration/check-toolchain.sh || abort "no usable Rust toolchain (see the message above)"
 
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --all-targets --all-features -- -D warnings
