@@ -11,7 +11,8 @@
 # 6. the Go conformance binary              (integration/conformance/build.sh)
 # 7. the containerd matrix's inputs: the test images (integration/e2e/build-images.py), the CRI test
 #    client (integration/cri-test), containerd 1.7/2.x (integration/fetch-containerd.sh), and
-#    thinsnap's Debian package (cargo deb), which the VM installs and the matrix runs
+#    thinsnap's Debian package (cargo deb), which the VM installs and the matrix runs, and its
+#    maintainer scripts' install/upgrade/remove logic (integration/deb-scripts-test.sh)
 # 8. ONE VM (integration/vm.sh integration/guest/all.sh), in two lanes at once: root-only cargo
 #    tests on real dm-thin, beside containerd's snapshotter conformance suite and then the
 #    containerd matrix: the end-to-end test and the CRI tests on containerd 1.6.20, 1.7.24 and
@@ -137,6 +138,9 @@ build_deb() {
   dpkg-deb -c "$RESULTS/thinsnap.deb"
 }
 step deb build_deb
+# The package's maintainer scripts on install, upgrade and removal, with systemd stubbed out
+# (deploy/README.md, "Upgrading").
+[[ -s $RESULTS/thinsnap.deb ]] && step deb-scripts bash integration/deb-scripts-test.sh "$RESULTS/thinsnap.deb"
 
 export THINSNAP_BIN
 THINSNAP_BIN=$(<"$RESULTS/thinsnap-bin.txt")
