@@ -640,3 +640,5 @@ mod tests;
 mod tests_handle;
 #[cfg(test)]
 mod tests_spares;
+#[cfg(test)]
+mod tests_upgrade;

@@ -28,14 +28,43 @@ pub use records::{
 
 use crate::model::{ThinId, MAX_THIN_ID};
 
-/// The layout version this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The layout version this code reads and writes. A database of an older version is migrated at
+/// open ([`MIGRATIONS`]); a newer one is refused.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The release that writes the database, recorded at every open (schema 2 on): what a refusal
+/// of a newer database names.
+pub const WRITER: &str = concat!("thinsnap ", env!("CARGO_PKG_VERSION"));
 
 const META_SCHEMA: &[u8] = b"schema_version";
+const META_WRITER: &[u8] = b"writer";
 const META_NEXT_ID: &[u8] = b"next_thin_id";
 const META_BASE: &[u8] = b"base";
 /// The pool's transaction id as of the last flush (pools thinsnap owns; see pool::txid).
 const META_POOL_TXID: &[u8] = b"pool_transaction_id";
+
+/// One step of the schema: from version `from` to `from + 1`. A step must be safe to run again
+/// (a crash between the step and the flush of its new version runs it twice).
+struct Migration {
+    from: u32,
+    what: &'static str,
+    run: fn(&Store) -> Result<(), StoreError>,
+}
+
+/// Every step, oldest first: a database of any older version is brought to [`SCHEMA_VERSION`]
+/// by the steps from its own version on. Fixtures of each older version live in
+/// `src/store/fixtures/` (`engine::tests_upgrade`).
+const MIGRATIONS: &[Migration] = &[Migration {
+    from: 1,
+    what: "record the release that writes the database",
+    run: |store| {
+        // Additive: schema 1 had no writer; the refusal of a newer database names it from now on.
+        if store.meta.get(META_WRITER)?.is_none() {
+            store.meta.insert(META_WRITER, WRITER.as_bytes())?;
+        }
+        Ok(())
+    },
+}];
 
 /// Errors of the store. Semantic ones name the key; the engine maps them to gRPC codes.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +84,24 @@ pub enum StoreError {
     Invariant(String),
     #[error("no free thin id left in the 24-bit space")]
     NoFreeThinId,
-    #[error("database schema version {found} is not the supported version {expected}")]
-    Schema { found: u32, expected: u32 },
+    /// Written by a newer release: an older one never guesses at a layout it does not know.
+    #[error("database at {path} has schema version {found} (written by {writer}); this {WRITER} reads schema versions up to {supported}: run {writer} or newer, or move the database away to start empty")]
+    Newer {
+        path: String,
+        found: u32,
+        supported: u32,
+        writer: String,
+    },
+    #[error("database at {path}: unreadable schema version {raw:?}")]
+    BadSchema { path: String, raw: Vec<u8> },
+    #[error("database at {path}: migrating schema {from} to {to} ({what}): {source}")]
+    Migration {
+        path: String,
+        from: u32,
+        to: u32,
+        what: &'static str,
+        source: Box<StoreError>,
+    },
     #[error("corrupt record {what}: {source}")]
     Corrupt {
         what: String,
@@ -197,24 +242,83 @@ impl Store {
             db,
             flushes: Arc::new(AtomicU64::new(0)),
         };
-        match store.meta.get(META_SCHEMA)? {
-            None => {
-                store
-                    .meta
-                    .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-                store.db.flush()?;
-            }
-            Some(v) => {
-                let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0xff; 4]));
-                if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema {
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
-                }
-            }
-        }
+        store.upgrade(path)?;
         Ok(store)
+    }
+
+    /// Brings the database at `path` to [`SCHEMA_VERSION`]: a new one is stamped, an older one
+    /// migrated one step at a time (each step durable with its new version before the next), and
+    /// the release that writes it recorded ([`WRITER`]).
+    ///
+    /// Returns an error if the database is newer than this code ([`StoreError::Newer`]), its
+    /// version is unreadable, or a step fails (the database then stays at the last version
+    /// reached, which a retry migrates on from).
+    fn upgrade(&self, path: &Path) -> Result<(), StoreError> {
+        let path_s = || path.display().to_string();
+        let mut version = match self.meta.get(META_SCHEMA)? {
+            None => {
+                self.meta
+                    .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                self.meta.insert(META_WRITER, WRITER.as_bytes())?;
+                self.db.flush()?;
+                return Ok(());
+            }
+            Some(v) => match <[u8; 4]>::try_from(v.as_ref()) {
+                Ok(b) => u32::from_be_bytes(b),
+                Err(_) => {
+                    return Err(StoreError::BadSchema {
+                        path: path_s(),
+                        raw: v.to_vec(),
+                    })
+                }
+            },
+        };
+        if version > SCHEMA_VERSION {
+            let writer = self
+                .meta
+                .get(META_WRITER)?
+                .map(|w| String::from_utf8_lossy(&w).into_owned())
+                .unwrap_or_else(|| "a newer thinsnap".to_string());
+            return Err(StoreError::Newer {
+                path: path_s(),
+                found: version,
+                supported: SCHEMA_VERSION,
+                writer,
+            });
+        }
+        while version < SCHEMA_VERSION {
+            let step = MIGRATIONS
+                .iter()
+                .find(|m| m.from == version)
+                .expect("MIGRATIONS has a step from every version below SCHEMA_VERSION");
+            let to = version + 1;
+            (step.run)(self).map_err(|e| StoreError::Migration {
+                path: path_s(),
+                from: version,
+                to,
+                what: step.what,
+                source: Box::new(e),
+            })?;
+            self.meta.insert(META_SCHEMA, &to.to_be_bytes())?;
+            self.db.flush()?;
+            tracing::info!(path = %path.display(), from = version, to, step = step.what, "database migrated");
+            version = to;
+        }
+        if self.meta.get(META_WRITER)?.as_deref() != Some(WRITER.as_bytes()) {
+            self.meta.insert(META_WRITER, WRITER.as_bytes())?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The release that last opened the database for writing ([`WRITER`]), if recorded.
+    ///
+    /// Returns an error if the database cannot be read.
+    pub fn writer(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .meta
+            .get(META_WRITER)?
+            .map(|w| String::from_utf8_lossy(&w).into_owned()))
     }
 
     /// Makes every change so far durable.
@@ -654,6 +758,20 @@ fn allocate_id(devices: &TransactionalTree, meta: &TransactionalTree) -> TxResul
         }
     }
     abort(StoreError::NoFreeThinId)
+}
+
+/// The schema version recorded in the database at `path`, read without migrating it (tests of
+/// upgrades). Returns an error if it cannot be opened or records no version.
+#[cfg(test)]
+pub(crate) fn schema_version_at(path: &Path) -> Result<u32, StoreError> {
+    let db = sled::Config::new().path(path).open()?;
+    let v = db
+        .open_tree("meta")?
+        .get(META_SCHEMA)?
+        .ok_or_else(|| StoreError::Invariant(format!("no schema version in {}", path.display())))?;
+    Ok(u32::from_be_bytes(
+        v.as_ref().try_into().unwrap_or([0xff; 4]),
+    ))
 }
 
 /// [`Store::open`] for tests that open a database right after dropping it: sled's threads may

@@ -30,7 +30,8 @@ async fn concurrent_flushes_all_complete() {
     tokio::time::timeout(std::time::Duration::from_secs(300), all)
         .await
         .expect("every flush completes (sled's flush_async deadlock)");
-    assert_eq!(store.meta.len(), 32 * 50 + 1);
+    // plus the schema version and the writer
+    assert_eq!(store.meta.len(), 32 * 50 + 2);
 }
 
 fn open() -> (tempfile::TempDir, Store) {
@@ -213,4 +214,83 @@ fn keys_with_any_bytes_keep_children_apart() {
         .expect("child");
     assert_eq!(s.get("p-c").expect("get").expect("exists").children, 0);
     assert!(s.get("p\u{0}x-c").expect("get").expect("exists").children > 0);
+}
+
+/// Writes `version` and `writer` into a database's metadata as a release of that schema would.
+fn stamp(path: &std::path::Path, version: u32, writer: Option<&str>) {
+    let store = open_after_drop(path);
+    store
+        .meta
+        .insert(META_SCHEMA, &version.to_be_bytes())
+        .expect("stamp schema");
+    match writer {
+        Some(w) => store.meta.insert(META_WRITER, w.as_bytes()).map(|_| ()),
+        None => store.meta.remove(META_WRITER).map(|_| ()),
+    }
+    .expect("stamp writer");
+    store.flush_sync().expect("flush");
+}
+
+#[test]
+fn a_new_database_is_stamped_with_the_schema_and_its_writer() {
+    let (dir, store) = open();
+    assert_eq!(store.writer().expect("writer").as_deref(), Some(WRITER));
+    drop(store);
+    assert_eq!(
+        schema_version_at(&dir.path().join("db")).expect("schema"),
+        SCHEMA_VERSION
+    );
+}
+
+#[test]
+fn a_database_of_a_newer_thinsnap_is_refused_naming_both_versions() {
+    let (dir, store) = open();
+    let path = dir.path().join("db");
+    drop(store);
+    stamp(&path, SCHEMA_VERSION + 1, Some("thinsnap 9.9.9"));
+    let err = loop {
+        match Store::open(&path) {
+            Err(StoreError::Open { .. }) => std::thread::yield_now(), // sled's lock, still held
+            Err(e) => break e,
+            Ok(_) => panic!("a newer database was opened"),
+        }
+    };
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Newer { .. }), "{msg}");
+    assert!(
+        msg.contains(&format!("schema version {}", SCHEMA_VERSION + 1)),
+        "{msg}"
+    );
+    assert!(msg.contains("thinsnap 9.9.9"), "{msg}");
+    assert!(msg.contains(WRITER), "{msg}");
+    assert!(msg.contains(&format!("up to {SCHEMA_VERSION}")), "{msg}");
+    // Nothing was written: the newer release still finds its own version.
+    assert_eq!(
+        schema_version_at(&path).expect("schema"),
+        SCHEMA_VERSION + 1
+    );
+}
+
+#[test]
+fn an_older_schema_is_migrated_step_by_step_and_durably() {
+    let (dir, store) = open();
+    let path = dir.path().join("db");
+    drop(store);
+    // Schema 1 as that release left it: no writer.
+    stamp(&path, 1, None);
+    let store = open_after_drop(&path);
+    assert_eq!(store.writer().expect("writer").as_deref(), Some(WRITER));
+    drop(store);
+    assert_eq!(schema_version_at(&path).expect("schema"), SCHEMA_VERSION);
+}
+
+#[test]
+fn every_older_schema_has_a_migration_step() {
+    for v in 1..SCHEMA_VERSION {
+        assert!(
+            MIGRATIONS.iter().any(|m| m.from == v),
+            "no migration from schema {v}"
+        );
+    }
+    assert!(MIGRATIONS.iter().all(|m| m.from < SCHEMA_VERSION));
 }
