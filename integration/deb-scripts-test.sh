@@ -13,7 +13,8 @@
 #     containers alone: their dm devices stay active and mounted (integration/e2e/run-guest.sh,
 #     "restart thinsnap while a container runs", on every containerd of the matrix);
 #   - remove: thinsnap is stopped; the pool and its devices are left alone (no script calls
-#     thinsnap, dmsetup or losetup).
+#     thinsnap, dmsetup or losetup);
+#   - the packaged binary has no failpoints: it ignores THINSNAP_FAILPOINT and says so.
 # Ends with "N passed, N failed".
 set -uo pipefail
 deb=${1:?usage: deb-scripts-test.sh PACKAGE.deb}
@@ -81,6 +82,12 @@ check "upgrade touches no device" not_called '^(thinsnap|dmsetup|losetup) '
 run prerm remove && run postrm remove
 check "remove stops thinsnap" called 'stop thinsnap.service'
 check "remove touches no device" not_called '^(thinsnap|dmsetup|losetup) '
+
+# The packaged binary is the product: it has no failpoints and says that it ignores
+# THINSNAP_FAILPOINT (it stops right after, at the config file that does not exist).
+dpkg-deb -x "$deb" "$work/root"
+out=$(THINSNAP_FAILPOINT=prepare:start "$work/root/usr/bin/thinsnap" serve --config "$work/no-such-config.toml" 2>&1)
+check "the packaged binary ignores THINSNAP_FAILPOINT" grep -q "THINSNAP_FAILPOINT is ignored" <<<"$out"
 
 echo "$pass passed, $fail failed"
 ((fail == 0))

@@ -7,7 +7,8 @@
 # 2. cargo fmt --check
 # 3. cargo clippy --all-targets --all-features -- -D warnings   (the benches too)
 # 4. cargo test                             (unit + host tests; the VM-only ones show as ignored)
-# 5. cargo build; the list of test executables (cargo test --no-run --message-format=json)
+# 5. cargo build (the product) and cargo build/test --no-run --features failpoints (the crash tests'
+#    binary and the list of test executables)
 # 6. the Go conformance binary              (integration/conformance/build.sh)
 # 7. the containerd matrix's inputs: the test images (integration/e2e/build-images.py), the CRI test
 #    client (integration/cri-test), containerd 1.7/2.x (integration/fetch-containerd.sh), and
@@ -96,20 +97,30 @@ step fmt cargo fmt --all -- --check
 step clippy cargo clippy --all-targets --all-features -- -D warnings
 step cargo-test cargo test
 
-# The binary and the list of test executables for the VM.
+# The binaries and the list of test executables for the VM. Two builds of thinsnap: the product
+# (no failpoints), which the Debian package carries and the containerd matrix runs, and the crash
+# tests' (cargo feature `failpoints`), which the root-only cargo tests run (THINSNAP_BIN).
 build_all() {
-  local json=$RESULTS/cargo-test-no-run.json bin
-  cargo build --bins --message-format=json-render-diagnostics >"$RESULTS/cargo-build.json" || return 1
+  local json=$RESULTS/cargo-test-no-run.json bin product
+  cargo build --bins --message-format=json-render-diagnostics >"$RESULTS/cargo-build-product.json" || return 1
+  product=$(grep '"reason":"compiler-artifact"' "$RESULTS/cargo-build-product.json" |
+    grep '"kind":\["bin"\]' | grep '"name":"thinsnap"' |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
+  [[ -n $product && -x $product ]] || { echo "cannot find the product thinsnap binary in cargo's output" >&2; return 1; }
+  # kept apart: the failpoints build below writes the same target/debug/thinsnap
+  mkdir -p "$RESULTS/product/debug" && cp "$product" "$RESULTS/product/debug/thinsnap" || return 1
+  cargo build --bins --features failpoints --message-format=json-render-diagnostics >"$RESULTS/cargo-build.json" || return 1
   bin=$(grep '"reason":"compiler-artifact"' "$RESULTS/cargo-build.json" |
     grep '"kind":\["bin"\]' | grep '"name":"thinsnap"' |
     sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
   [[ -n $bin && -x $bin ]] || { echo "cannot find the thinsnap binary in cargo's output" >&2; return 1; }
   echo "$bin" >"$RESULTS/thinsnap-bin.txt"
-  cargo test --no-run --message-format=json-render-diagnostics >"$json" || return 1
+  cargo test --no-run --features failpoints --message-format=json-render-diagnostics >"$json" || return 1
   # test executables: compiler-artifact messages whose profile has "test":true
   grep '"reason":"compiler-artifact"' "$json" | grep -E '"profile":\{[^}]*"test":true' |
     sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | sort -u >"$RESULTS/rust-test-executables.txt"
-  echo "thinsnap binary: $bin"
+  echo "thinsnap binary (failpoints): $bin"
+  echo "thinsnap binary (product, for the package): $RESULTS/product/debug/thinsnap"
   echo "test executables:"
   sed 's/^/  /' "$RESULTS/rust-test-executables.txt"
   [[ -s $RESULTS/rust-test-executables.txt ]] || { echo "no test executables found" >&2; return 1; }
@@ -134,7 +145,8 @@ step containerd-fetch bash integration/fetch-containerd.sh
 # not a second release build: `cargo deb` alone makes the release package (deploy/README.md).
 build_deb() {
   # (stripped: a 24 MB binary instead of 149 MB unpacks in seconds, not minutes, in the VM)
-  cargo deb --no-build --profile dev --fast -o "$RESULTS/thinsnap.deb" || return 1
+  # The product binary, without failpoints, from the target dir build_all set apart.
+  CARGO_TARGET_DIR=$RESULTS/product cargo deb --no-build --profile dev --fast -o "$RESULTS/thinsnap.deb" || return 1
   dpkg-deb -c "$RESULTS/thinsnap.deb"
 }
 step deb build_deb

@@ -3,8 +3,14 @@
 //! (`name`, or `name@N` for its N-th hit). Without the variable they are inert: one load of a
 //! cached `None`. The crash tests (tests/vm_crash.rs) run every mutating call against each of
 //! them and check that a restart converges.
+//!
+//! Only in builds with the cargo feature `failpoints` (the crash tests' build): in any other
+//! build, the product and its Debian package among them, `failpoint!` expands to nothing and
+//! `THINSNAP_FAILPOINT` is ignored ([`announce`] says so at start).
 
+#[cfg(feature = "failpoints")]
 use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "failpoints")]
 use std::sync::OnceLock;
 
 /// Every failpoint, in call order; the crash tests iterate over this list.
@@ -55,12 +61,31 @@ pub const SPARES: &[&str] = &[
     "spare:after-activate",
 ];
 
+#[cfg(feature = "failpoints")]
 struct Armed {
     name: String,
     nth: u64,
     hits: AtomicU64,
 }
 
+/// Says at start whether `THINSNAP_FAILPOINT` will be obeyed: arms it (logging which) in a build
+/// with failpoints, warns that it is ignored in any other.
+pub fn announce() {
+    let Ok(v) = std::env::var("THINSNAP_FAILPOINT") else {
+        return;
+    };
+    #[cfg(feature = "failpoints")]
+    {
+        let _ = (v, armed());
+    }
+    #[cfg(not(feature = "failpoints"))]
+    tracing::warn!(
+        failpoint = ?v,
+        "THINSNAP_FAILPOINT is ignored: this build has no failpoints (cargo feature `failpoints`)"
+    );
+}
+
+#[cfg(feature = "failpoints")]
 fn armed() -> Option<&'static Armed> {
     static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
     ARMED
@@ -81,6 +106,7 @@ fn armed() -> Option<&'static Armed> {
 }
 
 /// Kills the process if `name` is the armed failpoint and this is its N-th hit.
+#[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     if let Some(a) = armed() {
         if a.name == name && a.hits.fetch_add(1, Ordering::SeqCst) + 1 == a.nth {
@@ -94,11 +120,19 @@ pub fn hit(name: &str) {
 }
 
 /// `failpoint!("name")`: see the module doc.
+#[cfg(feature = "failpoints")]
 #[macro_export]
 macro_rules! failpoint {
     ($name:literal) => {
         $crate::failpoint::hit($name)
     };
+}
+
+/// `failpoint!("name")` in a build without the `failpoints` feature: nothing.
+#[cfg(not(feature = "failpoints"))]
+#[macro_export]
+macro_rules! failpoint {
+    ($name:literal) => {};
 }
 
 #[cfg(test)]

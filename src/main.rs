@@ -177,6 +177,7 @@ fn ensure_root(root: &Path) -> Result<()> {
 }
 
 async fn serve(config_path: Option<&Path>) -> Result<()> {
+    thinsnap::failpoint::announce();
     let config = Config::load(config_path)?;
     server::disable_huge_pages();
     // Signal handlers first: a SIGTERM during a long start-up (mkfs of the base) is kept and

@@ -117,3 +117,22 @@ fn serve_without_device_mapper_makes_no_database() {
         root.display()
     );
 }
+
+/// `THINSNAP_FAILPOINT` is obeyed only by a build with the `failpoints` feature (the crash
+/// tests'); any other build says at start that it ignores it. (The packaged binary is checked
+/// the same way by integration/deb-scripts-test.sh.)
+#[test]
+fn serve_says_whether_it_obeys_thinsnap_failpoint() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+        .args(["serve", "--config", "/nonexistent/thinsnap-config.toml"])
+        .env("THINSNAP_FAILPOINT", "prepare:start")
+        .output()
+        .expect("run thinsnap");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    if cfg!(feature = "failpoints") {
+        assert!(stderr.contains("failpoint armed"), "{stderr}");
+    } else {
+        assert!(stderr.contains("THINSNAP_FAILPOINT is ignored"), "{stderr}");
+    }
+}

@@ -166,6 +166,13 @@ impl Daemon {
         if let Some(fp) = failpoint {
             cmd.env("THINSNAP_FAILPOINT", fp);
         }
+        #[cfg(not(feature = "failpoints"))]
+        if failpoint.is_some() || self.env.iter().any(|(k, _)| k == "THINSNAP_FAILPOINT") {
+            panic!(
+                "this test arms a failpoint: build it with `cargo test --features failpoints` \
+                 (integration/test.sh does)"
+            );
+        }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.spawn().expect("spawn thinsnap")
     }
