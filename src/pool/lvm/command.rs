@@ -1,6 +1,6 @@
 //! Running the lvm2 and util-linux tools lvm mode needs, and reading what they print: one
 //! [`tool`] runner (stdin closed, `LC_ALL=C`, `DM_DISABLE_UDEV=1` without udev), lvm2's
-//! `--nameprefixes` reports parsed into physical volumes, volume groups and logical volumes,
+//! `--reportformat json` reports parsed into physical volumes, volume groups and logical volumes,
 //! `wipefs` signatures, and the block device a path names.
 //!
 //! It only reads: whatever changes a device, group or volume is decided in [`super::provision`]
@@ -102,46 +102,35 @@ fn one_line(text: &str) -> String {
         .join("; ")
 }
 
-/// Parses an lvm2 report printed with `--noheadings --nameprefixes`: one row per line, fields
-/// `LVM2_FIELD='value'`; keys come back lower case without the `LVM2_` prefix.
-fn parse_report(text: &str) -> Vec<Row> {
-    let mut rows = Vec::new();
-    for line in text.lines() {
-        let mut row = HashMap::new();
-        let mut rest = line.trim_start();
-        while let Some(eq) = rest.find("='") {
-            let key = rest[..eq].trim();
-            let mut value = String::new();
-            let mut chars = rest[eq + 2..].char_indices();
-            let mut end = None;
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some((_, n)) = chars.next() {
-                            value.push(n);
-                        }
-                    }
-                    '\'' => {
-                        end = Some(eq + 2 + i + 1);
-                        break;
-                    }
-                    c => value.push(c),
-                }
+/// Parses an lvm2 report printed with `--reportformat json`:
+/// `{"report": [{"pv": [{"pv_name": "/dev/sdb", ...}, ...]}]}`, one object per row whose keys
+/// are the field names (`pv_name`, `segtype`, ...). Values are strings in that format; numbers,
+/// lists (`json_std`) and nulls are taken as their text, a list joined by commas.
+///
+/// Returns an error naming the tool's output if it is not such a report.
+fn parse_report(text: &str) -> Result<Vec<Row>, String> {
+    #[derive(serde::Deserialize)]
+    struct Report {
+        report: Vec<HashMap<String, Vec<HashMap<String, serde_json::Value>>>>,
+    }
+    fn text_of(v: serde_json::Value) -> String {
+        match v {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::Array(items) => {
+                items.into_iter().map(text_of).collect::<Vec<_>>().join(",")
             }
-            let Some(key) = key.strip_prefix("LVM2_") else {
-                break;
-            };
-            row.insert(key.to_ascii_lowercase(), value);
-            match end {
-                Some(e) => rest = rest[e..].trim_start(),
-                None => break,
-            }
-        }
-        if !row.is_empty() {
-            rows.push(row);
+            other => other.to_string(),
         }
     }
-    rows
+    let parsed: Report = serde_json::from_str(text.trim())
+        .map_err(|e| format!("not an lvm2 JSON report ({e}): {}", one_line(text)))?;
+    Ok(parsed
+        .report
+        .into_iter()
+        .flat_map(|section| section.into_values().flatten())
+        .map(|row| row.into_iter().map(|(k, v)| (k, text_of(v))).collect())
+        .collect())
 }
 
 fn field(row: &Row, key: &str) -> String {
@@ -160,13 +149,13 @@ fn report(
     fields: &str,
     select: Option<&str>,
 ) -> Result<Vec<Row>, PoolError> {
-    let mut args = vec!["--noheadings", "--nameprefixes"];
+    let mut args = vec!["--reportformat", "json"];
     if sizes_in_bytes {
         args.extend(["--units", "b", "--nosuffix"]);
     }
     args.extend(["-o", fields]);
     args.extend(select);
-    Ok(parse_report(&tool(op, subject, program, args)?))
+    parse_report(&tool(op, subject, program, args)?).map_err(|msg| tool_err(op, subject, msg))
 }
 
 /// The device number of block device `dev` (following symlinks such as /dev/disk/by-id/...).
@@ -335,20 +324,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reports_with_name_prefixes_are_parsed() {
-        let out = "  LVM2_PV_NAME='/dev/loop0' LVM2_VG_NAME='tvg'\n  LVM2_PV_NAME='/dev/sdb' LVM2_VG_NAME=''\n\n";
-        let rows = parse_report(out);
+    fn json_reports_are_parsed() {
+        // As Debian 12's lvm2 (2.03.16) prints them.
+        let out = r#"  {
+      "report": [
+          {
+              "pv": [
+                  {"pv_name":"/dev/loop0", "vg_name":"tvg", "pv_size":"62914560", "pv_tags":""},
+                  {"pv_name":"/dev/sdb", "vg_name":"", "pv_size":"1024", "pv_tags":"a,b"}
+              ]
+          }
+      ]
+  }
+"#;
+        let rows = parse_report(out).expect("parse");
         assert_eq!(rows.len(), 2);
         assert_eq!(field(&rows[0], "pv_name"), "/dev/loop0");
         assert_eq!(field(&rows[0], "vg_name"), "tvg");
+        assert_eq!(field(&rows[0], "pv_size"), "62914560");
         assert_eq!(field(&rows[1], "vg_name"), "");
+        assert_eq!(tags(&field(&rows[1], "pv_tags")), vec!["a", "b"]);
+        // Quotes and backslashes in names come back as they are; json_std's numbers and lists
+        // as their text.
         let rows = parse_report(
-            "  LVM2_LV_NAME='pool' LVM2_SEGTYPE='thin-pool' LVM2_LV_ACTIVE='active' LVM2_LV_PROFILE='a b\\'c' LVM2_CHUNK_SIZE='65536'\n",
-        );
+            r#"{"report":[{"lv":[{"lv_name":"pool","segtype":"thin-pool","lv_profile":"a b'c\\d","chunk_size":65536,"lv_tags":["x","y"],"pool_lv":null}]}]}"#,
+        )
+        .expect("parse");
         assert_eq!(field(&rows[0], "segtype"), "thin-pool");
-        assert_eq!(field(&rows[0], "lv_profile"), "a b'c");
+        assert_eq!(field(&rows[0], "lv_profile"), "a b'c\\d");
         assert_eq!(field(&rows[0], "chunk_size"), "65536");
-        assert!(parse_report("  WARNING: something\n").is_empty());
+        assert_eq!(field(&rows[0], "lv_tags"), "x,y");
+        assert_eq!(field(&rows[0], "pool_lv"), "");
+        assert!(parse_report(r#"{"report":[{"lv":[]}]}"#)
+            .expect("empty")
+            .is_empty());
+        let err = parse_report("  WARNING: something\n").expect_err("not json");
+        assert!(err.contains("WARNING: something"), "{err}");
     }
 
     #[test]
