@@ -60,6 +60,7 @@ impl Admin for AdminService {
             pool_mode: info.mode,
             block_size_bytes: st.pool.block_size_bytes,
             base_size_bytes: base.size,
+            new_image_size_bytes: base.new_image_size,
             fs_type: base.fs_type,
             data: Some(Space {
                 used_bytes: st.pool.data_used_bytes,

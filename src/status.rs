@@ -67,6 +67,7 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
             "root": st.root,
             "block_size_bytes": st.block_size_bytes,
             "base_size_bytes": st.base_size_bytes,
+            "new_image_size_bytes": st.new_image_size_bytes,
             "base_thin_id": st.base_thin_id,
             "fs_type": st.fs_type,
             "data": {"used_bytes": data.used_bytes, "total_bytes": data.total_bytes,
@@ -98,6 +99,12 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
     w!("Root:                      {}", st.root);
     w!("Pool Blocksize:            {}", human(st.block_size_bytes));
     w!("Base Device Size:          {}", human(st.base_size_bytes));
+    if st.new_image_size_bytes > st.base_size_bytes {
+        w!(
+            "New Images' Size:          {} (fs.base_size, raised after the base was made)",
+            human(st.new_image_size_bytes)
+        );
+    }
     w!("Backing Filesystem:        {}", st.fs_type);
     for (what, s) in [("Data", &data), ("Metadata", &meta)] {
         w!(

@@ -222,6 +222,94 @@ async fn vm_size_label_grows_the_filesystem() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// The size of the filesystem on a snapshot's device, mounted for the moment.
+fn fs_size(d: &Daemon, m: &containerd_snapshots::api::types::Mount, name: &str) -> u64 {
+    let target = d.dir.join(name);
+    mount(m, &target);
+    let st = nix::sys::statvfs::statvfs(&target).expect("statvfs");
+    umount(&target);
+    st.blocks() as u64 * st.fragment_size() as u64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_a_raised_base_size_reaches_new_images_only() {
+    const POOL: &str = "data_size = \"1GiB\"\nmetadata_size = \"16MiB\"";
+    let mut d = daemon("basesize", POOL, "[fs]\nbase_size = \"96MiB\"");
+    {
+        let (mut c, _) = d.clients().await;
+        let m = prepare(&mut c, "old-layer-a", "").await.expect("prepare");
+        write_file(&d.dir, &m[0], "f", "old");
+        commit(&mut c, "old-layer", "old-layer-a")
+            .await
+            .expect("commit");
+    }
+    d.stop();
+    // Docker's dm.basesize raised: thinsnap restarted with a larger fs.base_size.
+    d.write_config(&format!("{POOL}\n[fs]\nbase_size = \"192MiB\""));
+    d.start();
+    let (mut c, mut a) = d.clients().await;
+    let st = status(&mut a).await;
+    assert_eq!(
+        st.base_size_bytes,
+        96 << 20,
+        "the base device is not rewritten"
+    );
+    assert_eq!(st.new_image_size_bytes, 192 << 20);
+    // A new image's first layer, and a container on it, get the new size.
+    let m = prepare(&mut c, "new-layer-a", "")
+        .await
+        .expect("prepare new");
+    let new_fs = fs_size(&d, &m[0], "new");
+    assert!(
+        new_fs > 160 << 20,
+        "new image's filesystem is {new_fs} bytes, not ~192MiB"
+    );
+    commit(&mut c, "new-layer", "new-layer-a")
+        .await
+        .expect("commit new");
+    let m = prepare(&mut c, "new-ctr", "new-layer")
+        .await
+        .expect("container on new");
+    let ctr_fs = fs_size(&d, &m[0], "newctr");
+    assert!(
+        ctr_fs > 160 << 20,
+        "new image's container is {ctr_fs} bytes"
+    );
+    // An existing image keeps its size, and its data.
+    let m = prepare(&mut c, "old-ctr", "old-layer")
+        .await
+        .expect("container on old");
+    let old_fs = fs_size(&d, &m[0], "oldctr");
+    assert!(
+        old_fs < 100 << 20,
+        "an old image's container is {old_fs} bytes: it grew"
+    );
+    with_mount(&d.dir, &m[0], |root| {
+        assert_eq!(
+            std::fs::read_to_string(root.join("f")).expect("read"),
+            "old"
+        )
+    });
+    // A smaller fs.base_size shrinks nothing: new images keep the base's size.
+    d.stop();
+    d.write_config(&format!("{POOL}\n[fs]\nbase_size = \"64MiB\""));
+    d.start();
+    let (mut c, mut a) = d.clients().await;
+    let st = status(&mut a).await;
+    assert_eq!(
+        (st.base_size_bytes, st.new_image_size_bytes),
+        (96 << 20, 96 << 20)
+    );
+    let m = prepare(&mut c, "after-shrink", "").await.expect("prepare");
+    let fs = fs_size(&d, &m[0], "shrink");
+    assert!(fs > 80 << 20 && fs < 100 << 20, "{fs} bytes");
+    assert!(
+        d.log().contains("nothing shrinks"),
+        "the smaller size is logged"
+    );
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");

@@ -201,7 +201,9 @@ impl Engine {
     ) -> Result<Vec<Mount>, EngineError> {
         check_key("key", key)?;
         check_labels(&labels)?;
-        let size = size_label(key, &labels)?;
+        // A raised fs.base_size reaches new images through their first layer, as the size label
+        // does (which wins when given).
+        let size = size_label(key, &labels)?.or_else(|| self.grown_base_size(parent));
         let _busy = self.spares.busy();
         let _guard = self.locks.lock(&[key]).await;
         crate::failpoint!("prepare:start");
@@ -569,6 +571,7 @@ impl Engine {
                 thin_id: self.base.thin_id,
                 fs_type: self.base.fs_type.clone(),
                 size: self.base.size,
+                new_image_size: self.grown_base_size("").unwrap_or(self.base.size),
             },
             // Warm spares apart: they are no snapshot's (see `spare_thin_ids`).
             thin_ids: (devices.len() - spare_ids.len()) as u64,
@@ -636,6 +639,8 @@ impl Engine {
 mod crash_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_base_size;
 #[cfg(test)]
 mod tests_handle;
 #[cfg(test)]

@@ -647,11 +647,17 @@ impl<'a> Recovery<'a> {
                 fs.fs_type, b.thin_id, b.fs_type
             )));
         }
-        if b.size != fs.base_size.as_u64() {
+        if b.size > fs.base_size.as_u64() {
             warn!(
                 configured = fs.base_size.as_u64(),
                 existing = b.size,
-                "fs.base_size differs from the existing base device's; keeping the existing size"
+                "fs.base_size is smaller than the existing base device's; nothing shrinks: new images keep the base's size"
+            );
+        } else if b.size < fs.base_size.as_u64() {
+            info!(
+                configured = fs.base_size.as_u64(),
+                existing = b.size,
+                "fs.base_size was raised: new images' first layers get the new size (their filesystems grown when made)"
             );
         }
         Ok(b)

@@ -104,6 +104,18 @@ impl Engine {
     /// there.
     ///
     /// Returns InvalidArgument naming the label, the size and the bound.
+    /// The size of a new snapshot of the base device (`parent` empty) when `fs.base_size` was
+    /// raised after the base device was made: the base keeps its size and filesystem (it is
+    /// never rewritten under the snapshots that share its blocks); each new image's first layer
+    /// is made at the new size and its filesystem grown, as with the size label, and every
+    /// snapshot above it inherits that size. Docker's devicemapper applied a raised
+    /// `dm.basesize` to new images and their containers the same way. A smaller `fs.base_size`
+    /// never shrinks anything (`None`).
+    pub(super) fn grown_base_size(&self, parent: &str) -> Option<u64> {
+        let configured = self.settings.fs.base_size.as_u64();
+        (parent.is_empty() && configured > self.base.size).then_some(configured)
+    }
+
     pub(super) fn check_size_bound(
         &self,
         key: &str,

@@ -335,7 +335,12 @@ impl Engine {
 
     /// One round of the refiller: deletes one unwanted spare, or makes one wanted one.
     async fn refill_step(&self) -> Result<Step, EngineError> {
-        let wanted = self.spares.wanted();
+        let mut wanted = self.spares.wanted();
+        // With a raised fs.base_size a new image's first layer is made at the new size, never
+        // from a spare of the base at the old one (`Engine::grown_base_size`).
+        if self.grown_base_size("").is_some() {
+            wanted.retain(|p| !p.is_empty());
+        }
         let unwanted = {
             let inner = self.spares.inner();
             inner

@@ -42,6 +42,9 @@ pub struct BaseInfo {
     pub thin_id: ThinId,
     pub fs_type: String,
     pub size: u64,
+    /// The size new images' first layers get (and so their containers): `fs.base_size` when it
+    /// was raised above `size` after the base device was made (see `Engine::grown_base_size`).
+    pub new_image_size: u64,
 }
 
 /// Counts for `thinsnap status`.
