@@ -15,7 +15,7 @@
 //! settings), `activate` (a device made on first use after a reboot; quarantined snapshots),
 //! `spares` (warm spares: Prepare and View on a device made ahead, and their refiller), `handle`
 //! (the engine as the services reach it while the daemon starts; Stat and List, which only read
-//! the store).
+//! the store), `audit` (the pool's thin ids against the store, after a start and at Cleanup).
 
 mod activate;
 mod audit;
