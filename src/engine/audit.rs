@@ -235,4 +235,30 @@ mod tests {
             "{r:?}"
         );
     }
+
+    /// A metadata snapshot held while serving is someone else's: the audit fails saying so and
+    /// leaves it; a start finding one held (a thin_ls cut short by a kill, maybe the audit's)
+    /// lists the pool's thin ids even with a consistent store, which releases it.
+    #[tokio::test]
+    async fn a_held_metadata_snapshot_fails_the_audit_and_makes_the_next_start_list_thin_ids() {
+        let t = setup();
+        prep(&t, "a", "").await.expect("prepare a");
+        t.engine.flush().await.expect("flush");
+        t.pool.set_metadata_snapshot_held(true);
+        let err = t.engine.audit().await.expect_err("held");
+        assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
+        assert!(t.pool.status().expect("status").metadata_snapshot_held);
+        let (_dir, path, pool) = t.into_parts();
+        let (engine, report) = recovery::start(
+            pool.clone(),
+            reopen(&path),
+            Settings::with_fs(FsConfig::default()),
+            &no_format,
+        )
+        .expect("restart");
+        assert!(report.thin_ids_listed, "{report:?}");
+        assert!(!pool.status().expect("status").metadata_snapshot_held);
+        let found = engine.audit().await.expect("audit");
+        assert_eq!((found.unknown.len(), found.missing.len()), (0, 0));
+    }
 }
