@@ -182,7 +182,7 @@ async fn vm_store_floor_on_a_small_root_filesystem() {
         &root,
         Some("tmpfs"),
         nix::mount::MsFlags::empty(),
-        Some("size=48m"),
+        Some("size=48m,mode=0700"),
     )
     .expect("mount a small tmpfs as root");
     let pool_files = d.dir.join("pool-files");
