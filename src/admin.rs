@@ -100,6 +100,11 @@ impl Admin for AdminService {
             spares_rounds: st.spares.rounds,
             spares_refilling: st.spares.refilling,
             spare_thin_ids: st.spare_thin_ids,
+            audit_runs: st.audit.runs,
+            audit_at_ns: st.audit.at_ns,
+            audit_unknown_thin_ids: st.audit.unknown,
+            audit_missing_thin_ids: st.audit.missing,
+            audit_error: st.audit.error.unwrap_or_default(),
             quarantined: st
                 .quarantined
                 .into_iter()

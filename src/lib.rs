@@ -16,7 +16,8 @@
 //! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
 //!   recovery at start ([`engine::recovery`]; devices of active snapshots made on first use,
 //!   quarantine: `engine::activate`), warm spares made ahead of Prepare and View
-//!   (`engine::spares`), containerd's filter syntax ([`engine::filter`]).
+//!   (`engine::spares`), the audit of the pool's thin ids against the store (`engine::audit`),
+//!   containerd's filter syntax ([`engine::filter`]).
 //! - [`store`]: the sled database: snapshot and device records, thin id allocation, schema version.
 //! - [`pool`]: the `ThinPool` trait and its device-mapper implementation ([`pool::dm`]) over the
 //!   shared dm ioctls (`pool::ioctl`); loop-file ([`pool::loopback`]) and LVM ([`pool::lvm`])

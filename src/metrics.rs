@@ -39,6 +39,10 @@ pub struct Metrics {
     /// Prepares and Views that could have used a spare but found none
     /// (`thinsnap_spares_missed_total`).
     spares_missed: IntCounter,
+    /// What the last audit of thin ids found (`thinsnap_audit_thin_ids{found="unknown"|"missing"}`)
+    /// and the audits run since start (`thinsnap_audit_runs_total`).
+    audit: GaugeVec,
+    audit_runs: IntCounter,
 }
 
 impl Default for Metrics {
@@ -101,8 +105,24 @@ impl Metrics {
             "Prepares and Views that could have used a warm spare but found none",
         )
         .expect("static metric definition");
+        let audit = GaugeVec::new(
+            Opts::new(
+                "audit_thin_ids",
+                "Thin ids the last audit found in the pool with no record (unknown, left alone) \
+                 and of ready records missing from the pool (missing)",
+            ),
+            &["found"],
+        )
+        .expect("static metric definition");
+        let audit_runs = IntCounter::new(
+            "audit_runs_total",
+            "Audits of the pool's thin ids against the store since start",
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(flushes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(audit.clone()),
+            Box::new(audit_runs.clone()),
             Box::new(spares_ready.clone()),
             Box::new(spares_taken.clone()),
             Box::new(spares_missed.clone()),
@@ -125,6 +145,8 @@ impl Metrics {
             spares_ready,
             spares_taken,
             spares_missed,
+            audit,
+            audit_runs,
         }
     }
 
@@ -199,6 +221,13 @@ impl Metrics {
                 m.devices
                     .with_label_values(&["quarantined"])
                     .set(st.quarantined.len() as f64);
+                m.audit
+                    .with_label_values(&["unknown"])
+                    .set(st.audit.unknown.len() as f64);
+                m.audit
+                    .with_label_values(&["missing"])
+                    .set(st.audit.missing.len() as f64);
+                catch_up(&m.audit_runs, st.audit.runs);
             }
             Err(e) => warn!(error = %e, "cannot read pool status for metrics"),
         }

@@ -150,6 +150,15 @@ pub async fn run(
             }
         });
     }
+    {
+        // The audit of thin ids after the start (see `engine::audit`).
+        let (h, stop) = (engine.clone(), stop.clone());
+        tasks.spawn(async move {
+            if let Ok(e) = h.engine().await {
+                e.run_start_audit(stop).await
+            }
+        });
+    }
     if let Some(addr) = metrics {
         let (e, r, mut stop) = (engine.clone(), registry.clone(), stop.clone());
         let stopped = async move { crate::engine::stopped(&mut stop).await };

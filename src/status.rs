@@ -85,6 +85,10 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
             "spares": {"ready": st.spares_ready, "target": st.spares_target,
                        "taken": st.spares_taken, "missed": st.spares_missed,
                        "thin_ids": st.spare_thin_ids},
+            "audit": {"runs": st.audit_runs, "at_ns": st.audit_at_ns,
+                      "unknown_thin_ids": st.audit_unknown_thin_ids,
+                      "missing_thin_ids": st.audit_missing_thin_ids,
+                      "error": (!st.audit_error.is_empty()).then_some(&st.audit_error)},
             "quarantined": st.quarantined.iter().map(|q| serde_json::json!(
                 {"key": q.key, "thin_id": q.thin_id, "kind": q.kind, "reason": q.reason}))
                 .collect::<Vec<_>>(),
@@ -169,6 +173,7 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
             st.spares_missed
         );
     }
+    w!("Thin Id Audit:             {}", audit_line(st));
     w!("Quarantined:               {}", st.quarantined.len());
     for q in &st.quarantined {
         w!(
@@ -193,6 +198,42 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
         );
     }
     out
+}
+
+/// The audit of thin ids in one line: none yet, what the last one found, or why it failed.
+fn audit_line(st: &StatusResponse) -> String {
+    if st.audit_runs == 0 {
+        return "not run yet (after each start and at each Cleanup)".to_string();
+    }
+    let ids = |v: &[u32]| {
+        let shown: Vec<String> = v.iter().take(16).map(u32::to_string).collect();
+        let more = if v.len() > 16 { ", ..." } else { "" };
+        format!("{}{more}", shown.join(", "))
+    };
+    let mut found = Vec::new();
+    if !st.audit_unknown_thin_ids.is_empty() {
+        found.push(format!(
+            "{} in the pool with no record, left alone (ids {})",
+            st.audit_unknown_thin_ids.len(),
+            ids(&st.audit_unknown_thin_ids)
+        ));
+    }
+    if !st.audit_missing_thin_ids.is_empty() {
+        found.push(format!(
+            "{} of ready records missing from the pool (ids {})",
+            st.audit_missing_thin_ids.len(),
+            ids(&st.audit_missing_thin_ids)
+        ));
+    }
+    let mut line = if found.is_empty() {
+        "the pool's thin ids are the store's".to_string()
+    } else {
+        found.join("; ")
+    };
+    if !st.audit_error.is_empty() {
+        line = format!("last audit failed: {} (before: {line})", st.audit_error);
+    }
+    format!("{line} ({} run(s))", st.audit_runs)
 }
 
 #[cfg(test)]
@@ -288,6 +329,32 @@ mod tests {
             )
         );
         assert_eq!(v["spares"]["thin_ids"], serde_json::json!([7, 9]));
+    }
+
+    #[test]
+    fn the_audit_of_thin_ids_is_shown() {
+        let mut st = sample();
+        assert!(render(&st, false).contains("Thin Id Audit:             not run yet"));
+        st.audit_runs = 2;
+        assert!(render(&st, false)
+            .contains("Thin Id Audit:             the pool's thin ids are the store's (2 run(s))"));
+        st.audit_unknown_thin_ids = vec![41, 42];
+        st.audit_missing_thin_ids = vec![7];
+        let text = render(&st, false);
+        assert!(
+            text.contains(
+                "Thin Id Audit:             2 in the pool with no record, left alone (ids 41, 42); \
+                 1 of ready records missing from the pool (ids 7) (2 run(s))"
+            ),
+            "{text}"
+        );
+        st.audit_error = "thin_ls missing".into();
+        assert!(render(&st, false).contains("last audit failed: thin_ls missing"));
+        let v: serde_json::Value = serde_json::from_str(&render(&st, true)).expect("json");
+        assert_eq!(v["audit"]["unknown_thin_ids"], serde_json::json!([41, 42]));
+        assert_eq!(v["audit"]["missing_thin_ids"], serde_json::json!([7]));
+        assert_eq!(v["audit"]["runs"], 2);
+        assert_eq!(v["audit"]["error"], "thin_ls missing");
     }
 
     #[test]

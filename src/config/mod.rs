@@ -3,8 +3,8 @@
 //!
 //! This module only parses and checks values; it must not touch the pool, the store or the disk
 //! (beyond reading the file). Each section checks its own keys: `[pool]` with `[pool.lvm]` and
-//! `[pool.autogrow]` in `pool`, `[fs]` in `fs`; the top-level keys, `[remove]`, `[spares]` and
-//! `[metrics]` here.
+//! `[pool.autogrow]` in `pool`, `[fs]` in `fs`; the top-level keys, `[remove]`, `[spares]`,
+//! `[metrics]` and `[store]` here.
 
 use std::path::{Path, PathBuf};
 
@@ -69,6 +69,29 @@ pub struct Config {
     pub remove: RemoveConfig,
     pub spares: SparesConfig,
     pub metrics: MetricsConfig,
+    pub store: StoreConfig,
+}
+
+/// The default of `store.min_free`.
+pub const DEFAULT_STORE_MIN_FREE: ByteSize = ByteSize::mib(64);
+
+/// The sled database under `root`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The floor of free space on the filesystem that holds `root`: the database grows with
+    /// every snapshot, and Prepare and View are refused below it (ResourceExhausted). Commit,
+    /// Remove and the rest are never refused for it. 0 turns it off.
+    #[serde(serialize_with = "exact_bytes")]
+    pub min_free: ByteSize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            min_free: DEFAULT_STORE_MIN_FREE,
+        }
+    }
 }
 
 /// A percentage, written `"10%"` or `10` in the file.
@@ -182,6 +205,7 @@ impl Default for Config {
             remove: RemoveConfig::default(),
             spares: SparesConfig::default(),
             metrics: MetricsConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -244,6 +268,15 @@ impl Config {
         self.fs.validate()?;
         self.spares.validate()?;
         self.metrics.validate()?;
+        if self.store.min_free.as_u64() > MAX_SIZE {
+            return Err(invalid(
+                "store.min_free",
+                format!(
+                    "{} bytes is more than a TOML integer holds",
+                    self.store.min_free.as_u64()
+                ),
+            ));
+        }
         Ok(())
     }
 

@@ -160,7 +160,7 @@ impl Engine {
         id: ThinId,
         q: &Quarantine,
     ) -> Result<(), EngineError> {
-        warn!(key, thin_id = id, reason = %q.reason, "quarantining snapshot");
+        warn!(key, thin_id = id, reason = ?q.reason, "quarantining snapshot");
         self.store.set_quarantine(key, id, q)?;
         self.flush().await?;
         self.lazy.done(id);

@@ -15,9 +15,10 @@
 //! settings), `activate` (a device made on first use after a reboot; quarantined snapshots),
 //! `spares` (warm spares: Prepare and View on a device made ahead, and their refiller), `handle`
 //! (the engine as the services reach it while the daemon starts; Stat and List, which only read
-//! the store).
+//! the store), `audit` (the pool's thin ids against the store, after a start and at Cleanup).
 
 mod activate;
+mod audit;
 pub mod autogrow;
 mod commit;
 mod error;
@@ -43,6 +44,7 @@ pub use crate::model::{Kind, ThinId};
 use crate::pool::{NumberedPool, PoolError, PoolInfo, ThinPool};
 use crate::store::{BaseRecord, NewSnapshot, SnapshotRecord, State, Store, StoreError};
 pub use activate::QuarantinedInfo;
+pub use audit::AuditReport;
 pub(crate) use error::pool_err;
 pub use error::EngineError;
 pub use handle::{EngineHandle, Publisher};
@@ -112,6 +114,8 @@ pub struct Engine {
     lazy: activate::Lazy,
     /// Warm spares (see [`spares`]).
     spares: spares::Spares,
+    /// What the audit of thin ids found (see [`audit`]).
+    audits: audit::Audits,
 }
 
 impl Engine {
@@ -135,6 +139,7 @@ impl Engine {
             autogrow_limited: Mutex::new(Vec::new()),
             lazy: activate::Lazy::default(),
             spares: spares::Spares::new(settings.spares),
+            audits: audit::Audits::default(),
             settings,
         }
     }
@@ -579,6 +584,7 @@ impl Engine {
             inactive: self.lazy.inactive(),
             quarantined: self.quarantined()?,
             spares: self.spares.counts(),
+            audit: self.audit_report(),
             ..EngineStatus::default()
         };
         for (_, rec) in self.store.snapshots()? {

@@ -63,7 +63,8 @@ impl Engine {
 
     /// Rolls back half-made snapshots no call is making any more, deletes thin devices left
     /// behind by removals that could not finish (a device that was busy, a crash), and dm devices
-    /// with our prefix that no record owns. Returns how many devices it deleted.
+    /// with our prefix that no record owns; then audits the pool's thin ids against the store
+    /// (see [`super::audit`]). Returns how many devices it deleted.
     ///
     /// Returns an error if the store or the pool cannot be read.
     pub async fn cleanup(&self) -> Result<usize, EngineError> {
@@ -106,6 +107,9 @@ impl Engine {
                 Err(e) => warn!(thin_id = id, error = %e, "cannot delete orphan"),
             }
         }
+        // Then the audit of thin ids (reported in status; it deletes nothing): its failure
+        // (thin_ls missing, the metadata snapshot held) does not fail the Cleanup.
+        let _ = self.audit().await;
         Ok(reaped.len() + orphans)
     }
 

@@ -174,6 +174,12 @@ pub fn start_from(
     r.drop_dangling_snapshots()?;
     r.delete_unowned_active()?;
     store.flush_sync()?;
+    if r.consistent && pool.status().is_ok_and(|st| st.metadata_snapshot_held) {
+        // A thin_ls cut short by a kill (the start's, or the audit's while serving): the pass
+        // below releases the snapshot it left reserved, which would otherwise fail every audit.
+        info!("a metadata snapshot is left reserved; listing the pool's thin ids");
+        r.consistent = false;
+    }
     if r.consistent {
         info!(
             transaction_id = r.recorded_txid,
@@ -345,7 +351,7 @@ impl<'a> Recovery<'a> {
         };
         match self.pool.activate(id, size) {
             Ok(_) => {
-                info!(thin_id = id, key = %dev.owner,
+                info!(thin_id = id, key = ?dev.owner,
                       "completing an interrupted create: the pool has its thin device");
                 self.store.finish_create(&dev.owner)?;
                 if let Some(r) = self.snapshots.get_mut(&dev.owner) {
@@ -376,7 +382,7 @@ impl<'a> Recovery<'a> {
                     .as_ref()
                     .map(|c| c.name.clone())
                     .unwrap_or_default();
-                info!(thin_id = id, key = %key, name = %name, "completing an interrupted commit");
+                info!(thin_id = id, key = ?key, name = ?name, "completing an interrupted commit");
                 self.snapshots.remove(&key);
                 self.snapshots.insert(name.clone(), rec);
                 settled.owner = name;
@@ -385,7 +391,7 @@ impl<'a> Recovery<'a> {
             // Cannot happen (the call held both keys until the crash): the snapshot stays as
             // it was, never half committed.
             Err(e) => {
-                warn!(thin_id = id, key = %key, error = %e, "cannot complete an interrupted commit; dropping its intent");
+                warn!(thin_id = id, key = ?key, error = %e, "cannot complete an interrupted commit; dropping its intent");
                 self.store.abandon_commit(&key)?;
             }
         }
@@ -402,16 +408,16 @@ impl<'a> Recovery<'a> {
             // the kill. Never delete what may not be ours: the id is left alone (counted as a
             // foreign device from now on; at worst an empty snapshot of one of our layers).
             // An active device under our prefix is ours: thinsnap activated it.
-            warn!(thin_id = id, owner = %dev.owner,
+            warn!(thin_id = id, owner = ?dev.owner,
                   "interrupted create in a shared pool: its thin id, if the pool holds it, may be another owner's; left alone");
             self.report.left_alone.push(id);
         } else {
-            info!(thin_id = id, owner = %dev.owner, "undoing interrupted create");
+            info!(thin_id = id, owner = ?dev.owner, "undoing interrupted create");
             if let Err(e) = self.delete(id) {
                 // A read-only pool, a device still open: the record stays Creating (invisible
                 // to clients); the next Prepare of the key, Cleanup or the next start tries
                 // again.
-                warn!(thin_id = id, owner = %dev.owner, error = %e, "cannot undo the interrupted create yet; left for later");
+                warn!(thin_id = id, owner = ?dev.owner, error = %e, "cannot undo the interrupted create yet; left for later");
                 self.report.left_for_later.push(id);
                 return Ok(());
             }
@@ -432,7 +438,7 @@ impl<'a> Recovery<'a> {
 
     fn finish_delete(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
         let id = dev.thin_id;
-        info!(thin_id = id, owner = %dev.owner, "finishing interrupted delete");
+        info!(thin_id = id, owner = ?dev.owner, "finishing interrupted delete");
         match self.delete(id) {
             Ok(()) => {
                 self.store.forget_device(id)?;
@@ -457,7 +463,7 @@ impl<'a> Recovery<'a> {
         match rec {
             None => {
                 // Also a base device made but never recorded as the base (owner BASE_OWNER).
-                warn!(thin_id = id, owner = %dev.owner, base = dev.owner == BASE_OWNER,
+                warn!(thin_id = id, owner = ?dev.owner, base = dev.owner == BASE_OWNER,
                       "device record without snapshot; deleting");
                 self.store.mark_deleting(id)?;
                 self.store.flush_sync()?;
@@ -475,7 +481,7 @@ impl<'a> Recovery<'a> {
             }
             Some(rec) if rec.kind == Kind::Committed => {
                 if self.active.contains(&id) {
-                    info!(thin_id = id, key = %dev.owner, "deactivating committed snapshot");
+                    info!(thin_id = id, key = ?dev.owner, "deactivating committed snapshot");
                     self.deactivate_or_defer(id, "committed snapshot");
                 }
             }
@@ -523,7 +529,7 @@ impl<'a> Recovery<'a> {
         let known = self.known_ids()?;
         for (key, rec) in &self.snapshots {
             if !known.contains(&rec.thin_id) {
-                warn!(key = %key, thin_id = rec.thin_id, "snapshot record without device record; dropping");
+                warn!(key = ?key, thin_id = rec.thin_id, "snapshot record without device record; dropping");
                 self.store.forget_snapshot(key)?;
             }
         }
@@ -623,7 +629,7 @@ impl<'a> Recovery<'a> {
                 thin_id_gone: true,
                 since: super::now_ns(),
             };
-            warn!(key = %key, thin_id = id, reason = %q.reason, "quarantining snapshot");
+            warn!(key = ?key, thin_id = id, reason = ?q.reason, "quarantining snapshot");
             if self.store.set_quarantine(key, id, &q)? {
                 self.pending.remove(&id);
                 self.report.awaiting_activation.retain(|&i| i != id);

@@ -24,18 +24,53 @@ fn below_floor(st: &PoolStatus, floor: f64) -> bool {
         || under(st.metadata_used_bytes, st.metadata_total_bytes)
 }
 
+/// The store's floor (`store.min_free`, `floor` bytes; 0: none): the database under `root`
+/// grows with every snapshot, and a full root filesystem fails its writes, Commit and Remove
+/// included. Only new snapshots are refused (the caller is Prepare, View or the spares'
+/// refiller), so the calls that give space back always run.
+///
+/// Returns ResourceExhausted naming `root` with its free and required bytes, or Internal if the
+/// free space cannot be read.
+fn check_store_floor(root: &std::path::Path, floor: u64) -> Result<(), EngineError> {
+    if floor == 0 {
+        return Ok(());
+    }
+    let fs = nix::sys::statvfs::statvfs(root).map_err(|e| {
+        EngineError::Internal(format!(
+            "cannot read the free space of the filesystem of root {}: {e}",
+            root.display()
+        ))
+    })?;
+    let free = (fs.blocks_available() as u64).saturating_mul(fs.fragment_size() as u64);
+    if free < floor {
+        let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+        return Err(EngineError::ResourceExhausted(format!(
+            "the filesystem of root {} (the store) has {} ({free} bytes) free, store.min_free \
+             requires {} ({floor} bytes); free space there, or remove snapshots",
+            root.display(),
+            human(free),
+            human(floor)
+        )));
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Refuses to create while free data or metadata space is under the floor
-    /// (`pool.min_free_space`), or while the pool cannot take writes. With `pool.autogrow`, grows
+    /// (`pool.min_free_space`), while the pool cannot take writes, or while the filesystem of
+    /// `root` (the store's) is under `store.min_free`. With `pool.autogrow`, grows
     /// the pool first and refuses only if that was not enough.
     ///
     /// Returns ResourceExhausted saying how much is free and how much is required; otherwise
     /// the pool's status as read.
     pub(super) async fn check_space(&self) -> Result<PoolStatus, EngineError> {
         let floor = self.settings.min_free_percent;
-        // One trip to the blocking pool for both: this runs on every Prepare and View.
+        // One trip to the blocking pool for all three: this runs on every Prepare and View.
         let read = || {
-            self.on_pool(|pool| {
+            let root = self.settings.root.clone();
+            let store_floor = self.settings.store_min_free;
+            self.on_pool(move |pool| {
+                check_store_floor(&root, store_floor)?;
                 let st = pool.status().map_err(pool_err("read pool status"))?;
                 let host = pool
                     .host_room()
@@ -224,5 +259,66 @@ impl Engine {
                 PoolError::Invalid(m) => EngineError::InvalidArgument(m),
                 e => pool_err("grow the pool")(e),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::tests::{no_format, no_labels, prep, reopen, setup, T};
+    use super::super::{recovery, Kind, Settings};
+    use super::*;
+    use crate::config::FsConfig;
+
+    /// Issue 24 item 8: under `store.min_free` (here more than any filesystem has), Prepare and
+    /// View are refused with ResourceExhausted naming the root and the free and required bytes;
+    /// Commit and Remove, which give space back, are not.
+    #[tokio::test]
+    async fn under_the_store_floor_only_new_snapshots_are_refused() {
+        let t = setup();
+        prep(&t, "a", "").await.expect("prepare a");
+        prep(&t, "b", "").await.expect("prepare b");
+        t.engine
+            .commit("c", "b", no_labels())
+            .await
+            .expect("commit c");
+        let (_dir, path, pool) = t.into_parts();
+        let mut s = Settings::with_fs(FsConfig::default());
+        let root = tempfile::tempdir().expect("root");
+        s.root = root.path().to_path_buf();
+        s.store_min_free = u64::MAX / 4;
+        let (engine, _) =
+            recovery::start(pool.clone(), reopen(&path), s, &no_format).expect("restart");
+        let t = T {
+            _dir,
+            path,
+            pool,
+            engine: Arc::new(engine),
+        };
+        for (kind, parent) in [(Kind::Active, ""), (Kind::View, "c")] {
+            let err = t
+                .engine
+                .create(kind, "new", parent, no_labels())
+                .await
+                .expect_err("under the store's floor");
+            let EngineError::ResourceExhausted(msg) = &err else {
+                panic!("{kind:?}: expected ResourceExhausted, got {err:?}");
+            };
+            let root_text = format!("root {}", root.path().display());
+            assert!(
+                msg.contains(&root_text)
+                    && msg.contains("store.min_free")
+                    && msg.contains(&format!("({} bytes)", u64::MAX / 4)),
+                "{msg}"
+            );
+            assert!(t.engine.record("new").expect("read").is_none());
+        }
+        t.engine
+            .commit("d", "a", no_labels())
+            .await
+            .expect("commit under the floor");
+        t.engine.remove("d").await.expect("remove under the floor");
+        t.engine.remove("c").await.expect("remove under the floor");
     }
 }

@@ -61,7 +61,19 @@ pub(super) struct Spares {
     /// Refiller rounds begun and ended: equal while the refiller is idle (tests wait for it).
     rounds: AtomicU64,
     rounds_done: AtomicU64,
+    /// Tests only: a pause in [`Engine::make_spare`] between the spare's intent and its thin-id
+    /// lock (see [`Engine::pause_spare_after_intent`]).
+    #[cfg(test)]
+    pause_after_intent: Mutex<Option<Pause>>,
 }
+
+/// Tests only: where a paused step tells that it got there, and what it waits for to go on.
+#[cfg(test)]
+type Pause = (
+    ThinId,
+    tokio::sync::oneshot::Sender<ThinId>,
+    tokio::sync::oneshot::Receiver<()>,
+);
 
 /// A foreground call in flight (see [`Spares::busy`]).
 pub(super) struct Busy<'a>(&'a Spares);
@@ -412,8 +424,30 @@ impl Engine {
         };
         self.flush().await?;
         crate::failpoint!("spare:after-intent");
+        #[cfg(test)]
+        self.paused_after_intent(id, origin).await;
         let id_text = id.to_string();
         let _device = self.thin_locks.lock(&[&id_text]).await;
+        // Read again under the lock: a Remove of the parent may have reaped this intent-only
+        // spare meanwhile (its thin device did not exist, so the delete "succeeded") and dropped
+        // its record, or marked it Deleting (its reap, waiting for this lock, deletes the
+        // record). Either way no device is made: one made now would be known to no record.
+        match self.store.device(id)? {
+            Some(d)
+                if d.state == State::Creating
+                    && d.owner == SPARE_OWNER
+                    && d.origin == Some(origin) => {}
+            other => {
+                info!(
+                    thin_id = id,
+                    origin,
+                    parent = ?parent,
+                    state = ?other.map(|d| d.state),
+                    "spares: the spare's parent was removed before its device was made; not made"
+                );
+                return Ok(());
+            }
+        }
         // Ok(true): made; Ok(false): the thin id is someone else's (a shared pool).
         let made = self
             .on_pool_as(move |pool| {
@@ -489,6 +523,47 @@ impl From<EngineError> for SpareError {
 
 #[cfg(test)]
 impl Engine {
+    /// Pauses the next spare made of thin id `origin`, between its intent (flushed) and its
+    /// thin-id lock: the returned receiver gets its thin id once it is there; it goes on when
+    /// the sender is used or dropped.
+    pub(super) fn pause_spare_after_intent(
+        &self,
+        origin: ThinId,
+    ) -> (
+        tokio::sync::oneshot::Receiver<ThinId>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (at_tx, at_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+        *self
+            .spares
+            .pause_after_intent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((origin, at_tx, go_rx));
+        (at_rx, go_tx)
+    }
+
+    async fn paused_after_intent(&self, id: ThinId, origin: ThinId) {
+        let pause = {
+            let mut slot = self
+                .spares
+                .pause_after_intent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match slot.take() {
+                Some(p) if p.0 == origin => Some(p),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        };
+        if let Some((_, at, go)) = pause {
+            let _ = at.send(id);
+            let _ = go.await;
+        }
+    }
+
     /// Runs the refiller's rounds until it has nothing to do; returns how many it ran.
     pub(super) async fn refill_until_idle(&self) -> usize {
         let mut rounds = 0;

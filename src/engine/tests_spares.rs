@@ -257,6 +257,71 @@ async fn remove_of_the_parent_deletes_its_spares_first() {
     }
 }
 
+/// Issue 24 item 3: a Remove of the parent between a spare's intent and its thin-id lock reaps
+/// the intent-only spare (no thin device yet: the delete "succeeds") and drops its record; the
+/// refiller, going on, must not make a device no record knows. Two ways the parent's own device
+/// outlives that reap: `remove.async` (the reaper got to the spare first) and a sync Remove whose
+/// delete of the parent fails (the snapshot is given back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_is_not_made_for_a_parent_removed_between_its_intent_and_its_lock() {
+    for remove_async in [true, false] {
+        let mut s = settings(2);
+        s.remove_async = remove_async;
+        let t = setup_with(s);
+        let c1 = committed(&t, "c1", 10).await;
+        let (at, go) = t.engine.pause_spare_after_intent(c1);
+        let engine = t.engine.clone();
+        let refill = tokio::spawn(async move { engine.refill_until_idle().await });
+        let spare = at.await.expect("the refiller reaches the pause");
+        let rec = t.engine.store.device(spare).expect("read").expect("intent");
+        assert_eq!(
+            rec.origin,
+            Some(c1),
+            "async={remove_async}: paused on c1's spare"
+        );
+        if remove_async {
+            t.engine.remove("c1").await.expect("remove c1");
+            let mut queue = t
+                .engine
+                .reaper_queue
+                .lock()
+                .expect("queue")
+                .take()
+                .expect("the reaper's queue");
+            assert_eq!(
+                queue.try_recv().ok(),
+                Some(spare),
+                "the spare is queued first"
+            );
+            // The reaper deletes the spare (its record dropped); the parent waits its turn.
+            assert!(t.engine.reap(spare).await, "reap the spare");
+            assert!(t.engine.store.device(spare).expect("read").is_none());
+            go.send(()).expect("resume");
+            refill.await.expect("refiller");
+            while let Ok(id) = queue.try_recv() {
+                assert!(t.engine.reap(id).await, "reap {id}");
+            }
+        } else {
+            // The spare's delete (a missing thin id) is the first; the parent's, the second, fails.
+            t.pool
+                .fail_nth_with("delete_thin", 2, crate::pool::PoolError::Busy("c1".into()));
+            t.engine
+                .remove("c1")
+                .await
+                .expect_err("the parent's delete fails");
+            assert!(t.engine.store.device(spare).expect("read").is_none());
+            go.send(()).expect("resume");
+            refill.await.expect("refiller");
+        }
+        assert!(
+            !t.pool.thin_ids().contains(&spare),
+            "async={remove_async}: a device was made for the reaped spare {spare}: {:?}",
+            t.pool.calls()
+        );
+        assert_no_leak(&t, "after the Remove and the refiller");
+    }
+}
+
 #[tokio::test]
 async fn a_kill_at_each_step_of_a_spare_converges_with_nothing_leaked() {
     // What SIGKILL leaves at each failpoint: spare:after-intent (the intent flushed),

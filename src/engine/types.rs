@@ -66,6 +66,8 @@ pub struct EngineStatus {
     pub spares: super::SpareCounts,
     /// The thin ids of every warm spare's device record (any state); not in `thin_ids`.
     pub spare_thin_ids: Vec<ThinId>,
+    /// What the last audit of thin ids found (see [`super::Engine::audit`]).
+    pub audit: super::AuditReport,
 }
 
 /// What the engine takes from the configuration.
@@ -89,6 +91,9 @@ pub struct Settings {
     pub autogrow: Option<AutogrowConfig>,
     /// `[spares] count`: warm spares kept at most; 0: none.
     pub spares: u32,
+    /// `store.min_free`: Prepare and View are refused while the filesystem holding `root` has
+    /// less free space (bytes); 0: no floor.
+    pub store_min_free: u64,
 }
 
 impl Settings {
@@ -105,6 +110,7 @@ impl Settings {
             autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
                 .then(|| config.pool.autogrow.clone()),
             spares: config.spares.count,
+            store_min_free: config.store.min_free.as_u64(),
         }
     }
 
@@ -120,6 +126,7 @@ impl Settings {
             allow_foreign_devices: false,
             autogrow: None,
             spares: 0,
+            store_min_free: 0,
         }
     }
 }

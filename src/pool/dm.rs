@@ -15,7 +15,7 @@ use devicemapper::{
     ThinPoolTargetParams, ThinStatus, DM,
 };
 use nix::errno::Errno;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::ioctl::{
     self, create_device, device_exists, device_info, dm_err, dm_name, errno_of, open_dm,
@@ -26,6 +26,13 @@ use super::{lvm, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
 use crate::config::{Config, PoolMode};
 
 const META_BLOCK: u64 = 4096;
+
+/// How long a thin delete waits out EBUSY while the kernel finishes removing the thin's dm
+/// device by itself (see [`DmPool::closing_by_itself`]): after an unmount, a deferred removal
+/// runs from a kernel work queue, and the pool counts the thin device open until its table is
+/// destroyed. Bounded: then the EBUSY is the answer.
+const DELETE_BUSY_RETRIES: u32 = 50;
+const DELETE_BUSY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A thin pool driven through device-mapper ioctls.
 pub struct DmPool {
@@ -118,6 +125,110 @@ impl DmPool {
         ioctl::message(&self.dm, name, msg)
     }
 
+    /// The thin ids in the pool's metadata, read by `thin_ls` from a metadata snapshot
+    /// (reserved, read, released). `release_stale`: at start, a snapshot already held is one a
+    /// killed thinsnap left and is released first; while serving (`false`) it is someone else's
+    /// and the answer is [`PoolError::Busy`].
+    ///
+    /// Returns ThinLsMissing without thin_ls, Busy as said, or the failing step's error.
+    fn thin_ls(
+        &self,
+        release_stale: bool,
+    ) -> Result<std::collections::BTreeSet<ThinId>, PoolError> {
+        let table = table_of(&self.dm, &self.name, true)?;
+        let Some((_, _, _, params)) = table.first() else {
+            return Err(PoolError::PoolMissing(self.name.clone()));
+        };
+        let params = ThinPoolTargetParams::from_str(&format!("thin-pool {params}"))
+            .map_err(dm_err("parse table of", &self.name))?;
+        let meta = params.metadata_dev;
+        // The metadata device's node, from sysfs (udev's /dev/block links may not exist).
+        let uevent = format!("/sys/dev/block/{}:{}/uevent", meta.major, meta.minor);
+        let devname = std::fs::read_to_string(&uevent)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("DEVNAME=").map(|n| format!("/dev/{n}")))
+            })
+            .ok_or_else(|| PoolError::Io {
+                op: "find the metadata device in",
+                path: PathBuf::from(&uevent),
+                source: std::io::Error::other("no DEVNAME"),
+            })?;
+        // thin-provisioning.rst: a live pool's metadata may only be read through a snapshot.
+        // The kernel holds one at most: a thinsnap killed (or a power loss) between reserve
+        // and release left one behind, and every later reserve would fail with EBUSY. Release
+        // the stale one first, rather than refusing every start from now on (start-up reads
+        // the metadata before it serves; the audit while serving never releases one).
+        if self.status()?.metadata_snapshot_held {
+            if !release_stale {
+                // While serving, a held snapshot is someone else's (an admin's thin_ls).
+                return Err(PoolError::Busy(format!(
+                    "the metadata snapshot of pool {}",
+                    self.name
+                )));
+            }
+            warn!(pool = %self.name, "releasing a metadata snapshot left reserved (a start killed during thin_ls)");
+            self.message("release_metadata_snap")
+                .map_err(dm_err("release_metadata_snap", &self.name))?;
+        }
+        self.message("reserve_metadata_snap").map_err(|e| {
+            if !release_stale && errno_of(&e) == Some(Errno::EBUSY) {
+                PoolError::Busy(format!("the metadata snapshot of pool {}", self.name))
+            } else {
+                dm_err("reserve_metadata_snap", &self.name)(e)
+            }
+        })?;
+        crate::failpoint!("recovery:metadata-snap-held");
+        let out = std::process::Command::new("thin_ls")
+            .args(["--no-headers", "-m", "-o", "DEV", &devname])
+            .output();
+        if let Err(e) = self.message("release_metadata_snap") {
+            warn!(pool = %self.name, error = %e, "cannot release the metadata snapshot");
+        }
+        let out = match out {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(PoolError::ThinLsMissing(self.name.clone()))
+            }
+            Err(source) => {
+                return Err(PoolError::Io {
+                    op: "run thin_ls on",
+                    path: PathBuf::from(devname),
+                    source,
+                })
+            }
+        };
+        if !out.status.success() {
+            return Err(PoolError::Io {
+                op: "thin_ls",
+                path: PathBuf::from(devname),
+                source: std::io::Error::other(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect())
+    }
+
+    /// Whether an EBUSY from deleting thin id `id` is the kernel's own removal of its dm device
+    /// still under way, which ends by itself: no dm device of that id exists (it is gone from
+    /// the name table, its table is still being torn down, and the pool still counts the thin
+    /// device open), or one exists with a deferred removal pending (a device committed while
+    /// mounted, just unmounted). A device that exists without one holds the thin device open
+    /// for real: the EBUSY is answered at once.
+    ///
+    /// Returns an error if the device's state cannot be read.
+    fn closing_by_itself(&self, id: ThinId) -> Result<bool, PoolError> {
+        Ok(match device_info(&self.dm, &self.thin_name(id))? {
+            None => true,
+            Some(info) => info.flags().contains(DmFlags::DM_DEFERRED_REMOVE),
+        })
+    }
+
     /// Maps a failed thin message to the error the engine can act on.
     fn message_err(&self, op: &'static str, id: ThinId, err: DmError) -> PoolError {
         match errno_of(&err) {
@@ -162,8 +273,29 @@ impl ThinPool for DmPool {
     }
 
     fn delete_thin(&self, id: ThinId) -> Result<(), PoolError> {
-        self.message(&format!("delete {id}"))
-            .map_err(|e| self.message_err("delete", id, e))
+        let mut attempt = 0;
+        loop {
+            let err = match self.message(&format!("delete {id}")) {
+                Ok(()) => {
+                    if attempt > 0 {
+                        info!(pool = %self.name, thin_id = id, busy_answers = attempt,
+                              "deleted thin device once the kernel had removed its dm device");
+                    }
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            attempt += 1;
+            if errno_of(&err) != Some(Errno::EBUSY)
+                || attempt >= DELETE_BUSY_RETRIES
+                || !self.closing_by_itself(id)?
+            {
+                return Err(self.message_err("delete", id, err));
+            }
+            debug!(pool = %self.name, thin_id = id, attempt,
+                   "thin device still open in the pool while the kernel removes its dm device; waiting");
+            std::thread::sleep(DELETE_BUSY_DELAY);
+        }
     }
 
     fn activate(&self, id: ThinId, size_bytes: u64) -> Result<PathBuf, PoolError> {
@@ -296,71 +428,11 @@ impl ThinPool for DmPool {
     }
 
     fn list_thin_ids(&self) -> Result<std::collections::BTreeSet<ThinId>, PoolError> {
-        let table = table_of(&self.dm, &self.name, true)?;
-        let Some((_, _, _, params)) = table.first() else {
-            return Err(PoolError::PoolMissing(self.name.clone()));
-        };
-        let params = ThinPoolTargetParams::from_str(&format!("thin-pool {params}"))
-            .map_err(dm_err("parse table of", &self.name))?;
-        let meta = params.metadata_dev;
-        // The metadata device's node, from sysfs (udev's /dev/block links may not exist).
-        let uevent = format!("/sys/dev/block/{}:{}/uevent", meta.major, meta.minor);
-        let devname = std::fs::read_to_string(&uevent)
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("DEVNAME=").map(|n| format!("/dev/{n}")))
-            })
-            .ok_or_else(|| PoolError::Io {
-                op: "find the metadata device in",
-                path: PathBuf::from(&uevent),
-                source: std::io::Error::other("no DEVNAME"),
-            })?;
-        // thin-provisioning.rst: a live pool's metadata may only be read through a snapshot.
-        // The kernel holds one at most: a thinsnap killed (or a power loss) between reserve
-        // and release left one behind, and every later reserve would fail with EBUSY. Release
-        // the stale one first, rather than refusing every start from now on. (Only thinsnap's
-        // start-up reads the metadata this way, before it serves.)
-        if self.status()?.metadata_snapshot_held {
-            warn!(pool = %self.name, "releasing a metadata snapshot left reserved (a start killed during thin_ls)");
-            self.message("release_metadata_snap")
-                .map_err(dm_err("release_metadata_snap", &self.name))?;
-        }
-        self.message("reserve_metadata_snap")
-            .map_err(dm_err("reserve_metadata_snap", &self.name))?;
-        crate::failpoint!("recovery:metadata-snap-held");
-        let out = std::process::Command::new("thin_ls")
-            .args(["--no-headers", "-m", "-o", "DEV", &devname])
-            .output();
-        if let Err(e) = self.message("release_metadata_snap") {
-            warn!(pool = %self.name, error = %e, "cannot release the metadata snapshot");
-        }
-        let out = match out {
-            Ok(o) => o,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(PoolError::ThinLsMissing(self.name.clone()))
-            }
-            Err(source) => {
-                return Err(PoolError::Io {
-                    op: "run thin_ls on",
-                    path: PathBuf::from(devname),
-                    source,
-                })
-            }
-        };
-        if !out.status.success() {
-            return Err(PoolError::Io {
-                op: "thin_ls",
-                path: PathBuf::from(devname),
-                source: std::io::Error::other(
-                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                ),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|t| t.parse().ok())
-            .collect())
+        self.thin_ls(true)
+    }
+
+    fn audit_thin_ids(&self) -> Result<std::collections::BTreeSet<ThinId>, PoolError> {
+        self.thin_ls(false)
     }
 
     fn host_room(&self) -> Result<Option<super::HostRoom>, PoolError> {

@@ -27,6 +27,8 @@ struct State {
     host_room: Option<super::HostRoom>,
     data_total: u64,
     data_used_extra: u64,
+    /// A metadata snapshot reserved (what a thin_ls cut short by a kill leaves).
+    metadata_snapshot_held: bool,
 }
 
 /// The name of every [`ThinPool`] method that returns a `Result`: the `op` of
@@ -104,6 +106,11 @@ impl FakePool {
         } else {
             s.busy.remove(&id);
         }
+    }
+
+    /// Marks a metadata snapshot reserved (or released), as the pool's status reports it.
+    pub fn set_metadata_snapshot_held(&self, held: bool) {
+        self.lock().metadata_snapshot_held = held;
     }
 
     /// Sets what [`ThinPool::host_room`] answers (None by default: not a file-backed pool).
@@ -259,6 +266,7 @@ impl ThinPool for FakePool {
             metadata_used_bytes: 4096 * s.thins.len() as u64,
             metadata_total_bytes: 1 << 30,
             block_size_bytes: 65536,
+            metadata_snapshot_held: s.metadata_snapshot_held,
             ..PoolStatus::default()
         })
     }
@@ -287,7 +295,18 @@ impl ThinPool for FakePool {
     }
 
     fn list_thin_ids(&self) -> Result<BTreeSet<ThinId>, PoolError> {
-        let s = self.enter("list_thin_ids", "list_thin_ids".to_string())?;
+        let mut s = self.enter("list_thin_ids", "list_thin_ids".to_string())?;
+        // As the dm pool at start: a metadata snapshot left reserved is released first.
+        s.metadata_snapshot_held = false;
+        Ok(s.thins.keys().copied().collect())
+    }
+
+    fn audit_thin_ids(&self) -> Result<BTreeSet<ThinId>, PoolError> {
+        let s = self.enter("list_thin_ids", "audit_thin_ids".to_string())?;
+        // As the dm pool while serving: a reserved metadata snapshot is someone else's.
+        if s.metadata_snapshot_held {
+            return Err(PoolError::Busy("the metadata snapshot of pool fake".into()));
+        }
         Ok(s.thins.keys().copied().collect())
     }
 

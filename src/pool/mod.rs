@@ -184,6 +184,15 @@ pub trait ThinPool: Send + Sync + 'static {
     /// cannot tell its own thin ids from someone else's, so it does not guess.
     fn list_thin_ids(&self) -> Result<std::collections::BTreeSet<ThinId>, PoolError>;
 
+    /// [`ThinPool::list_thin_ids`] while the daemon serves (the audit of thin ids against the
+    /// store): a metadata snapshot already held is someone else's (an admin's thin_ls, a test),
+    /// never released here.
+    ///
+    /// Returns [`PoolError::Busy`] if one is held, otherwise as `list_thin_ids`.
+    fn audit_thin_ids(&self) -> Result<std::collections::BTreeSet<ThinId>, PoolError> {
+        self.list_thin_ids()
+    }
+
     /// Grows the pool's data and/or metadata space online (loop mode: the files, the loop
     /// devices' capacity, then the pool table is reloaded). Sizes smaller than now are refused.
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError>;

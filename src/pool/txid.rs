@@ -175,6 +175,10 @@ impl ThinPool for NumberedPool {
         self.inner.list_thin_ids()
     }
 
+    fn audit_thin_ids(&self) -> Result<BTreeSet<ThinId>, PoolError> {
+        self.inner.audit_thin_ids()
+    }
+
     fn grow(&self, data_bytes: Option<u64>, metadata_bytes: Option<u64>) -> Result<(), PoolError> {
         self.inner.grow(data_bytes, metadata_bytes)
     }

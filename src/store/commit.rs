@@ -91,7 +91,7 @@ impl Store {
                 .transpose()?
                 .and_then(|d| d.commit);
             let Some(intent) = intent else {
-                return abort(StoreError::NotFound(format!("commit intent of {key}")));
+                return abort(StoreError::NotFound(format!("commit intent of {key:?}")));
             };
             apply(snapshots, devices, key, &intent)
         })?;

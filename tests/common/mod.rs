@@ -511,8 +511,16 @@ pub fn kernel_thin_ids(pool: &str, meta_dev: &str) -> std::collections::BTreeSet
     use devicemapper::{DevId, DmName, DM};
     let dm = DM::new().expect("dm");
     let name = DmName::new(pool).expect("name");
-    dm.target_msg(&DevId::Name(name), None, "reserve_metadata_snap")
-        .expect("reserve_metadata_snap");
+    // The daemon's own audit of thin ids (after a start, at Cleanup) may hold the one metadata
+    // snapshot for as long as its thin_ls runs: EBUSY until it releases it.
+    let t0 = Instant::now();
+    while let Err(e) = dm.target_msg(&DevId::Name(name), None, "reserve_metadata_snap") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "reserve_metadata_snap: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = Command::new("thin_ls")
         .args(["--no-headers", "-m", "-o", "DEV", meta_dev])
         .output();
