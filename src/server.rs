@@ -107,8 +107,9 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// How long a stop waits for the calls in flight before it flushes and exits without them:
-/// well within systemd's `TimeoutStopSec=90` (deploy/thinsnap.service), after which it kills.
+/// How long a stop waits, from when it begins, for the calls in flight (those whose clients
+/// wait, and those whose clients have gone) before it flushes and exits without them: well
+/// within systemd's `TimeoutStopSec=90` (deploy/thinsnap.service), after which it kills.
 pub const CALLS_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Serves both services on `listener` and runs the daemon's background tasks (the reaper and
@@ -168,18 +169,42 @@ pub async fn run(
     }
     let snapshots = containerd_snapshots::server(Arc::new(Service::new(engine.clone(), registry)));
     let admin = AdminService::new(engine.clone()).into_server();
-    let served = Server::builder()
+    // When the stop began: the wait for the calls in flight is bounded from then on.
+    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(None);
+    let shutdown = async move {
+        shutdown.await;
+        stopping_tx.send_replace(Some(tokio::time::Instant::now()));
+    };
+    let serve = Server::builder()
         .add_service(snapshots)
         .add_service(admin)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    // The server's graceful stop waits for the calls whose clients still wait; bounded too.
+    let bounded = async {
+        let began = *stopping
+            .wait_for(Option::is_some)
+            .await
+            .map_or(None, |at| *at)
+            .get_or_insert_with(tokio::time::Instant::now);
+        tokio::time::sleep_until(began + CALLS_BOUND).await;
+    };
+    let served = tokio::select! {
+        served = serve => served,
+        () = bounded => {
+            warn!(bound = ?CALLS_BOUND, "calls still answered at shutdown; closing their connections");
+            Ok(())
+        }
+    };
     // The calls in flight whose clients are gone (the server waited for the others): each runs
     // to its outcome or its undo before the last flush, so a clean stop leaves a settled store.
     let calls = engine.calls();
     if !calls.is_empty() {
         info!(calls = calls.len(), "waiting for the calls in flight");
     }
-    let left = calls.wait(CALLS_BOUND).await;
+    let began = (*stopping.borrow()).unwrap_or_else(tokio::time::Instant::now);
+    let left = calls
+        .wait((began + CALLS_BOUND).saturating_duration_since(tokio::time::Instant::now()))
+        .await;
     if !left.is_empty() {
         warn!(bound = ?CALLS_BOUND, calls = ?left,
               "calls still running at shutdown; stopping without them (the next start recovers them)");
