@@ -131,9 +131,9 @@ impl Engine {
         // its outcome there: a caller cancelled meanwhile (a client gone) neither lets a Remove
         // in while the ioctls run nor leaves a live device marked pending (the next call would
         // activate it again) or a failed one marked done (Mounts would hand out a missing
-        // device). A failure leaves it pending; the next call tries again.
-        // The lock comes back only with a thin id gone from the pool: held while it is
-        // quarantined (no kernel work is running then).
+        // device). A failure leaves it pending; the next call tries again. The lock comes back
+        // only with a thin id gone from the pool: held while it is quarantined (no kernel work
+        // runs then).
         let lazy = self.lazy.clone();
         let (activated, _device) = self
             .on_pool(move |pool| {

@@ -104,7 +104,8 @@ pub struct Engine {
     thin_locks: KeyLocks,
     /// Kernel calls hold it shared; growing the pool (which suspends it) holds it exclusively.
     /// Its guards are owned by the blocking closure that does the kernel work (see
-    /// [`Engine::on_pool_holding`]): a caller cancelled meanwhile does not release it early.
+    /// [`Engine::on_pool_as`] and [`Engine::grow`]): a caller cancelled meanwhile does not
+    /// release it early.
     kernel: Arc<tokio::sync::RwLock<()>>,
     /// `remove.async`: Remove queues thin ids here for the reaper ([`Engine::run_reaper`]).
     reaper: Option<UnboundedSender<ThinId>>,
@@ -160,25 +161,14 @@ impl Engine {
         E: From<EngineError> + Send + 'static,
         F: FnOnce(&NumberedPool) -> Result<T, E> + Send + 'static,
     {
-        self.on_pool_holding((), f).await
-    }
-
-    /// [`Engine::on_pool_as`], with `held` (a lock guard) moved into the blocking closure and
-    /// dropped only after `f` has returned. The kernel lock's shared guard is owned the same
-    /// way: if the caller's future is dropped (a client gone, a `select!`), nothing is released
-    /// while the kernel work it protects still runs.
-    async fn on_pool_holding<T, E, F, H>(&self, held: H, f: F) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: From<EngineError> + Send + 'static,
-        F: FnOnce(&NumberedPool) -> Result<T, E> + Send + 'static,
-        H: Send + 'static,
-    {
+        // The kernel lock's shared guard is owned by the blocking closure: if the caller's future
+        // is dropped (a client gone, a `select!`), it is not released while the ioctls it
+        // protects still run. A caller that holds another guard for its kernel work moves it
+        // into `f` the same way (see `Engine::ensure_device`).
         let pool = self.pool.clone();
         let shared = self.kernel.clone().read_owned().await;
         tokio::task::spawn_blocking(move || {
             let r = f(&pool);
-            drop(held);
             drop(shared);
             r
         })
