@@ -41,7 +41,13 @@ impl Admin for AdminService {
                 "give a data size, a metadata size or both",
             ));
         }
-        self.engine.engine().await?.grow(data, meta).await?;
+        // A task of its own (see `crate::grpc`): a client gone does not stop a grow half way.
+        self.engine
+            .detached(
+                "grow".into(),
+                move |e| async move { e.grow(data, meta).await },
+            )
+            .await?;
         self.status(Request::new(StatusRequest::default())).await
     }
 
@@ -50,8 +56,11 @@ impl Admin for AdminService {
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let list = req.into_inner().list_thin_ids;
+        let st = self
+            .engine
+            .detached("status".into(), |e| async move { e.status().await })
+            .await?;
         let engine = self.engine.engine().await?;
-        let st = engine.status().await?;
         let thin_ids = if list { engine.thin_ids()? } else { Vec::new() };
         let info = engine.pool_info();
         let base = st.base;

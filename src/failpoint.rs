@@ -4,9 +4,16 @@
 //! cached `None`. The crash tests (tests/vm_crash.rs) run every mutating call against each of
 //! them and check that a restart converges.
 //!
+//! `THINSNAP_STALL=name[,name...]` holds the first hit of each named failpoint instead: its
+//! thread blocks (saying `failpoint NAME: stalled` on stderr) until the process is told to stop
+//! ([`release_stalls`], at SIGTERM or SIGINT), then goes on. The SIGTERM test
+//! (tests/vm_faults.rs) uses it to have calls in flight when the stop begins. Only for
+//! failpoints hit on a blocking thread (inside a pool closure): a stalled async worker could
+//! keep the signal from being handled. Inert without the variable.
+//!
 //! Only in builds with the cargo feature `failpoints` (the crash tests' build): in any other
 //! build, the product and its Debian package among them, `failpoint!` expands to nothing and
-//! `THINSNAP_FAILPOINT` is ignored ([`announce`] says so at start).
+//! `THINSNAP_FAILPOINT` and `THINSNAP_STALL` are ignored ([`announce`] says so at start).
 
 #[cfg(feature = "failpoints")]
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,6 +78,13 @@ struct Armed {
 /// Says at start whether `THINSNAP_FAILPOINT` will be obeyed: arms it (logging which) in a build
 /// with failpoints, warns that it is ignored in any other.
 pub fn announce() {
+    #[cfg(not(feature = "failpoints"))]
+    if let Ok(v) = std::env::var("THINSNAP_STALL") {
+        tracing::warn!(
+            stall = ?v,
+            "THINSNAP_STALL is ignored: this build has no failpoints (cargo feature `failpoints`)"
+        );
+    }
     let Ok(v) = std::env::var("THINSNAP_FAILPOINT") else {
         return;
     };
@@ -105,7 +119,8 @@ fn armed() -> Option<&'static Armed> {
         .as_ref()
 }
 
-/// Kills the process if `name` is the armed failpoint and this is its N-th hit.
+/// Kills the process if `name` is the armed failpoint and this is its N-th hit; holds it if it
+/// is a stall failpoint (see the module doc).
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     if let Some(a) = armed() {
@@ -116,6 +131,58 @@ pub fn hit(name: &str) {
             // SIGKILL cannot be caught; nothing after this line runs.
             std::process::abort();
         }
+    }
+    stall(name);
+}
+
+/// The failpoints `THINSNAP_STALL` names, not hit yet, and whether they are released.
+#[cfg(feature = "failpoints")]
+struct Stalls {
+    waiting: std::sync::Mutex<(Vec<String>, bool)>,
+    released: std::sync::Condvar,
+}
+
+#[cfg(feature = "failpoints")]
+fn stalls() -> Option<&'static Stalls> {
+    static STALLS: OnceLock<Option<Stalls>> = OnceLock::new();
+    STALLS
+        .get_or_init(|| {
+            let v = std::env::var("THINSNAP_STALL").ok()?;
+            let names: Vec<String> = v.split(',').map(str::to_string).collect();
+            tracing::warn!(failpoints = ?names, "stall failpoints armed: calls will wait for a stop");
+            Some(Stalls {
+                waiting: std::sync::Mutex::new((names, false)),
+                released: std::sync::Condvar::new(),
+            })
+        })
+        .as_ref()
+}
+
+/// Holds the calling thread if `name` is a stall failpoint not hit yet (see the module doc).
+#[cfg(feature = "failpoints")]
+fn stall(name: &str) {
+    let Some(s) = stalls() else { return };
+    let mut w = s.waiting.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(i) = w.0.iter().position(|n| n == name) else {
+        return;
+    };
+    w.0.remove(i);
+    eprintln!("failpoint {name}: stalled");
+    while !w.1 {
+        w = s.released.wait(w).unwrap_or_else(|p| p.into_inner());
+    }
+    eprintln!("failpoint {name}: released");
+}
+
+/// Lets every stalled failpoint (`THINSNAP_STALL`) go on, and the later ones not stall: the
+/// process is stopping. Nothing to do without the variable.
+pub fn release_stalls() {
+    #[cfg(feature = "failpoints")]
+    if let Some(s) = stalls() {
+        let mut w = s.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        w.1 = true;
+        w.0.clear();
+        s.released.notify_all();
     }
 }
 

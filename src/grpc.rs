@@ -2,11 +2,13 @@
 //! onto the [`Engine`], and the one exact mapping of [`EngineError`] to gRPC status codes
 //! (containerd branches on them: its unpacker relies on AlreadyExists). Nothing else lives here.
 //!
-//! A mutating call is not owned by its request: containerd passes its caller's context down the
-//! proxy, so a kubelet timeout, a containerd restart or a ^C cancels the gRPC call and hyper
-//! drops the handler's future. Each mutating call therefore runs as a task of its own, which
-//! the request only awaits: the engine's work runs to its outcome or its undo whatever the
-//! client does (CONTRIBUTING.md, layering rule 6).
+//! A call that can touch the kernel is not owned by its request: containerd passes its caller's
+//! context down the proxy, so a kubelet timeout, a containerd restart or a ^C cancels the gRPC
+//! call and hyper drops the handler's future. Each call but Stat and List (which only read the
+//! store) therefore runs as a task of its own, which the request only awaits: the mutating
+//! calls, and Mounts and Usage, which may activate a device after a reboot. The engine's work
+//! runs to its outcome or its undo whatever the client does, with the locks it holds, and a
+//! clean stop waits for it (`engine::Calls`; CONTRIBUTING.md, layering rule 6).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -61,19 +63,6 @@ impl Service {
         Service { engine, metrics }
     }
 
-    /// Runs a read-only call that needs the engine (waiting for it while the daemon starts).
-    async fn timed_on<T, F, Fut>(&self, method: &'static str, f: F) -> Result<T, Status>
-    where
-        F: FnOnce(Arc<Engine>) -> Fut,
-        Fut: Future<Output = Result<T, EngineError>>,
-    {
-        self.timed(method, async {
-            let engine = self.engine.engine().await?;
-            f(engine).await
-        })
-        .await
-    }
-
     /// Runs a read-only call, recording its latency and status code.
     async fn timed<T>(
         &self,
@@ -87,10 +76,12 @@ impl Service {
         r
     }
 
-    /// Runs a mutating call as a task of its own (see the module doc), recording its latency
-    /// and status code when it ends, also if its client has gone. While the daemon starts it
-    /// first waits for the engine; a client gone meanwhile has changed nothing.
-    async fn detached<T, F, Fut>(&self, method: &'static str, f: F) -> Result<T, Status>
+    /// Runs a call that may touch the kernel as a task of its own (see the module doc) in the
+    /// set of calls in flight (`engine::Calls`), recording its latency and status code when it
+    /// ends, also if its client has gone. While the daemon starts it first waits for the engine;
+    /// a client gone meanwhile has changed nothing. `key` names it in the log of a stop that
+    /// gives up on it.
+    async fn detached<T, F, Fut>(&self, method: &'static str, key: &str, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(Arc<Engine>) -> Fut,
@@ -106,11 +97,14 @@ impl Service {
             }
         };
         let (call, metrics) = (f(engine), self.metrics.clone());
-        let task = tokio::spawn(async move {
-            let r = call.await.map_err(Status::from);
-            metrics.observe(method, start, r.as_ref().err().map(|s| s.code()));
-            r
-        });
+        let task = self
+            .engine
+            .calls()
+            .spawn(format!("{method} {key:?}"), async move {
+                let r = call.await.map_err(Status::from);
+                metrics.observe(method, start, r.as_ref().err().map(|s| s.code()));
+                r
+            });
         task.await
             .map_err(|e| Status::internal(format!("{method} task failed: {e}")))?
     }
@@ -158,7 +152,8 @@ impl Snapshotter for Service {
 
     async fn update(&self, i: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Status> {
         let paths = fieldpaths.unwrap_or_default();
-        self.detached("update", |e| async move {
+        let key = i.name.clone();
+        self.detached("update", &key, |e| async move {
             e.update(&i.name, labels(i.labels), &paths).await
         })
         .await
@@ -167,7 +162,11 @@ impl Snapshotter for Service {
 
     async fn usage(&self, key: String) -> Result<Usage, Status> {
         let u = self
-            .timed_on("usage", |e| async move { e.usage(&key).await })
+            .detached(
+                "usage",
+                &key.clone(),
+                |e| async move { e.usage(&key).await },
+            )
             .await?;
         Ok(Usage {
             size: i64::try_from(u.size).unwrap_or(i64::MAX),
@@ -176,9 +175,13 @@ impl Snapshotter for Service {
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<ApiMount>, Status> {
-        self.timed_on("mounts", |e| async move { e.mounts(&key).await })
-            .await
-            .map(mounts)
+        self.detached(
+            "mounts",
+            &key.clone(),
+            |e| async move { e.mounts(&key).await },
+        )
+        .await
+        .map(mounts)
     }
 
     async fn prepare(
@@ -187,7 +190,7 @@ impl Snapshotter for Service {
         parent: String,
         l: HashMap<String, String>,
     ) -> Result<Vec<ApiMount>, Status> {
-        self.detached("prepare", |e| async move {
+        self.detached("prepare", &key.clone(), |e| async move {
             e.create(Kind::Active, &key, &parent, labels(l)).await
         })
         .await
@@ -200,7 +203,7 @@ impl Snapshotter for Service {
         parent: String,
         l: HashMap<String, String>,
     ) -> Result<Vec<ApiMount>, Status> {
-        self.detached("view", |e| async move {
+        self.detached("view", &key.clone(), |e| async move {
             e.create(Kind::View, &key, &parent, labels(l)).await
         })
         .await
@@ -213,19 +216,23 @@ impl Snapshotter for Service {
         key: String,
         l: HashMap<String, String>,
     ) -> Result<(), Status> {
-        self.detached("commit", |e| async move {
+        self.detached("commit", &key.clone(), |e| async move {
             e.commit(&name, &key, labels(l)).await
         })
         .await
     }
 
     async fn remove(&self, key: String) -> Result<(), Status> {
-        self.detached("remove", |e| async move { e.remove(&key).await })
-            .await
+        self.detached(
+            "remove",
+            &key.clone(),
+            |e| async move { e.remove(&key).await },
+        )
+        .await
     }
 
     async fn clear(&self) -> Result<(), Status> {
-        self.detached("cleanup", |e| async move { e.cleanup().await })
+        self.detached("cleanup", "", |e| async move { e.cleanup().await })
             .await
             .map(|_| ())
     }

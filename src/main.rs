@@ -220,6 +220,7 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
             _ = int.recv() => info!("SIGINT: stopping"),
             _ = started => {}
         }
+        thinsnap::failpoint::release_stalls();
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     };
     let served = server::run(listener, engine, metrics, shutdown).await;

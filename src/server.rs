@@ -107,10 +107,16 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// How long a stop waits, from when it begins, for the calls in flight (those whose clients
+/// wait, and those whose clients have gone) before it flushes and exits without them: well
+/// within systemd's `TimeoutStopSec=90` (deploy/thinsnap.service), after which it kills.
+pub const CALLS_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serves both services on `listener` and runs the daemon's background tasks (the reaper and
 /// autogrow when configured, the warm spares' refiller, the metrics endpoint on `metrics` if
-/// given) until `shutdown` completes; then lets in-flight calls finish, stops and joins the
-/// tasks, and flushes the store.
+/// given) until `shutdown` completes; then lets in-flight calls finish (also those whose client
+/// has gone, for at most [`CALLS_BOUND`]: see `engine::Calls`), stops and joins the tasks, and
+/// flushes the store.
 ///
 /// `engine` may still be starting (see [`EngineHandle`]): calls wait for it (Stat and List on a
 /// settled store do not), the background tasks start once it is there, and a shutdown
@@ -172,11 +178,46 @@ pub async fn run(
     }
     let snapshots = containerd_snapshots::server(Arc::new(Service::new(engine.clone(), registry)));
     let admin = AdminService::new(engine.clone()).into_server();
-    let served = Server::builder()
+    // When the stop began: the wait for the calls in flight is bounded from then on.
+    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(None);
+    let shutdown = async move {
+        shutdown.await;
+        stopping_tx.send_replace(Some(tokio::time::Instant::now()));
+    };
+    let serve = Server::builder()
         .add_service(snapshots)
         .add_service(admin)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    // The server's graceful stop waits for the calls whose clients still wait; bounded too.
+    let bounded = async {
+        let began = *stopping
+            .wait_for(Option::is_some)
+            .await
+            .map_or(None, |at| *at)
+            .get_or_insert_with(tokio::time::Instant::now);
+        tokio::time::sleep_until(began + CALLS_BOUND).await;
+    };
+    let served = tokio::select! {
+        served = serve => served,
+        () = bounded => {
+            warn!(bound = ?CALLS_BOUND, "calls still answered at shutdown; closing their connections");
+            Ok(())
+        }
+    };
+    // The calls in flight whose clients are gone (the server waited for the others): each runs
+    // to its outcome or its undo before the last flush, so a clean stop leaves a settled store.
+    let calls = engine.calls();
+    if !calls.is_empty() {
+        info!(calls = calls.len(), "waiting for the calls in flight");
+    }
+    let began = (*stopping.borrow()).unwrap_or_else(tokio::time::Instant::now);
+    let left = calls
+        .wait((began + CALLS_BOUND).saturating_duration_since(tokio::time::Instant::now()))
         .await;
+    if !left.is_empty() {
+        warn!(bound = ?CALLS_BOUND, calls = ?left,
+              "calls still running at shutdown; stopping without them (the next start recovers them)");
+    }
     let _ = stop_tx.send(true);
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {
@@ -397,6 +438,117 @@ mod tests {
         assert!(err.message().contains("no pool"), "{}", err.message());
         stop_tx.send(()).expect("stop");
         server.await.expect("join").expect("server");
+    }
+
+    /// A stop (SIGTERM) while a call is in flight whose client has gone: the call ends with its
+    /// outcome before `run` returns, and the store's last flush makes it durable with the pool's
+    /// transaction id, so the next start finds it settled and skips thin_ls.
+    #[tokio::test]
+    async fn a_stop_waits_for_a_call_in_flight_and_flushes_its_outcome() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let pool = Arc::new(FakePool::new());
+        let settings = crate::engine::Settings::with_fs(FsConfig::default());
+        let (engine, _) = recovery::start(
+            pool.clone(),
+            Store::open(&path).expect("store"),
+            settings.clone(),
+            &|_: &Path| Ok(()),
+        )
+        .expect("engine");
+        let engine = Arc::new(engine);
+        let handle = EngineHandle::ready(engine.clone());
+        let calls = handle.calls().clone();
+        let sock = dir.path().join("thinsnap.sock");
+        let listener = bind(&sock).expect("bind");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut server = tokio::spawn(run(listener, handle, None, async {
+            let _ = stop_rx.await;
+        }));
+        // A Prepare held in the kernel (its create_snap), whose client then gives up.
+        let mut held = pool.pause_nth("create_snap", 1);
+        let client = {
+            let mut c = SnapshotsClient::new(connect(&sock).await.expect("connect"));
+            tokio::spawn(async move { c.prepare(prep("a", "")).await })
+        };
+        held.reached().await;
+        client.abort();
+        assert!(client.await.expect_err("cancelled").is_cancelled());
+        stop_tx.send(()).expect("stop");
+        tokio::select! {
+            biased;
+            r = &mut server => panic!("the server stopped with a call in flight: {r:?}"),
+            () = calls.draining() => {}
+        }
+        held.release();
+        server.await.expect("join").expect("server");
+        assert!(calls.is_empty());
+        let rec = engine
+            .record("a")
+            .expect("read")
+            .expect("the Prepare's outcome");
+        assert_eq!(rec.state, crate::store::State::Ready);
+        drop(engine);
+        // The next start: the store is settled and its transaction id is the pool's.
+        let store = crate::store::open_after_drop(&path);
+        let records = recovery::Records::read(&store).expect("records");
+        assert!(records.settled(), "{records:?}");
+        let (engine, report) =
+            recovery::start_from(pool.clone(), store, records, settings, &|_: &Path| Ok(()))
+                .expect("restart");
+        assert!(!report.thin_ids_listed, "{report:?}");
+        assert!(engine.stat("a").await.is_ok());
+    }
+
+    /// Mounts (and so Usage) may activate a device after a reboot: it runs as a call of its
+    /// own, which goes on when its client gives up.
+    #[tokio::test]
+    async fn a_mounts_cut_short_still_activates_the_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let pool = Arc::new(FakePool::new());
+        let settings = crate::engine::Settings::with_fs(FsConfig::default());
+        let start = |store| {
+            recovery::start(pool.clone(), store, settings.clone(), &|_: &Path| Ok(()))
+                .expect("engine")
+                .0
+        };
+        let engine = start(Store::open(&path).expect("store"));
+        engine
+            .create(crate::engine::Kind::Active, "a", "", Default::default())
+            .await
+            .expect("a");
+        let id = engine.record("a").expect("read").expect("a").thin_id;
+        drop(engine);
+        pool.reboot();
+        let engine = start(crate::store::open_after_drop(&path));
+        let handle = EngineHandle::ready(Arc::new(engine));
+        let calls = handle.calls().clone();
+        let sock = dir.path().join("thinsnap.sock");
+        let listener = bind(&sock).expect("bind");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(listener, handle, None, async {
+            let _ = stop_rx.await;
+        }));
+        let mut held = pool.pause_nth("activate", 1);
+        let client = {
+            let mut c = SnapshotsClient::new(connect(&sock).await.expect("connect"));
+            tokio::spawn(async move {
+                c.mounts(MountsRequest {
+                    snapshotter: "thinsnap".into(),
+                    key: "a".into(),
+                })
+                .await
+            })
+        };
+        held.reached().await;
+        assert_eq!(calls.len(), 1, "Mounts is not a call of its own");
+        client.abort();
+        assert!(client.await.expect_err("cancelled").is_cancelled());
+        held.release();
+        stop_tx.send(()).expect("stop");
+        server.await.expect("join").expect("server");
+        assert!(pool.active().contains(&id), "the activation was cut short");
     }
 
     #[test]

@@ -2,7 +2,11 @@
 //! but the kernel has none of their dm devices. Start-up does not re-make them (linear in their
 //! number); it hands the engine the set of thin ids whose devices are not known to be live, and
 //! the first call that needs a device (Mounts, Usage, Commit) activates it here, once, under the
-//! thin id's lock. Remove never activates: deactivating a missing device is nothing to do.
+//! thin id's lock. Remove never activates: deactivating a missing device is nothing to do. The
+//! lock and the activation's outcome (done, or still pending) go with the ioctls into their
+//! blocking closure: a caller cancelled meanwhile releases nothing early and loses nothing. A
+//! device that a failed call could not give back (a failed re-activation) awaits activation
+//! again ([`Lazy::missing`]).
 //!
 //! A snapshot whose device cannot be used for good (its thin id is gone from the pool) is
 //! quarantined: the record stays in the store with the reason ([`Quarantine`]), its own calls
@@ -57,6 +61,12 @@ impl Lazy {
         self.map().remove(&id);
     }
 
+    /// The device of `id` is missing again (a failed call could not give it back): it awaits
+    /// activation, which the next call that needs it makes (or says why not).
+    pub(super) fn missing(&self, id: ThinId) {
+        self.map().insert(id, true);
+    }
+
     /// How many snapshots' devices are missing and await activation.
     pub(super) fn inactive(&self) -> u64 {
         self.map().values().filter(|missing| **missing).count() as u64
@@ -102,7 +112,7 @@ impl Engine {
             return Ok(());
         }
         let id_text = id.to_string();
-        let _device = self.thin_locks.lock(&[&id_text]).await;
+        let device = self.thin_locks.lock(&[&id_text]).await;
         if !self.lazy.is_pending(id) {
             // A concurrent call activated it while this one waited.
             return Ok(());
@@ -117,17 +127,28 @@ impl Engine {
             return Err(quarantined(key, id, q));
         }
         let size = rec.size;
-        let activated = self
+        // The thin id's lock goes into the blocking closure with the activation, which records
+        // its outcome there: a caller cancelled meanwhile (a client gone) neither lets a Remove
+        // in while the ioctls run nor leaves a live device marked pending (the next call would
+        // activate it again) or a failed one marked done (Mounts would hand out a missing
+        // device). A failure leaves it pending; the next call tries again. The lock comes back
+        // only with a thin id gone from the pool: held while it is quarantined (no kernel work
+        // runs then).
+        let lazy = self.lazy.clone();
+        let (activated, _device) = self
             .on_pool(move |pool| {
                 let r = pool.activate(id, size);
+                if r.is_ok() {
+                    lazy.done(id);
+                    lazy.activations.fetch_add(1, Ordering::Relaxed);
+                }
                 crate::failpoint!("lazy:after-activate");
-                Ok(r)
+                let device = matches!(r, Err(PoolError::ThinNotFound(_))).then_some(device);
+                Ok((r, device))
             })
             .await?;
         match activated {
             Ok(_) => {
-                self.lazy.done(id);
-                self.lazy.activations.fetch_add(1, Ordering::Relaxed);
                 info!(
                     key,
                     thin_id = id,

@@ -11,13 +11,14 @@
 //!
 //! Nothing is written before the engine exists: the early reads only read.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
 #[cfg(doc)]
 use super::recovery::Records;
-use super::{filter, Engine, EngineError, SnapshotInfo};
+use super::{filter, Calls, Engine, EngineError, SnapshotInfo};
 use crate::store::{SnapshotRecord, State, Store};
 
 /// What the start ended with: the engine, or why there is none.
@@ -30,6 +31,8 @@ pub struct EngineHandle {
     /// The settled store, answering Stat and List before the engine exists.
     early: Option<Store>,
     engine: watch::Receiver<Outcome>,
+    /// The calls in flight, each a task of its own ([`EngineHandle::detached`]).
+    calls: Calls,
 }
 
 /// The start's end of an [`EngineHandle`]: publishes the engine once recovery has made it, or
@@ -56,6 +59,7 @@ impl EngineHandle {
         EngineHandle {
             early: None,
             engine: rx,
+            calls: Calls::default(),
         }
     }
 
@@ -63,7 +67,14 @@ impl EngineHandle {
     /// (give it only a settled store: see [`Records::settled`]).
     pub fn starting(early: Option<Store>) -> (EngineHandle, Publisher) {
         let (tx, rx) = watch::channel(None);
-        (EngineHandle { early, engine: rx }, Publisher(tx))
+        (
+            EngineHandle {
+                early,
+                engine: rx,
+                calls: Calls::default(),
+            },
+            Publisher(tx),
+        )
     }
 
     /// The engine, waiting for it while the daemon starts.
@@ -82,6 +93,31 @@ impl EngineHandle {
             ))),
             None => unreachable!("wait_for returned an outcome"),
         }
+    }
+
+    /// Runs `f` on the engine (waiting for it while the daemon starts) as a task of its own in
+    /// the set of calls in flight ([`Calls`]): the caller only awaits it, so a caller that is
+    /// dropped (a client gone) does not stop the engine's work half way, and a clean stop waits
+    /// for it. `what` names the call in the log (`prepare "key"`).
+    ///
+    /// Returns what `f` returns; Unavailable if the start failed; Internal if the task panicked.
+    pub async fn detached<T, F, Fut>(&self, what: String, f: F) -> Result<T, EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Engine>) -> Fut,
+        Fut: Future<Output = Result<T, EngineError>> + Send + 'static,
+    {
+        // A caller gone while the daemon starts has changed nothing.
+        let engine = self.engine().await?;
+        let call = f(engine);
+        let task = self.calls.spawn(what.clone(), call);
+        task.await
+            .map_err(|e| EngineError::Internal(format!("{what}: task failed: {e}")))?
+    }
+
+    /// The calls in flight (see [`Calls`]).
+    pub fn calls(&self) -> &Calls {
+        &self.calls
     }
 
     /// The engine if it is there now (none while starting or after a failed start).

@@ -1,5 +1,9 @@
 //! Per-key locks: mutating calls on the same snapshot key run one at a time, calls on different
 //! keys run concurrently. Entries are dropped when nobody holds or waits for them.
+//!
+//! A guard owns what it needs (it borrows nothing from its [`KeyLocks`]): it can be moved into
+//! the task or the blocking closure that does the kernel work it protects, so a caller that is
+//! cancelled does not release the lock while that work still runs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,22 +11,23 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
 
 type Slot = Arc<tokio::sync::Mutex<()>>;
+type Map = Arc<Mutex<HashMap<String, Slot>>>;
 
 /// A set of named async mutexes.
 #[derive(Default)]
 pub struct KeyLocks {
-    map: Mutex<HashMap<String, Slot>>,
+    map: Map,
 }
 
-/// Holds the locks of some keys; releases them on drop.
-pub struct KeyGuard<'a> {
-    locks: &'a KeyLocks,
+/// Holds the locks of some keys; releases them on drop. Owned: `Send + 'static`.
+pub struct KeyGuard {
+    map: Map,
     held: Vec<(String, Option<OwnedMutexGuard<()>>)>,
 }
 
 impl KeyLocks {
     /// Locks every key in `keys`, in sorted order so that two callers never deadlock.
-    pub async fn lock(&self, keys: &[&str]) -> KeyGuard<'_> {
+    pub async fn lock(&self, keys: &[&str]) -> KeyGuard {
         let mut keys: Vec<&str> = keys.to_vec();
         keys.sort_unstable();
         keys.dedup();
@@ -35,11 +40,14 @@ impl KeyLocks {
             let guard = slot.lock_owned().await;
             held.push((key.to_string(), Some(guard)));
         }
-        KeyGuard { locks: self, held }
+        KeyGuard {
+            map: self.map.clone(),
+            held,
+        }
     }
 
     /// Locks `key` if nobody holds it; `None` if somebody does (a call in flight on it).
-    pub fn try_lock(&self, key: &str) -> Option<KeyGuard<'_>> {
+    pub fn try_lock(&self, key: &str) -> Option<KeyGuard> {
         let slot = {
             let mut map = self.map.lock().expect("key lock map poisoned");
             map.entry(key.to_string()).or_default().clone()
@@ -48,7 +56,7 @@ impl KeyLocks {
         let held = guard.is_some();
         // Built even on failure, so that its drop removes the entry this call may have made.
         let g = KeyGuard {
-            locks: self,
+            map: self.map.clone(),
             held: vec![(key.to_string(), guard)],
         };
         if held {
@@ -64,9 +72,9 @@ impl KeyLocks {
     }
 }
 
-impl Drop for KeyGuard<'_> {
+impl Drop for KeyGuard {
     fn drop(&mut self) {
-        let mut map = self.locks.map.lock().expect("key lock map poisoned");
+        let mut map = self.map.lock().expect("key lock map poisoned");
         for (key, guard) in &mut self.held {
             drop(guard.take());
             // Only the map holds it: nobody waits, so the entry can go.

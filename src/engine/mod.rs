@@ -15,11 +15,13 @@
 //! settings), `activate` (a device made on first use after a reboot; quarantined snapshots),
 //! `spares` (warm spares: Prepare and View on a device made ahead, and their refiller), `handle`
 //! (the engine as the services reach it while the daemon starts; Stat and List, which only read
-//! the store), `audit` (the pool's thin ids against the store, after a start and at Cleanup).
+//! the store), `audit` (the pool's thin ids against the store, after a start and at Cleanup),
+//! `calls` (the calls in flight, each a task of its own, waited for at a clean stop).
 
 mod activate;
 mod audit;
 pub mod autogrow;
+mod calls;
 mod commit;
 mod error;
 pub mod filter;
@@ -45,6 +47,7 @@ use crate::pool::{NumberedPool, PoolError, PoolInfo, ThinPool};
 use crate::store::{BaseRecord, NewSnapshot, SnapshotRecord, State, Store, StoreError};
 pub use activate::QuarantinedInfo;
 pub use audit::AuditReport;
+pub use calls::Calls;
 pub(crate) use error::pool_err;
 pub use error::EngineError;
 pub use handle::{EngineHandle, Publisher};
@@ -103,15 +106,19 @@ pub struct Engine {
     /// it back its record run one at a time.
     thin_locks: KeyLocks,
     /// Kernel calls hold it shared; growing the pool (which suspends it) holds it exclusively.
-    kernel: tokio::sync::RwLock<()>,
+    /// Its guards are owned by the blocking closure that does the kernel work (see
+    /// [`Engine::on_pool_as`] and [`Engine::grow`]): a caller cancelled meanwhile does not
+    /// release it early.
+    kernel: Arc<tokio::sync::RwLock<()>>,
     /// `remove.async`: Remove queues thin ids here for the reaper ([`Engine::run_reaper`]).
     reaper: Option<UnboundedSender<ThinId>>,
     /// The reaper's end of that queue, until the reaper task takes it.
     reaper_queue: Mutex<Option<UnboundedReceiver<ThinId>>>,
     /// What last limited `pool.autogrow` (logged when it changes).
     autogrow_limited: Mutex<Vec<String>>,
-    /// Devices not activated yet this run (see [`activate`]).
-    lazy: activate::Lazy,
+    /// Devices not activated yet this run (see [`activate`]); shared with the blocking closure
+    /// of an activation, which records its outcome itself.
+    lazy: Arc<activate::Lazy>,
     /// Warm spares (see [`spares`]).
     spares: spares::Spares,
     /// What the audit of thin ids found (see [`audit`]).
@@ -133,11 +140,11 @@ impl Engine {
             base,
             locks: KeyLocks::default(),
             thin_locks: KeyLocks::default(),
-            kernel: tokio::sync::RwLock::new(()),
+            kernel: Arc::new(tokio::sync::RwLock::new(())),
             reaper,
             reaper_queue: Mutex::new(reaper_queue),
             autogrow_limited: Mutex::new(Vec::new()),
-            lazy: activate::Lazy::default(),
+            lazy: Arc::default(),
             spares: spares::Spares::new(settings.spares),
             audits: audit::Audits::default(),
             settings,
@@ -160,11 +167,19 @@ impl Engine {
         E: From<EngineError> + Send + 'static,
         F: FnOnce(&NumberedPool) -> Result<T, E> + Send + 'static,
     {
+        // The kernel lock's shared guard is owned by the blocking closure: if the caller's future
+        // is dropped (a client gone, a `select!`), it is not released while the ioctls it
+        // protects still run. A caller that holds another guard for its kernel work moves it
+        // into `f` the same way (see `Engine::ensure_device`).
         let pool = self.pool.clone();
-        let _shared = self.kernel.read().await;
-        tokio::task::spawn_blocking(move || f(&pool))
-            .await
-            .map_err(|e| E::from(EngineError::Internal(format!("pool task failed: {e}"))))?
+        let shared = self.kernel.clone().read_owned().await;
+        tokio::task::spawn_blocking(move || {
+            let r = f(&pool);
+            drop(shared);
+            r
+        })
+        .await
+        .map_err(|e| E::from(EngineError::Internal(format!("pool task failed: {e}"))))?
     }
 
     /// Makes every change so far durable, with the pool's transaction id as of now.
@@ -323,7 +338,9 @@ impl Engine {
     }
 
     /// Gives a snapshot whose call failed its device back (undoing that call's deactivation).
-    /// A failure is logged: the record is intact, and recovery activates it at the next start.
+    /// The caller holds the thin id's lock. A failure is logged and the snapshot awaits
+    /// activation again (see [`activate`]): the next call that needs its device (Mounts, Usage,
+    /// Commit) makes it or says why not, instead of handing out a path to nothing.
     async fn reactivate(&self, id: ThinId, size: u64) {
         let done = self
             .on_pool(move |pool| {
@@ -332,7 +349,8 @@ impl Engine {
             })
             .await;
         if let Err(e) = done {
-            warn!(thin_id = id, error = %e, "cannot reactivate the device of a failed call");
+            self.lazy.missing(id);
+            warn!(thin_id = id, error = %e, "cannot reactivate the device of a failed call; it awaits activation");
         }
     }
 
@@ -429,7 +447,11 @@ impl Engine {
             );
             return Ok(());
         }
-        // Sync: the device goes before the answer, or nothing does.
+        // Sync: the device goes before the answer, or nothing does. The thin id's lock first:
+        // a first-use activation of this device (Mounts, Usage) holds it until its ioctls end,
+        // so the deactivation below never runs in the middle of one.
+        let id_text = id.to_string();
+        let _device = self.thin_locks.lock(&[&id_text]).await;
         let active = rec.kind != Kind::Committed;
         if active {
             // Deactivate first: a device still mounted refuses, and the snapshot stays intact.
@@ -438,8 +460,6 @@ impl Engine {
                 .await?;
             crate::failpoint!("remove:after-deactivate");
         }
-        let id_text = id.to_string();
-        let _device = self.thin_locks.lock(&[&id_text]).await;
         let removed = async {
             let removed = self.store.begin_remove(key)?;
             self.flush().await?;

@@ -21,7 +21,10 @@
 //! refused by a read-only pool, a device still mounted) is logged and left for the next call on
 //! its key, Cleanup or the next start; a Ready snapshot whose thin id the pool does not have
 //! (seen by the thin_ls pass) is quarantined (`super::activate`), kept and reported, never
-//! dropped.
+//! dropped. A create rolled forward whose activation fails with anything but "thin id gone"
+//! (whether the pool has the thin id is then not known) is completed and left awaiting
+//! activation; the thin_ls pass, which such a start always runs, undoes it if the pool has no
+//! such thin id (its call never answered OK).
 //!
 //! A warm spare's device record (owner `SPARE_OWNER`, see `super::spares`) is settled as its own
 //! kind: Creating is undone as an interrupted create (the shared-pool rule included), Deleting is
@@ -60,6 +63,10 @@ pub struct Report {
     pub undone_creates: Vec<ThinId>,
     /// Creates whose intent was durable and whose thin device the pool had: completed.
     pub completed_creates: Vec<ThinId>,
+    /// Creates whose intent was durable but whose device could not be activated at start
+    /// (an error other than the thin id being gone): completed, awaiting activation, unless the
+    /// thin_ls pass of the same start found the pool without the thin id (then undone).
+    pub unverified_creates: Vec<ThinId>,
     /// Commits whose intent was durable: completed.
     pub completed_commits: Vec<ThinId>,
     pub finished_deletes: Vec<ThinId>,
@@ -87,6 +94,7 @@ impl Report {
         !self.undone_creates.is_empty()
             || !self.left_alone.is_empty()
             || !self.completed_creates.is_empty()
+            || !self.unverified_creates.is_empty()
             || !self.completed_commits.is_empty()
             || !self.finished_deletes.is_empty()
             || !self.orphans_deleted.is_empty()
@@ -228,6 +236,9 @@ struct Recovery<'a> {
     consistent: bool,
     /// Active snapshots and views not known to have a live device (see `super::activate`).
     pending: BTreeMap<ThinId, bool>,
+    /// Creates completed without knowing whether the pool has their thin ids (see
+    /// `settle_create`): thin_ls tells.
+    unverified: BTreeSet<ThinId>,
     report: Report,
 }
 
@@ -259,6 +270,7 @@ impl<'a> Recovery<'a> {
             recorded_txid,
             consistent,
             pending: BTreeMap::new(),
+            unverified: BTreeSet::new(),
             report: Report::default(),
         })
     }
@@ -362,10 +374,24 @@ impl<'a> Recovery<'a> {
                 Ok(())
             }
             Err(PoolError::ThinNotFound(_)) => self.undo_create(dev),
-            Err(e) => Err(pool_err(format!(
-                "activate thin id {id} of the interrupted create of {:?}",
-                dev.owner
-            ))(e)),
+            Err(e) => {
+                // Whether the pool has its thin device is not known (a busy or failing pool, an
+                // ioctl error): the start goes on with the create completed and its device
+                // awaiting activation (the first call that needs it makes it, or says why). This
+                // start cannot skip thin_ls (a record was Creating): if the pool turns out not to
+                // have the thin id, the create is undone there (`quarantine_gone`).
+                warn!(thin_id = id, key = ?dev.owner, error = %e,
+                      "cannot activate the device of an interrupted create; it awaits activation");
+                self.store.finish_create(&dev.owner)?;
+                if let Some(r) = self.snapshots.get_mut(&dev.owner) {
+                    r.state = State::Ready;
+                }
+                self.pending.insert(id, true);
+                self.unverified.insert(id);
+                self.report.awaiting_activation.push(id);
+                self.report.unverified_creates.push(id);
+                Ok(())
+            }
         }
     }
 
@@ -623,6 +649,32 @@ impl<'a> Recovery<'a> {
             let id = rec.thin_id;
             if rec.state != State::Ready || rec.quarantine.is_some() || kernel.contains(&id) {
                 continue;
+            }
+            if self.unverified.contains(&id) {
+                // A create completed at this start without its device (see `settle_create`):
+                // the pool never made its thin device, so its call never answered OK. Undone as
+                // any interrupted create the pool has no thin device for (a dm device half made
+                // by the failed activation goes with it).
+                match self
+                    .pool
+                    .remove_device(id, None)
+                    .map_err(pool_err(format!("delete thin id {id}")))
+                {
+                    Ok(()) => {
+                        info!(thin_id = id, key = ?key,
+                              "undoing an interrupted create: the pool has no such thin id");
+                        self.store.forget_snapshot(key)?;
+                        self.pending.remove(&id);
+                        self.report.awaiting_activation.retain(|&i| i != id);
+                        self.report.unverified_creates.retain(|&i| i != id);
+                        self.report.undone_creates.push(id);
+                        continue;
+                    }
+                    // Quarantined below: kept, reported, and Remove clears it.
+                    Err(e) => {
+                        warn!(thin_id = id, key = ?key, error = %e, "cannot undo the interrupted create")
+                    }
+                }
             }
             let q = Quarantine {
                 reason: format!("thin id {id} is gone from the pool (not in thin_ls)"),

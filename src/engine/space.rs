@@ -249,16 +249,22 @@ impl Engine {
     /// Returns FailedPrecondition for pools thinsnap did not make, InvalidArgument for a size
     /// smaller than now.
     pub async fn grow(&self, data: Option<u64>, metadata: Option<u64>) -> Result<(), EngineError> {
-        let _exclusive = self.kernel.write().await;
+        // Owned by the blocking closure: a caller gone meanwhile does not let other kernel calls
+        // in while the pool is suspended.
+        let exclusive = self.kernel.clone().write_owned().await;
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || pool.grow(data, metadata))
-            .await
-            .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
-            .map_err(|e| match e {
-                PoolError::Unsupported(m) => EngineError::FailedPrecondition(m),
-                PoolError::Invalid(m) => EngineError::InvalidArgument(m),
-                e => pool_err("grow the pool")(e),
-            })
+        tokio::task::spawn_blocking(move || {
+            let r = pool.grow(data, metadata);
+            drop(exclusive);
+            r
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))?
+        .map_err(|e| match e {
+            PoolError::Unsupported(m) => EngineError::FailedPrecondition(m),
+            PoolError::Invalid(m) => EngineError::InvalidArgument(m),
+            e => pool_err("grow the pool")(e),
+        })
     }
 }
 

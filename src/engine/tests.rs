@@ -1135,3 +1135,6 @@ async fn remove_racing_prepare_of_a_child_never_orphans_the_child() {
 
 #[path = "tests_lazy.rs"]
 mod lazy;
+
+#[path = "tests_faults.rs"]
+mod faults;

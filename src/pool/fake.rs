@@ -23,12 +23,53 @@ struct State {
     /// op -> the 1-based call number that fails, and the error it fails with (None: an
     /// injected [`PoolError::Io`]).
     fail_at: HashMap<&'static str, (usize, Option<PoolError>)>,
+    /// op -> the 1-based call number that is held, and its two ends (see [`Pause`]).
+    pause_at: HashMap<&'static str, (usize, Held)>,
     transaction_id: u64,
     host_room: Option<super::HostRoom>,
     data_total: u64,
     data_used_extra: u64,
     /// A metadata snapshot reserved (what a thin_ls cut short by a kill leaves).
     metadata_snapshot_held: bool,
+}
+
+/// The pool's end of a [`Pause`]: says the call got there, then waits to be let go.
+type Held = (
+    tokio::sync::oneshot::Sender<()>,
+    std::sync::mpsc::Receiver<()>,
+);
+
+/// A call of the fake pool held before it does anything, as a slow ioctl is (see
+/// [`FakePool::pause_nth`]): [`Pause::reached`] waits until the call is there, and
+/// [`Pause::release`] (or dropping the `Pause`) lets it go on.
+pub struct Pause {
+    reached: Option<tokio::sync::oneshot::Receiver<()>>,
+    release: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Pause {
+    /// Waits until the held call has begun (it is then blocked in its thread).
+    ///
+    /// Panics if the pool was dropped before the call came.
+    pub async fn reached(&mut self) {
+        if let Some(r) = self.reached.take() {
+            r.await
+                .expect("the fake pool went before the held call came");
+        }
+    }
+
+    /// Lets the held call go on (also if it has not come yet: it then does not stop).
+    pub fn release(&mut self) {
+        if let Some(tx) = self.release.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// The name of every [`ThinPool`] method that returns a `Result`: the `op` of
@@ -96,6 +137,28 @@ impl FakePool {
         let mut s = self.lock();
         let done = s.counts.get(op).copied().unwrap_or(0);
         s.fail_at.insert(op, (done + nth, err));
+    }
+
+    /// Holds the `nth` (1-based, counted from now on) call of `op` before it does anything,
+    /// until the returned [`Pause`] releases it; replaces a pause set for `op` before.
+    ///
+    /// Panics if `op` is not in [`OPS`] or `nth` is 0.
+    pub fn pause_nth(&self, op: &'static str, nth: usize) -> Pause {
+        assert!(
+            OPS.contains(&op),
+            "the fake pool has no fallible method {op:?}"
+        );
+        assert!(nth >= 1, "calls are counted from 1");
+        let (reached_tx, reached_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        let mut s = self.lock();
+        let done = s.counts.get(op).copied().unwrap_or(0);
+        s.pause_at
+            .insert(op, (done + nth, (reached_tx, release_rx)));
+        Pause {
+            reached: Some(reached_rx),
+            release: Some(release_tx),
+        }
     }
 
     /// Marks a device as open (mounted), so deactivating it fails with Busy.
@@ -171,6 +234,14 @@ impl FakePool {
             *n += 1;
             *n
         };
+        if s.pause_at.get(op).is_some_and(|(at, _)| *at == n) {
+            // Held outside the pool's lock: other calls go on meanwhile, as in the kernel.
+            let (_, (reached, release)) = s.pause_at.remove(op).expect("just found");
+            drop(s);
+            let _ = reached.send(());
+            let _ = release.recv();
+            s = self.lock();
+        }
         if s.fail_at.get(op).is_some_and(|(at, _)| *at == n) {
             let (_, err) = s.fail_at.remove(op).expect("just found");
             return Err(err.unwrap_or_else(|| PoolError::Io {
@@ -419,6 +490,22 @@ mod tests {
         pool.fail_nth_with("status", 1, PoolError::NoSpace("fake".to_string()));
         assert!(matches!(pool.status(), Err(PoolError::NoSpace(_))));
         pool.status().expect("fails once");
+    }
+
+    #[tokio::test]
+    async fn a_paused_call_waits_for_its_release_and_others_go_on() {
+        let pool = std::sync::Arc::new(ready());
+        let mut pause = pool.pause_nth("activate", 1);
+        let held = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.activate(2, 1 << 20))
+        };
+        pause.reached().await;
+        assert!(!pool.active().contains(&2), "the held call did something");
+        pool.deactivate(1).expect("other calls go on");
+        pause.release();
+        held.join().expect("thread").expect("activate");
+        assert!(pool.active().contains(&2));
     }
 
     #[test]

@@ -167,7 +167,12 @@ impl Daemon {
             cmd.env("THINSNAP_FAILPOINT", fp);
         }
         #[cfg(not(feature = "failpoints"))]
-        if failpoint.is_some() || self.env.iter().any(|(k, _)| k == "THINSNAP_FAILPOINT") {
+        if failpoint.is_some()
+            || self
+                .env
+                .iter()
+                .any(|(k, _)| k == "THINSNAP_FAILPOINT" || k == "THINSNAP_STALL")
+        {
             panic!(
                 "this test arms a failpoint: build it with `cargo test --features failpoints` \
                  (integration/test.sh does)"
