@@ -25,6 +25,7 @@ pub mod filter;
 mod handle;
 mod limits;
 mod locks;
+pub mod ownership;
 mod reaper;
 pub mod recovery;
 mod space;
@@ -50,7 +51,7 @@ use limits::{check_key, check_labels, size_label};
 pub use limits::{MAX_KEY_LEN, MAX_LABELS, MAX_LABEL_LEN, SIZE_LABEL};
 use locks::KeyLocks;
 pub use spares::{SpareCounts, SPARE_OWNER};
-pub use types::{BaseInfo, EngineStatus, Mount, Settings, SnapshotInfo, Usage};
+pub use types::{Adopt, BaseInfo, EngineStatus, Mount, Settings, SnapshotInfo, Usage};
 
 /// Nanoseconds since the epoch, for records.
 fn now_ns() -> u64 {
@@ -638,5 +639,7 @@ mod crash_tests;
 mod tests;
 #[cfg(test)]
 mod tests_handle;
+#[cfg(test)]
+mod tests_ownership;
 #[cfg(test)]
 mod tests_spares;

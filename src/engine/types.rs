@@ -86,6 +86,19 @@ pub struct Settings {
     pub autogrow: Option<AutogrowConfig>,
     /// `[spares] count`: warm spares kept at most; 0: none.
     pub spares: u32,
+    /// `thinsnap pool adopt`: what to do with the thin devices of a pool this database has no
+    /// record of (None: refuse to start, see `super::ownership`).
+    pub adopt: Option<Adopt>,
+}
+
+/// What `thinsnap pool adopt` does with the thin devices of a pool in front of a new (or lost)
+/// database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adopt {
+    /// Keep them as someone else's: never deleted, their thin ids never allocated.
+    KeepForeign,
+    /// Delete them.
+    Reset,
 }
 
 impl Settings {
@@ -102,6 +115,7 @@ impl Settings {
             autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
                 .then(|| config.pool.autogrow.clone()),
             spares: config.spares.count,
+            adopt: None,
         }
     }
 
@@ -117,6 +131,7 @@ impl Settings {
             allow_foreign_devices: false,
             autogrow: None,
             spares: 0,
+            adopt: None,
         }
     }
 }

@@ -27,6 +27,8 @@ struct State {
     host_room: Option<super::HostRoom>,
     data_total: u64,
     data_used_extra: u64,
+    identity: String,
+    fresh: bool,
 }
 
 /// The name of every [`ThinPool`] method that returns a `Result`: the `op` of
@@ -94,6 +96,14 @@ impl FakePool {
         let mut s = self.lock();
         let done = s.counts.get(op).copied().unwrap_or(0);
         s.fail_at.insert(op, (done + nth, err));
+    }
+
+    /// Sets what [`ThinPool::info`] says of the pool's identity (empty by default) and whether
+    /// it was made empty by this start.
+    pub fn set_identity(&self, identity: &str, fresh: bool) {
+        let mut s = self.lock();
+        s.identity = identity.to_string();
+        s.fresh = fresh;
     }
 
     /// Marks a device as open (mounted), so deactivating it fails with Busy.
@@ -304,10 +314,13 @@ impl ThinPool for FakePool {
     }
 
     fn info(&self) -> PoolInfo {
+        let s = self.lock();
         PoolInfo {
             name: "fake".to_string(),
             mode: "fake".to_string(),
             loop_files: Vec::new(),
+            identity: s.identity.clone(),
+            fresh: s.fresh,
         }
     }
 }
