@@ -308,11 +308,14 @@ impl ThinPool for DmPool {
     fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<(), PoolError> {
         // thin-provisioning.rst: an active origin must be suspended while the snapshot is taken.
         let origin_name = self.thin_name(origin);
-        let guard = if self.own_device(origin)?.is_some() {
-            Some(ioctl::suspend(&self.dm, &origin_name)?)
-        } else {
-            None
-        };
+        // Only our own device of the origin is suspended: a device of someone else's under its
+        // name is not the origin (ours is then not active).
+        let guard =
+            if self.device_is_ours_or_absent(origin)? && device_exists(&self.dm, &origin_name)? {
+                Some(ioctl::suspend(&self.dm, &origin_name)?)
+            } else {
+                None
+            };
         // On a failed message the guard resumes the origin as it drops.
         self.message(&format!("create_snap {id} {origin}"))
             .map_err(|e| match self.message_err("create_snap", id, e) {
