@@ -137,3 +137,25 @@ async fn a_database_of_the_previous_release_records_its_pools_identity() {
         Some("loop pool p (dm uuid thinsnap-pool-bbbb) on /a/pool/data")
     );
 }
+
+/// A dm device under one of our names that is someone else's fails the call that needs the
+/// name as a precondition (the operator must move it), naming the device; nothing is left.
+#[tokio::test]
+async fn a_foreign_device_under_our_name_fails_the_call_as_a_precondition() {
+    let t = setup();
+    t.pool.fail_nth_with(
+        "activate",
+        1,
+        crate::pool::PoolError::ForeignDevice {
+            name: "fake-snap-1".into(),
+            id: 1,
+            pool: "fake".into(),
+            why: "its table is \"zero\"".into(),
+        },
+    );
+    let err = prep(&t, "a", "").await.expect_err("refused");
+    assert!(matches!(err, EngineError::FailedPrecondition(_)), "{err:?}");
+    assert!(err.to_string().contains("fake-snap-1"), "{err}");
+    assert!(t.engine.record("a").expect("rec").is_none());
+    prep(&t, "a", "").await.expect("the next try works");
+}

@@ -337,8 +337,10 @@ impl ThinPool for DmPool {
         let name = self.thin_name(id);
         let path = self.device_path(id);
         // One DM_DEV_STATUS tells both whether the device is already active (recovery, a retried
-        // call) and, if it is, its device number for the node.
-        if let Some(info) = device_info(&self.dm, &name)? {
+        // call) and, if it is, its device number for the node. A device of that name is reused
+        // (or made again) only if it is ours (its table and dm uuid, `check_ours`); someone
+        // else's is refused.
+        if let Some(info) = self.own_device(id)? {
             let flags = info.flags();
             if !flags.contains(DmFlags::DM_ACTIVE_PRESENT) {
                 // Half made: a thinsnap killed between the device's create and its resume. No
@@ -603,9 +605,12 @@ fn pool_params(dm: &DM, name: &str) -> Result<ThinPoolTargetParams, PoolError> {
         .map_err(dm_err("parse table of", name))
 }
 
-/// What the dm uuid of every thin device of pool `pool` (its dm name) starts with. dm uuids
-/// are at most 128 bytes: a long name is shortened to a hash of it.
+/// What the dm uuid of every thin device of pool `pool` (its dm name) starts with. LVM's
+/// `-tpool` suffix is left out: LVM renames its pool's thin-pool device to `<vg>-<lv>-tpool`
+/// when LVM thin volumes appear in it, and the devices made before must still be recognised.
+/// dm uuids are at most 128 bytes: a long name is shortened to a hash of it.
 fn thin_uuid_prefix(pool: &str) -> String {
+    let pool = pool.strip_suffix("-tpool").unwrap_or(pool);
     if pool.len() <= 96 {
         return format!("thinsnap-{pool}-snap-");
     }
@@ -736,4 +741,20 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thin_uuid_prefix;
+
+    #[test]
+    fn thin_uuids_name_the_pool_and_fit_a_dm_uuid() {
+        assert_eq!(thin_uuid_prefix("tp"), "thinsnap-tp-snap-");
+        // LVM's pool device keeps its thin devices' uuids when it gains the -tpool layer.
+        assert_eq!(thin_uuid_prefix("vg-p-tpool"), thin_uuid_prefix("vg-p"));
+        let long = "x".repeat(127);
+        let p = thin_uuid_prefix(&long);
+        assert!(p.len() + "16777215".len() < 128, "{p}");
+        assert_ne!(p, thin_uuid_prefix(&format!("{}y", "x".repeat(126))));
+    }
 }
