@@ -79,11 +79,12 @@ enum PoolCommand {
     /// A new (or lost) database in front of a pool that holds thin devices: say what to do
     /// with them, once, with the daemon stopped (it refuses to start until then). Runs the
     /// start-up (recovery, the base device) and exits.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["keep_foreign", "reset"])))]
     Adopt {
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Keep them as someone else's: never deleted, their thin ids never reused.
-        #[arg(long, conflicts_with = "reset", required_unless_present = "reset")]
+        #[arg(long)]
         keep_foreign: bool,
         /// Delete them (their data is lost).
         #[arg(long)]
