@@ -14,7 +14,7 @@ use thinsnap::admin::api::admin_client::AdminClient;
 use thinsnap::admin::api::StatusRequest;
 use thinsnap::config::Config;
 use thinsnap::engine::recovery::{self, Records};
-use thinsnap::engine::{EngineHandle, Settings};
+use thinsnap::engine::{Adopt, EngineHandle, Settings};
 use thinsnap::pool::dm::{self, DmPool};
 use thinsnap::pool::ThinPool;
 use thinsnap::store::Store;
@@ -43,7 +43,8 @@ struct Cli {
 enum Command {
     /// Serve containerd's Snapshots API on the configured unix socket.
     Serve {
-        /// TOML configuration file; without it the embedded defaults are used.
+        /// TOML configuration file; without it /etc/thinsnap/config.toml if it exists, else
+        /// the embedded defaults.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -74,6 +75,20 @@ enum PoolCommand {
         /// New size of the metadata file.
         #[arg(long)]
         metadata_size: Option<bytesize::ByteSize>,
+    },
+    /// A new (or lost) database in front of a pool that holds thin devices: say what to do
+    /// with them, once, with the daemon stopped (it refuses to start until then). Runs the
+    /// start-up (recovery, the base device) and exits.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["keep_foreign", "reset"])))]
+    Adopt {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Keep them as someone else's: never deleted, their thin ids never reused.
+        #[arg(long)]
+        keep_foreign: bool,
+        /// Delete them (their data is lost).
+        #[arg(long)]
+        reset: bool,
     },
     /// Remove every device of this pool, the pool and its loop devices (loop mode); with
     /// --remove-files also the pool files and the database. The daemon must be stopped.
@@ -125,6 +140,15 @@ fn describe(e: &anyhow::Error) -> String {
     msg
 }
 
+/// The configuration a command uses: `--config`, else the installed file if it exists, else
+/// the embedded defaults.
+fn load_config(explicit: Option<&Path>) -> Result<Config> {
+    let installed = Path::new(thinsnap::config::INSTALLED_CONFIG);
+    Ok(Config::load(
+        Config::path_to_read(explicit, installed).as_deref(),
+    )?)
+}
+
 fn run(cli: Cli) -> Result<()> {
     let rt = server::runtime().context("cannot start the tokio runtime")?;
     match cli.command {
@@ -137,6 +161,21 @@ fn run(cli: Cli) -> Result<()> {
                     remove_files,
                 },
         } => destroy(config.as_deref(), remove_files),
+        Command::Pool {
+            command:
+                PoolCommand::Adopt {
+                    config,
+                    keep_foreign,
+                    reset: _,
+                },
+        } => rt.block_on(adopt(
+            config.as_deref(),
+            if keep_foreign {
+                Adopt::KeepForeign
+            } else {
+                Adopt::Reset
+            },
+        )),
         Command::Pool {
             command:
                 PoolCommand::Grow {
@@ -178,7 +217,7 @@ fn ensure_root(root: &Path) -> Result<()> {
 
 async fn serve(config_path: Option<&Path>) -> Result<()> {
     thinsnap::failpoint::announce();
-    let config = Config::load(config_path)?;
+    let config = load_config(config_path)?;
     server::disable_huge_pages();
     // Signal handlers first: a SIGTERM during a long start-up (mkfs of the base) is kept and
     // stops the server as soon as it serves, instead of killing it half way.
@@ -196,7 +235,7 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
           pool = %config.pool.name, mode = %config.pool.mode, "starting");
     server::check_not_in_use(&config.address)?;
     ensure_root(&config.root)?;
-    let (engine, starting) = start(&config).await?;
+    let (engine, starting) = start(&config, None).await?;
     let listener = server::bind(&config.address)?;
     if starting.is_some() {
         info!(socket = %config.address.display(),
@@ -245,6 +284,7 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
 /// before serving.
 async fn start(
     config: &Config,
+    adopt: Option<Adopt>,
 ) -> Result<(EngineHandle, Option<tokio::task::JoinHandle<Result<()>>>)> {
     // A kernel without device-mapper is refused before anything is made under root.
     dm::check_device_mapper()?;
@@ -275,7 +315,8 @@ async fn start(
         tokio::task::spawn_blocking(move || -> Result<_> {
             let (fs_config, root) = (c.fs.clone(), c.root.clone());
             let format = move |dev: &Path| fs::format_base(dev, &fs_config, &root);
-            let settings = Settings::from_config(&c);
+            let mut settings = Settings::from_config(&c);
+            settings.adopt = adopt;
             let (engine, _report) = match opened {
                 Some((store, records)) => {
                     recovery::start_from(pool, store, records, settings, &format)?
@@ -307,6 +348,26 @@ async fn start(
     }
 }
 
+/// `thinsnap pool adopt`: the daemon's start-up with `what` said for the thin devices of a
+/// pool the database has no record of (see `engine::ownership`), then exit.
+async fn adopt(config_path: Option<&Path>, what: Adopt) -> Result<()> {
+    let config = load_config(config_path)?;
+    if server::check_not_in_use(&config.address).is_err() {
+        bail!(
+            "thinsnap is still serving on {}; stop it first",
+            config.address.display()
+        );
+    }
+    ensure_root(&config.root)?;
+    let (engine, starting) = start(&config, Some(what)).await?;
+    if let Some(start) = starting {
+        start.await.context("the start task failed")??;
+    }
+    drop(engine);
+    info!(pool = %config.pool.name, ?what, "pool adopted; start the daemon");
+    Ok(())
+}
+
 /// A channel to the running daemon's socket.
 async fn reach(config: &Config) -> Result<tonic::transport::Channel> {
     server::connect(&config.address).await.with_context(|| {
@@ -318,7 +379,7 @@ async fn reach(config: &Config) -> Result<tonic::transport::Channel> {
 }
 
 async fn status(config_path: Option<&Path>, json: bool) -> Result<()> {
-    let config = Config::load(config_path)?;
+    let config = load_config(config_path)?;
     let st = AdminClient::new(reach(&config).await?)
         .status(StatusRequest::default())
         .await
@@ -333,7 +394,7 @@ async fn grow(
     data: Option<bytesize::ByteSize>,
     meta: Option<bytesize::ByteSize>,
 ) -> Result<()> {
-    let config = Config::load(config_path)?;
+    let config = load_config(config_path)?;
     let st = AdminClient::new(reach(&config).await?)
         .grow(thinsnap::admin::api::GrowRequest {
             data_size_bytes: data.map(|b| b.as_u64()).unwrap_or(0),
@@ -356,7 +417,7 @@ async fn grow(
 }
 
 fn destroy(config_path: Option<&Path>, remove_files: bool) -> Result<()> {
-    let config = Config::load(config_path)?;
+    let config = load_config(config_path)?;
     if server::check_not_in_use(&config.address).is_err() {
         bail!(
             "thinsnap is still serving on {}; stop it first",

@@ -25,6 +25,11 @@ use crate::metrics::Metrics;
 pub enum ServerError {
     #[error("another process is serving on {0}; stop it first")]
     InUse(PathBuf),
+    #[error(
+        "{0} exists and is not a socket; thinsnap only replaces a stale socket there: move the \
+         file away or set `address` to another path"
+    )]
+    NotASocket(PathBuf),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -47,6 +52,40 @@ pub fn check_not_in_use(address: &Path) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Removes the socket file at `address` left by a dead process; nothing to do if there is none.
+///
+/// Returns [`ServerError::NotASocket`] if something else is there (a regular file, a directory,
+/// a symlink): it is never removed.
+pub fn remove_stale_socket(address: &Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(address) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServerError::Io {
+                op: "stat",
+                path: address.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServerError::NotASocket(address.to_path_buf()));
+    }
+    match std::fs::remove_file(address) {
+        Ok(()) => warn!(socket = %address.display(), "replaced stale socket file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ServerError::Io {
+                op: "remove stale socket",
+                path: address.to_path_buf(),
+                source,
+            })
+        }
+    }
+    Ok(())
+}
+
 /// Binds the socket: creates its parent directory, replaces a stale socket file left by a dead
 /// process, refuses a live one, and makes the socket 0600 (only root may drive the snapshotter).
 ///
@@ -60,11 +99,7 @@ pub fn bind(address: &Path) -> Result<UnixListener, ServerError> {
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     }
     check_not_in_use(address)?;
-    match std::fs::remove_file(address) {
-        Ok(()) => warn!(socket = %address.display(), "replaced stale socket file"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("remove stale socket", address)(e)),
-    }
+    remove_stale_socket(address)?;
     // Bind under a umask that leaves no window in which the socket is open to others.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = UnixListener::bind(address);
@@ -263,6 +298,27 @@ mod tests {
     use crate::config::FsConfig;
     use crate::engine::recovery;
     use crate::pool::fake::FakePool;
+
+    /// Only a stale socket is replaced: a regular file (a typo in `address`, a config file)
+    /// or a directory at the socket path is refused and kept.
+    #[tokio::test]
+    async fn bind_replaces_a_stale_socket_but_never_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "keep me").expect("write");
+        let err = bind(&file).expect_err("a regular file is not replaced");
+        assert!(matches!(err, ServerError::NotASocket(_)), "{err}");
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).expect("kept"), "keep me");
+        let sub = dir.path().join("d");
+        std::fs::create_dir(&sub).expect("mkdir");
+        assert!(matches!(bind(&sub), Err(ServerError::NotASocket(_))));
+        assert!(sub.is_dir());
+        // A socket no process serves (left by a dead one) is replaced.
+        let sock = dir.path().join("s.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+        drop(bind(&sock).expect("a stale socket is replaced"));
+    }
     use crate::store::Store;
 
     fn prep(key: &str, parent: &str) -> PrepareSnapshotRequest {

@@ -136,3 +136,24 @@ fn serve_says_whether_it_obeys_thinsnap_failpoint() {
         assert!(stderr.contains("THINSNAP_FAILPOINT is ignored"), "{stderr}");
     }
 }
+
+/// `pool adopt` needs the operator to say what to do: exactly one of --keep-foreign and --reset.
+#[test]
+fn pool_adopt_needs_keep_foreign_or_reset() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+            .args(["pool", "adopt", "--config", "/nonexistent/config.toml"])
+            .args(args)
+            .output()
+            .expect("run thinsnap")
+    };
+    for args in [&[][..], &["--keep-foreign", "--reset"][..]] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: a usage error");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--keep-foreign") && err.contains("--reset"),
+            "{err}"
+        );
+    }
+}

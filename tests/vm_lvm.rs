@@ -640,3 +640,55 @@ async fn vm_existing_lvm_pool_keeps_its_own_thin_volume_byte_for_byte() {
         "LVM's thin volume {vg}/mine changed"
     );
 }
+
+/// lvm mode names thin devices `<pool.name>-snap-<id>`, so a second daemon with the same
+/// `pool.name` (here a loop-mode one on a root of its own) has devices under our names. They are
+/// someone else's (their tables name another pool): a Prepare that wants that name fails
+/// instead of handing out the other daemon's device, and neither a restart nor `pool destroy`
+/// removes them. Before the fix the lvm daemon returned the other's device as its snapshot's
+/// and its recovery removed it.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, device-mapper and lvm2: run in the VM by integration/test.sh"]
+async fn vm_lvm_leaves_a_foreign_thin_device_with_our_name_alone() {
+    require_root_dm_lvm();
+    let disk = Disk::new("fthin");
+    let mut b = LvmDaemon::new("fthin", &disk, false);
+    b.start();
+    let mut a = Daemon::prepare_dir("vmlvm", "tslvm", "fthin-a");
+    a.pool = b.pool.clone();
+    a.write_config("data_size = \"1GiB\"\nmetadata_size = \"32MiB\"\n[fs]\nbase_size = \"64MiB\"");
+    a.start();
+    let (mut ca, _) = a.clients().await;
+    let ma = prepare(&mut ca, "a1", "").await.expect("prepare on a");
+    write_file(&a.dir, &ma[0], "f", "a's data");
+    let a_dev = ma[0].source.clone();
+
+    // b's next thin id is a's: b's Prepare wants the very name of a's device.
+    let (mut cb, _) = b.clients().await;
+    let err = prepare(&mut cb, "b1", "")
+        .await
+        .expect_err("b handed out a's device");
+    assert!(err.message().contains("not that device"), "{err:?}");
+    let mb = prepare(&mut cb, "b2", "").await.expect("prepare on b");
+    assert_ne!(mb[0].source, a_dev);
+    b.stop();
+    b.start();
+    let out = b.cli(&["status"]);
+    assert!(out.status.success());
+    b.stop();
+    let out = b.cli(&["pool", "destroy"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(Path::new(&a_dev).exists(), "a's device was removed");
+    let m = mounts(&mut ca, "a1").await;
+    assert_eq!(m[0].source, a_dev);
+    with_mount(&a.dir, &m[0], |root| {
+        assert_eq!(
+            std::fs::read_to_string(root.join("f")).expect("read"),
+            "a's data"
+        );
+    });
+}

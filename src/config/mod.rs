@@ -21,6 +21,8 @@ pub use pool::{AutogrowConfig, LvmConfig, PoolConfig, PoolMode};
 pub const DEFAULT_ADDRESS: &str = "/run/thinsnap/thinsnap.sock";
 /// Default state directory: sled database and, in loop mode, the pool's files.
 pub const DEFAULT_ROOT: &str = "/var/lib/thinsnap";
+/// The configuration file the packages install: read by every command given no `--config`.
+pub const INSTALLED_CONFIG: &str = "/etc/thinsnap/config.toml";
 
 /// The largest size a TOML integer holds.
 const MAX_SIZE: u64 = i64::MAX as u64;
@@ -211,6 +213,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The file a command reads: `explicit` (`--config`) if given, else `installed` if it
+    /// exists (the daemon's [`INSTALLED_CONFIG`]), else none (the embedded defaults).
+    pub fn path_to_read(explicit: Option<&Path>, installed: &Path) -> Option<PathBuf> {
+        match explicit {
+            Some(p) => Some(p.to_path_buf()),
+            None => installed.exists().then(|| installed.to_path_buf()),
+        }
+    }
+
     /// Reads and validates `path`; `None` gives the embedded defaults.
     ///
     /// Returns an error naming the file, or the key, when it cannot be read, parsed or validated.
@@ -294,6 +305,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without --config a command reads the installed file when there is one, so `thinsnap
+    /// status` and `pool destroy` talk to the daemon's socket and pool, not the defaults'.
+    #[test]
+    fn the_installed_config_is_read_without_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let installed = dir.path().join("config.toml");
+        assert_eq!(Config::path_to_read(None, &installed), None);
+        std::fs::write(&installed, "").expect("write");
+        assert_eq!(
+            Config::path_to_read(None, &installed),
+            Some(installed.clone())
+        );
+        let other = dir.path().join("other.toml");
+        assert_eq!(
+            Config::path_to_read(Some(&other), &installed),
+            Some(other.clone())
+        );
+        assert_eq!(INSTALLED_CONFIG, "/etc/thinsnap/config.toml");
+    }
 
     #[test]
     fn empty_file_gives_documented_defaults() {

@@ -60,7 +60,9 @@ pub(crate) fn pool_err(context: impl Into<String>) -> impl FnOnce(PoolError) -> 
         PoolError::Busy(dev) => EngineError::FailedPrecondition(format!(
             "{context}: dm device {dev} is busy; unmount it first"
         )),
-        PoolError::ReadOnly(_) => EngineError::FailedPrecondition(format!("{context}: {source}")),
+        PoolError::ReadOnly(_) | PoolError::ForeignDevice { .. } | PoolError::NotOurPool { .. } => {
+            EngineError::FailedPrecondition(format!("{context}: {source}"))
+        }
         PoolError::NoSpace(pool) => {
             EngineError::ResourceExhausted(format!("{context}: thin pool {pool} is out of space"))
         }

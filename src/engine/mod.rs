@@ -28,6 +28,7 @@ pub mod filter;
 mod handle;
 mod limits;
 mod locks;
+pub mod ownership;
 mod reaper;
 pub mod recovery;
 mod space;
@@ -55,7 +56,7 @@ use limits::{check_key, check_labels, size_label};
 pub use limits::{MAX_KEY_LEN, MAX_LABELS, MAX_LABEL_LEN, SIZE_LABEL};
 use locks::KeyLocks;
 pub use spares::{SpareCounts, SPARE_OWNER};
-pub use types::{BaseInfo, EngineStatus, Mount, Settings, SnapshotInfo, Usage};
+pub use types::{Adopt, BaseInfo, EngineStatus, Mount, Settings, SnapshotInfo, Usage};
 
 /// Nanoseconds since the epoch, for records.
 fn now_ns() -> u64 {
@@ -669,6 +670,8 @@ mod tests;
 mod tests_base_size;
 #[cfg(test)]
 mod tests_handle;
+#[cfg(test)]
+mod tests_ownership;
 #[cfg(test)]
 mod tests_spares;
 #[cfg(test)]

@@ -173,6 +173,10 @@ pub fn start_from(
     settings: Settings,
     format: Formatter<'_>,
 ) -> Result<(Engine, Report), EngineError> {
+    // Whose pool it is, before anything may be deleted from it.
+    let has_records =
+        !records.devices.is_empty() || !records.snapshots.is_empty() || store.base()?.is_some();
+    super::ownership::check(pool.as_ref(), &store, has_records, &settings)?;
     let pool = Arc::new(
         NumberedPool::new(pool, settings.owns_pool).map_err(pool_err("read pool status"))?,
     );
@@ -564,7 +568,8 @@ impl<'a> Recovery<'a> {
 
     /// Phase 3: active dm devices with our prefix that no record owns.
     fn delete_unowned_active(&mut self) -> Result<(), EngineError> {
-        let known = self.known_ids()?;
+        let mut known = self.known_ids()?;
+        known.extend(self.store.foreign_ids()?);
         for &id in self.active.iter().filter(|id| !known.contains(id)) {
             warn!(
                 thin_id = id,
@@ -605,7 +610,9 @@ impl<'a> Recovery<'a> {
             .list_thin_ids()
             .map_err(pool_err("list the pool's thin ids"))?;
         self.quarantine_gone(&kernel)?;
-        let known = self.known_ids()?;
+        let mut known = self.known_ids()?;
+        // Adopted as someone else's (`thinsnap pool adopt --keep-foreign`): never deleted.
+        known.extend(self.store.foreign_ids()?);
         let unknown: Vec<ThinId> = kernel.difference(&known).copied().collect();
         if unknown.is_empty() {
             return Ok(());

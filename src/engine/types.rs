@@ -94,6 +94,19 @@ pub struct Settings {
     /// `store.min_free`: Prepare and View are refused while the filesystem holding `root` has
     /// less free space (bytes); 0: no floor.
     pub store_min_free: u64,
+    /// `thinsnap pool adopt`: what to do with the thin devices of a pool this database has no
+    /// record of (None: refuse to start, see `super::ownership`).
+    pub adopt: Option<Adopt>,
+}
+
+/// What `thinsnap pool adopt` does with the thin devices of a pool in front of a new (or lost)
+/// database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adopt {
+    /// Keep them as someone else's: never deleted, their thin ids never allocated.
+    KeepForeign,
+    /// Delete them.
+    Reset,
 }
 
 impl Settings {
@@ -111,6 +124,7 @@ impl Settings {
                 .then(|| config.pool.autogrow.clone()),
             spares: config.spares.count,
             store_min_free: config.store.min_free.as_u64(),
+            adopt: None,
         }
     }
 
@@ -127,6 +141,7 @@ impl Settings {
             autogrow: None,
             spares: 0,
             store_min_free: 0,
+            adopt: None,
         }
     }
 }

@@ -46,6 +46,12 @@ pub struct DmPool {
     /// exists (growing reloads its table, the device stays), so it is read once, at open, instead
     /// of by a DM_DEV_STATUS on every activation.
     pool_dev: Device,
+    /// What every thin device's dm uuid starts with: it names this pool.
+    thin_uuid_prefix: String,
+    /// See [`PoolInfo::identity`].
+    identity: String,
+    /// See [`PoolInfo::fresh`].
+    fresh: bool,
 }
 
 impl DmPool {
@@ -63,9 +69,39 @@ impl DmPool {
         };
         let mut loop_files = Vec::new();
         let exists = device_exists(&dm, &name)?;
+        let mut fresh = false;
         match config.pool.mode {
             PoolMode::Loop => {
-                loop_files = loopback::provision(&dm, config, &name, exists)?;
+                if exists {
+                    // Adopted only if it is the pool on this root's files: another instance's
+                    // pool of the same name is refused before anything is made or attached.
+                    let params = pool_params(&dm, &name)?;
+                    loopback::check_pool_devices(
+                        config,
+                        &name,
+                        params.metadata_dev,
+                        params.data_dev,
+                    )?;
+                }
+                let dir = config.pool_dir();
+                std::fs::create_dir_all(&dir).map_err(|source| PoolError::Io {
+                    op: "create",
+                    path: dir.clone(),
+                    source,
+                })?;
+                fresh = !dir.join("metadata").exists();
+                let uuid = loopback::pool_uuid(&loopback::pool_id(&dir)?);
+                loop_files = loopback::provision(&dm, config, &name, &uuid, exists)?;
+                if exists
+                    && device_info(&dm, &name)?
+                        .and_then(|i| ioctl::uuid_of(&i))
+                        .is_none()
+                {
+                    // A pool made by a release that set no uuid: it is ours (its table is on
+                    // our files), so it gets its uuid now.
+                    ioctl::set_uuid(&dm, &name, &uuid)?;
+                    info!(pool = %name, uuid = %uuid, "gave the pool its dm uuid");
+                }
             }
             PoolMode::Existing | PoolMode::Lvm => {
                 if !exists {
@@ -74,24 +110,7 @@ impl DmPool {
             }
         }
         // Whatever made it, the device must be a thin pool; its table gives the block size.
-        let table = table_of(&dm, &name, true)?;
-        let (target, params) = match table.as_slice() {
-            [(_, _, t, p)] => (t.clone(), p.clone()),
-            _ => {
-                return Err(PoolError::NotAThinPool {
-                    name,
-                    found: format!("{}-target", table.len()),
-                })
-            }
-        };
-        if target != "thin-pool" {
-            return Err(PoolError::NotAThinPool {
-                name,
-                found: target,
-            });
-        }
-        let params = ThinPoolTargetParams::from_str(&format!("thin-pool {params}"))
-            .map_err(dm_err("parse table of", &name))?;
+        let params = pool_params(&dm, &name)?;
         let block_size = *params.data_block_size * SECTOR;
         if config.pool.mode == PoolMode::Loop && block_size != config.pool.block_size.as_u64() {
             warn!(pool = %name, existing = block_size, configured = config.pool.block_size.as_u64(),
@@ -100,24 +119,169 @@ impl DmPool {
         if exists {
             info!(pool = %name, mode = %config.pool.mode, "using existing thin pool");
         }
-        let pool_dev = device_info(&dm, &name)?
-            .ok_or_else(|| PoolError::PoolMissing(name.clone()))?
-            .device();
+        let pool_info =
+            device_info(&dm, &name)?.ok_or_else(|| PoolError::PoolMissing(name.clone()))?;
+        let pool_dev = pool_info.device();
+        let identity = identity_of(config, &name, ioctl::uuid_of(&pool_info), &loop_files);
         let prefix = format!("{}-snap-", config.pool.name);
-        resume_left_suspended(&dm, &name, config.pool.mode, &prefix)?;
-        Ok(DmPool {
+        let pool = DmPool {
             pool_dev,
             dm,
+            thin_uuid_prefix: thin_uuid_prefix(&name),
             prefix,
             name,
             mode: config.pool.mode,
             block_size,
             loop_files,
-        })
+            identity,
+            fresh,
+        };
+        pool.resume_left_suspended()?;
+        Ok(pool)
+    }
+
+    /// For a removal: false if the device named as `id`'s is someone else's (logged; our
+    /// device of `id` cannot be active under that name, so there is nothing of ours to remove).
+    ///
+    /// Returns an error if the device cannot be read.
+    fn device_is_ours_or_absent(&self, id: ThinId) -> Result<bool, PoolError> {
+        match self.own_device(id) {
+            Ok(_) => Ok(true),
+            Err(PoolError::ForeignDevice { name, why, .. }) => {
+                warn!(device = %name, thin_id = id, why = %why,
+                      "dm device has our name but is not ours: not removing it");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn thin_name(&self, id: ThinId) -> String {
         format!("{}{id}", self.prefix)
+    }
+
+    /// The dm uuid thinsnap gives the device of thin id `id`: it names the pool.
+    fn thin_uuid(&self, id: ThinId) -> String {
+        format!("{}{id}", self.thin_uuid_prefix)
+    }
+
+    /// Whether dm device `info` (named as thin id `id`'s) is thinsnap's device of thin id `id`
+    /// of this pool: its table is `thin <this pool's major:minor> <id>`, and its dm uuid, if it
+    /// has one (devices of older releases have none), is the one thinsnap gives it. A device
+    /// with no live table (a create cut short) is recognised by its dm uuid alone.
+    ///
+    /// Returns `Err(why)` if it is someone else's, or a [`PoolError`] if its table cannot be read.
+    fn check_ours(
+        &self,
+        name: &str,
+        id: ThinId,
+        info: &devicemapper::DeviceInfo,
+    ) -> Result<Result<(), String>, PoolError> {
+        let want_uuid = self.thin_uuid(id);
+        let uuid = ioctl::uuid_of(info);
+        if let Some(u) = &uuid {
+            if *u != want_uuid {
+                return Ok(Err(format!("its dm uuid is {u:?}, not {want_uuid:?}")));
+            }
+        }
+        if !info.flags().contains(DmFlags::DM_ACTIVE_PRESENT) {
+            return Ok(if uuid.is_some() {
+                Ok(())
+            } else {
+                Err("it has no table and no dm uuid".to_string())
+            });
+        }
+        let table = table_of(&self.dm, name, true)?;
+        let want = format!("{} {id}", self.pool_dev);
+        match table.as_slice() {
+            [(_, _, target, params)] if target == "thin" && params.trim() == want => Ok(Ok(())),
+            lines => Ok(Err(format!(
+                "its table is {:?}, not \"thin {want}\"",
+                lines
+                    .iter()
+                    .map(|(_, _, t, p)| format!("{t} {p}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))),
+        }
+    }
+
+    /// The dm device named as thin id `id`'s, if there is one and it is thinsnap's.
+    ///
+    /// Returns [`PoolError::ForeignDevice`] if a device has the name but is someone else's.
+    fn own_device(&self, id: ThinId) -> Result<Option<devicemapper::DeviceInfo>, PoolError> {
+        let name = self.thin_name(id);
+        let Some(info) = device_info(&self.dm, &name)? else {
+            return Ok(None);
+        };
+        match self.check_ours(&name, id, &info)? {
+            Ok(()) => Ok(Some(info)),
+            Err(why) => Err(PoolError::ForeignDevice {
+                name,
+                id,
+                pool: self.name.clone(),
+                why,
+            }),
+        }
+    }
+
+    /// Every active dm device that is thinsnap's device of one of this pool's thin ids (named
+    /// with the prefix and checked by [`DmPool::check_ours`]), with its info. Devices with the
+    /// prefix that are someone else's are logged and left alone.
+    ///
+    /// Returns an error if the devices cannot be listed or read.
+    fn own_devices(&self) -> Result<Vec<(ThinId, devicemapper::DeviceInfo)>, PoolError> {
+        let mut ours = Vec::new();
+        for name in ioctl::list_names(&self.dm)? {
+            let Some(id) = name
+                .strip_prefix(&self.prefix)
+                .and_then(|i| i.parse::<ThinId>().ok())
+            else {
+                continue;
+            };
+            // Gone since the list: nothing to do.
+            let Some(info) = device_info(&self.dm, &name)? else {
+                continue;
+            };
+            match self.check_ours(&name, id, &info)? {
+                Ok(()) => ours.push((id, info)),
+                Err(why) => {
+                    warn!(device = %name, why = %why, "dm device with our name prefix is not ours; left alone")
+                }
+            }
+        }
+        Ok(ours)
+    }
+
+    /// Resumes thinsnap's devices that a killed process left suspended: a thinsnap killed
+    /// between the suspend and the resume of a pool grow, or of an origin's snapshot, leaves the
+    /// device suspended in the kernel, and every reader of it (a container, the next start)
+    /// blocks. The pool itself only in loop mode: in lvm and existing mode it is someone else's
+    /// to suspend, and a suspended pool there is reported, not touched. Thin devices only if
+    /// they are ours ([`DmPool::check_ours`]).
+    ///
+    /// Returns an error naming the device if one cannot be resumed.
+    fn resume_left_suspended(&self) -> Result<(), PoolError> {
+        let (dm, pool, mode) = (&self.dm, self.name.as_str(), self.mode);
+        if device_info(dm, pool)?.is_some_and(|i| ioctl::is_suspended(&i)) {
+            if mode == PoolMode::Loop {
+                warn!(
+                    pool,
+                    "pool left suspended (a grow killed before its resume): resuming it"
+                );
+                ioctl::resume(dm, pool)?;
+            } else {
+                warn!(pool, %mode, "the pool is suspended; thin I/O blocks until its owner resumes it");
+            }
+        }
+        for (id, info) in self.own_devices()? {
+            if ioctl::is_suspended(&info) {
+                let name = self.thin_name(id);
+                warn!(device = %name, "thin device left suspended (a snapshot of it killed before its resume): resuming it");
+                ioctl::resume(dm, &name)?;
+            }
+        }
+        Ok(())
     }
 
     fn message(&self, msg: &str) -> Result<(), DmError> {
@@ -255,11 +419,14 @@ impl ThinPool for DmPool {
     fn create_snap(&self, id: ThinId, origin: ThinId) -> Result<(), PoolError> {
         // thin-provisioning.rst: an active origin must be suspended while the snapshot is taken.
         let origin_name = self.thin_name(origin);
-        let guard = if device_exists(&self.dm, &origin_name)? {
-            Some(ioctl::suspend(&self.dm, &origin_name)?)
-        } else {
-            None
-        };
+        // Only our own device of the origin is suspended: a device of someone else's under its
+        // name is not the origin (ours is then not active).
+        let guard =
+            if self.device_is_ours_or_absent(origin)? && device_exists(&self.dm, &origin_name)? {
+                Some(ioctl::suspend(&self.dm, &origin_name)?)
+            } else {
+                None
+            };
         // On a failed message the guard resumes the origin as it drops.
         self.message(&format!("create_snap {id} {origin}"))
             .map_err(|e| match self.message_err("create_snap", id, e) {
@@ -302,8 +469,10 @@ impl ThinPool for DmPool {
         let name = self.thin_name(id);
         let path = self.device_path(id);
         // One DM_DEV_STATUS tells both whether the device is already active (recovery, a retried
-        // call) and, if it is, its device number for the node.
-        if let Some(info) = device_info(&self.dm, &name)? {
+        // call) and, if it is, its device number for the node. A device of that name is reused
+        // (or made again) only if it is ours (its table and dm uuid, `check_ours`); someone
+        // else's is refused.
+        if let Some(info) = self.own_device(id)? {
             let flags = info.flags();
             if !flags.contains(DmFlags::DM_ACTIVE_PRESENT) {
                 // Half made: a thinsnap killed between the device's create and its resume. No
@@ -323,6 +492,7 @@ impl ThinPool for DmPool {
         create_device(
             &self.dm,
             &name,
+            &self.thin_uuid(id),
             "thin",
             size_bytes / SECTOR,
             &format!("{} {id}", self.pool_dev),
@@ -339,12 +509,15 @@ impl ThinPool for DmPool {
     }
 
     fn deactivate(&self, id: ThinId) -> Result<(), PoolError> {
+        if !self.device_is_ours_or_absent(id)? {
+            return Ok(());
+        }
         remove_device(&self.dm, &self.thin_name(id))
     }
 
     fn deactivate_deferred(&self, id: ThinId) -> Result<(), PoolError> {
         let name = self.thin_name(id);
-        if !device_exists(&self.dm, &name)? {
+        if !self.device_is_ours_or_absent(id)? || !device_exists(&self.dm, &name)? {
             return Ok(());
         }
         // Without DM_SKIP_LOCKFS the suspend freezes the mounted filesystem: its dirty pages are
@@ -376,10 +549,7 @@ impl ThinPool for DmPool {
     }
 
     fn active_ids(&self) -> Result<Vec<ThinId>, PoolError> {
-        Ok(ioctl::list_names(&self.dm)?
-            .iter()
-            .filter_map(|n| n.strip_prefix(&self.prefix)?.parse().ok())
-            .collect())
+        Ok(self.own_devices()?.into_iter().map(|(id, _)| id).collect())
     }
 
     fn device_path(&self, id: ThinId) -> PathBuf {
@@ -418,7 +588,7 @@ impl ThinPool for DmPool {
     }
 
     fn discard(&self, id: ThinId, size_bytes: u64) -> Result<(), PoolError> {
-        let was_active = device_exists(&self.dm, &self.thin_name(id))?;
+        let was_active = self.own_device(id)?.is_some();
         let path = self.activate(id, size_bytes)?;
         let discarded = ioctl::discard_range(&path, size_bytes);
         if !was_active {
@@ -476,44 +646,83 @@ impl ThinPool for DmPool {
             name: self.name.clone(),
             mode: self.mode.to_string(),
             loop_files: self.loop_files.clone(),
+            identity: self.identity.clone(),
+            fresh: self.fresh,
         }
     }
 }
 
-/// Resumes thinsnap's devices that a killed process left suspended: a thinsnap killed between
-/// the suspend and the resume of a pool grow, or of an origin's snapshot, leaves the device
-/// suspended in the kernel, and every reader of it (a container, the next start) blocks. The
-/// pool itself only in loop mode: in lvm and existing mode it is someone else's to suspend,
-/// and a suspended pool there is reported, not touched.
+/// The parameters of pool device `name`'s table, which must be one `thin-pool` target.
 ///
-/// Returns an error naming the device if one cannot be resumed.
-fn resume_left_suspended(
-    dm: &DM,
-    pool: &str,
-    mode: PoolMode,
-    prefix: &str,
-) -> Result<(), PoolError> {
-    if device_info(dm, pool)?.is_some_and(|i| ioctl::is_suspended(&i)) {
-        if mode == PoolMode::Loop {
-            warn!(
-                pool,
-                "pool left suspended (a grow killed before its resume): resuming it"
-            );
-            ioctl::resume(dm, pool)?;
-        } else {
-            warn!(pool, %mode, "the pool is suspended; thin I/O blocks until its owner resumes it");
+/// Returns [`PoolError::NotAThinPool`] if it is not a thin pool, or an error if the table
+/// cannot be read or parsed.
+fn pool_params(dm: &DM, name: &str) -> Result<ThinPoolTargetParams, PoolError> {
+    let table = table_of(dm, name, true)?;
+    let (target, params) = match table.as_slice() {
+        [(_, _, t, p)] => (t.clone(), p.clone()),
+        _ => {
+            return Err(PoolError::NotAThinPool {
+                name: name.to_string(),
+                found: format!("{}-target", table.len()),
+            })
         }
+    };
+    if target != "thin-pool" {
+        return Err(PoolError::NotAThinPool {
+            name: name.to_string(),
+            found: target,
+        });
     }
-    for name in ioctl::list_names(dm)? {
-        let ours = name
-            .strip_prefix(prefix)
-            .is_some_and(|id| id.parse::<ThinId>().is_ok());
-        if ours && device_info(dm, &name)?.is_some_and(|i| ioctl::is_suspended(&i)) {
-            warn!(device = %name, "thin device left suspended (a snapshot of it killed before its resume): resuming it");
-            ioctl::resume(dm, &name)?;
-        }
+    ThinPoolTargetParams::from_str(&format!("thin-pool {params}"))
+        .map_err(dm_err("parse table of", name))
+}
+
+/// What the dm uuid of every thin device of pool `pool` (its dm name) starts with. LVM's
+/// `-tpool` suffix is left out: LVM renames its pool's thin-pool device to `<vg>-<lv>-tpool`
+/// when LVM thin volumes appear in it, and the devices made before must still be recognised.
+/// dm uuids are at most 128 bytes: a long name is shortened to a hash of it.
+fn thin_uuid_prefix(pool: &str) -> String {
+    let pool = pool.strip_suffix("-tpool").unwrap_or(pool);
+    if pool.len() <= 96 {
+        return format!("thinsnap-{pool}-snap-");
     }
-    Ok(())
+    // FNV-1a: stable across Rust releases (std's hasher is not).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in pool.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    format!("thinsnap-{}-{h:016x}-snap-", &pool[..64])
+}
+
+/// The pool's identity as the kernel has it (see [`PoolInfo::identity`]). In lvm mode the
+/// volume group and thin pool name it (its dm name changes when LVM thin volumes come and go,
+/// its uuid then gains `-tpool`).
+fn identity_of(
+    config: &Config,
+    name: &str,
+    uuid: Option<String>,
+    loop_files: &LoopFiles,
+) -> String {
+    let uuid = uuid.map(|u| u.trim_end_matches("-tpool").to_string());
+    let uuid = uuid
+        .as_deref()
+        .map_or("no dm uuid".to_string(), |u| format!("dm uuid {u}"));
+    match config.pool.mode {
+        PoolMode::Loop => format!(
+            "loop pool {name} ({uuid}) on {}",
+            loop_files
+                .iter()
+                .map(|(_, f, _)| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        PoolMode::Lvm => format!(
+            "lvm pool {}/{} ({uuid})",
+            config.pool.lvm.volume_group, config.pool.lvm.thin_pool
+        ),
+        PoolMode::Existing => format!("existing pool {name} ({uuid})"),
+    }
 }
 
 /// Checks that the kernel has device-mapper (opens its control device, one version ioctl): the
@@ -532,17 +741,6 @@ pub fn check_device_mapper() -> Result<(), PoolError> {
 pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Result<(), PoolError> {
     let dm = open_dm()?;
     let name = &config.pool.name;
-    let prefix = format!("{name}-snap-");
-    let devices = dm.list_devices().map_err(dm_err("list devices", name))?;
-    for (n, _, _) in &devices {
-        let n = n.to_string();
-        if n.strip_prefix(&prefix)
-            .is_some_and(|id| id.parse::<ThinId>().is_ok())
-        {
-            remove_device(&dm, &n)?;
-            info!(device = %n, "removed dm device");
-        }
-    }
     let pool_dev = match config.pool.mode {
         PoolMode::Lvm => {
             let l = &config.pool.lvm;
@@ -555,6 +753,38 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
         }
         _ => name.clone(),
     };
+    // Only thin devices of this pool go: their table must be `thin <pool's major:minor> <id>`
+    // (a thin device holds its pool open, so without the pool there is none of ours), and a
+    // loop pool must be the one on this root's files.
+    if let Some(info) = device_info(&dm, &pool_dev)? {
+        if config.pool.mode == PoolMode::Loop {
+            let params = pool_params(&dm, &pool_dev)?;
+            loopback::check_pool_devices(config, &pool_dev, params.metadata_dev, params.data_dev)?;
+        }
+        let prefix = format!("{name}-snap-");
+        let uuid_prefix = thin_uuid_prefix(&pool_dev);
+        for n in ioctl::list_names(&dm)? {
+            let Some(id) = n
+                .strip_prefix(&prefix)
+                .and_then(|id| id.parse::<ThinId>().ok())
+            else {
+                continue;
+            };
+            let Some(dev) = device_info(&dm, &n)? else {
+                continue;
+            };
+            let uuid_ok = ioctl::uuid_of(&dev).is_none_or(|u| u == format!("{uuid_prefix}{id}"));
+            let want = format!("{} {id}", info.device());
+            let table_ok = matches!(table_of(&dm, &n, true)?.as_slice(),
+                [(_, _, t, p)] if t == "thin" && p.trim() == want);
+            if uuid_ok && table_ok {
+                remove_device(&dm, &n)?;
+                info!(device = %n, "removed dm device");
+            } else {
+                warn!(device = %n, "dm device with our name prefix is not a thin device of this pool; left alone");
+            }
+        }
+    }
     let exists = device_exists(&dm, &pool_dev)?;
     match config.pool.mode {
         PoolMode::Existing | PoolMode::Lvm => {
@@ -583,4 +813,20 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thin_uuid_prefix;
+
+    #[test]
+    fn thin_uuids_name_the_pool_and_fit_a_dm_uuid() {
+        assert_eq!(thin_uuid_prefix("tp"), "thinsnap-tp-snap-");
+        // LVM's pool device keeps its thin devices' uuids when it gains the -tpool layer.
+        assert_eq!(thin_uuid_prefix("vg-p-tpool"), thin_uuid_prefix("vg-p"));
+        let long = "x".repeat(127);
+        let p = thin_uuid_prefix(&long);
+        assert!(p.len() + "16777215".len() < 128, "{p}");
+        assert_ne!(p, thin_uuid_prefix(&format!("{}y", "x".repeat(126))));
+    }
 }

@@ -31,6 +31,8 @@ struct State {
     data_used_extra: u64,
     /// A metadata snapshot reserved (what a thin_ls cut short by a kill leaves).
     metadata_snapshot_held: bool,
+    identity: String,
+    fresh: bool,
 }
 
 /// The pool's end of a [`Pause`]: says the call got there, then waits to be let go.
@@ -159,6 +161,14 @@ impl FakePool {
             reached: Some(reached_rx),
             release: Some(release_tx),
         }
+    }
+
+    /// Sets what [`ThinPool::info`] says of the pool's identity (empty by default) and whether
+    /// it was made empty by this start.
+    pub fn set_identity(&self, identity: &str, fresh: bool) {
+        let mut s = self.lock();
+        s.identity = identity.to_string();
+        s.fresh = fresh;
     }
 
     /// Marks a device as open (mounted), so deactivating it fails with Busy.
@@ -394,10 +404,13 @@ impl ThinPool for FakePool {
     }
 
     fn info(&self) -> PoolInfo {
+        let s = self.lock();
         PoolInfo {
             name: "fake".to_string(),
             mode: "fake".to_string(),
             loop_files: Vec::new(),
+            identity: s.identity.clone(),
+            fresh: s.fresh,
         }
     }
 }

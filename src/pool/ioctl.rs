@@ -9,7 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use devicemapper::{
-    errors, DevId, Device, DeviceInfo, DmError, DmFlags, DmName, DmNameBuf, DmOptions, DM,
+    errors, DevId, Device, DeviceInfo, DmError, DmFlags, DmName, DmNameBuf, DmOptions, DmUuidBuf,
+    DM,
 };
 use nix::errno::Errno;
 use tracing::{debug, warn};
@@ -105,20 +106,45 @@ pub fn message(dm: &DM, name: &DmName, msg: &str) -> Result<(), DmError> {
     dm.target_msg(&DevId::Name(name), None, msg).map(|_| ())
 }
 
-/// Creates dm device `name` with one target, loads its table and resumes it; a device left half
-/// made is removed again.
+/// `uuid` as a dm uuid.
+///
+/// Returns [`PoolError::Dm`] if it is not one (too long, say).
+pub fn dm_uuid(uuid: &str) -> Result<DmUuidBuf, PoolError> {
+    DmUuidBuf::new(uuid.to_string()).map_err(dm_err("uuid", uuid))
+}
+
+/// The dm uuid of device `info`, if it has one.
+pub fn uuid_of(info: &DeviceInfo) -> Option<String> {
+    info.uuid().map(|u| u.to_string()).filter(|u| !u.is_empty())
+}
+
+/// Gives dm device `name`, which has none, the dm uuid `uuid` (the kernel sets a uuid once).
+///
+/// Returns an error if the ioctl fails (the device has a uuid already, say).
+pub fn set_uuid(dm: &DM, name: &str, uuid: &str) -> Result<(), PoolError> {
+    let n = dm_name(name)?;
+    let u = dm_uuid(uuid)?;
+    dm.device_rename(&n, &DevId::Uuid(&u))
+        .map(|_| ())
+        .map_err(dm_err("set the uuid of", name))
+}
+
+/// Creates dm device `name` (with dm uuid `uuid`) with one target, loads its table and resumes
+/// it; a device left half made is removed again.
 ///
 /// Returns an error if a step fails (the device exists already, say).
 pub fn create_device(
     dm: &DM,
     name: &str,
+    uuid: &str,
     target: &str,
     sectors: u64,
     params: &str,
 ) -> Result<Device, PoolError> {
     let n = dm_name(name)?;
+    let u = dm_uuid(uuid)?;
     let info = dm
-        .device_create(&n, None, DmOptions::default())
+        .device_create(&n, Some(&u), DmOptions::default())
         .map_err(dm_err("create", name))?;
     // Killed here, the device exists with no table (tests/vm_lazy.rs): the next activate
     // must make it again.

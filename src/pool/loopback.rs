@@ -11,7 +11,7 @@
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
-use devicemapper::DM;
+use devicemapper::{Device, DM};
 use loopdev::{LoopControl, LoopDevice};
 use tracing::info;
 
@@ -135,15 +135,130 @@ pub fn refresh_capacity(dev: &Path) -> Result<(), PoolError> {
     ld.set_capacity().map_err(io_err("set capacity of", dev))
 }
 
+/// The device number (`major:minor`) of block device `dev` (`/dev/loopN`), from sysfs.
+fn devno_of(dev: &Path) -> Option<String> {
+    let name = dev.file_name()?.to_str()?;
+    let text = std::fs::read_to_string(format!("/sys/block/{name}/dev")).ok()?;
+    Some(text.trim().to_string())
+}
+
+/// `major:minor`, with the loop device and its backing file when it is one.
+fn describe_devno(dev: Device) -> String {
+    let sys = format!("/sys/dev/block/{}:{}", dev.major, dev.minor);
+    let backing = std::fs::read_to_string(format!("{sys}/loop/backing_file"));
+    let node = std::fs::read_link(&sys)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    match (node, backing) {
+        (Some(node), Ok(file)) => format!("{dev} (/dev/{node} on {})", file.trim_end()),
+        (Some(node), Err(_)) => format!("{dev} (/dev/{node})"),
+        _ => dev.to_string(),
+    }
+}
+
+/// Checks that an existing pool device whose table names `metadata_dev` and `data_dev` is the
+/// pool on this root's files (`config.pool_dir()`): each must be the loop device attached to
+/// the file of its role. Nothing is created or attached.
+///
+/// Returns [`PoolError::NotOurPool`] naming both sides if not, or an error if sysfs cannot be
+/// read.
+pub fn check_pool_devices(
+    config: &Config,
+    name: &str,
+    metadata_dev: Device,
+    data_dev: Device,
+) -> Result<(), PoolError> {
+    let dir = config.pool_dir();
+    let mut ours = Vec::new();
+    let mut matches = true;
+    for (role, file, want) in [
+        ("data", dir.join("data"), data_dev),
+        ("metadata", dir.join("metadata"), metadata_dev),
+    ] {
+        let attached = if file.exists() {
+            find_attached(&file)?
+        } else {
+            None
+        };
+        match attached {
+            Some(dev) => {
+                let devno = devno_of(&dev);
+                if devno.as_deref() != Some(want.to_string().as_str()) {
+                    matches = false;
+                }
+                ours.push(format!(
+                    "{role} {} on {}",
+                    devno.unwrap_or_else(|| "?".to_string()),
+                    file.display()
+                ));
+            }
+            None => {
+                matches = false;
+                ours.push(format!("{role} {} (not attached)", file.display()));
+            }
+        }
+    }
+    if matches {
+        return Ok(());
+    }
+    Err(PoolError::NotOurPool {
+        name: name.to_string(),
+        found: format!(
+            "data {}, metadata {}",
+            describe_devno(data_dev),
+            describe_devno(metadata_dev)
+        ),
+        ours: ours.join(", "),
+    })
+}
+
+/// The pool id of the loop pool in `dir`: read from `dir/id`, made (random) if there is none.
+/// It is the pool device's dm uuid (`thinsnap-pool-<id>`), so a pool made again after a reboot
+/// from the same files is the same pool, and a pool of other files is another.
+///
+/// Returns an error if the file cannot be read or written.
+pub fn pool_id(dir: &Path) -> Result<String, PoolError> {
+    let file = dir.join("id");
+    match std::fs::read_to_string(&file) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("read", &file)(e)),
+    }
+    let random = Path::new("/proc/sys/kernel/random/uuid");
+    let id: String = std::fs::read_to_string(random)
+        .map_err(io_err("read", random))?
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect();
+    let tmp = dir.join("id.tmp");
+    std::fs::write(&tmp, format!("{id}\n")).map_err(io_err("write", &tmp))?;
+    OpenOptions::new()
+        .write(true)
+        .open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("sync", &tmp))?;
+    std::fs::rename(&tmp, &file).map_err(io_err("rename", &tmp))?;
+    info!(file = %file.display(), id = %id, "made the pool id");
+    Ok(id)
+}
+
+/// The dm uuid of the loop pool whose id is `id` (see [`pool_id`]).
+pub fn pool_uuid(id: &str) -> String {
+    format!("thinsnap-pool-{id}")
+}
+
 /// Creates or reuses the sparse files of a loop pool under `config.pool_dir()` and their loop
 /// devices, and, unless the pool device `name` `exists` already, creates it with a `thin-pool`
-/// table over them. Returns the files and their loop devices.
+/// table over them and the dm uuid `uuid`. Returns the files and their loop devices.
 ///
 /// Returns an error if a file, a loop device or the pool device cannot be made.
 pub fn provision(
     dm: &DM,
     config: &Config,
     name: &str,
+    uuid: &str,
     exists: bool,
 ) -> Result<LoopFiles, PoolError> {
     let mut loop_files = Vec::new();
@@ -174,7 +289,7 @@ pub fn provision(
             meta_dev.display(),
             data_dev.display()
         );
-        create_device(dm, name, "thin-pool", data_sectors, &params)?;
+        create_device(dm, name, uuid, "thin-pool", data_sectors, &params)?;
         info!(pool = %name, data = %data_dev.display(), metadata = %meta_dev.display(),
               data_bytes = data_sectors * SECTOR, block_bytes = block, "created thin pool");
     }
@@ -258,6 +373,9 @@ pub fn release(dir: &Path, remove_files: bool) -> Result<(), PoolError> {
         if remove_files && remove_file_if_exists(&file)? {
             info!(file = %file.display(), "removed pool file");
         }
+    }
+    if remove_files {
+        remove_file_if_exists(&dir.join("id"))?;
     }
     if remove_files {
         let _ = std::fs::remove_dir(dir);

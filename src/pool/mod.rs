@@ -40,6 +40,31 @@ pub enum PoolError {
          install thin-provisioning-tools"
     )]
     ThinLsMissing(String),
+    #[error(
+        "dm device {name} is a thin pool, but not the one on this root's files: it is made of \
+         {found}, and this root's pool files are {ours}. Another thinsnap instance (another \
+         root) or another tool uses the pool name {name}; thinsnap changes nothing in it. Give \
+         this instance a pool.name of its own (or set root to the directory of the instance \
+         that made the pool)"
+    )]
+    NotOurPool {
+        name: String,
+        found: String,
+        ours: String,
+    },
+    /// A dm device has the name thinsnap derives for one of its thin devices, but it is not
+    /// that device (another table, another dm uuid): it is never reused nor removed.
+    #[error(
+        "dm device {name} has the name of thin id {id} of pool {pool}, but it is not that \
+         device ({why}); thinsnap neither uses nor removes it: find out whose it is \
+         (`dmsetup table {name}`, `dmsetup info {name}`) and remove or rename it"
+    )]
+    ForeignDevice {
+        name: String,
+        id: ThinId,
+        pool: String,
+        why: String,
+    },
     #[error("dm device {name} is a {found} target, not a thin-pool")]
     NotAThinPool { name: String, found: String },
     #[error("thin id {0} already exists in the pool")]
@@ -118,6 +143,12 @@ pub struct PoolInfo {
     pub mode: String,
     /// (role, file, loop device) in loop mode.
     pub loop_files: Vec<(String, PathBuf, PathBuf)>,
+    /// Who the pool is, as the kernel has it: mode, dm name, dm uuid and, in loop mode, the
+    /// backing files. The store records it at the first start and every start compares it.
+    pub identity: String,
+    /// The pool's metadata was made empty by this start (loop mode, a new metadata file): it
+    /// holds no thin device.
+    pub fresh: bool,
 }
 
 /// The operations the engine needs from a thin pool. Implementations are synchronous.

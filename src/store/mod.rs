@@ -42,6 +42,11 @@ const META_NEXT_ID: &[u8] = b"next_thin_id";
 const META_BASE: &[u8] = b"base";
 /// The pool's transaction id as of the last flush (pools thinsnap owns; see pool::txid).
 const META_POOL_TXID: &[u8] = b"pool_transaction_id";
+/// The identity of the pool this database belongs to (text made by the pool layer).
+const META_POOL_IDENTITY: &[u8] = b"pool_identity";
+/// Thin ids adopted as someone else's (`thinsnap pool adopt --keep-foreign`): never deleted,
+/// never allocated. Big-endian u32s.
+const META_FOREIGN: &[u8] = b"foreign_thin_ids";
 
 /// One step of the schema: from version `from` to `from + 1`. A step must be safe to run again
 /// (a crash between the step and the flush of its new version runs it twice).
@@ -412,6 +417,54 @@ impl Store {
         Ok(())
     }
 
+    /// The identity of the pool this database belongs to, recorded at its first start with it
+    /// (None: a new database, or one written by a release that did not record it).
+    pub fn pool_identity(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .meta
+            .get(META_POOL_IDENTITY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records the identity of the pool this database belongs to; durable with the next flush.
+    pub fn set_pool_identity(&self, identity: &str) -> Result<(), StoreError> {
+        self.meta.insert(META_POOL_IDENTITY, identity.as_bytes())?;
+        Ok(())
+    }
+
+    /// Forgets the recorded pool identity, as a database of the previous release has none.
+    #[cfg(test)]
+    pub(crate) fn forget_pool_identity(&self) -> Result<(), StoreError> {
+        self.meta.remove(META_POOL_IDENTITY)?;
+        self.flush_sync()
+    }
+
+    /// Thin ids adopted as someone else's: recovery never deletes them and they are never
+    /// allocated.
+    pub fn foreign_ids(&self) -> Result<std::collections::BTreeSet<ThinId>, StoreError> {
+        Ok(self
+            .meta
+            .get(META_FOREIGN)?
+            .map(|v| decode_ids(&v))
+            .unwrap_or_default())
+    }
+
+    /// Adds `ids` to the adopted foreign thin ids, and makes every later thin id larger than
+    /// theirs; durable with the next flush.
+    pub fn add_foreign_ids(
+        &self,
+        ids: &std::collections::BTreeSet<ThinId>,
+    ) -> Result<(), StoreError> {
+        let mut all = self.foreign_ids()?;
+        all.extend(ids.iter().copied());
+        let bytes: Vec<u8> = all.iter().flat_map(|id| id.to_be_bytes()).collect();
+        self.meta.insert(META_FOREIGN, bytes)?;
+        if let Some(&max) = ids.iter().max() {
+            self.allocate_past(max)?;
+        }
+        Ok(())
+    }
+
     /// Allocates a thin id and records a device in state Creating for `owner` (used for the base
     /// device, whose snapshot record does not exist).
     ///
@@ -744,15 +797,27 @@ fn set_device_state(devices: &TransactionalTree, id: ThinId, state: State) -> Tx
 /// Takes the next thin id not held by any device record. Ids are handed out in increasing order
 /// and wrap at 2^24, so an id is not reused soon after it was freed; one with a record (whatever
 /// its state) is never reused.
+/// The thin ids of a [`META_FOREIGN`] value.
+fn decode_ids(bytes: &[u8]) -> std::collections::BTreeSet<ThinId> {
+    bytes
+        .chunks_exact(4)
+        .filter_map(|c| Some(u32::from_be_bytes(c.try_into().ok()?)))
+        .collect()
+}
+
 fn allocate_id(devices: &TransactionalTree, meta: &TransactionalTree) -> TxResult<ThinId> {
     let mut next = match meta.get(META_NEXT_ID)? {
         Some(v) => u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4])),
         None => 0,
     };
+    let foreign = meta
+        .get(META_FOREIGN)?
+        .map(|v| decode_ids(&v))
+        .unwrap_or_default();
     for _ in 0..=MAX_THIN_ID {
         let candidate = next & MAX_THIN_ID;
         next = (candidate + 1) & MAX_THIN_ID;
-        if devices.get(id_key(candidate))?.is_none() {
+        if !foreign.contains(&candidate) && devices.get(id_key(candidate))?.is_none() {
             meta.insert(META_NEXT_ID, &next.to_be_bytes())?;
             return Ok(candidate);
         }

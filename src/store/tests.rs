@@ -294,3 +294,27 @@ fn every_older_schema_has_a_migration_step() {
     }
     assert!(MIGRATIONS.iter().all(|m| m.from < SCHEMA_VERSION));
 }
+
+/// Adopted foreign thin ids are never handed out, also when the allocator comes round to them
+/// again (the 24-bit space wraps).
+#[test]
+fn foreign_ids_are_never_allocated() {
+    let (_dir, store) = open();
+    assert_eq!(store.pool_identity().expect("read"), None);
+    store.set_pool_identity("loop pool p").expect("set");
+    assert_eq!(
+        store.pool_identity().expect("read").as_deref(),
+        Some("loop pool p")
+    );
+    let foreign: std::collections::BTreeSet<ThinId> = [0, 1, 3].into_iter().collect();
+    store.add_foreign_ids(&foreign).expect("adopt");
+    assert_eq!(store.foreign_ids().expect("read"), foreign);
+    assert_eq!(store.begin_device("a", 1).expect("alloc"), 4);
+    // As if the ids had wrapped: the allocator starts at 0 again and skips the foreign ones.
+    store
+        .meta
+        .insert(META_NEXT_ID, &0u32.to_be_bytes())
+        .expect("rewind");
+    assert_eq!(store.begin_device("b", 1).expect("alloc"), 2);
+    assert_eq!(store.begin_device("c", 1).expect("alloc"), 5);
+}
