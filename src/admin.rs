@@ -99,6 +99,8 @@ impl Admin for AdminService {
             spares_rounds: st.spares.rounds,
             spares_refilling: st.spares.refilling,
             spare_thin_ids: st.spare_thin_ids,
+            remove_async: engine.remove_async(),
+            deleting_devices: st.deleting,
             quarantined: st
                 .quarantined
                 .into_iter()

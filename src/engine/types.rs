@@ -63,6 +63,8 @@ pub struct EngineStatus {
     pub spares: super::SpareCounts,
     /// The thin ids of every warm spare's device record (any state); not in `thin_ids`.
     pub spare_thin_ids: Vec<ThinId>,
+    /// Device records in state Deleting: snapshots gone whose thin devices are still to delete.
+    pub deleting: u64,
 }
 
 /// What the engine takes from the configuration.
@@ -86,6 +88,9 @@ pub struct Settings {
     pub autogrow: Option<AutogrowConfig>,
     /// `[spares] count`: warm spares kept at most; 0: none.
     pub spares: u32,
+    /// The mount table Mounts reads to find where an active snapshot is already mounted
+    /// ([`crate::fs::mounted_at`]); /proc/self/mountinfo but in tests.
+    pub mount_table: PathBuf,
 }
 
 impl Settings {
@@ -102,6 +107,7 @@ impl Settings {
             autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
                 .then(|| config.pool.autogrow.clone()),
             spares: config.spares.count,
+            mount_table: PathBuf::from(crate::fs::MOUNT_TABLE),
         }
     }
 
@@ -117,6 +123,7 @@ impl Settings {
             allow_foreign_devices: false,
             autogrow: None,
             spares: 0,
+            mount_table: PathBuf::from(crate::fs::MOUNT_TABLE),
         }
     }
 }
