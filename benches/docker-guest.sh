@@ -108,8 +108,8 @@ EOF
   CD_PID=$!
   t0=$SECONDS
   until ctr --address "$W/s/containerd.sock" version >/dev/null 2>&1; do ((SECONDS - t0 > 120)) && return 1; sleep 0.5; done
-  jq --arg s "$W/s/containerd.sock" --arg d "$driver" '.containerd = $s | ."storage-driver" = $d' "$REPO/deploy/docker-daemon.json" >"$W/s/daemon.json"
-  dockerd --config-file "$W/s/daemon.json" --data-root "$W/s/docker" --exec-root "$W/s/exec" --pidfile "$W/s/docker.pid" \
+  jq --arg d "$driver" '."storage-driver" = $d' "$REPO/deploy/docker-daemon.json" >"$W/s/daemon.json"
+  dockerd --config-file "$W/s/daemon.json" --containerd="$W/s/containerd.sock" --data-root "$W/s/docker" --exec-root "$W/s/exec" --pidfile "$W/s/docker.pid" \
     -H "$DOCKER_HOST" --iptables=false --ip6tables=false --bridge=none --insecure-registry "$REGISTRY" >>"$OUT/bench-dockerd.log" 2>&1 &
   DD_PID=$!
   t0=$SECONDS

@@ -174,16 +174,18 @@ EOF
   }
   NAME="containerd $cdv starts with deploy/$cfg (thinsnap's proxy plugin)" LOG=$OUT/$v-containerd.log started start_containerd
 
-  # dockerd: deploy/docker-daemon.json, only "containerd" replaced by the test's socket (checked),
-  # and test-only flags that need no change of the host
-  jq --arg s "$CSOCK" '.containerd = $s' "$REPO/deploy/docker-daemon.json" >"$W/daemon.json"
-  check "the test's daemon.json is deploy/docker-daemon.json but for the containerd socket" \
-    bash -c "diff <(jq -S 'del(.containerd)' '$REPO/deploy/docker-daemon.json') <(jq -S 'del(.containerd)' '$W/daemon.json') &&
-      [[ \$(jq -r .containerd '$REPO/deploy/docker-daemon.json') == /run/containerd/containerd.sock ]]"
+  # dockerd: deploy/docker-daemon.json as it is, and the system containerd given as Debian's (and
+  # Docker's own) docker.service gives it, `--containerd=<socket>` (the test's socket); dockerd
+  # refuses a setting given both as a flag and in the file, so the file must not name it. Then
+  # test-only flags that need no change of the host.
+  cp "$REPO/deploy/docker-daemon.json" "$W/daemon.json"
+  check "Docker $v's docker.service passes --containerd=/run/containerd/containerd.sock, and deploy/docker-daemon.json does not set it again" \
+    bash -c "grep -q '^ExecStart=.* --containerd=/run/containerd/containerd.sock' '$DBIN/usr/lib/systemd/system/docker.service' &&
+      [[ \$(jq -r '.containerd // \"unset\"' '$REPO/deploy/docker-daemon.json') == unset ]]"
   start_dockerd() { # STORAGE (thinsnap: the deploy config; anything else: a daemon.json of its own)
     local conf=$W/daemon.json root=$W/docker
     if [[ ${1:-thinsnap} != thinsnap ]]; then conf=$W/daemon-$1.json root=$W/docker-$1; fi
-    dockerd --config-file "$conf" --data-root "$root" --exec-root "$W/exec" --pidfile "$W/docker.pid" \
+    dockerd --config-file "$conf" --containerd="$CSOCK" --data-root "$root" --exec-root "$W/exec" --pidfile "$W/docker.pid" \
       -H "unix://$DSOCK" --iptables=false --ip6tables=false --bridge=none \
       --insecure-registry "$REGISTRY" >>"$OUT/$v-dockerd.log" 2>&1 &
     DD_PID=$!
@@ -197,7 +199,7 @@ EOF
   # The road off another storage driver: images do not move between drivers, so an image made
   # under a graph driver (vfs here; devicemapper is gone from Docker 25 on) is saved there and
   # loaded on thinsnap (deploy/README.md, "Moving a node off the devicemapper driver").
-  jq -n --arg s "$CSOCK" '{containerd: $s, "storage-driver": "vfs", features: {"containerd-snapshotter": false}}' >"$W/daemon-vfs.json"
+  echo '{"storage-driver": "vfs", "features": {"containerd-snapshotter": false}}' >"$W/daemon-vfs.json"
   NAME="dockerd $v starts on the vfs graph driver (the driver moved off)" LOG=$OUT/$v-dockerd.log started start_dockerd vfs
   check "under vfs: an image committed and saved (docker save) before the switch" \
     bash -c "[[ \$(docker info --format '{{.Driver}}') == vfs ]] && docker pull -q '$IMG' >/dev/null &&
