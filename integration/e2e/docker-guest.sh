@@ -196,6 +196,8 @@ EOF
     done
     docker version >/dev/null 2>&1
   }
+  check "dockerd --validate: deploy/docker-daemon.json with the unit's --containerd flag" \
+    dockerd --config-file "$REPO/deploy/docker-daemon.json" --containerd=/run/containerd/containerd.sock --validate
   # The road off another storage driver: images do not move between drivers, so an image made
   # under a graph driver (vfs here; devicemapper is gone from Docker 25 on) is saved there and
   # loaded on thinsnap (deploy/README.md, "Moving a node off the devicemapper driver").
