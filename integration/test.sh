@@ -17,7 +17,7 @@
 #    tests on real dm-thin, beside containerd's snapshotter conformance suite and then the
 #    containerd matrix: the end-to-end test and the CRI tests on containerd 1.6.20, 1.7.24 and
 #    2.1.9 (integration/e2e/matrix-guest.sh); beside them Docker Engine 26.1.5 and 28.5.2 on
-#    thinsnap (integration/e2e/docker-guest.sh, after the cargo tests in their lane);
+#    thinsnap (integration/e2e/docker-guest.sh, one version at the end of each lane);
 #    GUEST_LANES=1 runs them one after the other
 # 9. a summary with the version x test table; exit status non-zero if anything failed.
 #
@@ -76,9 +76,9 @@ summary() {
     echo "  containerd version x test (passed/failed):"
     sed 's/^/    /' "$VM_RESULTS/matrix-table.txt"
   fi
-  if [[ -s ${VM_RESULTS:-/nonexistent}/docker-table.txt ]]; then
-    echo "  Docker Engine version (passed/failed):"
-    sed 's/^/    /' "$VM_RESULTS/docker-table.txt"
+  if compgen -G "${VM_RESULTS:-/nonexistent}/docker-table-*.txt" >/dev/null; then
+    echo "  Docker Engine version (passed/failed, time):"
+    cat "$VM_RESULTS"/docker-table-*.txt | awk 'NR == 1 || !/^docker /' | sed 's/^/    /'
   fi
   if ((failed)); then
     echo "integration/test.sh: FAILED"

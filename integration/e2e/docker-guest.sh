@@ -16,7 +16,7 @@
 #   THINSNAP_STATUS   how to ask thinsnap for its status as JSON, given the config file as $1
 #                     (default: "$BIN status --config $1 --json")
 #   E2E_IMAGES        output of build-images.py (its small-oci image is the one used here)
-# Prints PASS/FAIL per check, a table version x result into $VM_RESULTS/docker-table.txt, and
+# Prints PASS/FAIL per check, a table version x result into $VM_RESULTS/docker-table-<versions>.txt, and
 # ends with "N passed, N failed". One brace group: bash parses it whole before running it.
 {
 set -uo pipefail
@@ -36,7 +36,11 @@ PAR=${DOCKER_PARALLEL:-10}
 BIN0=${THINSNAP_BIN:-$REPO/target/debug/thinsnap}
 IMAGES=${E2E_IMAGES:-$REPO/integration/.results/e2e-images}
 OUT=$VM_RESULTS/docker
-REGISTRY=127.0.0.1:5001
+# One registry per run of this script, its port from the first version (5026, 5028), so that
+# two parts of all.sh running one version each at once do not meet.
+first=${VERSIONS%% *}
+REGISTRY=127.0.0.1:${DOCKER_REGISTRY_PORT:-50${first%%.*}}
+TABLE=$VM_RESULTS/docker-table-${VERSIONS// /-}.txt
 PY=/usr/bin/python3
 mkdir -p "$OUT"
 T0=$(date +%s)
@@ -57,7 +61,7 @@ check() { # NAME CMD...
 T() { timeout "${DOCKER_CMD_TIMEOUT:-600}" "$@"; }
 
 # ---------------------------------------------------------------- registry and image
-REG=/tmp/docker-registry
+REG=/tmp/docker-registry-${REGISTRY##*:}
 mkdir -p "$REG/data"
 cat >"$REG/config.yml" <<YML
 version: 0.1
@@ -349,6 +353,13 @@ EOF
     fail "after prune: no snapshot and no dm device" "containerd: $left" "dm: $(dm_snaps | tr '\n' ' ')" "status: $(jq -c .snapshots <<<"$st")"
   fi
   teardown_version
+  # Nothing of this version left behind: no dm device of its pool, no loop device on its files.
+  local dm loops
+  dm=$(dmsetup ls 2>/dev/null | grep "^$POOL" || true)
+  loops=$(losetup -a 2>/dev/null | grep -F "$W/" || true)
+  if [[ -z $dm && -z $loops ]]; then pass "after the teardown: no dm device of $POOL, no loop device on $W"; else
+    fail "after the teardown: no dm device of $POOL, no loop device on $W" "$dm" "$loops"
+  fi
   RES[$v]="$((PASSED - p0))/$((FAILED - f0)) $(($(date +%s) - start))s"
 }
 
@@ -377,7 +388,7 @@ say "Docker version x result (passed/failed, time)"
     case $v in 26.*) c=1.7.24 f=ext4 ;; *) c=2.1.9 f=xfs ;; esac
     printf '%-8s | %-10s | %-5s | %s\n' "$v" "$c" "$f" "${RES[$v]:--}"
   done
-} | tee "$VM_RESULTS/docker-table.txt"
+} | tee "$TABLE"
 echo "docker: $(($(date +%s) - T0))s"
 echo "$PASSED passed, $FAILED failed"
 ((FAILED == 0))
