@@ -350,7 +350,9 @@ EOF
     [[ $(jq -r '.snapshots.active + .snapshots.view + .snapshots.committed' <<<"$st") == 0 ]]; then
     pass "after prune: no snapshot (containerd, thinsnap status) and no dm device $POOL-snap-*"
   else
-    fail "after prune: no snapshot and no dm device" "containerd: $left" "dm: $(dm_snaps | tr '\n' ' ')" "status: $(jq -c .snapshots <<<"$st")"
+    fail "after prune: no snapshot and no dm device" "containerd: $left" "dm: $(dm_snaps | tr '\n' ' ')" "status: $(jq -c .snapshots <<<"$st")" \
+      "what still holds them: containerd images (moby):" "$(ctr --address "$CSOCK" -n moby images ls 2>&1 | cut -c1-160)" \
+      "leases (moby):" "$(ctr --address "$CSOCK" -n moby leases ls 2>&1)" "docker images -a:" "$(docker images -a 2>&1)"
   fi
   teardown_version
   # Nothing of this version left behind: no dm device of its pool, no loop device on its files.
