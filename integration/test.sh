@@ -11,13 +11,16 @@
 #    binary and the list of test executables)
 # 6. the Go conformance binary              (integration/conformance/build.sh)
 # 7. the containerd matrix's inputs: the test images (integration/e2e/build-images.py), the CRI test
-#    client (integration/cri-test), containerd 1.7/2.x (integration/fetch-containerd.sh), and
+#    client (integration/cri-test), containerd 1.7/2.x and Docker Engine 26.1.5/28.5.2
+#    (integration/fetch-containerd.sh), and
 #    thinsnap's Debian package (cargo deb), which the VM installs and the matrix runs, and its
 #    maintainer scripts' install/upgrade/remove logic (integration/deb-scripts-test.sh)
 # 8. ONE VM (integration/vm.sh integration/guest/all.sh), in two lanes at once: root-only cargo
 #    tests on real dm-thin, beside containerd's snapshotter conformance suite and then the
 #    containerd matrix: the end-to-end test and the CRI tests on containerd 1.6.20, 1.7.24 and
-#    2.1.9 (integration/e2e/matrix-guest.sh); GUEST_LANES=1 runs them one after the other
+#    2.1.9 (integration/e2e/matrix-guest.sh); beside them Docker Engine 26.1.5 and 28.5.2 on
+#    thinsnap (integration/e2e/docker-guest.sh, one version at the end of each lane);
+#    GUEST_LANES=1 runs them one after the other
 # 9. a summary with the version x test table; exit status non-zero if anything failed.
 #
 # Steps 2-4 failing do not stop the run (so one CI run shows everything); a failed build does
@@ -75,6 +78,10 @@ summary() {
   if [[ -s ${VM_RESULTS:-/nonexistent}/matrix-table.txt ]]; then
     echo "  containerd version x test (passed/failed):"
     sed 's/^/    /' "$VM_RESULTS/matrix-table.txt"
+  fi
+  if compgen -G "${VM_RESULTS:-/nonexistent}/docker-table-*.txt" >/dev/null; then
+    echo "  Docker Engine version (passed/failed, time):"
+    cat "$VM_RESULTS"/docker-table-*.txt | awk 'NR == 1 || !/^docker /' | sed 's/^/    /'
   fi
   if ((failed)); then
     echo "integration/test.sh: FAILED"
@@ -178,7 +185,7 @@ export VM_RESULTS=$RESULTS/vm VM_TIMEOUT=${VM_TIMEOUT:-5400}
 export CRI_TEST_BIN THINSNAP_DEB
 CRI_TEST_BIN=$(cat "$RESULTS/cri-test-bin.txt" 2>/dev/null)
 [[ -s $RESULTS/thinsnap.deb ]] && THINSNAP_DEB=$RESULTS/thinsnap.deb
-export VM_PASS_ENV="${VM_PASS_ENV:-} CONFORMANCE_PARALLEL CONFORMANCE_THINSNAP_BIN CONFORMANCE_FS CONFORMANCE_TIMEOUT RUST_ROOT_TEST_TIMEOUT GUEST_UDEV RUN_CRASH_TESTS CRASH_ROUNDS CRI_TEST_BIN THINSNAP_DEB E2E_VERSIONS E2E_FULL_VERSIONS E2E_TESTS GUEST_LANES GUEST_TMP_SIZE RUST_LATE"
+export VM_PASS_ENV="${VM_PASS_ENV:-} CONFORMANCE_PARALLEL CONFORMANCE_THINSNAP_BIN CONFORMANCE_FS CONFORMANCE_TIMEOUT RUST_ROOT_TEST_TIMEOUT GUEST_UDEV RUN_CRASH_TESTS CRASH_ROUNDS CRI_TEST_BIN THINSNAP_DEB E2E_VERSIONS E2E_FULL_VERSIONS E2E_TESTS GUEST_LANES GUEST_TMP_SIZE RUST_LATE RUST_LANE DOCKER_VERSIONS DOCKER_RUNS DOCKER_PARALLEL"
 mkdir -p "$VM_RESULTS"
 cp "$RESULTS/rust-test-executables.txt" "$VM_RESULTS/"
 # shellcheck disable=SC2086

@@ -114,6 +114,8 @@ impl Admin for AdminService {
             audit_unknown_thin_ids: st.audit.unknown,
             audit_missing_thin_ids: st.audit.missing,
             audit_error: st.audit.error.unwrap_or_default(),
+            remove_async: engine.remove_async(),
+            deleting_devices: st.deleting,
             quarantined: st
                 .quarantined
                 .into_iter()

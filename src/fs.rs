@@ -50,6 +50,101 @@ pub fn mount_options(fs: &FsConfig, read_only: bool) -> Vec<String> {
     opts
 }
 
+/// The mount table [`mounted_at`] reads in the daemon: the mounts of thinsnap's own mount
+/// namespace, which is the host's (deploy/thinsnap.service gives it no private one).
+pub const MOUNT_TABLE: &str = "/proc/self/mountinfo";
+
+/// Where the filesystem on block device `device` is mounted whole (the filesystem's root at the
+/// mount point, not a bind of a subdirectory), according to the mount table `table` (the format
+/// of /proc/self/mountinfo): the first such mount that nothing else is mounted over. A mount
+/// matches by the device's major:minor (whatever name it was mounted under) or by `device`
+/// itself as its source. None if it is not mounted so (or `device` does not exist).
+///
+/// A second Mounts of an active snapshot that a container has mounted answers a bind mount of
+/// this path: the kernel refuses a read-only mount of a block device that is mounted read-write
+/// elsewhere (EBUSY), which is how containerd's differ mounts the upper side of a diff.
+///
+/// Returns an error if `table` cannot be read.
+pub fn mounted_at(device: &Path, table: &Path) -> Result<Option<PathBuf>, FsError> {
+    let text = std::fs::read_to_string(table).map_err(|source| FsError::Io {
+        op: "read",
+        path: table.to_path_buf(),
+        source,
+    })?;
+    let number = match std::fs::metadata(device) {
+        Ok(m) => {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            m.file_type().is_block_device().then(|| {
+                let rdev = m.rdev();
+                (libc::major(rdev), libc::minor(rdev))
+            })
+        }
+        Err(_) => None,
+    };
+    Ok(find_mount_point(&text, number, device))
+}
+
+/// One line of a mount table: (major, minor), root, mount point, source.
+fn parse_mount_line(line: &str) -> Option<((u32, u32), String, PathBuf, String)> {
+    let (head, tail) = line.split_once(" - ")?;
+    let mut head = head.split(' ');
+    let _id = head.next()?;
+    let _parent = head.next()?;
+    let (major, minor) = head.next()?.split_once(':')?;
+    let number = (major.parse().ok()?, minor.parse().ok()?);
+    let root = unescape(head.next()?);
+    let point = PathBuf::from(unescape(head.next()?));
+    let mut tail = tail.split(' ');
+    let _fstype = tail.next()?;
+    let source = unescape(tail.next()?);
+    Some((number, root, point, source))
+}
+
+/// The mount point of the filesystem on `device` (number `number`), mounted whole, in mount
+/// table `text`; one with a later mount of something else at the same point is hidden, skipped.
+fn find_mount_point(text: &str, number: Option<(u32, u32)>, device: &Path) -> Option<PathBuf> {
+    let lines: Vec<_> = text.lines().filter_map(parse_mount_line).collect();
+    let ours = |n: (u32, u32), source: &str| Some(n) == number || Path::new(source) == device;
+    lines
+        .iter()
+        .enumerate()
+        .find_map(|(i, (n, root, point, source))| {
+            if root != "/" || !ours(*n, source) {
+                return None;
+            }
+            let hidden = lines[i + 1..]
+                .iter()
+                .any(|(n2, _, p2, s2)| p2 == point && !ours(*n2, s2));
+            (!hidden).then(|| point.clone())
+        })
+}
+
+/// Undoes the mount table's octal escapes (`\040` for a space, ...).
+fn unescape(field: &str) -> String {
+    if !field.contains('\\') {
+        return field.to_string();
+    }
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn run(cmd: &mut Command, device: &Path) -> Result<(), FsError> {
     let name = format!("{cmd:?}");
     let out = cmd.output().map_err(|e| FsError::Command {
@@ -194,5 +289,59 @@ mod tests {
         fs.mount_options = vec!["noatime".into(), "ro".into()];
         assert_eq!(mount_options(&fs, false), vec!["nouuid", "noatime", "ro"]);
         assert_eq!(mount_options(&fs, true), vec!["ro", "nouuid", "noatime"]);
+    }
+
+    const TABLE: &str = "\
+22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw
+90 29 254:3 /sub /var/lib/x/bound rw,relatime shared:1 - ext4 /dev/mapper/p-snap-3 rw
+91 29 254:3 / /run/containerd/io.containerd.runtime.v2.task/default/c\\0401/rootfs rw,relatime shared:1 - ext4 /dev/mapper/p-snap-3 rw
+92 29 254:4 / /var/lib/docker/rootfs/thinsnap/c2 rw,relatime shared:1 - xfs /dev/dm-4 rw,nouuid
+93 29 254:5 / /hidden rw - ext4 /dev/mapper/p-snap-5 rw
+94 29 0:40 / /hidden rw - tmpfs tmpfs rw
+";
+
+    #[test]
+    fn a_device_is_found_mounted_whole_by_number_or_by_its_source() {
+        let dev = |n| PathBuf::from(format!("/dev/mapper/p-snap-{n}"));
+        // By number: the bind of a subdirectory is skipped, the escaped space undone.
+        assert_eq!(
+            find_mount_point(TABLE, Some((254, 3)), &dev(3)),
+            Some(PathBuf::from(
+                "/run/containerd/io.containerd.runtime.v2.task/default/c 1/rootfs"
+            ))
+        );
+        // Mounted under another name of the same device (/dev/dm-4): found by number only.
+        assert_eq!(
+            find_mount_point(TABLE, Some((254, 4)), &dev(4)),
+            Some(PathBuf::from("/var/lib/docker/rootfs/thinsnap/c2"))
+        );
+        assert_eq!(find_mount_point(TABLE, None, &dev(4)), None);
+        // By source when the device cannot be read (no number).
+        assert_eq!(
+            find_mount_point(TABLE, None, &dev(3)),
+            Some(PathBuf::from(
+                "/run/containerd/io.containerd.runtime.v2.task/default/c 1/rootfs"
+            ))
+        );
+        // Mounted over by a tmpfs: the path would bind the tmpfs, so it is no answer.
+        assert_eq!(find_mount_point(TABLE, Some((254, 5)), &dev(5)), None);
+        // Not mounted.
+        assert_eq!(find_mount_point(TABLE, Some((254, 6)), &dev(6)), None);
+    }
+
+    #[test]
+    fn mounted_at_reads_the_table_and_names_it_when_it_cannot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = dir.path().join("mountinfo");
+        let err = mounted_at(Path::new("/dev/mapper/p-snap-3"), &table).expect_err("no table");
+        assert!(err.to_string().contains("mountinfo"), "{err}");
+        std::fs::write(&table, TABLE).expect("write");
+        assert_eq!(
+            mounted_at(Path::new("/dev/mapper/p-snap-5"), &table).expect("read"),
+            None
+        );
+        assert!(mounted_at(Path::new("/dev/mapper/p-snap-3"), &table)
+            .expect("read")
+            .is_some());
     }
 }

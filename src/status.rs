@@ -18,6 +18,12 @@ fn pct(used: u64, total: u64) -> f64 {
     }
 }
 
+/// The free-space floor in bytes of data space (the percentage of the pool's data size).
+fn floor_bytes(st: &StatusResponse) -> u64 {
+    let total = st.data.as_ref().map_or(0, |d| d.total_bytes);
+    (total as f64 * st.min_free_space_percent / 100.0) as u64
+}
+
 /// What an operator must do about an unhealthy pool (one that takes no changes, so not even a
 /// Remove can win space back), or `None` for a healthy one.
 pub fn action(st: &StatusResponse) -> Option<String> {
@@ -93,6 +99,10 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
                 {"key": q.key, "thin_id": q.thin_id, "kind": q.kind, "reason": q.reason}))
                 .collect::<Vec<_>>(),
             "thin_ids_in_use": st.thin_ids_in_use,
+            "deferred_removal": true,
+            "deferred_deletion": st.remove_async,
+            "deleting_devices": st.deleting_devices,
+            "min_free_space_bytes": floor_bytes(st),
             "loop_files": st.loop_files.iter().map(|l| serde_json::json!(
                 {"role": l.role, "file": l.file, "device": l.device})).collect::<Vec<_>>(),
         });
@@ -128,7 +138,20 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
             human(s.total_bytes.saturating_sub(s.used_bytes))
         );
     }
-    w!("Minimum Free Space:        {}%", st.min_free_space_percent);
+    w!(
+        "Minimum Free Space:        {}% ({} of data space; Docker's dm.min_free_space)",
+        st.min_free_space_percent,
+        human(floor_bytes(st))
+    );
+    // Docker's devicemapper section showed these: a device still open when it is to go is
+    // removed at its last close (always, DM_DEFERRED_REMOVE); `[remove] async` is deferred
+    // deletion.
+    w!("Deferred Removal Enabled:  true");
+    w!(
+        "Deferred Deletion Enabled: {} ([remove] async)",
+        st.remove_async
+    );
+    w!("Deferred Deleted Devices:  {}", st.deleting_devices);
     w!("Transaction Id:            {}", st.transaction_id);
     let mut health = Vec::new();
     if st.read_only {
@@ -192,7 +215,7 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
     for l in &st.loop_files {
         w!(
             "{:<27}{} on {}",
-            format!("Loop {} File:", l.role),
+            format!("Loop {} File:", capitalised(&l.role)),
             l.file,
             l.device
         );
@@ -234,6 +257,14 @@ fn audit_line(st: &StatusResponse) -> String {
         line = format!("last audit failed: {} (before: {line})", st.audit_error);
     }
     format!("{line} ({} run(s))", st.audit_runs)
+}
+
+/// `data` -> `Data`, as the other labels are written.
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -281,9 +312,47 @@ mod tests {
         );
         assert!(text.contains("3 active, 0 view, 0 committed"), "{text}");
         assert!(
-            text.contains("/var/lib/thinsnap/pool/data on /dev/loop0"),
+            text.contains("Loop Data File:            /var/lib/thinsnap/pool/data on /dev/loop0"),
             "{text}"
         );
+    }
+
+    /// Every line of `docker info`'s devicemapper section has its counterpart (deploy/README.md,
+    /// "Moving a node off the devicemapper driver", points here).
+    #[test]
+    fn text_covers_what_docker_info_showed_for_devicemapper() {
+        let mut st = sample();
+        st.block_size_bytes = 64 << 10;
+        st.base_size_bytes = 10 << 30;
+        st.fs_type = "xfs".into();
+        st.min_free_space_percent = 10.0;
+        st.remove_async = true;
+        st.deleting_devices = 2;
+        let text = render(&st, false);
+        for want in [
+            "Pool Name:                 p",
+            "Pool Blocksize:            64.0 KiB",
+            "Base Device Size:          10.0 GiB",
+            "Backing Filesystem:        xfs",
+            "Data Space Total:          4.0 GiB",
+            "Metadata Space Used:       0 B",
+            "Metadata Space Available:  1.0 MiB",
+            "Minimum Free Space:        10% (409.6 MiB of data space",
+            "Deferred Removal Enabled:  true",
+            "Deferred Deletion Enabled: true",
+            "Deferred Deleted Devices:  2",
+            "Loop Data File:",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&render(&st, true)).expect("json");
+        assert_eq!(v["deferred_removal"], true);
+        assert_eq!(v["deferred_deletion"], true);
+        assert_eq!(v["deleting_devices"], 2);
+        assert_eq!(v["min_free_space_bytes"], (4u64 << 30) / 10);
+        // The fields scripts already read keep their names.
+        assert_eq!(v["pool_name"], "p");
+        assert_eq!(v["min_free_space_percent"], 10.0);
     }
 
     #[test]

@@ -6,11 +6,16 @@
 #   conformance  containerd's snapshotter conformance suite  (guest/conformance.sh)
 #   e2e          the containerd matrix: end-to-end and CRI tests on containerd 1.6.20, 1.7.24 and
 #                2.1.9 (integration/e2e/matrix-guest.sh; its table lands in matrix-table.txt)
+#   docker-26    Docker Engine 26.1.5 on containerd 1.7.24 on thinsnap (ext4 pool), and
+#   docker-28    Docker Engine 28.5.2 on containerd 2.1.9 (xfs pool): integration/e2e/docker-guest.sh
+#                with DOCKER_VERSIONS set; each writes its row to docker-table-<version>.txt
+#   docker       both versions in one part
 # Each part runs in its own process, so one failing part does not stop the others. A part's
 # count is the last "N passed, N failed" line it prints (or 1 passed/1 failed by its exit status
 # when it prints none). The last line of the output is the total: "N passed, N failed".
 #
-# Lanes: the parts run in two lanes at once, "rust" beside "conformance then e2e" (each part is
+# Lanes: the parts run in two lanes at once, "rust then docker-26" beside "conformance, e2e, then
+# docker-28" (each part is
 # mostly one process at a time, so one lane leaves the second vCPU idle; two lanes cut the VM's
 # time by about a third). Every part names its own pools and devices, so they do not meet.
 # The test executables named in RUST_LATE (default vm_lazy) run in the second lane, after e2e
@@ -24,7 +29,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 guest_prelude
 
 parts=("$@")
-((${#parts[@]})) || parts=(rust conformance e2e)
+((${#parts[@]})) || parts=(rust conformance e2e docker-26 docker-28)
 
 # Device-mapper and loop devices left over by a part (all of ours live in this VM only): a part
 # that leaves any behind has leaked, and that is a failure of the part, not a warning.
@@ -99,6 +104,12 @@ one_part() {
     rust) run_part rust "$here/rust-root-tests.sh" "${rust_list:-$VM_RESULTS/rust-test-executables.txt}" ;;
     rust-late) run_part rust-late "$here/rust-root-tests.sh" "$results/rust-late.txt" ;;
     conformance) run_part conformance "$here/conformance.sh" ;;
+    docker)
+      # Docker Engine on thinsnap: both versions, one registry of its own
+      run_part docker /bin/bash "$GUEST_REPO/integration/e2e/docker-guest.sh"
+      ;;
+    docker-26) DOCKER_VERSIONS=26.1.5 run_part docker-26 /bin/bash "$GUEST_REPO/integration/e2e/docker-guest.sh" ;;
+    docker-28) DOCKER_VERSIONS=28.5.2 run_part docker-28 /bin/bash "$GUEST_REPO/integration/e2e/docker-guest.sh" ;;
     e2e)
       # ---- HOOK: owned by integration/e2e/: the containerd version matrix (end-to-end and CRI
       # tests on containerd 1.6.20, 1.7.24, 2.1.9; one registry, one image build) ----
@@ -122,13 +133,18 @@ if ((lanes > 1)) && [[ " ${parts[*]} " == *" rust "* ]] && ((${#parts[@]} > 1));
   grep -v '^[[:space:]]*\(#\|$\)' "$VM_RESULTS/rust-test-executables.txt" | grep -Ev "/(${late_pattern%|})[^/]*$" >"$rust_list"
   grep -v '^[[:space:]]*\(#\|$\)' "$VM_RESULTS/rust-test-executables.txt" | grep -E "/(${late_pattern%|})[^/]*$" >"$results/rust-late.txt"
   [[ -s $results/rust-late.txt ]] && parts+=(rust-late)
-  others=()
-  for part in "${parts[@]}"; do [[ $part == rust ]] || others+=("$part"); done
-  say "two lanes: rust | ${others[*]}"
-  one_part rust &
-  rust_lane=$!
+  # The parts named in RUST_LANE (default docker-26) follow rust in its lane; the others run in
+  # the second lane, in order (docker-28 after e2e): one Docker version per lane.
+  rust_lane_parts=" rust ${RUST_LANE-docker-26} "
+  others=() firsts=()
   for part in "${parts[@]}"; do
-    [[ $part == rust ]] || one_part "$part"
+    if [[ $rust_lane_parts == *" $part "* ]]; then firsts+=("$part"); else others+=("$part"); fi
+  done
+  say "two lanes: ${firsts[*]} | ${others[*]}"
+  (for part in "${firsts[@]}"; do one_part "$part"; done) &
+  rust_lane=$!
+  for part in "${others[@]}"; do
+    one_part "$part"
   done
   wait "$rust_lane"
 else

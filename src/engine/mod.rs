@@ -396,7 +396,41 @@ impl Engine {
             )));
         }
         self.ensure_device(key, &rec).await?;
+        if let Some(point) = self.mounted_whole(key, &rec).await {
+            // Already mounted (a running container's root filesystem): the kernel refuses a
+            // read-only mount of the device while it is mounted read-write (EBUSY), and that is
+            // how containerd's differ mounts it for a diff (`docker commit`, `nerdctl commit`,
+            // rootfs.CreateDiff). A bind of where it is mounted serves a read-only and a
+            // read-write mount alike, on the same live filesystem: nothing new to clean up, the
+            // container sees no change, and a Remove afterwards is as before.
+            info!(key = ?key, thin_id = rec.thin_id, mount_point = %point.display(), "snapshot already mounted; answering a bind mount of it");
+            let mode = if rec.kind == Kind::View { "ro" } else { "rw" };
+            return Ok(vec![Mount {
+                fs_type: "bind".to_string(),
+                source: point.display().to_string(),
+                options: vec!["bind".to_string(), mode.to_string()],
+            }]);
+        }
         Ok(self.mounts_of(&rec))
+    }
+
+    /// Where the device of snapshot `key` is mounted whole, if it is (see
+    /// [`crate::fs::mounted_at`]). A mount table that cannot be read is logged and taken as
+    /// "not mounted": the answer is then the device, as for a snapshot nobody mounted.
+    async fn mounted_whole(&self, key: &str, rec: &SnapshotRecord) -> Option<std::path::PathBuf> {
+        let device = self.pool.device_path(rec.thin_id);
+        let table = self.settings.mount_table.clone();
+        let found = tokio::task::spawn_blocking(move || crate::fs::mounted_at(&device, &table))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match found {
+            Ok(point) => point,
+            Err(e) => {
+                warn!(key = ?key, thin_id = rec.thin_id, error = %e, "cannot tell whether the snapshot is mounted; answering its device");
+                None
+            }
+        }
     }
 
     /// Removes a snapshot and deletes its thin device (with `remove.async`, queues the device
@@ -606,6 +640,10 @@ impl Engine {
             quarantined: self.quarantined()?,
             spares: self.spares.counts(),
             audit: self.audit_report(),
+            deleting: devices
+                .iter()
+                .filter(|d| d.state == State::Deleting)
+                .count() as u64,
             ..EngineStatus::default()
         };
         for (_, rec) in self.store.snapshots()? {
@@ -636,6 +674,11 @@ impl Engine {
     /// The state directory (`root`).
     pub fn root(&self) -> &std::path::Path {
         &self.settings.root
+    }
+
+    /// `[remove] async`: Remove answers at once; the reaper deletes the device.
+    pub fn remove_async(&self) -> bool {
+        self.settings.remove_async
     }
 
     /// The free-space floor, in percent.

@@ -1136,5 +1136,65 @@ async fn remove_racing_prepare_of_a_child_never_orphans_the_child() {
 #[path = "tests_lazy.rs"]
 mod lazy;
 
+/// An active snapshot (or view) that is already mounted, as a running container's root
+/// filesystem is, is answered as a bind mount of where it is mounted: containerd's differ mounts
+/// Mounts' answer read-only, which the kernel refuses for a device mounted read-write elsewhere.
+#[tokio::test]
+async fn mounts_of_a_mounted_snapshot_is_a_bind_of_its_mount_point() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = dir.path().join("mountinfo");
+    let mut settings = Settings::with_fs(FsConfig::default());
+    settings.mount_table = table.clone();
+    let t = setup_with(settings);
+    let made = prep(&t, "a", "").await.expect("a");
+    t.engine
+        .create(Kind::View, "v", "", no_labels())
+        .await
+        .expect("v");
+    let id = |k: &str| t.engine.record(k).expect("rec").expect(k).thin_id;
+    let (a, v) = (id("a"), id("v"));
+    // The table cannot be read: the device, as ever.
+    assert_eq!(t.engine.mounts("a").await.expect("mounts"), made);
+    // Nothing of ours mounted: the device.
+    std::fs::write(&table, "22 1 0:21 / /proc rw - proc proc rw\n").expect("write");
+    assert_eq!(t.engine.mounts("a").await.expect("mounts"), made);
+    let before = t.pool.thin_ids();
+    std::fs::write(
+        &table,
+        format!(
+            "22 1 0:21 / /proc rw - proc proc rw\n\
+             90 22 254:{a} / /run/c/a/rootfs rw - ext4 /dev/mapper/fake-snap-{a} rw\n\
+             91 22 254:{v} / /run/c/v/rootfs ro - ext4 /dev/mapper/fake-snap-{v} ro\n"
+        ),
+    )
+    .expect("write");
+    let bind = |source: &str, mode: &str| {
+        vec![Mount {
+            fs_type: "bind".into(),
+            source: source.into(),
+            options: vec!["bind".into(), mode.into()],
+        }]
+    };
+    assert_eq!(
+        t.engine.mounts("a").await.expect("mounts"),
+        bind("/run/c/a/rootfs", "rw")
+    );
+    assert_eq!(
+        t.engine.mounts("v").await.expect("mounts"),
+        bind("/run/c/v/rootfs", "ro")
+    );
+    // Nothing made for it, and the snapshot commits and goes as any other.
+    assert_eq!(t.pool.thin_ids(), before);
+    std::fs::write(&table, "").expect("write");
+    assert_eq!(t.engine.mounts("a").await.expect("mounts"), made);
+    t.engine.remove("v").await.expect("remove v");
+    t.engine
+        .commit("c", "a", no_labels())
+        .await
+        .expect("commit a");
+    t.engine.remove("c").await.expect("remove c");
+    assert_eq!(t.pool.thin_ids().len(), before.len() - 2);
+}
+
 #[path = "tests_faults.rs"]
 mod faults;

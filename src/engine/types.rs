@@ -68,6 +68,8 @@ pub struct EngineStatus {
     pub spare_thin_ids: Vec<ThinId>,
     /// What the last audit of thin ids found (see [`super::Engine::audit`]).
     pub audit: super::AuditReport,
+    /// Device records in state Deleting: snapshots gone whose thin devices are still to delete.
+    pub deleting: u64,
 }
 
 /// What the engine takes from the configuration.
@@ -94,6 +96,9 @@ pub struct Settings {
     /// `store.min_free`: Prepare and View are refused while the filesystem holding `root` has
     /// less free space (bytes); 0: no floor.
     pub store_min_free: u64,
+    /// The mount table Mounts reads to find where an active snapshot is already mounted
+    /// ([`crate::fs::mounted_at`]); /proc/self/mountinfo but in tests.
+    pub mount_table: PathBuf,
     /// `thinsnap pool adopt`: what to do with the thin devices of a pool this database has no
     /// record of (None: refuse to start, see `super::ownership`).
     pub adopt: Option<Adopt>,
@@ -125,6 +130,7 @@ impl Settings {
             spares: config.spares.count,
             store_min_free: config.store.min_free.as_u64(),
             adopt: None,
+            mount_table: PathBuf::from(crate::fs::MOUNT_TABLE),
         }
     }
 
@@ -142,6 +148,7 @@ impl Settings {
             spares: 0,
             store_min_free: 0,
             adopt: None,
+            mount_table: PathBuf::from(crate::fs::MOUNT_TABLE),
         }
     }
 }
