@@ -41,7 +41,11 @@ impl Admin for AdminService {
                 "give a data size, a metadata size or both",
             ));
         }
-        self.engine.engine().await?.grow(data, meta).await?;
+        self.engine
+            .engine()
+            .await?
+            .grow_on_request(data, meta)
+            .await?;
         self.status(Request::new(StatusRequest::default())).await
     }
 

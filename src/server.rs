@@ -1,5 +1,5 @@
-//! The daemon's running half: the gRPC server on the unix socket (containerd's Snapshots service
-//! and thinsnap's Admin service side by side) and the daemon's background tasks (the
+//! The daemon's running half: the gRPC servers on the two unix sockets (containerd's Snapshots
+//! service alone on one, thinsnap's Admin service on its own) and the daemon's background tasks (the
 //! `remove.async` reaper, `pool.autogrow`, the metrics endpoint). [`run`] owns all of them: at
 //! shutdown it stops taking calls, lets in-flight ones finish, signals the tasks, joins them and
 //! only then flushes the store. Also the client side of the socket, for the CLI and tests.
@@ -107,7 +107,8 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Serves both services on `listener` and runs the daemon's background tasks (the reaper and
+/// Serves containerd's Snapshots service on `listener` (and nothing else: a client of that socket
+/// cannot grow the pool nor read its status) and thinsnap's Admin service on `admin`, and runs the daemon's background tasks (the reaper and
 /// autogrow when configured, the warm spares' refiller, the metrics endpoint on `metrics` if
 /// given) until `shutdown` completes; then lets in-flight calls finish, stops and joins the
 /// tasks, and flushes the store.
@@ -119,6 +120,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Returns an error if the transport fails or the metrics address cannot be bound.
 pub async fn run(
     listener: UnixListener,
+    admin: UnixListener,
     engine: EngineHandle,
     metrics: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
@@ -162,12 +164,38 @@ pub async fn run(
         });
     }
     let snapshots = containerd_snapshots::server(Arc::new(Service::new(engine.clone(), registry)));
-    let admin = AdminService::new(engine.clone()).into_server();
-    let served = Server::builder()
-        .add_service(snapshots)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+    let admin_service = AdminService::new(engine.clone()).into_server();
+    // One shutdown for both servers; either one ending (an error) stops the other too.
+    let (down_tx, down) = tokio::sync::watch::channel(false);
+    let down_tx = Arc::new(down_tx);
+    let down_of = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        crate::engine::stopped(&mut rx).await
+    };
+    let signal = {
+        let (tx, rx) = (down_tx.clone(), down.clone());
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = down_of(rx) => {}
+            }
+            let _ = tx.send(true);
+        }
+    };
+    let serve = |server: tonic::transport::server::Router, incoming: UnixListener| {
+        let (tx, rx) = (down_tx.clone(), down.clone());
+        async move {
+            let r = server
+                .serve_with_incoming_shutdown(UnixListenerStream::new(incoming), down_of(rx))
+                .await;
+            let _ = tx.send(true);
+            r
+        }
+    };
+    let (_, served, admin_served) = tokio::join!(
+        signal,
+        serve(Server::builder().add_service(snapshots), listener),
+        serve(Server::builder().add_service(admin_service), admin),
+    );
     let _ = stop_tx.send(true);
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {
@@ -181,6 +209,7 @@ pub async fn run(
         }
     }
     served?;
+    admin_served?;
     info!("server stopped");
     Ok(())
 }
@@ -243,9 +272,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (engine, _) = fake_engine(dir.path());
         let sock = dir.path().join("run/thinsnap.sock");
+        let admin_sock = dir.path().join("run/admin.sock");
         let listener = bind(&sock).expect("bind");
-        let meta = std::fs::metadata(&sock).expect("socket");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let admin = bind(&admin_sock).expect("bind admin");
+        for s in [&sock, &admin_sock] {
+            let meta = std::fs::metadata(s).expect("socket");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", s.display());
+        }
         assert!(
             matches!(bind(&sock), Err(ServerError::InUse(_))),
             "live socket taken over"
@@ -253,6 +286,7 @@ mod tests {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(run(
             listener,
+            admin,
             EngineHandle::ready(Arc::new(engine)),
             None,
             async {
@@ -320,13 +354,41 @@ mod tests {
             })
             .await;
         assert_eq!(upd.expect_err("immutable").code(), Code::InvalidArgument);
-        let status = AdminClient::new(ch)
+        // containerd's socket carries the Snapshots API alone: no admin call reaches the engine.
+        let on_snapshots = AdminClient::new(ch).status(StatusRequest::default()).await;
+        assert_eq!(
+            on_snapshots
+                .expect_err("admin on the Snapshots socket")
+                .code(),
+            Code::Unimplemented
+        );
+        let on_snapshots = AdminClient::new(connect(&sock).await.expect("connect"))
+            .grow(crate::admin::api::GrowRequest {
+                data_size_bytes: 1 << 40,
+                metadata_size_bytes: 0,
+            })
+            .await;
+        assert_eq!(
+            on_snapshots
+                .expect_err("grow on the Snapshots socket")
+                .code(),
+            Code::Unimplemented
+        );
+        let status = AdminClient::new(connect(&admin_sock).await.expect("connect admin"))
             .status(StatusRequest::default())
             .await
             .expect("admin")
             .into_inner();
         assert_eq!(status.snapshots_active, 1);
         assert_eq!(status.thin_ids_in_use, 2);
+        // And the admin socket does not carry the Snapshots API.
+        let on_admin = SnapshotsClient::new(connect(&admin_sock).await.expect("connect admin"))
+            .prepare(prep("z", ""))
+            .await;
+        assert_eq!(
+            on_admin.expect_err("Snapshots on the admin socket").code(),
+            Code::Unimplemented
+        );
 
         stop_tx.send(()).expect("stop");
         server.await.expect("join").expect("server");
@@ -346,8 +408,9 @@ mod tests {
         let (handle, publisher) = EngineHandle::starting(Some(early));
         let sock = dir.path().join("thinsnap.sock");
         let listener = bind(&sock).expect("bind");
+        let admin = bind(&dir.path().join("admin.sock")).expect("bind admin");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run(listener, handle, None, async {
+        let server = tokio::spawn(run(listener, admin, handle, None, async {
             let _ = stop_rx.await;
         }));
         let mut c = SnapshotsClient::new(connect(&sock).await.expect("connect"));
@@ -377,8 +440,9 @@ mod tests {
         let (handle, publisher) = EngineHandle::starting(None);
         let sock = dir.path().join("failed.sock");
         let listener = bind(&sock).expect("bind");
+        let admin = bind(&dir.path().join("failed-admin.sock")).expect("bind admin");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run(listener, handle, None, async {
+        let server = tokio::spawn(run(listener, admin, handle, None, async {
             let _ = stop_rx.await;
         }));
         publisher.failed("no pool".into());

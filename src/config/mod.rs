@@ -19,6 +19,8 @@ pub use pool::{AutogrowConfig, LvmConfig, PoolConfig, PoolMode};
 
 /// Default socket path, also what deploy/containerd-config.toml points containerd at.
 pub const DEFAULT_ADDRESS: &str = "/run/thinsnap/thinsnap.sock";
+/// The admin socket's file name when `admin_address` is unset: beside the Snapshots socket.
+pub const DEFAULT_ADMIN_FILE: &str = "admin.sock";
 /// Default state directory: sled database and, in loop mode, the pool's files.
 pub const DEFAULT_ROOT: &str = "/var/lib/thinsnap";
 
@@ -62,8 +64,11 @@ pub struct Config {
     /// State directory: the sled database (`root/db`) and, in loop mode, the pool files
     /// (`root/pool/data`, `root/pool/metadata`).
     pub root: PathBuf,
-    /// The unix socket containerd and `thinsnap status` talk to.
+    /// The unix socket containerd talks to: the Snapshots API alone.
     pub address: PathBuf,
+    /// The unix socket of thinsnap's Admin API (`thinsnap status`, `thinsnap pool grow`), 0600;
+    /// unset: `admin.sock` in the directory of `address` ([`Config::admin_path`]).
+    pub admin_address: Option<PathBuf>,
     pub pool: PoolConfig,
     pub fs: FsConfig,
     pub remove: RemoveConfig,
@@ -177,6 +182,7 @@ impl Default for Config {
         Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
+            admin_address: None,
             pool: PoolConfig::default(),
             fs: FsConfig::default(),
             remove: RemoveConfig::default(),
@@ -240,11 +246,44 @@ impl Config {
                 "longer than the 107 bytes a unix socket path may have",
             ));
         }
+        if let Some(admin) = &self.admin_address {
+            if !admin.is_absolute() {
+                return Err(invalid("admin_address", "must be an absolute path"));
+            }
+        }
+        let admin = self.admin_path();
+        if admin.as_os_str().len() > 107 {
+            return Err(invalid(
+                "admin_address",
+                format!(
+                    "{}: longer than the 107 bytes a unix socket path may have",
+                    admin.display()
+                ),
+            ));
+        }
+        if admin == self.address {
+            return Err(invalid(
+                "admin_address",
+                "must differ from address: containerd's socket carries the Snapshots API alone",
+            ));
+        }
         self.pool.validate()?;
         self.fs.validate()?;
         self.spares.validate()?;
         self.metrics.validate()?;
         Ok(())
+    }
+
+    /// The admin socket: `admin_address`, or `admin.sock` in the directory of `address`.
+    pub fn admin_path(&self) -> PathBuf {
+        match &self.admin_address {
+            Some(a) => a.clone(),
+            None => self
+                .address
+                .parent()
+                .unwrap_or_else(|| Path::new("/"))
+                .join(DEFAULT_ADMIN_FILE),
+        }
     }
 
     /// Where the sled database lives.
@@ -267,6 +306,7 @@ mod tests {
         let c = Config::parse("").expect("empty config is valid");
         assert_eq!(c.root, PathBuf::from("/var/lib/thinsnap"));
         assert_eq!(c.address, PathBuf::from("/run/thinsnap/thinsnap.sock"));
+        assert_eq!(c.admin_path(), PathBuf::from("/run/thinsnap/admin.sock"));
         assert_eq!(c.pool.name, "thinsnap-pool");
         assert_eq!(c.pool.mode, PoolMode::Loop);
         assert_eq!(c.pool.data_size, ByteSize::gib(100));
@@ -316,7 +356,11 @@ mod tests {
             want, have,
             "keys of the defaults vs keys of deploy/config.toml"
         );
-        for unset in ["# device = ", "# address = \"127.0.0.1:"] {
+        for unset in [
+            "# device = ",
+            "# address = \"127.0.0.1:",
+            "# admin_address = ",
+        ] {
             assert!(DEPLOY_EXAMPLE.contains(unset), "{unset:?} not documented");
         }
     }
@@ -399,6 +443,13 @@ mod tests {
         assert!(err_of("[fs]\ntype = \"xfs\"\nbase_size = \"100MiB\"").contains("fs.base_size"));
         assert!(err_of("[fs]\nmount_options = [\"a,b\"]").contains("fs.mount_options"));
         assert!(err_of("[spares]\ncount = 65").contains("spares.count"));
+        assert!(err_of("admin_address = \"rel.sock\"").contains("admin_address"));
+        assert!(
+            err_of("address = \"/run/x/a.sock\"\nadmin_address = \"/run/x/a.sock\"")
+                .contains("admin_address")
+        );
+        let c = Config::parse("address = \"/run/x/a.sock\"").expect("valid");
+        assert_eq!(c.admin_path(), PathBuf::from("/run/x/admin.sock"));
         assert_eq!(
             Config::parse("[spares]\ncount = 64")
                 .expect("64 spares")

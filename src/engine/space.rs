@@ -196,6 +196,62 @@ impl Engine {
         }
     }
 
+    /// `thinsnap pool grow`: grows the pool as [`Engine::grow`] does, within the bounds autogrow
+    /// keeps to: never beyond `pool.autogrow.max_data_size` / `max_metadata_size` (whether
+    /// autogrow is on or not), nor by more than the host's filesystem can still give the pool's
+    /// files beyond what they already promise. A typo like 100TiB would otherwise grow the files
+    /// for good, and the free-space floor would then refuse every Prepare.
+    ///
+    /// Returns InvalidArgument naming the requested size and the maximum, ResourceExhausted
+    /// naming the growth asked and the host's room; as [`Engine::grow`] otherwise.
+    pub async fn grow_on_request(
+        &self,
+        data: Option<u64>,
+        metadata: Option<u64>,
+    ) -> Result<(), EngineError> {
+        let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+        let (max_data, max_meta) = self.settings.grow_max;
+        for (what, want, max) in [("data", data, max_data), ("metadata", metadata, max_meta)] {
+            if let Some(want) = want.filter(|&w| w > max) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "pool grow: {what} size {} ({want} bytes) is above the allowed maximum {} \
+                     ({max} bytes, pool.autogrow.max_{what}_size)",
+                    human(want),
+                    human(max)
+                )));
+            }
+        }
+        // Checked and grown under the exclusive kernel lock: two requests cannot both spend the
+        // same room.
+        let _exclusive = self.kernel.write().await;
+        let pool = self.pool.clone();
+        let (st, room) = tokio::task::spawn_blocking(move || {
+            let st = pool.status().map_err(pool_err("read pool status"))?;
+            let room = pool
+                .host_room()
+                .map_err(pool_err("read the host's free space"))?;
+            Ok::<_, EngineError>((st, room))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))??;
+        if let Some(room) = room {
+            let more = data.map_or(0, |d| d.saturating_sub(st.data_total_bytes))
+                + metadata.map_or(0, |m| m.saturating_sub(st.metadata_total_bytes));
+            if more > room.room() {
+                return Err(EngineError::ResourceExhausted(format!(
+                    "pool grow: the requested sizes add {} ({more} bytes) to the pool's files, \
+                     but the host filesystem under them allows {} more ({} free, of which the \
+                     sparse files already promise {})",
+                    human(more),
+                    human(room.room()),
+                    human(room.free),
+                    human(room.promised)
+                )));
+            }
+        }
+        self.grow_locked(data, metadata).await
+    }
+
     /// Grows the pool online (loop mode): data and/or metadata to the given sizes. Holds the
     /// kernel lock exclusively: the pool is suspended while its table is reloaded.
     ///
@@ -203,6 +259,15 @@ impl Engine {
     /// smaller than now.
     pub async fn grow(&self, data: Option<u64>, metadata: Option<u64>) -> Result<(), EngineError> {
         let _exclusive = self.kernel.write().await;
+        self.grow_locked(data, metadata).await
+    }
+
+    /// [`Engine::grow`] under the exclusive kernel lock its caller holds.
+    async fn grow_locked(
+        &self,
+        data: Option<u64>,
+        metadata: Option<u64>,
+    ) -> Result<(), EngineError> {
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || pool.grow(data, metadata))
             .await

@@ -1000,6 +1000,7 @@ fn autogrow_settings() -> Settings {
         max_data_size: bytesize::ByteSize::gib(4),
         ..Default::default()
     });
+    settings.grow_max = (4 << 30, 16 << 30);
     settings
 }
 
@@ -1135,3 +1136,50 @@ async fn remove_racing_prepare_of_a_child_never_orphans_the_child() {
 
 #[path = "tests_lazy.rs"]
 mod lazy;
+
+/// `thinsnap pool grow` keeps to autogrow's bounds: above the configured maximum it is refused
+/// (InvalidArgument naming both sizes), beyond the host's room too (ResourceExhausted), and the
+/// pool is not grown; within both it grows.
+#[tokio::test]
+async fn a_requested_grow_is_capped_like_autogrow() {
+    const GIB: u64 = 1 << 30;
+    let t = setup_with(autogrow_settings());
+    t.pool.set_space(GIB, 0);
+    // Free 10 GiB, of which the sparse files already promise 8: room for 2 GiB more.
+    t.pool.set_host_space(10 * GIB, 8 * GIB);
+    let err = t
+        .engine
+        .grow_on_request(Some(100 * 1024 * GIB), None)
+        .await
+        .expect_err("100TiB is above max_data_size");
+    let EngineError::InvalidArgument(msg) = &err else {
+        panic!("expected InvalidArgument, got {err:?}");
+    };
+    assert!(
+        msg.contains("100.0 TiB") && msg.contains("4.0 GiB") && msg.contains("max_data_size"),
+        "{msg}"
+    );
+    let err = t
+        .engine
+        .grow_on_request(None, Some(32 * GIB))
+        .await
+        .expect_err("above max_metadata_size");
+    assert!(matches!(err, EngineError::InvalidArgument(_)), "{err}");
+    // 1 -> 4 GiB wants 3 GiB more: the host has room for 2.
+    let err = t
+        .engine
+        .grow_on_request(Some(4 * GIB), None)
+        .await
+        .expect_err("beyond the host's room");
+    let EngineError::ResourceExhausted(msg) = &err else {
+        panic!("expected ResourceExhausted, got {err:?}");
+    };
+    assert!(msg.contains("3.0 GiB") && msg.contains("2.0 GiB"), "{msg}");
+    assert!(!t.pool.calls().iter().any(|c| c.starts_with("grow")));
+    assert_eq!(t.pool.status().expect("status").data_total_bytes, GIB);
+    t.engine
+        .grow_on_request(Some(3 * GIB), None)
+        .await
+        .expect("within both bounds");
+    assert_eq!(t.pool.status().expect("status").data_total_bytes, 3 * GIB);
+}

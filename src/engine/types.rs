@@ -86,6 +86,9 @@ pub struct Settings {
     pub autogrow: Option<AutogrowConfig>,
     /// `[spares] count`: warm spares kept at most; 0: none.
     pub spares: u32,
+    /// The largest data and metadata sizes `thinsnap pool grow` may ask for: autogrow's own
+    /// maxima (`pool.autogrow.max_data_size`, `max_metadata_size`), whether autogrow is on or not.
+    pub grow_max: (u64, u64),
 }
 
 impl Settings {
@@ -102,6 +105,10 @@ impl Settings {
             autogrow: (config.pool.autogrow.enabled && config.pool.mode == PoolMode::Loop)
                 .then(|| config.pool.autogrow.clone()),
             spares: config.spares.count,
+            grow_max: (
+                config.pool.autogrow.max_data_size.as_u64(),
+                config.pool.autogrow.max_metadata_size.as_u64(),
+            ),
         }
     }
 
@@ -117,6 +124,10 @@ impl Settings {
             allow_foreign_devices: false,
             autogrow: None,
             spares: 0,
+            grow_max: {
+                let a = AutogrowConfig::default();
+                (a.max_data_size.as_u64(), a.max_metadata_size.as_u64())
+            },
         }
     }
 }
