@@ -163,7 +163,7 @@ pub async fn run(
             }
         });
     }
-    let snapshots = containerd_snapshots::server(Arc::new(Service::new(engine.clone(), registry)));
+    let snapshots = crate::grpc::server(Service::new(engine.clone(), registry));
     let admin_service = AdminService::new(engine.clone()).into_server();
     // One shutdown for both servers; either one ending (an error) stops the other too.
     let (down_tx, down) = tokio::sync::watch::channel(false);
@@ -450,6 +450,95 @@ mod tests {
         let err = c.prepare(prep("c", "")).await.expect_err("no engine");
         assert_eq!(err.code(), Code::Unavailable);
         assert!(err.message().contains("no pool"), "{}", err.message());
+        stop_tx.send(()).expect("stop");
+        server.await.expect("join").expect("server");
+    }
+
+    /// List replies are cut by bytes: snapshots with the largest labels the API allows (64 KiB
+    /// each, long keys and parents), more than 4 MiB of them, come in several messages, each
+    /// under MAX_LIST_REPLY_BYTES (grpc-go's default receive limit; containerd's proxy client
+    /// takes 16 MiB), and a client that accepts no more than that reads every one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn list_replies_stay_under_what_clients_accept() {
+        use crate::engine::{MAX_KEY_LEN, MAX_LABELS_BYTES, MAX_LABEL_LEN};
+        use crate::grpc::MAX_LIST_REPLY_BYTES;
+        use prost::Message;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (engine, _) = fake_engine(dir.path());
+        let engine = Arc::new(engine);
+        let labels: std::collections::BTreeMap<String, String> = (0..MAX_LABELS_BYTES
+            / MAX_LABEL_LEN)
+            .map(|i| {
+                let k = format!("containerd.io/snapshot/l{i:02}");
+                let v = "v".repeat(MAX_LABEL_LEN - k.len());
+                (k, v)
+            })
+            .collect();
+        let long = |p: &str, i: usize| format!("{p}{i:04}{}", "k".repeat(MAX_KEY_LEN - 5));
+        let parent = long("p", 0);
+        engine
+            .create(
+                crate::engine::Kind::Active,
+                &long("a", 0),
+                "",
+                labels.clone(),
+            )
+            .await
+            .expect("parent");
+        engine
+            .commit(&parent, &long("a", 0), labels.clone())
+            .await
+            .expect("commit");
+        let n = 80;
+        for i in 0..n {
+            engine
+                .create(
+                    crate::engine::Kind::View,
+                    &long("v", i),
+                    &parent,
+                    labels.clone(),
+                )
+                .await
+                .expect("view");
+        }
+        let sock = dir.path().join("thinsnap.sock");
+        let listener = bind(&sock).expect("bind");
+        let admin = bind(&dir.path().join("admin.sock")).expect("bind admin");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(
+            listener,
+            admin,
+            EngineHandle::ready(engine),
+            None,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut c = SnapshotsClient::new(connect(&sock).await.expect("connect"))
+            .max_decoding_message_size(MAX_LIST_REPLY_BYTES);
+        let mut stream = c
+            .list(ListSnapshotsRequest {
+                snapshotter: "thinsnap".into(),
+                filters: vec![],
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        let (mut messages, mut infos, mut total) = (0, 0, 0);
+        while let Some(reply) = stream.message().await.expect("every reply readable") {
+            let len = reply.encoded_len();
+            assert!(len <= MAX_LIST_REPLY_BYTES, "a reply of {len} bytes");
+            messages += 1;
+            infos += reply.info.len();
+            total += len;
+            assert!(reply.info.iter().all(|i| i.labels.len() == labels.len()));
+        }
+        assert_eq!(infos, n + 1);
+        assert!(
+            total > MAX_LIST_REPLY_BYTES,
+            "the test must need several replies"
+        );
+        assert!(messages >= 2, "{messages} replies");
         stop_tx.send(()).expect("stop");
         server.await.expect("join").expect("server");
     }

@@ -156,20 +156,34 @@ impl SparesConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// `host:port` to serve `/metrics` on (loopback recommended); unset: no endpoint.
+    /// `ip:port` to serve `/metrics` on, a loopback address unless `allow_remote`; unset: no
+    /// endpoint.
     pub address: Option<String>,
+    /// Let `address` be other than loopback (the endpoint has no authentication: anyone who
+    /// reaches it reads the pool's space and the snapshot counts, and may scrape it at will).
+    pub allow_remote: bool,
 }
 
 impl MetricsConfig {
     /// Checks `[metrics]`.
     ///
-    /// Returns an error naming `metrics.address` when it is set and not `host:port`.
+    /// Returns an error naming `metrics.address` when it is set and not `ip:port`, or not a
+    /// loopback address while `allow_remote` is false.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(addr) = &self.address {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
+            let Ok(sock) = addr.parse::<std::net::SocketAddr>() else {
                 return Err(invalid(
                     "metrics.address",
-                    format!("{addr:?} is not host:port"),
+                    format!("{addr:?} is not ip:port"),
+                ));
+            };
+            if !sock.ip().is_loopback() && !self.allow_remote {
+                return Err(invalid(
+                    "metrics.address",
+                    format!(
+                        "{addr:?} is not a loopback address: the endpoint has no authentication; \
+                         use 127.0.0.1 or [::1], or set metrics.allow_remote = true"
+                    ),
                 ));
             }
         }
@@ -401,6 +415,20 @@ mod tests {
         assert!(err_of("[pool]\nmin_free_space = \"150%\"").contains("min_free_space"));
         assert!(err_of("[pool]\nmode = \"lvm\"").contains("pool.lvm.device"));
         assert!(err_of("[metrics]\naddress = \"nowhere\"").contains("metrics.address"));
+        // Loopback unless told otherwise.
+        for remote in ["0.0.0.0:9487", "10.1.2.3:9487", "[::]:9487"] {
+            let e = err_of(&format!("[metrics]\naddress = \"{remote}\""));
+            assert!(
+                e.contains("metrics.address") && e.contains("allow_remote"),
+                "{e}"
+            );
+            let c = Config::parse(&format!(
+                "[metrics]\naddress = \"{remote}\"\nallow_remote = true"
+            ))
+            .expect("told otherwise");
+            assert!(c.metrics.allow_remote);
+        }
+        Config::parse("[metrics]\naddress = \"[::1]:9487\"").expect("IPv6 loopback");
     }
 
     #[test]

@@ -1183,3 +1183,147 @@ async fn a_requested_grow_is_capped_like_autogrow() {
         .expect("within both bounds");
     assert_eq!(t.pool.status().expect("status").data_total_bytes, 3 * GIB);
 }
+
+/// Labels of `n` entries of `len` bytes each (key plus value), keys `l000`...
+fn labels_of(n: usize, len: usize) -> BTreeMap<String, String> {
+    (0..n)
+        .map(|i| {
+            let k = format!("l{i:03}");
+            let v = "v".repeat(len - k.len());
+            (k, v)
+        })
+        .collect()
+}
+
+/// A snapshot's labels total at most MAX_LABELS_BYTES (64 KiB): sixteen maximal labels pass,
+/// one byte more is refused on Prepare, Commit and Update alike.
+#[tokio::test]
+async fn labels_are_capped_in_total() {
+    let t = setup();
+    let full = labels_of(MAX_LABELS_BYTES / MAX_LABEL_LEN, MAX_LABEL_LEN);
+    assert_eq!(
+        full.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
+        64 * 1024
+    );
+    t.engine
+        .create(Kind::Active, "a", "", full.clone())
+        .await
+        .expect("64 KiB of labels");
+    let mut over = full.clone();
+    over.insert("x".into(), String::new());
+    let err = t
+        .engine
+        .create(Kind::Active, "b", "", over.clone())
+        .await
+        .expect_err("64 KiB + 1");
+    assert!(
+        matches!(&err, EngineError::InvalidArgument(m) if m.contains("65537") && m.contains("65536")),
+        "{err}"
+    );
+    assert!(t.engine.record("b").expect("read").is_none());
+    assert_err!(
+        t.engine.commit("c", "a", over.clone()).await,
+        InvalidArgument
+    );
+    assert_err!(
+        t.engine.update("a", over, &["labels.x".to_string()]).await,
+        InvalidArgument
+    );
+    assert_eq!(t.engine.stat("a").await.expect("stat").labels, full);
+}
+
+/// Update checks what the request carries before it reads the snapshot or copies a label: an
+/// immutable field, too many paths or labels beyond the limits are InvalidArgument even for a
+/// snapshot that does not exist; and however many times `labels` is named, the result is the
+/// request's labels.
+#[tokio::test]
+async fn update_validates_before_any_work() {
+    let t = setup();
+    let one = || labels_of(1, 8);
+    assert_err!(
+        t.engine
+            .update("missing", one(), &["kind".to_string()])
+            .await,
+        InvalidArgument
+    );
+    let paths: Vec<String> = (0..=MAX_FIELD_PATHS)
+        .map(|_| "labels".to_string())
+        .collect();
+    let err = t
+        .engine
+        .update("missing", one(), &paths)
+        .await
+        .expect_err("too many paths");
+    assert!(
+        matches!(&err, EngineError::InvalidArgument(m) if m.contains(&MAX_FIELD_PATHS.to_string())),
+        "{err}"
+    );
+    assert_err!(
+        t.engine
+            .update(
+                "missing",
+                labels_of(MAX_LABELS + 1, 8),
+                &["labels.l000".to_string()]
+            )
+            .await,
+        InvalidArgument
+    );
+    // The bounds are not in the way of a real update.
+    t.engine
+        .create(Kind::Active, "a", "", labels_of(3, 8))
+        .await
+        .expect("a");
+    let mut want = BTreeMap::new();
+    want.insert("new".to_string(), "1".to_string());
+    for paths in [
+        vec!["labels.l000", "labels"],
+        vec!["labels", "labels.l001", "labels", "labels.new"],
+    ] {
+        let paths: Vec<String> = paths.into_iter().map(String::from).collect();
+        let info = t
+            .engine
+            .update("a", want.clone(), &paths)
+            .await
+            .expect("update");
+        assert_eq!(info.labels, want, "{paths:?}");
+    }
+    let paths: Vec<String> = (0..MAX_FIELD_PATHS).map(|_| "labels".to_string()).collect();
+    t.engine
+        .update("a", want.clone(), &paths)
+        .await
+        .expect("MAX_FIELD_PATHS paths");
+    // Set one, remove another (absent from the request).
+    let info = t
+        .engine
+        .update(
+            "a",
+            labels_of(1, 8),
+            &["labels.l000".to_string(), "labels.new".to_string()],
+        )
+        .await
+        .expect("update");
+    assert_eq!(info.labels, labels_of(1, 8));
+}
+
+/// List takes at most MAX_FILTERS filters; one more is InvalidArgument naming both counts.
+#[tokio::test]
+async fn list_bounds_its_filters() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("a");
+    let filters: Vec<String> = (0..filter::MAX_FILTERS)
+        .map(|i| format!("name==k{i}"))
+        .collect();
+    assert!(t
+        .engine
+        .list(&filters)
+        .await
+        .expect("64 filters")
+        .is_empty());
+    let mut more = filters.clone();
+    more.push("name==a".into());
+    let err = t.engine.list(&more).await.expect_err("65 filters");
+    assert!(
+        matches!(&err, EngineError::InvalidArgument(m) if m.contains("65 filters") && m.contains("64")),
+        "{err}"
+    );
+}
