@@ -374,6 +374,7 @@ mod tests {
             "# device = ",
             "# address = \"127.0.0.1:",
             "# admin_address = ",
+            "# max_size = ",
         ] {
             assert!(DEPLOY_EXAMPLE.contains(unset), "{unset:?} not documented");
         }
@@ -472,6 +473,15 @@ mod tests {
         assert!(err_of("[fs]\nmount_options = [\"a,b\"]").contains("fs.mount_options"));
         assert!(err_of("[spares]\ncount = 65").contains("spares.count"));
         assert!(err_of("admin_address = \"rel.sock\"").contains("admin_address"));
+        assert!(err_of("[fs]\nmax_size = \"1GiB\"").contains("fs.max_size"));
+        assert!(err_of("[fs]\nmax_size = \"20000000001\"").contains("fs.max_size"));
+        assert_eq!(
+            Config::parse("[fs]\nmax_size = \"100GiB\"")
+                .expect("valid")
+                .fs
+                .max_size,
+            Some(ByteSize::gib(100))
+        );
         assert!(
             err_of("address = \"/run/x/a.sock\"\nadmin_address = \"/run/x/a.sock\"")
                 .contains("admin_address")

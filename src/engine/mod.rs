@@ -114,6 +114,9 @@ pub struct Engine {
     lazy: activate::Lazy,
     /// Warm spares (see [`spares`]).
     spares: spares::Spares,
+    /// Device growth reserved in the free-space floor by Prepares and Views with the size
+    /// label under way (see `space::Reservation`).
+    reserved: Mutex<u64>,
 }
 
 impl Engine {
@@ -137,6 +140,7 @@ impl Engine {
             autogrow_limited: Mutex::new(Vec::new()),
             lazy: activate::Lazy::default(),
             spares: spares::Spares::new(settings.spares),
+            reserved: Mutex::new(0),
             settings,
         }
     }
@@ -211,12 +215,20 @@ impl Engine {
         // failed during the undo): nobody else holds the key, so roll it back now instead of
         // answering AlreadyExists until a restart.
         self.heal(key).await?;
-        let st = self.check_space().await?;
-        if let Some(want) = size {
-            self.check_size_bound(key, want, &st)?;
-        } else if let Some(mounts) = self.take_spare(kind, key, parent, &labels).await? {
-            // A warm spare of the parent became this snapshot: no device made on this path.
-            return Ok(mounts);
+        let growth = match size {
+            Some(want) => {
+                self.check_max_size(key, want)?;
+                Some((key, want, self.growth_of(parent, want)?))
+            }
+            None => None,
+        };
+        // With the size label, the growth is reserved in the floor until this call ends.
+        let (_, _reservation) = self.check_space_reserving(growth).await?;
+        if size.is_none() {
+            if let Some(mounts) = self.take_spare(kind, key, parent, &labels).await? {
+                // A warm spare of the parent became this snapshot: no device made on this path.
+                return Ok(mounts);
+            }
         }
         // The common path answers with only its intent durable: recovery completes the call if
         // the pool has its thin device (see DeviceRecord::roll_forward). Not with the size

@@ -1327,3 +1327,98 @@ async fn list_bounds_its_filters() {
         "{err}"
     );
 }
+
+fn sized(size: &str) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::new();
+    l.insert(SIZE_LABEL.to_string(), size.to_string());
+    l
+}
+
+/// Prepares with the size label reserve their growth in the free-space floor until they end: of
+/// three that meet (each growing a 10 GiB base to 50 GiB in a 100 GiB pool whose floor keeps
+/// 10 GiB), two reach the kernel and the third is refused before it, while the two are still
+/// under way; once they have ended, their reservations are given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_labels_reserve_their_growth_in_the_floor() {
+    const GIB: u64 = 1 << 30;
+    let t = setup();
+    t.pool.set_space(100 * GIB, 0);
+    // Activation is the first pool call after create_snap that does not hold the pool's change
+    // lock: several calls can wait there together.
+    let gate = t.pool.gate("activate");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..3 {
+        let (e, tx) = (t.engine.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = e
+                .create(Kind::Active, &format!("big{i}"), "", sized("50GiB"))
+                .await;
+            let _ = tx.send(r.map(|_| ()));
+        });
+    }
+    // Two hold their reservations at the kernel (their activations wait at the gate).
+    gate.waiting(2).await;
+    let first = tokio::select! {
+        r = rx.recv() => r.expect("a result"),
+        _ = gate.waiting(3) => panic!("all three passed the floor check together"),
+    };
+    let err = first.expect_err("the third is refused");
+    assert!(
+        matches!(&err, EngineError::ResourceExhausted(m)
+            if m.contains("40.0 GiB") && m.contains("80.0 GiB") && m.contains(SIZE_LABEL)),
+        "{err}"
+    );
+    gate.open();
+    for _ in 0..2 {
+        // On the fake pool, growing the filesystem fails (there is no device): the point is
+        // that the floor let them through.
+        let r = rx.recv().await.expect("a result");
+        assert!(
+            !matches!(r, Err(EngineError::ResourceExhausted(_))),
+            "{r:?}"
+        );
+    }
+    assert_eq!(t.pool.count("create_snap"), 2);
+    // Both ended: nothing is reserved any more, and one more passes the floor.
+    let r = t
+        .engine
+        .create(Kind::Active, "big3", "", sized("50GiB"))
+        .await;
+    assert!(
+        !matches!(r, Err(EngineError::ResourceExhausted(_))),
+        "{r:?}"
+    );
+    assert_eq!(t.pool.count("create_snap"), 3);
+    assert_eq!(t.pool.count("create_snap"), 3);
+}
+
+/// `fs.max_size` bounds the size label: beyond it, InvalidArgument naming the key, before the
+/// pool is asked anything.
+#[tokio::test]
+async fn size_label_beyond_fs_max_size_is_refused() {
+    let mut settings = Settings::with_fs(FsConfig {
+        max_size: Some(bytesize::ByteSize::gib(20)),
+        ..FsConfig::default()
+    });
+    settings.min_free_percent = 0.0;
+    let t = setup_with(settings);
+    t.pool.set_space(100 << 30, 0);
+    let calls = t.pool.calls().len();
+    let err = t
+        .engine
+        .create(Kind::Active, "big", "", sized("21GiB"))
+        .await
+        .expect_err("above fs.max_size");
+    assert!(
+        matches!(&err, EngineError::InvalidArgument(m)
+            if m.contains("fs.max_size") && m.contains("\"big\"") && m.contains("20.0 GiB")),
+        "{err}"
+    );
+    assert_eq!(t.pool.calls().len(), calls, "{:?}", t.pool.calls());
+    assert!(t.engine.record("big").expect("read").is_none());
+    let r = t
+        .engine
+        .create(Kind::Active, "ok", "", sized("20GiB"))
+        .await;
+    assert!(!matches!(r, Err(EngineError::InvalidArgument(_))), "{r:?}");
+}
