@@ -172,12 +172,14 @@ fn serve(dir: &Path, sock: &Path, delay: Duration) -> Result<(), BoxError> {
     )?;
     rt.block_on(async {
         let listener = thinsnap::server::bind(sock)?;
+        let admin = thinsnap::server::bind(&sock.with_file_name("admin.sock"))?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {
             term.recv().await;
         };
         thinsnap::server::run(
             listener,
+            admin,
             thinsnap::engine::EngineHandle::ready(Arc::new(engine)),
             None,
             shutdown,

@@ -43,10 +43,9 @@ impl Admin for AdminService {
         }
         // A task of its own (see `crate::grpc`): a client gone does not stop a grow half way.
         self.engine
-            .detached(
-                "grow".into(),
-                move |e| async move { e.grow(data, meta).await },
-            )
+            .detached("grow".into(), move |e| async move {
+                e.grow_on_request(data, meta).await
+            })
             .await?;
         self.status(Request::new(StatusRequest::default())).await
     }

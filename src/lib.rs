@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`config`]: typed TOML configuration, every default, validation naming the key.
-//! - [`server`]: the running daemon: the tonic server on the unix socket (both services) and the
+//! - [`server`]: the running daemon: the tonic servers on the two unix sockets (Snapshots, Admin) and the
 //!   background tasks (reaper, autogrow, the spares' refiller, metrics), graceful stop; the
 //!   client side. While the daemon starts, calls reach the engine through
 //!   `engine::EngineHandle` (Stat and List answered from a settled store, the rest wait).

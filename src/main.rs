@@ -41,14 +41,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve containerd's Snapshots API on the configured unix socket.
+    /// Serve containerd's Snapshots API on the configured unix socket (`address`) and the Admin
+    /// API on its own (`admin_address`).
     Serve {
         /// TOML configuration file; without it /etc/thinsnap/config.toml if it exists, else
         /// the embedded defaults.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Print the pool's space, health and snapshot counts (asks the running daemon).
+    /// Print the pool's space, health and snapshot counts (asks the running daemon on its admin
+    /// socket).
     Status {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -233,10 +235,14 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
         .context("metrics.address")?;
     info!(root = %config.root.display(), socket = %config.address.display(),
           pool = %config.pool.name, mode = %config.pool.mode, "starting");
+    let admin_path = config.admin_path();
     server::check_not_in_use(&config.address)?;
+    server::check_not_in_use(&admin_path)?;
     ensure_root(&config.root)?;
     let (engine, starting) = start(&config, None).await?;
     let listener = server::bind(&config.address)?;
+    let admin = server::bind(&admin_path)?;
+    info!(socket = %admin_path.display(), "admin API on its own socket");
     if starting.is_some() {
         info!(socket = %config.address.display(),
               "serving Stat and List from the database; other calls wait for the pool and recovery");
@@ -262,8 +268,9 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
         thinsnap::failpoint::release_stalls();
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     };
-    let served = server::run(listener, engine, metrics, shutdown).await;
+    let served = server::run(listener, admin, engine, metrics, shutdown).await;
     let _ = std::fs::remove_file(&config.address);
+    let _ = std::fs::remove_file(&admin_path);
     if let Some(start) = starting {
         start.await.context("the start task failed")??;
     }
@@ -368,12 +375,13 @@ async fn adopt(config_path: Option<&Path>, what: Adopt) -> Result<()> {
     Ok(())
 }
 
-/// A channel to the running daemon's socket.
+/// A channel to the running daemon's admin socket.
 async fn reach(config: &Config) -> Result<tonic::transport::Channel> {
-    server::connect(&config.address).await.with_context(|| {
+    let admin = config.admin_path();
+    server::connect(&admin).await.with_context(|| {
         format!(
-            "cannot reach thinsnap at {} (is it running?)",
-            config.address.display()
+            "cannot reach thinsnap's admin socket {} (is it running?)",
+            admin.display()
         )
     })
 }

@@ -3,7 +3,9 @@
 //! store's durable writes (`thinsnap_store_flushes_total`: one fsync each on a disk).
 //!
 //! Calls are recorded always (a histogram observation is a few atomic adds); the pool gauges
-//! are read from the engine when `/metrics` is scraped. Nothing here changes state. Each server
+//! are read from the engine when `/metrics` is scraped, at most once per [`REFRESH_EVERY`]
+//! (reading them scans the store, on a blocking thread): a scrape in between, or many at once,
+//! gets the gauges as last read. Nothing here changes state. Each server
 //! (and each test) has its own [`Metrics`] with its own registry: no count depends on what else
 //! ran in the process.
 
@@ -19,8 +21,18 @@ use tracing::{info, warn};
 
 use crate::engine::{Engine, EngineHandle};
 
+/// The gauges read from the engine (pool space, snapshots by kind, devices) are at most this old
+/// when a scrape shows them: however often `/metrics` is scraped, the store is scanned at most
+/// once per interval (Prometheus scrapes every 15 s or more by default).
+pub const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The metrics of one server: its registry and the collectors in it.
 pub struct Metrics {
+    /// When the engine's gauges were last read (None: never); held while they are read, so
+    /// concurrent scrapes wait for one read instead of each scanning the store.
+    refreshed: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// How many times the engine's gauges were read (for tests).
+    refreshes: std::sync::atomic::AtomicU64,
     registry: Registry,
     latency: HistogramVec,
     errors: IntCounterVec,
@@ -135,6 +147,8 @@ impl Metrics {
             registry.register(c).expect("metric names are unique");
         }
         Metrics {
+            refreshed: tokio::sync::Mutex::new(None),
+            refreshes: std::sync::atomic::AtomicU64::new(0),
             registry,
             latency,
             errors,
@@ -175,12 +189,20 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every metric, after refreshing the pool gauges from `engine`
-    /// (none while the daemon starts: the gauges keep their last values, zero at first).
+    /// The text exposition of every metric, after refreshing the pool gauges from `engine` if
+    /// they are older than [`REFRESH_EVERY`] (none while the daemon starts: the gauges keep
+    /// their last values, zero at first).
     pub async fn render(&self, engine: Option<&Engine>) -> String {
         let m = self;
         if let Some(engine) = engine {
-            m.refresh(engine).await;
+            let mut last = m.refreshed.lock().await;
+            let now = tokio::time::Instant::now();
+            if last.is_none_or(|t| now.duration_since(t) >= REFRESH_EVERY) {
+                m.refresh(engine).await;
+                m.refreshes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *last = Some(now);
+            }
         }
         let mut buf = Vec::new();
         TextEncoder::new()
@@ -351,6 +373,51 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want:?} missing in {text}");
         }
+    }
+
+    /// Scrapes read the engine (a scan of the store) at most once per REFRESH_EVERY: a second
+    /// scrape at once shows the gauges as last read, one after the interval reads them again.
+    #[tokio::test(start_paused = true)]
+    async fn scrapes_read_the_store_at_most_once_per_interval() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (engine, _) = crate::engine::recovery::start(
+            Arc::new(crate::pool::fake::FakePool::new()),
+            crate::store::Store::open(&dir.path().join("db")).expect("store"),
+            crate::engine::Settings::with_fs(crate::config::FsConfig::default()),
+            &|_: &std::path::Path| Ok(()),
+        )
+        .expect("engine");
+        let m = Metrics::new();
+        let refreshes = || m.refreshes.load(std::sync::atomic::Ordering::Relaxed);
+        let text = m.render(Some(&engine)).await;
+        assert!(
+            text.contains("thinsnap_snapshots{kind=\"active\"} 0"),
+            "{text}"
+        );
+        assert_eq!(refreshes(), 1);
+        engine
+            .create(crate::engine::Kind::Active, "a", "", Default::default())
+            .await
+            .expect("a");
+        for _ in 0..3 {
+            let text = m.render(Some(&engine)).await;
+            assert!(
+                text.contains("thinsnap_snapshots{kind=\"active\"} 0"),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            refreshes(),
+            1,
+            "scrapes within the interval read the store again"
+        );
+        tokio::time::advance(REFRESH_EVERY).await;
+        let text = m.render(Some(&engine)).await;
+        assert!(
+            text.contains("thinsnap_snapshots{kind=\"active\"} 1"),
+            "{text}"
+        );
+        assert_eq!(refreshes(), 2);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The daemon's running half: the gRPC server on the unix socket (containerd's Snapshots service
-//! and thinsnap's Admin service side by side) and the daemon's background tasks (the
+//! The daemon's running half: the gRPC servers on the two unix sockets (containerd's Snapshots
+//! service alone on one, thinsnap's Admin service on its own) and the daemon's background tasks (the
 //! `remove.async` reaper, `pool.autogrow`, the metrics endpoint). [`run`] owns all of them: at
 //! shutdown it stops taking calls, lets in-flight ones finish, signals the tasks, joins them and
 //! only then flushes the store. Also the client side of the socket, for the CLI and tests.
@@ -147,7 +147,9 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// within systemd's `TimeoutStopSec=90` (deploy/thinsnap.service), after which it kills.
 pub const CALLS_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Serves both services on `listener` and runs the daemon's background tasks (the reaper and
+/// Serves containerd's Snapshots service on `listener` (and nothing else: a client of that socket
+/// cannot grow the pool nor read its status) and thinsnap's Admin service on `admin`, and runs
+/// the daemon's background tasks (the reaper and
 /// autogrow when configured, the warm spares' refiller, the metrics endpoint on `metrics` if
 /// given) until `shutdown` completes; then lets in-flight calls finish (also those whose client
 /// has gone, for at most [`CALLS_BOUND`]: see `engine::Calls`), stops and joins the tasks, and
@@ -160,6 +162,7 @@ pub const CALLS_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
 /// Returns an error if the transport fails or the metrics address cannot be bound.
 pub async fn run(
     listener: UnixListener,
+    admin: UnixListener,
     engine: EngineHandle,
     metrics: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
@@ -211,19 +214,46 @@ pub async fn run(
             }
         });
     }
-    let snapshots = containerd_snapshots::server(Arc::new(Service::new(engine.clone(), registry)));
-    let admin = AdminService::new(engine.clone()).into_server();
+    let snapshots = crate::grpc::server(Service::new(engine.clone(), registry));
+    let admin_service = AdminService::new(engine.clone()).into_server();
     // When the stop began: the wait for the calls in flight is bounded from then on.
     let (stopping_tx, mut stopping) = tokio::sync::watch::channel(None);
-    let shutdown = async move {
-        shutdown.await;
-        stopping_tx.send_replace(Some(tokio::time::Instant::now()));
+    // One shutdown for both servers; either one ending (an error) stops the other too.
+    let (down_tx, down) = tokio::sync::watch::channel(false);
+    let down_tx = Arc::new(down_tx);
+    let down_of = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        crate::engine::stopped(&mut rx).await
     };
-    let serve = Server::builder()
-        .add_service(snapshots)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
-    // The server's graceful stop waits for the calls whose clients still wait; bounded too.
+    let signal = {
+        let (tx, rx) = (down_tx.clone(), down.clone());
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = down_of(rx) => {}
+            }
+            stopping_tx.send_replace(Some(tokio::time::Instant::now()));
+            let _ = tx.send(true);
+        }
+    };
+    let serve = |server: tonic::transport::server::Router, incoming: UnixListener| {
+        let (tx, rx) = (down_tx.clone(), down.clone());
+        async move {
+            let r = server
+                .serve_with_incoming_shutdown(UnixListenerStream::new(incoming), down_of(rx))
+                .await;
+            let _ = tx.send(true);
+            r
+        }
+    };
+    let both = async {
+        let (_, served, admin_served) = tokio::join!(
+            signal,
+            serve(Server::builder().add_service(snapshots), listener),
+            serve(Server::builder().add_service(admin_service), admin),
+        );
+        (served, admin_served)
+    };
+    // The servers' graceful stop waits for the calls whose clients still wait; bounded too.
     let bounded = async {
         let began = *stopping
             .wait_for(Option::is_some)
@@ -232,11 +262,11 @@ pub async fn run(
             .get_or_insert_with(tokio::time::Instant::now);
         tokio::time::sleep_until(began + CALLS_BOUND).await;
     };
-    let served = tokio::select! {
-        served = serve => served,
+    let (served, admin_served) = tokio::select! {
+        served = both => served,
         () = bounded => {
             warn!(bound = ?CALLS_BOUND, "calls still answered at shutdown; closing their connections");
-            Ok(())
+            (Ok(()), Ok(()))
         }
     };
     // The calls in flight whose clients are gone (the server waited for the others): each runs
@@ -266,6 +296,7 @@ pub async fn run(
         }
     }
     served?;
+    admin_served?;
     info!("server stopped");
     Ok(())
 }
@@ -349,9 +380,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (engine, _) = fake_engine(dir.path());
         let sock = dir.path().join("run/thinsnap.sock");
+        let admin_sock = dir.path().join("run/admin.sock");
         let listener = bind(&sock).expect("bind");
-        let meta = std::fs::metadata(&sock).expect("socket");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let admin = bind(&admin_sock).expect("bind admin");
+        for s in [&sock, &admin_sock] {
+            let meta = std::fs::metadata(s).expect("socket");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", s.display());
+        }
         assert!(
             matches!(bind(&sock), Err(ServerError::InUse(_))),
             "live socket taken over"
@@ -359,6 +394,7 @@ mod tests {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(run(
             listener,
+            admin,
             EngineHandle::ready(Arc::new(engine)),
             None,
             async {
@@ -426,13 +462,41 @@ mod tests {
             })
             .await;
         assert_eq!(upd.expect_err("immutable").code(), Code::InvalidArgument);
-        let status = AdminClient::new(ch)
+        // containerd's socket carries the Snapshots API alone: no admin call reaches the engine.
+        let on_snapshots = AdminClient::new(ch).status(StatusRequest::default()).await;
+        assert_eq!(
+            on_snapshots
+                .expect_err("admin on the Snapshots socket")
+                .code(),
+            Code::Unimplemented
+        );
+        let on_snapshots = AdminClient::new(connect(&sock).await.expect("connect"))
+            .grow(crate::admin::api::GrowRequest {
+                data_size_bytes: 1 << 40,
+                metadata_size_bytes: 0,
+            })
+            .await;
+        assert_eq!(
+            on_snapshots
+                .expect_err("grow on the Snapshots socket")
+                .code(),
+            Code::Unimplemented
+        );
+        let status = AdminClient::new(connect(&admin_sock).await.expect("connect admin"))
             .status(StatusRequest::default())
             .await
             .expect("admin")
             .into_inner();
         assert_eq!(status.snapshots_active, 1);
         assert_eq!(status.thin_ids_in_use, 2);
+        // And the admin socket does not carry the Snapshots API.
+        let on_admin = SnapshotsClient::new(connect(&admin_sock).await.expect("connect admin"))
+            .prepare(prep("z", ""))
+            .await;
+        assert_eq!(
+            on_admin.expect_err("Snapshots on the admin socket").code(),
+            Code::Unimplemented
+        );
 
         stop_tx.send(()).expect("stop");
         server.await.expect("join").expect("server");
@@ -452,8 +516,9 @@ mod tests {
         let (handle, publisher) = EngineHandle::starting(Some(early));
         let sock = dir.path().join("thinsnap.sock");
         let listener = bind(&sock).expect("bind");
+        let admin = bind(&dir.path().join("admin.sock")).expect("bind admin");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run(listener, handle, None, async {
+        let server = tokio::spawn(run(listener, admin, handle, None, async {
             let _ = stop_rx.await;
         }));
         let mut c = SnapshotsClient::new(connect(&sock).await.expect("connect"));
@@ -483,8 +548,9 @@ mod tests {
         let (handle, publisher) = EngineHandle::starting(None);
         let sock = dir.path().join("failed.sock");
         let listener = bind(&sock).expect("bind");
+        let admin = bind(&dir.path().join("failed-admin.sock")).expect("bind admin");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run(listener, handle, None, async {
+        let server = tokio::spawn(run(listener, admin, handle, None, async {
             let _ = stop_rx.await;
         }));
         publisher.failed("no pool".into());
@@ -517,8 +583,9 @@ mod tests {
         let calls = handle.calls().clone();
         let sock = dir.path().join("thinsnap.sock");
         let listener = bind(&sock).expect("bind");
+        let admin = bind(&dir.path().join("admin.sock")).expect("bind admin");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut server = tokio::spawn(run(listener, handle, None, async {
+        let mut server = tokio::spawn(run(listener, admin, handle, None, async {
             let _ = stop_rx.await;
         }));
         // A Prepare held in the kernel (its create_snap), whose client then gives up.
@@ -582,8 +649,9 @@ mod tests {
         let calls = handle.calls().clone();
         let sock = dir.path().join("thinsnap.sock");
         let listener = bind(&sock).expect("bind");
+        let admin = bind(&dir.path().join("admin.sock")).expect("bind admin");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run(listener, handle, None, async {
+        let server = tokio::spawn(run(listener, admin, handle, None, async {
             let _ = stop_rx.await;
         }));
         let mut held = pool.pause_nth("activate", 1);
@@ -605,6 +673,95 @@ mod tests {
         stop_tx.send(()).expect("stop");
         server.await.expect("join").expect("server");
         assert!(pool.active().contains(&id), "the activation was cut short");
+    }
+
+    /// List replies are cut by bytes: snapshots with the largest labels the API allows (64 KiB
+    /// each, long keys and parents), more than 4 MiB of them, come in several messages, each
+    /// under MAX_LIST_REPLY_BYTES (grpc-go's default receive limit; containerd's proxy client
+    /// takes 16 MiB), and a client that accepts no more than that reads every one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn list_replies_stay_under_what_clients_accept() {
+        use crate::engine::{MAX_KEY_LEN, MAX_LABELS_BYTES, MAX_LABEL_LEN};
+        use crate::grpc::MAX_LIST_REPLY_BYTES;
+        use prost::Message;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (engine, _) = fake_engine(dir.path());
+        let engine = Arc::new(engine);
+        let labels: std::collections::BTreeMap<String, String> = (0..MAX_LABELS_BYTES
+            / MAX_LABEL_LEN)
+            .map(|i| {
+                let k = format!("containerd.io/snapshot/l{i:02}");
+                let v = "v".repeat(MAX_LABEL_LEN - k.len());
+                (k, v)
+            })
+            .collect();
+        let long = |p: &str, i: usize| format!("{p}{i:04}{}", "k".repeat(MAX_KEY_LEN - 5));
+        let parent = long("p", 0);
+        engine
+            .create(
+                crate::engine::Kind::Active,
+                &long("a", 0),
+                "",
+                labels.clone(),
+            )
+            .await
+            .expect("parent");
+        engine
+            .commit(&parent, &long("a", 0), labels.clone())
+            .await
+            .expect("commit");
+        let n = 80;
+        for i in 0..n {
+            engine
+                .create(
+                    crate::engine::Kind::View,
+                    &long("v", i),
+                    &parent,
+                    labels.clone(),
+                )
+                .await
+                .expect("view");
+        }
+        let sock = dir.path().join("thinsnap.sock");
+        let listener = bind(&sock).expect("bind");
+        let admin = bind(&dir.path().join("admin.sock")).expect("bind admin");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(
+            listener,
+            admin,
+            EngineHandle::ready(engine),
+            None,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut c = SnapshotsClient::new(connect(&sock).await.expect("connect"))
+            .max_decoding_message_size(MAX_LIST_REPLY_BYTES);
+        let mut stream = c
+            .list(ListSnapshotsRequest {
+                snapshotter: "thinsnap".into(),
+                filters: vec![],
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        let (mut messages, mut infos, mut total) = (0, 0, 0);
+        while let Some(reply) = stream.message().await.expect("every reply readable") {
+            let len = reply.encoded_len();
+            assert!(len <= MAX_LIST_REPLY_BYTES, "a reply of {len} bytes");
+            messages += 1;
+            infos += reply.info.len();
+            total += len;
+            assert!(reply.info.iter().all(|i| i.labels.len() == labels.len()));
+        }
+        assert_eq!(infos, n + 1);
+        assert!(
+            total > MAX_LIST_REPLY_BYTES,
+            "the test must need several replies"
+        );
+        assert!(messages >= 2, "{messages} replies");
+        stop_tx.send(()).expect("stop");
+        server.await.expect("join").expect("server");
     }
 
     #[test]

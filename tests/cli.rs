@@ -157,3 +157,87 @@ fn pool_adopt_needs_keep_foreign_or_reset() {
         );
     }
 }
+
+/// A stand-in for the daemon's Admin service: a fixed status, and a grow it refuses.
+struct StubAdmin;
+
+#[tonic::async_trait]
+impl thinsnap::admin::api::admin_server::Admin for StubAdmin {
+    async fn status(
+        &self,
+        _: tonic::Request<thinsnap::admin::api::StatusRequest>,
+    ) -> Result<tonic::Response<thinsnap::admin::api::StatusResponse>, tonic::Status> {
+        Ok(tonic::Response::new(thinsnap::admin::api::StatusResponse {
+            pool_name: "stub-pool".into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn grow(
+        &self,
+        req: tonic::Request<thinsnap::admin::api::GrowRequest>,
+    ) -> Result<tonic::Response<thinsnap::admin::api::StatusResponse>, tonic::Status> {
+        Err(tonic::Status::invalid_argument(format!(
+            "stub: data size {} refused",
+            req.into_inner().data_size_bytes
+        )))
+    }
+}
+
+/// `thinsnap status` and `thinsnap pool grow` talk to the admin socket (admin.sock beside
+/// `address` when `admin_address` is unset), not to containerd's socket, which here nothing
+/// serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_grow_use_the_admin_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, config_under(dir.path())).expect("write config");
+    let listener = thinsnap::server::bind(&dir.path().join("admin.sock")).expect("bind");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(thinsnap::admin::api::admin_server::AdminServer::new(
+                StubAdmin,
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    let run = |args: &'static [&'static str]| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+                .args(args)
+                .arg("--config")
+                .arg(&config)
+                .output()
+                .expect("run thinsnap")
+        })
+    };
+    let out = run(&["status", "--json"]).await.expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("stub-pool"), "{stdout}");
+    let out = run(&["pool", "grow", "--data-size", "1TiB"])
+        .await
+        .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("InvalidArgument") && stderr.contains("1099511627776 refused"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("s.sock").exists(),
+        "nothing serves address"
+    );
+    stop_tx.send(()).expect("stop");
+    server.await.expect("join").expect("server");
+}

@@ -308,9 +308,16 @@ fn vm_live_socket_is_refused_and_stale_one_replaced() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let meta = std::fs::metadata(d.sock()).expect("socket");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    for sock in [d.sock(), d.admin_sock()] {
+        let meta = std::fs::metadata(&sock).expect("socket");
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            sock.display()
+        );
+    }
     // Kill -9 leaves a stale socket file; the next start replaces it.
     if let Some(mut c) = d.child.take() {
         c.kill().expect("kill");

@@ -45,6 +45,21 @@ pub struct FsConfig {
     pub mkfs_options: Vec<String>,
     /// Extra mount options returned with every mount.
     pub mount_options: Vec<String>,
+    /// The largest device the size label (`containerd.io/snapshot/thinsnap.size`) may ask for;
+    /// unset: bounded by the pool (its data space, or `pool.autogrow.max_data_size`).
+    #[serde(
+        serialize_with = "exact_bytes_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_size: Option<ByteSize>,
+}
+
+/// [`exact_bytes`] for an optional size.
+fn exact_bytes_opt<S: serde::Serializer>(b: &Option<ByteSize>, s: S) -> Result<S::Ok, S::Error> {
+    match b {
+        Some(b) => exact_bytes(b, s),
+        None => s.serialize_none(),
+    }
 }
 
 impl Default for FsConfig {
@@ -54,6 +69,7 @@ impl Default for FsConfig {
             base_size: ByteSize::gib(10),
             mkfs_options: Vec::new(),
             mount_options: Vec::new(),
+            max_size: None,
         }
     }
 }
@@ -88,6 +104,18 @@ impl FsConfig {
                     self.fs_type
                 ),
             ));
+        }
+        if let Some(max) = self.max_size {
+            let max = max.as_u64();
+            if max < base || max > MAX_SIZE || !max.is_multiple_of(512) {
+                return Err(invalid(
+                    "fs.max_size",
+                    format!(
+                        "{max} bytes: must be a multiple of 512 (a sector), at least fs.base_size \
+                         ({base} bytes) and below 8EiB"
+                    ),
+                ));
+            }
         }
         for opt in &self.mount_options {
             if opt.is_empty() || opt.contains(',') {

@@ -19,6 +19,8 @@ pub use pool::{AutogrowConfig, LvmConfig, PoolConfig, PoolMode};
 
 /// Default socket path, also what deploy/containerd-config.toml points containerd at.
 pub const DEFAULT_ADDRESS: &str = "/run/thinsnap/thinsnap.sock";
+/// The admin socket's file name when `admin_address` is unset: beside the Snapshots socket.
+pub const DEFAULT_ADMIN_FILE: &str = "admin.sock";
 /// Default state directory: sled database and, in loop mode, the pool's files.
 pub const DEFAULT_ROOT: &str = "/var/lib/thinsnap";
 /// The configuration file the packages install: read by every command given no `--config`.
@@ -64,8 +66,11 @@ pub struct Config {
     /// State directory: the sled database (`root/db`) and, in loop mode, the pool files
     /// (`root/pool/data`, `root/pool/metadata`).
     pub root: PathBuf,
-    /// The unix socket containerd and `thinsnap status` talk to.
+    /// The unix socket containerd talks to: the Snapshots API alone.
     pub address: PathBuf,
+    /// The unix socket of thinsnap's Admin API (`thinsnap status`, `thinsnap pool grow`), 0600;
+    /// unset: `admin.sock` in the directory of `address` ([`Config::admin_path`]).
+    pub admin_address: Option<PathBuf>,
     pub pool: PoolConfig,
     pub fs: FsConfig,
     pub remove: RemoveConfig,
@@ -176,20 +181,34 @@ impl SparesConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// `host:port` to serve `/metrics` on (loopback recommended); unset: no endpoint.
+    /// `ip:port` to serve `/metrics` on, a loopback address unless `allow_remote`; unset: no
+    /// endpoint.
     pub address: Option<String>,
+    /// Let `address` be other than loopback (the endpoint has no authentication: anyone who
+    /// reaches it reads the pool's space and the snapshot counts, and may scrape it at will).
+    pub allow_remote: bool,
 }
 
 impl MetricsConfig {
     /// Checks `[metrics]`.
     ///
-    /// Returns an error naming `metrics.address` when it is set and not `host:port`.
+    /// Returns an error naming `metrics.address` when it is set and not `ip:port`, or not a
+    /// loopback address while `allow_remote` is false.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(addr) = &self.address {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
+            let Ok(sock) = addr.parse::<std::net::SocketAddr>() else {
                 return Err(invalid(
                     "metrics.address",
-                    format!("{addr:?} is not host:port"),
+                    format!("{addr:?} is not ip:port"),
+                ));
+            };
+            if !sock.ip().is_loopback() && !self.allow_remote {
+                return Err(invalid(
+                    "metrics.address",
+                    format!(
+                        "{addr:?} is not a loopback address: the endpoint has no authentication; \
+                         use 127.0.0.1 or [::1], or set metrics.allow_remote = true"
+                    ),
                 ));
             }
         }
@@ -202,6 +221,7 @@ impl Default for Config {
         Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
+            admin_address: None,
             pool: PoolConfig::default(),
             fs: FsConfig::default(),
             remove: RemoveConfig::default(),
@@ -275,6 +295,27 @@ impl Config {
                 "longer than the 107 bytes a unix socket path may have",
             ));
         }
+        if let Some(admin) = &self.admin_address {
+            if !admin.is_absolute() {
+                return Err(invalid("admin_address", "must be an absolute path"));
+            }
+        }
+        let admin = self.admin_path();
+        if admin.as_os_str().len() > 107 {
+            return Err(invalid(
+                "admin_address",
+                format!(
+                    "{}: longer than the 107 bytes a unix socket path may have",
+                    admin.display()
+                ),
+            ));
+        }
+        if admin == self.address {
+            return Err(invalid(
+                "admin_address",
+                "must differ from address: containerd's socket carries the Snapshots API alone",
+            ));
+        }
         self.pool.validate()?;
         self.fs.validate()?;
         self.spares.validate()?;
@@ -289,6 +330,18 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The admin socket: `admin_address`, or `admin.sock` in the directory of `address`.
+    pub fn admin_path(&self) -> PathBuf {
+        match &self.admin_address {
+            Some(a) => a.clone(),
+            None => self
+                .address
+                .parent()
+                .unwrap_or_else(|| Path::new("/"))
+                .join(DEFAULT_ADMIN_FILE),
+        }
     }
 
     /// Where the sled database lives.
@@ -331,6 +384,7 @@ mod tests {
         let c = Config::parse("").expect("empty config is valid");
         assert_eq!(c.root, PathBuf::from("/var/lib/thinsnap"));
         assert_eq!(c.address, PathBuf::from("/run/thinsnap/thinsnap.sock"));
+        assert_eq!(c.admin_path(), PathBuf::from("/run/thinsnap/admin.sock"));
         assert_eq!(c.pool.name, "thinsnap-pool");
         assert_eq!(c.pool.mode, PoolMode::Loop);
         assert_eq!(c.pool.data_size, ByteSize::gib(100));
@@ -380,7 +434,12 @@ mod tests {
             want, have,
             "keys of the defaults vs keys of deploy/config.toml"
         );
-        for unset in ["# device = ", "# address = \"127.0.0.1:"] {
+        for unset in [
+            "# device = ",
+            "# address = \"127.0.0.1:",
+            "# admin_address = ",
+            "# max_size = ",
+        ] {
             assert!(DEPLOY_EXAMPLE.contains(unset), "{unset:?} not documented");
         }
     }
@@ -421,6 +480,20 @@ mod tests {
         assert!(err_of("[pool]\nmin_free_space = \"150%\"").contains("min_free_space"));
         assert!(err_of("[pool]\nmode = \"lvm\"").contains("pool.lvm.device"));
         assert!(err_of("[metrics]\naddress = \"nowhere\"").contains("metrics.address"));
+        // Loopback unless told otherwise.
+        for remote in ["0.0.0.0:9487", "10.1.2.3:9487", "[::]:9487"] {
+            let e = err_of(&format!("[metrics]\naddress = \"{remote}\""));
+            assert!(
+                e.contains("metrics.address") && e.contains("allow_remote"),
+                "{e}"
+            );
+            let c = Config::parse(&format!(
+                "[metrics]\naddress = \"{remote}\"\nallow_remote = true"
+            ))
+            .expect("told otherwise");
+            assert!(c.metrics.allow_remote);
+        }
+        Config::parse("[metrics]\naddress = \"[::1]:9487\"").expect("IPv6 loopback");
     }
 
     #[test]
@@ -463,6 +536,22 @@ mod tests {
         assert!(err_of("[fs]\ntype = \"xfs\"\nbase_size = \"100MiB\"").contains("fs.base_size"));
         assert!(err_of("[fs]\nmount_options = [\"a,b\"]").contains("fs.mount_options"));
         assert!(err_of("[spares]\ncount = 65").contains("spares.count"));
+        assert!(err_of("admin_address = \"rel.sock\"").contains("admin_address"));
+        assert!(err_of("[fs]\nmax_size = \"1GiB\"").contains("fs.max_size"));
+        assert!(err_of("[fs]\nmax_size = \"20000000001\"").contains("fs.max_size"));
+        assert_eq!(
+            Config::parse("[fs]\nmax_size = \"100GiB\"")
+                .expect("valid")
+                .fs
+                .max_size,
+            Some(ByteSize::gib(100))
+        );
+        assert!(
+            err_of("address = \"/run/x/a.sock\"\nadmin_address = \"/run/x/a.sock\"")
+                .contains("admin_address")
+        );
+        let c = Config::parse("address = \"/run/x/a.sock\"").expect("valid");
+        assert_eq!(c.admin_path(), PathBuf::from("/run/x/admin.sock"));
         assert_eq!(
             Config::parse("[spares]\ncount = 64")
                 .expect("64 spares")

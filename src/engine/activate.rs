@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use super::{now_ns, pool_err, Engine, EngineError};
 use crate::model::{Kind, ThinId};
 use crate::pool::{PoolError, ThinPool};
-use crate::store::{Quarantine, SnapshotRecord, State};
+use crate::store::{Quarantine, SnapshotRecord, State, Store};
 
 /// Thin ids of active snapshots and views whose dm devices this run has not activated yet.
 #[derive(Default)]
@@ -212,24 +212,30 @@ impl Engine {
     ///
     /// Returns an error if the store cannot be read.
     pub fn quarantined(&self) -> Result<Vec<QuarantinedInfo>, EngineError> {
-        Ok(self
-            .store
-            .quarantined()?
-            .into_iter()
-            .filter_map(|(key, r)| {
-                let reason = r.quarantine?.reason;
-                Some(QuarantinedInfo {
-                    key,
-                    thin_id: r.thin_id,
-                    kind: r.kind,
-                    reason,
-                })
-            })
-            .collect())
+        quarantined_in(&self.store)
     }
 
     /// How many devices were activated on first use since start (for tests and logs).
     pub fn lazy_activations(&self) -> u64 {
         self.lazy.activations()
     }
+}
+
+/// Every quarantined snapshot in `store`.
+///
+/// Returns an error if the store cannot be read.
+pub(super) fn quarantined_in(store: &Store) -> Result<Vec<QuarantinedInfo>, EngineError> {
+    Ok(store
+        .quarantined()?
+        .into_iter()
+        .filter_map(|(key, r)| {
+            let reason = r.quarantine?.reason;
+            Some(QuarantinedInfo {
+                key,
+                thin_id: r.thin_id,
+                kind: r.kind,
+                reason,
+            })
+        })
+        .collect())
 }

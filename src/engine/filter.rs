@@ -272,6 +272,10 @@ impl Filter {
     }
 }
 
+/// Most filters one List request may carry (containerd and its clients send one or a few; each
+/// is at most [`MAX_FILTER_LEN`] bytes and every snapshot is checked against each).
+pub const MAX_FILTERS: usize = 64;
+
 /// Most regular expressions (`~=`) one request may carry, across all its filters.
 pub const MAX_REGEXES: usize = 16;
 

@@ -146,7 +146,7 @@ impl EngineHandle {
 
     /// List (see [`Engine::list`]), answered during the start when the store is settled.
     pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, EngineError> {
-        list_in(&self.reader().await?, filters)
+        list_blocking(self.reader().await?, filters).await
     }
 }
 
@@ -178,6 +178,28 @@ pub(super) fn ready_in(store: &Store, key: &str) -> Result<SnapshotRecord, Engin
 pub(super) fn stat_in(store: &Store, key: &str) -> Result<SnapshotInfo, EngineError> {
     super::limits::check_key("key", key)?;
     Ok(info_of(key, &ready_in(store, key)?))
+}
+
+/// [`list_in`] on a blocking thread: a scan of the whole store and every filter evaluated on
+/// every snapshot is no work for the async workers that carry every other call. The number of
+/// filters is checked first, before anything is copied or parsed.
+///
+/// Returns InvalidArgument for more than [`filter::MAX_FILTERS`] filters; as [`list_in`].
+pub(super) async fn list_blocking(
+    store: Store,
+    filters: &[String],
+) -> Result<Vec<SnapshotInfo>, EngineError> {
+    if filters.len() > filter::MAX_FILTERS {
+        return Err(EngineError::InvalidArgument(format!(
+            "{} filters; at most {} are allowed per List",
+            filters.len(),
+            filter::MAX_FILTERS
+        )));
+    }
+    let filters = filters.to_vec();
+    tokio::task::spawn_blocking(move || list_in(&store, &filters))
+        .await
+        .map_err(|e| EngineError::Internal(format!("list task failed: {e}")))?
 }
 
 /// Every snapshot in `store` that passes `filters` (containerd's syntax: several filters OR,

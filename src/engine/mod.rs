@@ -52,8 +52,10 @@ pub use calls::Calls;
 pub(crate) use error::pool_err;
 pub use error::EngineError;
 pub use handle::{EngineHandle, Publisher};
-use limits::{check_key, check_labels, size_label};
-pub use limits::{MAX_KEY_LEN, MAX_LABELS, MAX_LABEL_LEN, SIZE_LABEL};
+use limits::{check_field_paths, check_key, check_labels, size_label};
+pub use limits::{
+    MAX_FIELD_PATHS, MAX_KEY_LEN, MAX_LABELS, MAX_LABELS_BYTES, MAX_LABEL_LEN, SIZE_LABEL,
+};
 use locks::KeyLocks;
 pub use spares::{SpareCounts, SPARE_OWNER};
 pub use types::{Adopt, BaseInfo, EngineStatus, Mount, Settings, SnapshotInfo, Usage};
@@ -124,6 +126,9 @@ pub struct Engine {
     spares: spares::Spares,
     /// What the audit of thin ids found (see [`audit`]).
     audits: audit::Audits,
+    /// Device growth reserved in the free-space floor by Prepares and Views with the size
+    /// label under way (see `space::Reservation`).
+    reserved: Mutex<u64>,
 }
 
 impl Engine {
@@ -148,6 +153,7 @@ impl Engine {
             lazy: Arc::default(),
             spares: spares::Spares::new(settings.spares),
             audits: audit::Audits::default(),
+            reserved: Mutex::new(0),
             settings,
         }
     }
@@ -232,12 +238,20 @@ impl Engine {
         // failed during the undo): nobody else holds the key, so roll it back now instead of
         // answering AlreadyExists until a restart.
         self.heal(key).await?;
-        let st = self.check_space().await?;
-        if let Some(want) = size {
-            self.check_size_bound(key, want, &st)?;
-        } else if let Some(mounts) = self.take_spare(kind, key, parent, &labels).await? {
-            // A warm spare of the parent became this snapshot: no device made on this path.
-            return Ok(mounts);
+        let growth = match size {
+            Some(want) => {
+                self.check_max_size(key, want)?;
+                Some((key, want, self.growth_of(parent, want)?))
+            }
+            None => None,
+        };
+        // With the size label, the growth is reserved in the floor until this call ends.
+        let (_, _reservation) = self.check_space_reserving(growth).await?;
+        if size.is_none() {
+            if let Some(mounts) = self.take_spare(kind, key, parent, &labels).await? {
+                // A warm spare of the parent became this snapshot: no device made on this path.
+                return Ok(mounts);
+            }
         }
         // The common path answers with only its intent durable: recovery completes the call if
         // the pool has its thin device (see DeviceRecord::roll_forward). Not with the size
@@ -542,7 +556,9 @@ impl Engine {
     /// Updates the labels of a snapshot, the only mutable field. `paths` empty replaces all
     /// labels; `labels` replaces all; `labels.<k>` sets or (absent from `labels`) removes one.
     ///
-    /// Returns NotFound if it does not exist, InvalidArgument for any other field path.
+    /// Returns NotFound if it does not exist, InvalidArgument for any other field path, more
+    /// than [`MAX_FIELD_PATHS`] paths, or labels (the request's or the result) beyond the limits
+    /// (checked before the snapshot is read).
     pub async fn update(
         &self,
         key: &str,
@@ -550,31 +566,35 @@ impl Engine {
         paths: &[String],
     ) -> Result<SnapshotInfo, EngineError> {
         check_key("name", key)?;
+        // Everything the request carries is checked before any lock, read or copy: the paths
+        // (their number and that each is a label) and the labels themselves.
+        let replace_all = check_field_paths(key, paths)?;
+        check_labels(&labels)?;
         let _guard = self.locks.lock(&[key]).await;
         let rec = self.ready(key)?;
-        let mut new_labels = rec.labels.clone();
-        if paths.is_empty() {
-            new_labels = labels;
+        // "labels" anywhere among the paths makes the request's labels the snapshot's: every
+        // `labels.<key>` then sets or removes a label to what the request has, which it already
+        // is. Otherwise each `labels.<key>` sets or removes one. Either way no label map is
+        // copied per path.
+        let new_labels = if paths.is_empty() || replace_all {
+            labels
         } else {
+            let mut new_labels = rec.labels;
             for path in paths {
-                if path == "labels" {
-                    new_labels = labels.clone();
-                } else if let Some(l) = path.strip_prefix("labels.") {
-                    match labels.get(l) {
-                        Some(v) => {
-                            new_labels.insert(l.to_string(), v.clone());
-                        }
-                        None => {
-                            new_labels.remove(l);
-                        }
+                let l = path
+                    .strip_prefix("labels.")
+                    .expect("checked by check_field_paths");
+                match labels.get(l) {
+                    Some(v) => {
+                        new_labels.insert(l.to_string(), v.clone());
                     }
-                } else {
-                    return Err(EngineError::InvalidArgument(format!(
-                        "cannot update field {path:?} of snapshot {key:?}: only labels are mutable"
-                    )));
+                    None => {
+                        new_labels.remove(l);
+                    }
                 }
             }
-        }
+            new_labels
+        };
         check_labels(&new_labels)?;
         let rec = self.store.set_labels(key, new_labels, now_ns())?;
         self.flush().await?;
@@ -609,11 +629,12 @@ impl Engine {
         })
     }
 
-    /// Every snapshot that passes `filters` (containerd's syntax: several filters OR, `,` AND).
+    /// Every snapshot that passes `filters` (containerd's syntax: several filters OR, `,` AND),
+    /// read and filtered on a blocking thread.
     ///
-    /// Returns InvalidArgument for a malformed filter.
+    /// Returns InvalidArgument for a malformed filter or more than `filter::MAX_FILTERS`.
     pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, EngineError> {
-        handle::list_in(&self.store, filters)
+        handle::list_blocking(self.store.clone(), filters).await
     }
 
     /// Pool space and health with the snapshot counts.
@@ -623,9 +644,35 @@ impl Engine {
         let pool = self
             .on_pool(|pool| pool.status().map_err(pool_err("read pool status")))
             .await?;
-        let devices = self.store.devices()?;
-        let spare_ids = self.spare_ids(&devices)?;
-        let mut st = EngineStatus {
+        // The store's part is a scan of every record: on a blocking thread, as List's is.
+        let store = self.store.clone();
+        let (thin_ids, spare_ids, quarantined, kinds, deleting) =
+            tokio::task::spawn_blocking(move || {
+                let devices = store.devices()?;
+                let deleting = devices
+                    .iter()
+                    .filter(|d| d.state == State::Deleting)
+                    .count() as u64;
+                let spare_ids = spares::spare_ids_in(&store, &devices)?;
+                let quarantined = activate::quarantined_in(&store)?;
+                let mut kinds = [0u64; 3];
+                for (_, rec) in store.snapshots()? {
+                    if rec.state != State::Ready {
+                        continue;
+                    }
+                    kinds[match rec.kind {
+                        Kind::Active => 0,
+                        Kind::View => 1,
+                        Kind::Committed => 2,
+                    }] += 1;
+                }
+                // Warm spares apart: they are no snapshot's (see `spare_thin_ids`).
+                let thin_ids = (devices.len() - spare_ids.len()) as u64;
+                Ok::<_, EngineError>((thin_ids, spare_ids, quarantined, kinds, deleting))
+            })
+            .await
+            .map_err(|e| EngineError::Internal(format!("status task failed: {e}")))??;
+        Ok(EngineStatus {
             pool,
             base: BaseInfo {
                 thin_id: self.base.thin_id,
@@ -633,30 +680,17 @@ impl Engine {
                 size: self.base.size,
                 new_image_size: self.grown_base_size("").unwrap_or(self.base.size),
             },
-            // Warm spares apart: they are no snapshot's (see `spare_thin_ids`).
-            thin_ids: (devices.len() - spare_ids.len()) as u64,
+            thin_ids,
             spare_thin_ids: spare_ids,
             inactive: self.lazy.inactive(),
-            quarantined: self.quarantined()?,
+            quarantined,
             spares: self.spares.counts(),
             audit: self.audit_report(),
-            deleting: devices
-                .iter()
-                .filter(|d| d.state == State::Deleting)
-                .count() as u64,
-            ..EngineStatus::default()
-        };
-        for (_, rec) in self.store.snapshots()? {
-            if rec.state != State::Ready {
-                continue;
-            }
-            match rec.kind {
-                Kind::Active => st.active += 1,
-                Kind::View => st.views += 1,
-                Kind::Committed => st.committed += 1,
-            }
-        }
-        Ok(st)
+            deleting,
+            active: kinds[0],
+            views: kinds[1],
+            committed: kinds[2],
+        })
     }
 
     /// What the pool is made of.

@@ -7,6 +7,20 @@ use tracing::{info, warn};
 use super::{autogrow, pool_err, stopped, Engine, EngineError, SIZE_LABEL};
 use crate::pool::{PoolError, PoolStatus, ThinPool};
 
+/// Growth of a device that a Prepare with the size label has reserved in the free-space floor
+/// ([`Engine::check_space_reserving`]), given back when dropped (the call ended, however).
+pub(super) struct Reservation<'a> {
+    total: &'a std::sync::Mutex<u64>,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut total = self.total.lock().unwrap_or_else(|p| p.into_inner());
+        *total = total.saturating_sub(self.bytes);
+    }
+}
+
 /// Free bytes of a space and the bytes the free-space floor (percent) requires of it.
 fn free_and_required(used: u64, total: u64, floor: f64) -> (u64, u64) {
     let free = total.saturating_sub(used);
@@ -64,6 +78,23 @@ impl Engine {
     /// Returns ResourceExhausted saying how much is free and how much is required; otherwise
     /// the pool's status as read.
     pub(super) async fn check_space(&self) -> Result<PoolStatus, EngineError> {
+        self.check_space_reserving(None).await.map(|(st, _)| st)
+    }
+
+    /// [`Engine::check_space`] for a Prepare or View whose size label asks for a device of
+    /// `want` bytes, `growth` = (key, want, bytes) beyond its parent's: `want` within
+    /// [`Engine::check_size_bound`], and the growth must fit above the floor too,
+    /// after what the other such calls under way have reserved, and is reserved until the
+    /// returned [`Reservation`] is dropped (when the call ends). So a burst of them cannot all
+    /// pass the floor on the same free space and then fill the pool together. Every floor check
+    /// counts what is reserved as used.
+    ///
+    /// Returns InvalidArgument as [`Engine::check_size_bound`]; ResourceExhausted naming the key,
+    /// the growth, what is free and reserved, and the floor; otherwise as [`Engine::check_space`].
+    pub(super) async fn check_space_reserving(
+        &self,
+        growth: Option<(&str, u64, u64)>,
+    ) -> Result<(PoolStatus, Option<Reservation<'_>>), EngineError> {
         let floor = self.settings.min_free_percent;
         // One trip to the blocking pool for all three: this runs on every Prepare and View.
         let read = || {
@@ -94,8 +125,13 @@ impl Engine {
                 st.read_only, st.out_of_data_space, st.needs_check
             )));
         }
+        let reserved_now = *self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         for (what, used, total) in [
-            ("data", st.data_used_bytes, st.data_total_bytes),
+            (
+                "data",
+                st.data_used_bytes.saturating_add(reserved_now),
+                st.data_total_bytes,
+            ),
             ("metadata", st.metadata_used_bytes, st.metadata_total_bytes),
         ] {
             let (free, required) = free_and_required(used, total, floor);
@@ -114,8 +150,11 @@ impl Engine {
         // the pool's free space is only as good as the host's, and a write the host cannot back
         // puts the pool in fail mode. Only the part the host can back counts against the floor.
         if let Some(h) = host {
-            let (free, required) =
-                free_and_required(st.data_used_bytes, st.data_total_bytes, floor);
+            let (free, required) = free_and_required(
+                st.data_used_bytes.saturating_add(reserved_now),
+                st.data_total_bytes,
+                floor,
+            );
             let backed = free.saturating_sub(h.shortfall());
             if backed < required {
                 let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
@@ -130,7 +169,68 @@ impl Engine {
                 )));
             }
         }
-        Ok(st)
+        let Some((key, want, bytes)) = growth else {
+            return Ok((st, None));
+        };
+        // A size the pool could never hold is the request's fault, whatever is free now.
+        self.check_size_bound(key, want, &st)?;
+        // Checked and reserved under one lock: of calls that meet here, each sees the others'.
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let (free, required) = free_and_required(st.data_used_bytes, st.data_total_bytes, floor);
+        let backed = free.saturating_sub(host.map_or(0, |h| h.shortfall()));
+        let left = backed.saturating_sub(*reserved);
+        if left < required.saturating_add(bytes) {
+            let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+            return Err(EngineError::ResourceExhausted(format!(
+                "thin pool {name}: label {SIZE_LABEL} of {key:?} grows its device by {} beyond its \
+                 parent's, but of the {} of data space free (that the host can back), {} is \
+                 reserved by Prepares with that label under way and pool.min_free_space requires \
+                 {} ({floor}%): {} can be promised; ask for less, remove snapshots or grow the pool",
+                human(bytes),
+                human(backed),
+                human(*reserved),
+                human(required),
+                human(left.saturating_sub(required))
+            )));
+        }
+        *reserved += bytes;
+        Ok((
+            st,
+            Some(Reservation {
+                total: &self.reserved,
+                bytes,
+            }),
+        ))
+    }
+
+    /// The bytes a snapshot of `parent` (the base when empty or unknown: the call then fails
+    /// NotFound anyway) grows by when its size label asks for `want`.
+    ///
+    /// Returns an error if the store cannot be read.
+    pub(super) fn growth_of(&self, parent: &str, want: u64) -> Result<u64, EngineError> {
+        let from = if parent.is_empty() {
+            self.base.size
+        } else {
+            self.store.get(parent)?.map_or(self.base.size, |r| r.size)
+        };
+        Ok(want.saturating_sub(from))
+    }
+
+    /// `fs.max_size`: the largest device a size label may ask for.
+    ///
+    /// Returns InvalidArgument naming the label, the key, the size and the maximum.
+    pub(super) fn check_max_size(&self, key: &str, want: u64) -> Result<(), EngineError> {
+        if let Some(max) = self.settings.fs.max_size {
+            if want > max.as_u64() {
+                let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+                return Err(EngineError::InvalidArgument(format!(
+                    "label {SIZE_LABEL} of {key:?}: {} is more than fs.max_size ({})",
+                    human(want),
+                    human(max.as_u64())
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The size label's upper bound: no snapshot may be larger than the pool could ever hold
@@ -243,6 +343,62 @@ impl Engine {
         }
     }
 
+    /// `thinsnap pool grow`: grows the pool as [`Engine::grow`] does, within the bounds autogrow
+    /// keeps to: never beyond `pool.autogrow.max_data_size` / `max_metadata_size` (whether
+    /// autogrow is on or not), nor by more than the host's filesystem can still give the pool's
+    /// files beyond what they already promise. A typo like 100TiB would otherwise grow the files
+    /// for good, and the free-space floor would then refuse every Prepare.
+    ///
+    /// Returns InvalidArgument naming the requested size and the maximum, ResourceExhausted
+    /// naming the growth asked and the host's room; as [`Engine::grow`] otherwise.
+    pub async fn grow_on_request(
+        &self,
+        data: Option<u64>,
+        metadata: Option<u64>,
+    ) -> Result<(), EngineError> {
+        let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+        let (max_data, max_meta) = self.settings.grow_max;
+        for (what, want, max) in [("data", data, max_data), ("metadata", metadata, max_meta)] {
+            if let Some(want) = want.filter(|&w| w > max) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "pool grow: {what} size {} ({want} bytes) is above the allowed maximum {} \
+                     ({max} bytes, pool.autogrow.max_{what}_size)",
+                    human(want),
+                    human(max)
+                )));
+            }
+        }
+        // Checked and grown under the exclusive kernel lock: two requests cannot both spend the
+        // same room.
+        let exclusive = self.kernel.clone().write_owned().await;
+        let pool = self.pool.clone();
+        let (st, room) = tokio::task::spawn_blocking(move || {
+            let st = pool.status().map_err(pool_err("read pool status"))?;
+            let room = pool
+                .host_room()
+                .map_err(pool_err("read the host's free space"))?;
+            Ok::<_, EngineError>((st, room))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("pool task failed: {e}")))??;
+        if let Some(room) = room {
+            let more = data.map_or(0, |d| d.saturating_sub(st.data_total_bytes))
+                + metadata.map_or(0, |m| m.saturating_sub(st.metadata_total_bytes));
+            if more > room.room() {
+                return Err(EngineError::ResourceExhausted(format!(
+                    "pool grow: the requested sizes add {} ({more} bytes) to the pool's files, \
+                     but the host filesystem under them allows {} more ({} free, of which the \
+                     sparse files already promise {})",
+                    human(more),
+                    human(room.room()),
+                    human(room.free),
+                    human(room.promised)
+                )));
+            }
+        }
+        self.grow_locked(exclusive, data, metadata).await
+    }
+
     /// Grows the pool online (loop mode): data and/or metadata to the given sizes. Holds the
     /// kernel lock exclusively: the pool is suspended while its table is reloaded.
     ///
@@ -252,6 +408,17 @@ impl Engine {
         // Owned by the blocking closure: a caller gone meanwhile does not let other kernel calls
         // in while the pool is suspended.
         let exclusive = self.kernel.clone().write_owned().await;
+        self.grow_locked(exclusive, data, metadata).await
+    }
+
+    /// [`Engine::grow`] under the exclusive kernel lock its caller holds, which goes with the
+    /// grow into its blocking closure.
+    async fn grow_locked(
+        &self,
+        exclusive: tokio::sync::OwnedRwLockWriteGuard<()>,
+        data: Option<u64>,
+        metadata: Option<u64>,
+    ) -> Result<(), EngineError> {
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || {
             let r = pool.grow(data, metadata);

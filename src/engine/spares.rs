@@ -181,22 +181,22 @@ enum Step {
     Idle,
 }
 
-impl Engine {
-    /// The thin ids among `devices` (the store's device records) that are warm spares'.
-    ///
-    /// Returns an error if the store cannot be read.
-    pub(super) fn spare_ids(
-        &self,
-        devices: &[crate::store::DeviceRecord],
-    ) -> Result<Vec<ThinId>, EngineError> {
-        let named = self.store.get(SPARE_OWNER)?.map(|r| r.thin_id);
-        Ok(devices
-            .iter()
-            .filter(|d| d.owner == SPARE_OWNER && Some(d.thin_id) != named)
-            .map(|d| d.thin_id)
-            .collect())
-    }
+/// The thin ids among `devices` (the store's device records) that are warm spares'.
+///
+/// Returns an error if the store cannot be read.
+pub(super) fn spare_ids_in(
+    store: &crate::store::Store,
+    devices: &[crate::store::DeviceRecord],
+) -> Result<Vec<ThinId>, EngineError> {
+    let named = store.get(SPARE_OWNER)?.map(|r| r.thin_id);
+    Ok(devices
+        .iter()
+        .filter(|d| d.owner == SPARE_OWNER && Some(d.thin_id) != named)
+        .map(|d| d.thin_id)
+        .collect())
+}
 
+impl Engine {
     /// Spares ready, wanted, taken and missed (see [`SpareCounts`]).
     pub fn spare_counts(&self) -> SpareCounts {
         self.spares.counts()

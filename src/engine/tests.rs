@@ -1000,6 +1000,7 @@ fn autogrow_settings() -> Settings {
         max_data_size: bytesize::ByteSize::gib(4),
         ..Default::default()
     });
+    settings.grow_max = (4 << 30, 16 << 30);
     settings
 }
 
@@ -1198,3 +1199,289 @@ async fn mounts_of_a_mounted_snapshot_is_a_bind_of_its_mount_point() {
 
 #[path = "tests_faults.rs"]
 mod faults;
+
+/// `thinsnap pool grow` keeps to autogrow's bounds: above the configured maximum it is refused
+/// (InvalidArgument naming both sizes), beyond the host's room too (ResourceExhausted), and the
+/// pool is not grown; within both it grows.
+#[tokio::test]
+async fn a_requested_grow_is_capped_like_autogrow() {
+    const GIB: u64 = 1 << 30;
+    let t = setup_with(autogrow_settings());
+    t.pool.set_space(GIB, 0);
+    // Free 10 GiB, of which the sparse files already promise 8: room for 2 GiB more.
+    t.pool.set_host_space(10 * GIB, 8 * GIB);
+    let err = t
+        .engine
+        .grow_on_request(Some(100 * 1024 * GIB), None)
+        .await
+        .expect_err("100TiB is above max_data_size");
+    let EngineError::InvalidArgument(msg) = &err else {
+        panic!("expected InvalidArgument, got {err:?}");
+    };
+    assert!(
+        msg.contains("100.0 TiB") && msg.contains("4.0 GiB") && msg.contains("max_data_size"),
+        "{msg}"
+    );
+    let err = t
+        .engine
+        .grow_on_request(None, Some(32 * GIB))
+        .await
+        .expect_err("above max_metadata_size");
+    assert!(matches!(err, EngineError::InvalidArgument(_)), "{err}");
+    // 1 -> 4 GiB wants 3 GiB more: the host has room for 2.
+    let err = t
+        .engine
+        .grow_on_request(Some(4 * GIB), None)
+        .await
+        .expect_err("beyond the host's room");
+    let EngineError::ResourceExhausted(msg) = &err else {
+        panic!("expected ResourceExhausted, got {err:?}");
+    };
+    assert!(msg.contains("3.0 GiB") && msg.contains("2.0 GiB"), "{msg}");
+    assert!(!t.pool.calls().iter().any(|c| c.starts_with("grow")));
+    assert_eq!(t.pool.status().expect("status").data_total_bytes, GIB);
+    t.engine
+        .grow_on_request(Some(3 * GIB), None)
+        .await
+        .expect("within both bounds");
+    assert_eq!(t.pool.status().expect("status").data_total_bytes, 3 * GIB);
+}
+
+/// Labels of `n` entries of `len` bytes each (key plus value), keys `l000`...
+fn labels_of(n: usize, len: usize) -> BTreeMap<String, String> {
+    (0..n)
+        .map(|i| {
+            let k = format!("l{i:03}");
+            let v = "v".repeat(len - k.len());
+            (k, v)
+        })
+        .collect()
+}
+
+/// A snapshot's labels total at most MAX_LABELS_BYTES (64 KiB): sixteen maximal labels pass,
+/// one byte more is refused on Prepare, Commit and Update alike.
+#[tokio::test]
+async fn labels_are_capped_in_total() {
+    let t = setup();
+    let full = labels_of(MAX_LABELS_BYTES / MAX_LABEL_LEN, MAX_LABEL_LEN);
+    assert_eq!(
+        full.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
+        64 * 1024
+    );
+    t.engine
+        .create(Kind::Active, "a", "", full.clone())
+        .await
+        .expect("64 KiB of labels");
+    let mut over = full.clone();
+    over.insert("x".into(), String::new());
+    let err = t
+        .engine
+        .create(Kind::Active, "b", "", over.clone())
+        .await
+        .expect_err("64 KiB + 1");
+    assert!(
+        matches!(&err, EngineError::InvalidArgument(m) if m.contains("65537") && m.contains("65536")),
+        "{err}"
+    );
+    assert!(t.engine.record("b").expect("read").is_none());
+    assert_err!(
+        t.engine.commit("c", "a", over.clone()).await,
+        InvalidArgument
+    );
+    assert_err!(
+        t.engine.update("a", over, &["labels.x".to_string()]).await,
+        InvalidArgument
+    );
+    assert_eq!(t.engine.stat("a").await.expect("stat").labels, full);
+}
+
+/// Update checks what the request carries before it reads the snapshot or copies a label: an
+/// immutable field, too many paths or labels beyond the limits are InvalidArgument even for a
+/// snapshot that does not exist; and however many times `labels` is named, the result is the
+/// request's labels.
+#[tokio::test]
+async fn update_validates_before_any_work() {
+    let t = setup();
+    let one = || labels_of(1, 8);
+    assert_err!(
+        t.engine
+            .update("missing", one(), &["kind".to_string()])
+            .await,
+        InvalidArgument
+    );
+    let paths: Vec<String> = (0..=MAX_FIELD_PATHS)
+        .map(|_| "labels".to_string())
+        .collect();
+    let err = t
+        .engine
+        .update("missing", one(), &paths)
+        .await
+        .expect_err("too many paths");
+    assert!(
+        matches!(&err, EngineError::InvalidArgument(m) if m.contains(&MAX_FIELD_PATHS.to_string())),
+        "{err}"
+    );
+    assert_err!(
+        t.engine
+            .update(
+                "missing",
+                labels_of(MAX_LABELS + 1, 8),
+                &["labels.l000".to_string()]
+            )
+            .await,
+        InvalidArgument
+    );
+    // The bounds are not in the way of a real update.
+    t.engine
+        .create(Kind::Active, "a", "", labels_of(3, 8))
+        .await
+        .expect("a");
+    let mut want = BTreeMap::new();
+    want.insert("new".to_string(), "1".to_string());
+    for paths in [
+        vec!["labels.l000", "labels"],
+        vec!["labels", "labels.l001", "labels", "labels.new"],
+    ] {
+        let paths: Vec<String> = paths.into_iter().map(String::from).collect();
+        let info = t
+            .engine
+            .update("a", want.clone(), &paths)
+            .await
+            .expect("update");
+        assert_eq!(info.labels, want, "{paths:?}");
+    }
+    let paths: Vec<String> = (0..MAX_FIELD_PATHS).map(|_| "labels".to_string()).collect();
+    t.engine
+        .update("a", want.clone(), &paths)
+        .await
+        .expect("MAX_FIELD_PATHS paths");
+    // Set one, remove another (absent from the request).
+    let info = t
+        .engine
+        .update(
+            "a",
+            labels_of(1, 8),
+            &["labels.l000".to_string(), "labels.new".to_string()],
+        )
+        .await
+        .expect("update");
+    assert_eq!(info.labels, labels_of(1, 8));
+}
+
+/// List takes at most MAX_FILTERS filters; one more is InvalidArgument naming both counts.
+#[tokio::test]
+async fn list_bounds_its_filters() {
+    let t = setup();
+    prep(&t, "a", "").await.expect("a");
+    let filters: Vec<String> = (0..filter::MAX_FILTERS)
+        .map(|i| format!("name==k{i}"))
+        .collect();
+    assert!(t
+        .engine
+        .list(&filters)
+        .await
+        .expect("64 filters")
+        .is_empty());
+    let mut more = filters.clone();
+    more.push("name==a".into());
+    let err = t.engine.list(&more).await.expect_err("65 filters");
+    assert!(
+        matches!(&err, EngineError::InvalidArgument(m) if m.contains("65 filters") && m.contains("64")),
+        "{err}"
+    );
+}
+
+fn sized(size: &str) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::new();
+    l.insert(SIZE_LABEL.to_string(), size.to_string());
+    l
+}
+
+/// Prepares with the size label reserve their growth in the free-space floor until they end: of
+/// three that meet (each growing a 10 GiB base to 50 GiB in a 100 GiB pool whose floor keeps
+/// 10 GiB), two reach the kernel and the third is refused before it, while the two are still
+/// under way; once they have ended, their reservations are given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_labels_reserve_their_growth_in_the_floor() {
+    const GIB: u64 = 1 << 30;
+    let t = setup();
+    t.pool.set_space(100 * GIB, 0);
+    // Activation is the first pool call after create_snap that does not hold the pool's change
+    // lock: several calls can wait there together.
+    let gate = t.pool.gate("activate");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..3 {
+        let (e, tx) = (t.engine.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = e
+                .create(Kind::Active, &format!("big{i}"), "", sized("50GiB"))
+                .await;
+            let _ = tx.send(r.map(|_| ()));
+        });
+    }
+    // Two hold their reservations at the kernel (their activations wait at the gate).
+    gate.waiting(2).await;
+    let first = tokio::select! {
+        r = rx.recv() => r.expect("a result"),
+        _ = gate.waiting(3) => panic!("all three passed the floor check together"),
+    };
+    let err = first.expect_err("the third is refused");
+    assert!(
+        matches!(&err, EngineError::ResourceExhausted(m)
+            if m.contains("40.0 GiB") && m.contains("80.0 GiB") && m.contains(SIZE_LABEL)),
+        "{err}"
+    );
+    gate.open();
+    for _ in 0..2 {
+        // On the fake pool, growing the filesystem fails (there is no device): the point is
+        // that the floor let them through.
+        let r = rx.recv().await.expect("a result");
+        assert!(
+            !matches!(r, Err(EngineError::ResourceExhausted(_))),
+            "{r:?}"
+        );
+    }
+    assert_eq!(t.pool.count("create_snap"), 2);
+    // Both ended: nothing is reserved any more, and one more passes the floor.
+    let r = t
+        .engine
+        .create(Kind::Active, "big3", "", sized("50GiB"))
+        .await;
+    assert!(
+        !matches!(r, Err(EngineError::ResourceExhausted(_))),
+        "{r:?}"
+    );
+    assert_eq!(t.pool.count("create_snap"), 3);
+    assert_eq!(t.pool.count("create_snap"), 3);
+}
+
+/// `fs.max_size` bounds the size label: beyond it, InvalidArgument naming the key, before the
+/// pool is asked anything.
+#[tokio::test]
+async fn size_label_beyond_fs_max_size_is_refused() {
+    let mut settings = Settings::with_fs(FsConfig {
+        max_size: Some(bytesize::ByteSize::gib(20)),
+        ..FsConfig::default()
+    });
+    settings.min_free_percent = 0.0;
+    let t = setup_with(settings);
+    t.pool.set_space(100 << 30, 0);
+    let calls = t.pool.calls().len();
+    let err = t
+        .engine
+        .create(Kind::Active, "big", "", sized("21GiB"))
+        .await
+        .expect_err("above fs.max_size");
+    assert!(
+        matches!(&err, EngineError::InvalidArgument(m)
+            if m.contains("fs.max_size") && m.contains("\"big\"") && m.contains("20.0 GiB")),
+        "{err}"
+    );
+    assert_eq!(t.pool.calls().len(), calls, "{:?}", t.pool.calls());
+    assert!(t.engine.record("big").expect("read").is_none());
+    let r = t
+        .engine
+        .create(Kind::Active, "ok", "", sized("20GiB"))
+        .await;
+    assert!(!matches!(r, Err(EngineError::InvalidArgument(_))), "{r:?}");
+}

@@ -99,6 +99,9 @@ pub struct Settings {
     /// The mount table Mounts reads to find where an active snapshot is already mounted
     /// ([`crate::fs::mounted_at`]); /proc/self/mountinfo but in tests.
     pub mount_table: PathBuf,
+    /// The largest data and metadata sizes `thinsnap pool grow` may ask for: autogrow's own
+    /// maxima (`pool.autogrow.max_data_size`, `max_metadata_size`), whether autogrow is on or not.
+    pub grow_max: (u64, u64),
     /// `thinsnap pool adopt`: what to do with the thin devices of a pool this database has no
     /// record of (None: refuse to start, see `super::ownership`).
     pub adopt: Option<Adopt>,
@@ -131,6 +134,10 @@ impl Settings {
             store_min_free: config.store.min_free.as_u64(),
             adopt: None,
             mount_table: PathBuf::from(crate::fs::MOUNT_TABLE),
+            grow_max: (
+                config.pool.autogrow.max_data_size.as_u64(),
+                config.pool.autogrow.max_metadata_size.as_u64(),
+            ),
         }
     }
 
@@ -149,6 +156,10 @@ impl Settings {
             store_min_free: 0,
             adopt: None,
             mount_table: PathBuf::from(crate::fs::MOUNT_TABLE),
+            grow_max: {
+                let a = AutogrowConfig::default();
+                (a.max_data_size.as_u64(), a.max_metadata_size.as_u64())
+            },
         }
     }
 }

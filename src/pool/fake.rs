@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::{PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
 
@@ -97,11 +97,80 @@ pub const OPS: &[&str] = &[
 #[derive(Default)]
 pub struct FakePool {
     state: Mutex<State>,
+    /// op -> a gate its calls wait at (see [`FakePool::gate`]).
+    gates: Mutex<HashMap<&'static str, Arc<Gate>>>,
+}
+
+/// A [`Gate`] that opens when dropped.
+pub struct HeldGate(Arc<Gate>);
+
+impl std::ops::Deref for HeldGate {
+    type Target = Gate;
+    fn deref(&self) -> &Gate {
+        &self.0
+    }
+}
+
+impl Drop for HeldGate {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+/// Holds every call of one op until opened: tests make calls meet at a point without sleeps.
+pub struct Gate {
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+    /// How many calls are waiting at the gate now.
+    waiting: tokio::sync::watch::Sender<usize>,
+}
+
+impl Gate {
+    /// Resolves once at least `n` calls wait at the gate.
+    pub async fn waiting(&self, n: usize) {
+        let mut rx = self.waiting.subscribe();
+        rx.wait_for(|w| *w >= n).await.expect("the gate lives");
+    }
+
+    /// Lets every waiting call, and every later one, through.
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if *open {
+            return;
+        }
+        self.waiting.send_modify(|w| *w += 1);
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+        self.waiting.send_modify(|w| *w -= 1);
+    }
 }
 
 impl FakePool {
     pub fn new() -> FakePool {
         FakePool::default()
+    }
+
+    /// Makes every call of `op` from now on wait (before it does anything) until the returned
+    /// gate is opened, or dropped (so a test that fails while calls wait does not hang in the
+    /// runtime's shutdown, which waits for its blocking threads).
+    pub fn gate(&self, op: &'static str) -> HeldGate {
+        assert!(OPS.contains(&op), "{op} is not a pool operation");
+        let gate = Arc::new(Gate {
+            open: Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            waiting: tokio::sync::watch::channel(0).0,
+        });
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(op, gate.clone());
+        HeldGate(gate)
     }
 
     /// Makes the `nth` (1-based, counted from now on) call of `op` fail with an injected
@@ -237,6 +306,15 @@ impl FakePool {
         op: &'static str,
         call: String,
     ) -> Result<std::sync::MutexGuard<'_, State>, PoolError> {
+        let gate = self
+            .gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(op)
+            .cloned();
+        if let Some(gate) = gate {
+            gate.pass();
+        }
         let mut s = self.lock();
         s.calls.push(call.clone());
         let n = {

@@ -59,7 +59,7 @@ pub struct Daemon {
     shut_down: bool,
 }
 
-/// Whether the daemon on `sock` has started: it answers the admin Status call (which waits for
+/// Whether the daemon whose admin socket is `sock` has started: it answers the admin Status call (which waits for
 /// the start to end) within `within`. False if nothing listens, the start failed or is still
 /// running. On a thread of its own, so that sync tests and tokio tests alike can call it.
 fn answers_status(sock: &Path, within: Duration) -> bool {
@@ -134,6 +134,11 @@ impl Daemon {
         self.dir.join("thinsnap.sock")
     }
 
+    /// The admin socket: `admin_address` is unset, so admin.sock beside [`Daemon::sock`].
+    pub fn admin_sock(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("thinsnap.log")
     }
@@ -193,7 +198,7 @@ impl Daemon {
     pub fn start_with(&mut self, failpoint: Option<&str>) {
         self.child = Some(self.spawn(failpoint));
         let t0 = Instant::now();
-        while !answers_status(&self.sock(), Duration::from_secs(5)) {
+        while !answers_status(&self.admin_sock(), Duration::from_secs(5)) {
             if let Some(st) = self
                 .child
                 .as_mut()
@@ -218,7 +223,8 @@ impl Daemon {
             if let Some(st) = child.try_wait().expect("wait") {
                 return (st, self.log());
             }
-            if t0.elapsed() > START_TIMEOUT || answers_status(&self.sock(), Duration::from_secs(2))
+            if t0.elapsed() > START_TIMEOUT
+                || answers_status(&self.admin_sock(), Duration::from_secs(2))
             {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -284,12 +290,15 @@ impl Daemon {
             .expect("run thinsnap")
     }
 
-    /// Clients of both services on the socket.
+    /// Clients of both services, each on its own socket.
     pub async fn clients(&self) -> (SnapshotsClient<Channel>, AdminClient<Channel>) {
         let ch = thinsnap::server::connect(&self.sock())
             .await
             .expect("connect");
-        (SnapshotsClient::new(ch.clone()), AdminClient::new(ch))
+        let admin = thinsnap::server::connect(&self.admin_sock())
+            .await
+            .expect("connect to the admin socket");
+        (SnapshotsClient::new(ch), AdminClient::new(admin))
     }
 
     /// The active dm devices of this daemon's snapshots (`<pool>-snap-*`).
