@@ -344,11 +344,33 @@ EOF
     ((SECONDS - t2 > 60)) && break
     sleep 2
   done
-  local st
+  # Docker 28's containerd image store keeps a lease per image ("moby-image-<id>") that holds the
+  # image's snapshots; seen in this test: `docker system prune -a` deletes the image but can
+  # leave its lease, so containerd's GC never asks thinsnap to remove those snapshots (on any
+  # snapshotter). A lease whose image Docker no longer has is Docker's leftover, not a leak of
+  # thinsnap's: it is named in the result, removed, and then everything must go.
+  local stale=() lease
+  if [[ -n $left ]]; then
+    while read -r lease _; do
+      [[ $lease == moby-image-* ]] || continue
+      docker image inspect "${lease#moby-image-}" >/dev/null 2>&1 && continue
+      stale+=("$lease")
+    done < <(ctr --address "$CSOCK" -n moby leases ls 2>/dev/null | awk 'NR > 1')
+    if ((${#stale[@]})); then
+      ctr --address "$CSOCK" -n moby leases rm "${stale[@]}" >>"$OUT/$v-prune.txt" 2>&1
+      t2=$SECONDS
+      until left=$(ctr --address "$CSOCK" -n moby snapshots --snapshotter thinsnap ls 2>&1 | awk 'NR > 1'); [[ -z $left && -z $(dm_snaps) ]]; do
+        ((SECONDS - t2 > 60)) && break
+        sleep 2
+      done
+    fi
+  fi
+  local st what="after prune: no snapshot (containerd, thinsnap status) and no dm device $POOL-snap-*"
+  ((${#stale[@]})) && what+=" (after removing ${#stale[@]} lease(s) Docker left for deleted images: ${stale[*]})"
   st=$(ts_status 2>&1)
   if [[ -z $left && -z $(dm_snaps) ]] &&
     [[ $(jq -r '.snapshots.active + .snapshots.view + .snapshots.committed' <<<"$st") == 0 ]]; then
-    pass "after prune: no snapshot (containerd, thinsnap status) and no dm device $POOL-snap-*"
+    pass "$what"
   else
     fail "after prune: no snapshot and no dm device" "containerd: $left" "dm: $(dm_snaps | tr '\n' ' ')" "status: $(jq -c .snapshots <<<"$st")" \
       "what still holds them: containerd images (moby):" "$(ctr --address "$CSOCK" -n moby images ls 2>&1 | cut -c1-160)" \
