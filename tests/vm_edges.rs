@@ -109,13 +109,7 @@ async fn vm_the_audit_reports_a_thin_id_leaked_behind_a_consistent_store() {
     let st = status(&mut a).await;
     assert_eq!(st.audit_unknown_thin_ids, vec![500], "{st:?}");
     assert!(st.audit_missing_thin_ids.is_empty(), "{st:?}");
-    let meta = st
-        .loop_files
-        .iter()
-        .find(|l| l.role == "metadata")
-        .expect("metadata loop device")
-        .device
-        .clone();
+    let meta = metadata_device(&st);
     assert!(
         kernel_thin_ids(&st.pool_name, &meta).contains(&500),
         "the audit deleted a thin id that is not provably thinsnap's"

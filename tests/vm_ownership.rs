@@ -19,13 +19,7 @@ const POOL: &str = "data_size = \"1GiB\"\nmetadata_size = \"32MiB\"\n[fs]\nbase_
 async fn meta_dev(d: &Daemon) -> (String, String) {
     let (_, mut a) = d.clients().await;
     let st = status(&mut a).await;
-    let meta = st
-        .loop_files
-        .iter()
-        .find(|l| l.role == "metadata")
-        .expect("metadata loop device")
-        .device
-        .clone();
+    let meta = metadata_device(&st);
     (st.pool_name, meta)
 }
 

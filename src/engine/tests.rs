@@ -536,6 +536,24 @@ async fn concurrent_prepares_of_one_key_have_one_winner() {
     assert_eq!(t.pool.thin_ids().len(), 2);
 }
 
+/// Starts a new engine with `settings` on the same store and pool (a restart).
+pub(super) fn restart_with_settings(t: T, settings: Settings) -> (T, Report) {
+    let (_dir, path, pool) = t.into_parts();
+    let store = reopen(&path);
+    let (engine, report) =
+        recovery::start(pool.clone(), store, settings, &no_format).expect("start");
+    let engine = Arc::new(engine);
+    (
+        T {
+            _dir,
+            path,
+            pool,
+            engine,
+        },
+        report,
+    )
+}
+
 pub(super) fn setup_with(settings: Settings) -> T {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");

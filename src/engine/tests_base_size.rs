@@ -3,10 +3,7 @@
 //! base is kept at the old size. (The grown filesystem itself is checked on real dm-thin:
 //! `tests/vm_pool_ops.rs::vm_a_raised_base_size_reaches_new_images_only`.)
 
-use std::sync::Arc;
-
-use super::recovery;
-use super::tests::{no_format, reopen, setup_with, T};
+use super::tests::{restart_with_settings, setup_with, T};
 use super::*;
 use crate::config::FsConfig;
 
@@ -20,17 +17,9 @@ fn settings(base_size: &str, spares: u32) -> Settings {
     s
 }
 
-/// Starts a new engine on the same store and pool with `settings` (a restart).
+/// A restart with `settings`.
 fn restart(t: T, settings: Settings) -> T {
-    let (_dir, path, pool) = t.into_parts();
-    let store = reopen(&path);
-    let (engine, _) = recovery::start(pool.clone(), store, settings, &no_format).expect("start");
-    T {
-        _dir,
-        path,
-        pool,
-        engine: Arc::new(engine),
-    }
+    restart_with_settings(t, settings).0
 }
 
 #[tokio::test]

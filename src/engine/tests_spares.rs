@@ -5,9 +5,8 @@
 //! The refiller is driven round by round (`refill_until_idle`), not by its background task.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use super::tests::{no_format, no_labels, prep, reopen, setup_with, T};
+use super::tests::{no_labels, prep, restart_with_settings, setup_with, T};
 use super::*;
 use crate::config::FsConfig;
 use crate::store::SPARE_OWNER;
@@ -24,19 +23,7 @@ fn spares_on(count: u32) -> T {
 
 /// Starts a new engine with `count` spares on the same store and pool (a restart).
 fn restart_with(t: T, count: u32) -> (T, recovery::Report) {
-    let (_dir, path, pool) = t.into_parts();
-    let store = reopen(&path);
-    let (engine, report) =
-        recovery::start(pool.clone(), store, settings(count), &no_format).expect("start");
-    (
-        T {
-            _dir,
-            path,
-            pool,
-            engine: Arc::new(engine),
-        },
-        report,
-    )
+    restart_with_settings(t, settings(count))
 }
 
 /// A committed snapshot `name` (made from an active one whose device maps `bytes`).

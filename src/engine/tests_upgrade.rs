@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::crash_tests::copy_dir;
 use super::tests::start_on;
 use super::*;
 use crate::pool::fake::FakePool;
@@ -99,19 +100,6 @@ fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
     let dst = tmp.path().join("db");
     copy_dir(&src, &dst);
     (tmp, dst)
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).expect("mkdir");
-    for entry in std::fs::read_dir(src).expect("read fixture dir") {
-        let entry = entry.expect("entry");
-        let to = dst.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &to);
-        } else {
-            std::fs::copy(entry.path(), &to).expect("copy");
-        }
-    }
 }
 
 #[tokio::test]

@@ -521,6 +521,18 @@ pub fn write_file(dir: &Path, m: &Mount, name: &str, content: &str) {
 }
 
 /// The thin ids in the pool's metadata, read with thin_ls from a metadata snapshot.
+/// The loop device holding the pool's metadata, from a loop pool's status.
+///
+/// Panics if the status lists none (not a loop pool).
+pub fn metadata_device(st: &StatusResponse) -> String {
+    st.loop_files
+        .iter()
+        .find(|l| l.role == "metadata")
+        .expect("metadata loop device")
+        .device
+        .clone()
+}
+
 pub fn kernel_thin_ids(pool: &str, meta_dev: &str) -> std::collections::BTreeSet<u32> {
     use devicemapper::{DevId, DmName, DM};
     let dm = DM::new().expect("dm");
@@ -568,13 +580,7 @@ pub async fn assert_no_leak(d: &Daemon, a: &mut AdminClient<Channel>, what: &str
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
-        let meta = st
-            .loop_files
-            .iter()
-            .find(|l| l.role == "metadata")
-            .expect("metadata loop device")
-            .device
-            .clone();
+        let meta = metadata_device(&st);
         let store: std::collections::BTreeSet<u32> = st.thin_ids.iter().copied().collect();
         let kernel = kernel_thin_ids(&st.pool_name, &meta);
         let active = d.our_dm_devices().len() as u64;
