@@ -45,7 +45,8 @@ pub struct FsConfig {
     pub mkfs_options: Vec<String>,
     /// Extra mount options returned with every mount.
     pub mount_options: Vec<String>,
-    /// The largest device the size label (`containerd.io/snapshot/thinsnap.size`) may ask for;
+    /// The largest device the size labels (`containerd.io/snapshot/thinsnap.size` and
+    /// containerd's `containerd.io/snapshot/max-size`) may ask for;
     /// unset: bounded by the pool (its data space, or `pool.autogrow.max_data_size`).
     #[serde(
         serialize_with = "exact_bytes_opt",

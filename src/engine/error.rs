@@ -3,7 +3,6 @@
 //! of the store or the pool becomes. A broken store invariant is ours, never the caller's: it
 //! becomes an internal error, not FailedPrecondition.
 
-use super::limits::SIZE_LABEL;
 use crate::fs::FsError;
 use crate::pool::PoolError;
 use crate::store::StoreError;
@@ -43,7 +42,7 @@ impl From<StoreError> for EngineError {
             }
             StoreError::FailedPrecondition(m) => EngineError::FailedPrecondition(m),
             StoreError::SizeBelowParent { .. } => {
-                EngineError::InvalidArgument(format!("label {SIZE_LABEL}: {e}"))
+                EngineError::InvalidArgument(format!("the size asked: {e}"))
             }
             StoreError::NoFreeThinId => EngineError::ResourceExhausted(e.to_string()),
             // Invariant, Corrupt, Db, ...: ours, reported as internal with the cause.

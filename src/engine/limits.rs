@@ -108,31 +108,162 @@ pub fn check_field_paths(key: &str, paths: &[String]) -> Result<bool, EngineErro
     Ok(all)
 }
 
-/// The device size the [`SIZE_LABEL`] asks for, if `labels` carry it.
+/// Where the size of a new snapshot's device comes from when it is not its parent's: named in
+/// every error about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeSource {
+    /// thinsnap's own label, [`SIZE_LABEL`] (human units).
+    Label,
+    /// containerd's standard label, [`MAX_SIZE_LABEL`] (decimal bytes).
+    MaxSizeLabel,
+    /// A raised `fs.base_size`, for a new image's first layer (see `Engine::grown_base_size`).
+    BaseSize,
+}
+
+impl std::fmt::Display for SizeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SizeSource::Label => write!(f, "label {SIZE_LABEL}"),
+            SizeSource::MaxSizeLabel => write!(f, "label {MAX_SIZE_LABEL}"),
+            SizeSource::BaseSize => write!(f, "fs.base_size"),
+        }
+    }
+}
+
+/// A device size asked for a new snapshot, in bytes, and who asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeAsk {
+    pub bytes: u64,
+    pub from: SizeSource,
+}
+
+/// containerd's standard label for the size of an active snapshot's filesystem, in bytes as a
+/// decimal integer (`snapshots.LabelSnapshotMaxSize`, containerd 2.4). containerd's CRI copies a
+/// pod sandbox's `containerd.io/snapshot/*` annotations onto the sandbox's snapshot (1.6, 1.7,
+/// 2.x), and containerd 1.6 also a container's onto the container's.
+pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
+
+/// The device size `labels` ask for: [`SIZE_LABEL`] (human units) or [`MAX_SIZE_LABEL`]
+/// (decimal bytes). Both are checked when both are given; thinsnap's own label wins, as the
+/// more specific one (a node's operator may set it on purpose where containerd's comes from a
+/// pod's annotations).
 ///
-/// Returns InvalidArgument if the value is not a size or not a whole number of sectors.
+/// Returns InvalidArgument naming the label, its value and the key if a value is not a size
+/// (for [`MAX_SIZE_LABEL`]: not a decimal number of bytes) or not a positive whole number of
+/// sectors.
 pub fn size_label(
     key: &str,
     labels: &BTreeMap<String, String>,
-) -> Result<Option<u64>, EngineError> {
-    let Some(v) = labels.get(SIZE_LABEL) else {
-        return Ok(None);
+) -> Result<Option<SizeAsk>, EngineError> {
+    let max_size = match labels.get(MAX_SIZE_LABEL) {
+        Some(v) => {
+            let bytes = v.trim().parse::<u64>().map_err(|e| {
+                EngineError::InvalidArgument(format!(
+                    "label {MAX_SIZE_LABEL}={v:?} of {key:?} is not a number of bytes (a decimal integer, as containerd defines it): {e}"
+                ))
+            })?;
+            Some(sectors(
+                key,
+                MAX_SIZE_LABEL,
+                v,
+                bytes,
+                SizeSource::MaxSizeLabel,
+            )?)
+        }
+        None => None,
     };
-    let size = v.trim().parse::<bytesize::ByteSize>().map_err(|e| {
-        EngineError::InvalidArgument(format!(
-            "label {SIZE_LABEL}={v:?} of {key:?} is not a size: {e}"
-        ))
-    })?;
-    let size = size.as_u64();
-    // dm tables, discards and the filesystems all count 512-byte sectors: a size that is not a
-    // whole number of them would make every discard of the device fail.
-    if size == 0 || size % SECTOR != 0 {
+    let own = match labels.get(SIZE_LABEL) {
+        Some(v) => {
+            let size = v.trim().parse::<bytesize::ByteSize>().map_err(|e| {
+                EngineError::InvalidArgument(format!(
+                    "label {SIZE_LABEL}={v:?} of {key:?} is not a size: {e}"
+                ))
+            })?;
+            Some(sectors(
+                key,
+                SIZE_LABEL,
+                v,
+                size.as_u64(),
+                SizeSource::Label,
+            )?)
+        }
+        None => None,
+    };
+    Ok(own.or(max_size))
+}
+
+/// `bytes` asked by `label`=`v` as a [`SizeAsk`] from `from`.
+///
+/// Returns InvalidArgument unless it is a positive whole number of sectors: dm tables, discards
+/// and the filesystems all count 512-byte sectors, and a size that is not a whole number of
+/// them would make every discard of the device fail.
+fn sectors(
+    key: &str,
+    label: &str,
+    v: &str,
+    bytes: u64,
+    from: SizeSource,
+) -> Result<SizeAsk, EngineError> {
+    if bytes == 0 || !bytes.is_multiple_of(SECTOR) {
         return Err(EngineError::InvalidArgument(format!(
-            "label {SIZE_LABEL}={v:?} of {key:?}: {size} bytes is not a positive multiple of {SECTOR} (a sector)"
+            "label {label}={v:?} of {key:?}: {bytes} bytes is not a positive multiple of {SECTOR} (a sector)"
         )));
     }
-    Ok(Some(size))
+    Ok(SizeAsk { bytes, from })
 }
 
 /// The kernel's sector, the unit of every device size.
 const SECTOR: u64 = 512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(pairs: &[(&str, &str)]) -> Result<Option<SizeAsk>, EngineError> {
+        let labels = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        size_label("k", &labels)
+    }
+
+    #[test]
+    fn containerds_max_size_label_is_decimal_bytes() {
+        assert_eq!(
+            ask(&[(MAX_SIZE_LABEL, "1073741824")]).expect("valid"),
+            Some(SizeAsk {
+                bytes: 1 << 30,
+                from: SizeSource::MaxSizeLabel
+            })
+        );
+        assert_eq!(ask(&[]).expect("no label"), None);
+        // containerd defines the value as a decimal int64: units are refused, naming the label.
+        for bad in ["1GiB", "-512", "lots", ""] {
+            let err = ask(&[(MAX_SIZE_LABEL, bad)]).expect_err(bad).to_string();
+            assert!(
+                err.contains(MAX_SIZE_LABEL) && err.contains("\"k\""),
+                "{bad}: {err}"
+            );
+        }
+        for bad in ["0", "1000"] {
+            let err = ask(&[(MAX_SIZE_LABEL, bad)]).expect_err(bad).to_string();
+            assert!(err.contains("multiple of 512"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn thinsnaps_own_label_wins_and_both_are_checked() {
+        let both = ask(&[(SIZE_LABEL, "2GiB"), (MAX_SIZE_LABEL, "1073741824")]).expect("valid");
+        assert_eq!(
+            both,
+            Some(SizeAsk {
+                bytes: 2 << 30,
+                from: SizeSource::Label
+            })
+        );
+        let err = ask(&[(SIZE_LABEL, "2GiB"), (MAX_SIZE_LABEL, "1G")])
+            .expect_err("a bad max-size is refused even when the own label wins")
+            .to_string();
+        assert!(err.contains(MAX_SIZE_LABEL), "{err}");
+    }
+}

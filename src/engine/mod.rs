@@ -52,9 +52,10 @@ pub use calls::Calls;
 pub(crate) use error::pool_err;
 pub use error::EngineError;
 pub use handle::{EngineHandle, Publisher};
-use limits::{check_field_paths, check_key, check_labels, size_label};
+use limits::{check_field_paths, check_key, check_labels, size_label, SizeAsk, SizeSource};
 pub use limits::{
-    MAX_FIELD_PATHS, MAX_KEY_LEN, MAX_LABELS, MAX_LABELS_BYTES, MAX_LABEL_LEN, SIZE_LABEL,
+    MAX_FIELD_PATHS, MAX_KEY_LEN, MAX_LABELS, MAX_LABELS_BYTES, MAX_LABEL_LEN, MAX_SIZE_LABEL,
+    SIZE_LABEL,
 };
 use locks::KeyLocks;
 pub use spares::{SpareCounts, SPARE_OWNER};
@@ -230,7 +231,12 @@ impl Engine {
         check_labels(&labels)?;
         // A raised fs.base_size reaches new images through their first layer, as the size label
         // does (which wins when given).
-        let size = size_label(key, &labels)?.or_else(|| self.grown_base_size(parent));
+        let size = size_label(key, &labels)?.or_else(|| {
+            self.grown_base_size(parent).map(|bytes| SizeAsk {
+                bytes,
+                from: SizeSource::BaseSize,
+            })
+        });
         let _busy = self.spares.busy();
         let _guard = self.locks.lock(&[key]).await;
         crate::failpoint!("prepare:start");
@@ -239,9 +245,9 @@ impl Engine {
         // answering AlreadyExists until a restart.
         self.heal(key).await?;
         let growth = match size {
-            Some(want) => {
-                self.check_max_size(key, want)?;
-                Some((key, want, self.growth_of(parent, want)?))
+            Some(ask) => {
+                self.check_max_size(key, ask)?;
+                Some((key, ask, self.growth_of(key, parent, ask)?))
             }
             None => None,
         };
@@ -265,7 +271,7 @@ impl Engine {
             parent: (!parent.is_empty()).then(|| parent.to_string()),
             labels,
             now: now_ns(),
-            size,
+            size: size.map(|ask| ask.bytes),
             roll_forward,
         };
         let mut tries = 0;

@@ -4,7 +4,8 @@
 
 use tracing::{info, warn};
 
-use super::{autogrow, pool_err, stopped, Engine, EngineError, SIZE_LABEL};
+use super::limits::SizeAsk;
+use super::{autogrow, pool_err, stopped, Engine, EngineError};
 use crate::pool::{PoolError, PoolStatus, ThinPool};
 
 /// Growth of a device that a Prepare with the size label has reserved in the free-space floor
@@ -81,8 +82,9 @@ impl Engine {
         self.check_space_reserving(None).await.map(|(st, _)| st)
     }
 
-    /// [`Engine::check_space`] for a Prepare or View whose size label asks for a device of
-    /// `want` bytes, `growth` = (key, want, bytes) beyond its parent's: `want` within
+    /// [`Engine::check_space`] for a Prepare or View whose size label (or a raised
+    /// `fs.base_size`) asks for a device of `want` bytes, `growth` = (key, want, bytes) beyond
+    /// its parent's: `want` within
     /// [`Engine::check_size_bound`], and the growth must fit above the floor too,
     /// after what the other such calls under way have reserved, and is reserved until the
     /// returned [`Reservation`] is dropped (when the call ends). So a burst of them cannot all
@@ -93,7 +95,7 @@ impl Engine {
     /// the growth, what is free and reserved, and the floor; otherwise as [`Engine::check_space`].
     pub(super) async fn check_space_reserving(
         &self,
-        growth: Option<(&str, u64, u64)>,
+        growth: Option<(&str, SizeAsk, u64)>,
     ) -> Result<(PoolStatus, Option<Reservation<'_>>), EngineError> {
         let floor = self.settings.min_free_percent;
         // One trip to the blocking pool for all three: this runs on every Prepare and View.
@@ -182,10 +184,11 @@ impl Engine {
         if left < required.saturating_add(bytes) {
             let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
             return Err(EngineError::ResourceExhausted(format!(
-                "thin pool {name}: label {SIZE_LABEL} of {key:?} grows its device by {} beyond its \
+                "thin pool {name}: {} of {key:?} grows its device by {} beyond its \
                  parent's, but of the {} of data space free (that the host can back), {} is \
                  reserved by Prepares with that label under way and pool.min_free_space requires \
                  {} ({floor}%): {} can be promised; ask for less, remove snapshots or grow the pool",
+                want.from,
                 human(bytes),
                 human(backed),
                 human(*reserved),
@@ -203,29 +206,46 @@ impl Engine {
         ))
     }
 
-    /// The bytes a snapshot of `parent` (the base when empty or unknown: the call then fails
-    /// NotFound anyway) grows by when its size label asks for `want`.
+    /// The bytes snapshot `key` of `parent` (the base when empty or unknown: the call then fails
+    /// NotFound anyway) grows by when `want` asks for a size.
     ///
-    /// Returns an error if the store cannot be read.
-    pub(super) fn growth_of(&self, parent: &str, want: u64) -> Result<u64, EngineError> {
+    /// Returns InvalidArgument naming who asked, the key and both sizes if `want` is smaller
+    /// than the parent's device (a thin snapshot is never smaller than its origin, and no
+    /// filesystem here shrinks); an error if the store cannot be read.
+    pub(super) fn growth_of(
+        &self,
+        key: &str,
+        parent: &str,
+        want: SizeAsk,
+    ) -> Result<u64, EngineError> {
         let from = if parent.is_empty() {
             self.base.size
         } else {
             self.store.get(parent)?.map_or(self.base.size, |r| r.size)
         };
-        Ok(want.saturating_sub(from))
+        if want.bytes < from {
+            let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+            return Err(EngineError::InvalidArgument(format!(
+                "{} of {key:?}: {} is smaller than its parent's device ({}); a snapshot is never smaller than its parent",
+                want.from,
+                human(want.bytes),
+                human(from)
+            )));
+        }
+        Ok(want.bytes - from)
     }
 
     /// `fs.max_size`: the largest device a size label may ask for.
     ///
     /// Returns InvalidArgument naming the label, the key, the size and the maximum.
-    pub(super) fn check_max_size(&self, key: &str, want: u64) -> Result<(), EngineError> {
+    pub(super) fn check_max_size(&self, key: &str, want: SizeAsk) -> Result<(), EngineError> {
         if let Some(max) = self.settings.fs.max_size {
-            if want > max.as_u64() {
+            if want.bytes > max.as_u64() {
                 let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
                 return Err(EngineError::InvalidArgument(format!(
-                    "label {SIZE_LABEL} of {key:?}: {} is more than fs.max_size ({})",
-                    human(want),
+                    "{} of {key:?}: {} is more than fs.max_size ({})",
+                    want.from,
+                    human(want.bytes),
                     human(max.as_u64())
                 )));
             }
@@ -254,7 +274,7 @@ impl Engine {
     pub(super) fn check_size_bound(
         &self,
         key: &str,
-        want: u64,
+        want: SizeAsk,
         st: &PoolStatus,
     ) -> Result<(), EngineError> {
         let bound = self
@@ -263,11 +283,12 @@ impl Engine {
             .as_ref()
             .map_or(0, |a| a.max_data_size.as_u64())
             .max(st.data_total_bytes);
-        if want > bound {
+        if want.bytes > bound {
             let human = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
             return Err(EngineError::InvalidArgument(format!(
-                "label {SIZE_LABEL} of {key:?}: {} is more than the pool can ever hold ({})",
-                human(want),
+                "{} of {key:?}: {} is more than the pool can ever hold ({})",
+                want.from,
+                human(want.bytes),
                 human(bound)
             )));
         }

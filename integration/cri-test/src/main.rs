@@ -14,7 +14,9 @@
 //! StartContainer, ContainerStatus, ExecSync (a lower layer's file, a write), a second container
 //! not seeing the write, ContainerStats and ListContainerStats (writable layer), StopContainer,
 //! RemoveContainer, StopPodSandbox, RemovePodSandbox; a pod on the pod network (CNI bridge:
-//! PodSandboxStatus has an address, its container runs on a thin device); RemoveImage; then, after
+//! PodSandboxStatus has an address, its container runs on a thin device); a pod annotated with
+//! containerd's `containerd.io/snapshot/max-size` (its sandbox's device has that size, its
+//! filesystem grown; a value in units fails naming the label); RemoveImage; then, after
 //! containerd's GC, no snapshot, thin device or thin id left (`thinsnap status --json`,
 //! `dmsetup ls`, /proc/mounts).
 //!
@@ -139,6 +141,18 @@ async fn connect(path: String) -> Result<Channel, String> {
 
 /// `thinsnap status --json`: (active, view, committed, thin ids in use).
 async fn ts_status(ctx: &Ctx) -> Result<(u64, u64, u64, u64), String> {
+    let v = ts_json(ctx).await?;
+    let n = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(u64::MAX);
+    Ok((
+        n("/snapshots/active"),
+        n("/snapshots/view"),
+        n("/snapshots/committed"),
+        n("/thin_ids_in_use"),
+    ))
+}
+
+/// `thinsnap status --json`, parsed.
+async fn ts_json(ctx: &Ctx) -> Result<serde_json::Value, String> {
     let out = tokio::process::Command::new(&ctx.bin)
         .args(["status", "--config", &ctx.config, "--json"])
         .output()
@@ -151,15 +165,7 @@ async fn ts_status(ctx: &Ctx) -> Result<(u64, u64, u64, u64), String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("status json: {e}"))?;
-    let n = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(u64::MAX);
-    Ok((
-        n("/snapshots/active"),
-        n("/snapshots/view"),
-        n("/snapshots/committed"),
-        n("/thin_ids_in_use"),
-    ))
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("status json: {e}"))
 }
 
 /// This pool's thin snapshot devices in `dmsetup ls`, but warm spares' (`[spares] count`:
@@ -836,7 +842,139 @@ async fn main_scenario(ctx: &mut Ctx, a: &Args) {
         );
     }
     pod_network(ctx, &image).await;
+    max_size_annotation(ctx).await;
     remove_images_and_check_empty(ctx, &image).await;
+}
+
+/// containerd's standard size label, `containerd.io/snapshot/max-size` (decimal bytes): the CRI
+/// of containerd 1.6, 1.7 and 2.x copies a pod sandbox's `containerd.io/snapshot/*` annotations
+/// onto the sandbox's snapshot. A pod annotated with the new image size plus 256 MiB gets a thin
+/// device of exactly that size with its filesystem grown to it; a value that is not a number of
+/// bytes fails RunPodSandbox with an error naming the label.
+async fn max_size_annotation(ctx: &mut Ctx) {
+    const LABEL: &str = "containerd.io/snapshot/max-size";
+    step(ctx, "a pod annotated containerd.io/snapshot/max-size");
+    let base = match ts_json(ctx).await {
+        Ok(v) => v.pointer("/new_image_size_bytes").and_then(|x| x.as_u64()),
+        Err(e) => {
+            ctx.t.fail("thinsnap status --json", e);
+            return;
+        }
+    };
+    let Some(base) = base else {
+        ctx.t
+            .fail("thinsnap status --json: new_image_size_bytes", "missing");
+        return;
+    };
+    let want = base + (256 << 20);
+    let before = dm_snaps(ctx).await;
+    let mut pcfg = pod_config("cri-max-size");
+    pcfg.annotations.insert(LABEL.into(), want.to_string());
+    let r = ctx
+        .rt
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pcfg),
+            runtime_handler: String::new(),
+        })
+        .await;
+    let Some(pod) = ctx
+        .t
+        .call("RunPodSandbox with a max-size annotation", r)
+        .map(|r| r.pod_sandbox_id)
+    else {
+        return;
+    };
+    let mut sized = Vec::new();
+    for dev in dm_snaps(ctx)
+        .await
+        .into_iter()
+        .filter(|d| !before.contains(d))
+    {
+        let path = format!("/dev/mapper/{dev}");
+        match tokio::process::Command::new("blockdev")
+            .args(["--getsize64", &path])
+            .output()
+            .await
+        {
+            Ok(o) if o.status.success() => {
+                let size = String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u64>()
+                    .ok();
+                sized.push((dev, size));
+            }
+            other => sized.push((format!("{dev} (blockdev: {other:?})"), None)),
+        }
+    }
+    let hit = sized
+        .iter()
+        .find(|(_, s)| *s == Some(want))
+        .map(|(d, _)| d.clone());
+    ctx.t.check(
+        format!(
+            "the sandbox's thin device is {want} bytes (the annotation), not the image's {base}"
+        ),
+        hit.is_some(),
+        format!("new devices and their sizes: {sized:?}"),
+    );
+    if let Some(dev) = hit {
+        // Its filesystem was grown before the mounts were returned: where the device is mounted
+        // (the sandbox's rootfs), the filesystem is larger than the image's whole device.
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let source = format!("/dev/mapper/{dev}");
+        let mp = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 1 && f[0] == source)
+            .map(|f| f[1].to_string());
+        let fs_size = match &mp {
+            Some(mp) => tokio::process::Command::new("df")
+                .args(["-B1", "--output=size", mp])
+                .output()
+                .await
+                .ok()
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .nth(1)
+                        .and_then(|l| l.trim().parse::<u64>().ok())
+                }),
+            None => None,
+        };
+        ctx.t.check(
+            format!("the sandbox's filesystem ({mp:?}) is larger than the image's device: {fs_size:?} > {base}"),
+            fs_size.is_some_and(|s| s > base),
+            format!("{source} in /proc/mounts at {mp:?}"),
+        );
+    }
+    remove_pod(ctx, "cri-max-size", &pod).await;
+
+    let mut pcfg = pod_config("cri-max-size-bad");
+    pcfg.annotations.insert(LABEL.into(), "2GiB".into());
+    let r = ctx
+        .rt
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pcfg),
+            runtime_handler: String::new(),
+        })
+        .await;
+    match r {
+        Err(s) => {
+            ctx.t.check(
+                "RunPodSandbox with max-size \"2GiB\" (not bytes) fails naming the label",
+                s.message().contains(LABEL),
+                s.message(),
+            );
+        }
+        Ok(r) => {
+            let id = r.into_inner().pod_sandbox_id;
+            ctx.t.fail(
+                "RunPodSandbox with max-size \"2GiB\" (not bytes) fails naming the label",
+                format!("it ran: {id}"),
+            );
+            remove_pod(ctx, "cri-max-size-bad", &id).await;
+        }
+    }
 }
 
 /// A pod on the pod network (the CNI bridge the test configures), as most kubelet pods are: its
