@@ -220,6 +220,36 @@ async fn vm_size_label_grows_the_filesystem() {
         .await
         .expect_err("smaller");
     assert_eq!(err.code(), Code::InvalidArgument);
+
+    // containerd's standard label, in decimal bytes, through the Snapshots API: the same growth.
+    let max = "containerd.io/snapshot/max-size";
+    let m = prepare_labelled(&mut c, "max", "", &[(max, &(384u64 << 20).to_string())])
+        .await
+        .expect("prepare with max-size");
+    let size = fs_size(&d, &m[0], "max");
+    assert!(
+        size > 300 << 20 && size <= 384 << 20,
+        "filesystem is {size} bytes, not ~384MiB"
+    );
+    // Both: thinsnap's own label wins.
+    let both = [
+        (label, "256MiB"),
+        (max, &(384u64 << 20).to_string() as &str),
+    ];
+    let m = prepare_labelled(&mut c, "both", "", &both)
+        .await
+        .expect("prepare with both labels");
+    let size = fs_size(&d, &m[0], "both");
+    assert!(
+        size > 200 << 20 && size <= 256 << 20,
+        "filesystem is {size} bytes, not ~256MiB (thinsnap.size wins)"
+    );
+    // Units are not containerd's format: refused, naming the label.
+    let err = prepare_labelled(&mut c, "units", "", &[(max, "384MiB")])
+        .await
+        .expect_err("units");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains(max), "{}", err.message());
 }
 
 /// The size of the filesystem on a snapshot's device, mounted for the moment.
