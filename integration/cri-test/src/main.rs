@@ -846,6 +846,23 @@ async fn main_scenario(ctx: &mut Ctx, a: &Args) {
     remove_images_and_check_empty(ctx, &image).await;
 }
 
+/// RunPodSandbox of a host-network pod `name` with one annotation.
+async fn run_annotated(
+    ctx: &mut Ctx,
+    name: &str,
+    key: &str,
+    value: &str,
+) -> Result<tonic::Response<RunPodSandboxResponse>, tonic::Status> {
+    let mut config = pod_config(name);
+    config.annotations.insert(key.into(), value.into());
+    ctx.rt
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+}
+
 /// containerd's standard size label, `containerd.io/snapshot/max-size` (decimal bytes): the CRI
 /// of containerd 1.6, 1.7 and 2.x copies a pod sandbox's `containerd.io/snapshot/*` annotations
 /// onto the sandbox's snapshot. A pod annotated with the new image size plus 256 MiB gets a thin
@@ -868,15 +885,7 @@ async fn max_size_annotation(ctx: &mut Ctx) {
     };
     let want = base + (256 << 20);
     let before = dm_snaps(ctx).await;
-    let mut pcfg = pod_config("cri-max-size");
-    pcfg.annotations.insert(LABEL.into(), want.to_string());
-    let r = ctx
-        .rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pcfg),
-            runtime_handler: String::new(),
-        })
-        .await;
+    let r = run_annotated(ctx, "cri-max-size", LABEL, &want.to_string()).await;
     let Some(pod) = ctx
         .t
         .call("RunPodSandbox with a max-size annotation", r)
@@ -949,15 +958,7 @@ async fn max_size_annotation(ctx: &mut Ctx) {
     }
     remove_pod(ctx, "cri-max-size", &pod).await;
 
-    let mut pcfg = pod_config("cri-max-size-bad");
-    pcfg.annotations.insert(LABEL.into(), "2GiB".into());
-    let r = ctx
-        .rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pcfg),
-            runtime_handler: String::new(),
-        })
-        .await;
+    let r = run_annotated(ctx, "cri-max-size-bad", LABEL, "2GiB").await;
     match r {
         Err(s) => {
             ctx.t.check(
