@@ -132,6 +132,9 @@ impl ThinPool for SlowPool {
     fn device_path(&self, id: ThinId) -> PathBuf {
         self.inner.device_path(id)
     }
+    fn prefixed_devices(&self) -> Result<Vec<thinsnap::pool::PrefixedDevice>, PoolError> {
+        self.inner.prefixed_devices()
+    }
     fn status(&self) -> Result<PoolStatus, PoolError> {
         self.inner.status()
     }

@@ -11,8 +11,12 @@ pub mod api {
     tonic::include_proto!("thinsnap.admin.v1");
 }
 
+use crate::engine::{Entry, Mapped};
 use api::admin_server::Admin;
-use api::{GrowRequest, LoopFile, Quarantined, Space, StatusRequest, StatusResponse};
+use api::{
+    GrowRequest, InventoryEntry, InventoryRequest, InventoryResponse, LoopFile, Quarantined, Space,
+    StatusRequest, StatusResponse,
+};
 
 /// The Admin service over an engine (its calls wait for it while the daemon starts).
 pub struct AdminService {
@@ -30,8 +34,54 @@ impl AdminService {
     }
 }
 
+/// An inventory entry as the Admin API gives it.
+fn entry(e: Entry) -> InventoryEntry {
+    let (mapped_known, mapped_bytes, mapped_source) = match e.mapped {
+        Mapped::Kernel(m) => (true, m, "kernel"),
+        Mapped::Recorded(m) => (true, m, "recorded"),
+        Mapped::Unknown => (false, 0, ""),
+    };
+    InventoryEntry {
+        kind: e.kind.as_str().to_string(),
+        key: e.key.unwrap_or_default(),
+        parent: e.parent.unwrap_or_default(),
+        has_thin_id: e.thin_id.is_some(),
+        thin_id: e.thin_id.unwrap_or_default(),
+        device: e.device,
+        state: e.state.as_str().to_string(),
+        note: e.note,
+        size_bytes: e.size,
+        mapped_known,
+        mapped_bytes,
+        mapped_source: mapped_source.to_string(),
+        in_pool: match e.in_pool {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "unknown",
+        }
+        .to_string(),
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn inventory(
+        &self,
+        _: Request<InventoryRequest>,
+    ) -> Result<Response<InventoryResponse>, Status> {
+        let inv = self
+            .engine
+            .detached("inventory".into(), |e| async move { e.inventory().await })
+            .await?;
+        let engine = self.engine.engine().await?;
+        Ok(Response::new(InventoryResponse {
+            pool_name: engine.pool_info().name,
+            thin_ids_listed: inv.thin_ids_error.is_none(),
+            thin_ids_error: inv.thin_ids_error.unwrap_or_default(),
+            entries: inv.entries.into_iter().map(entry).collect(),
+        }))
+    }
+
     async fn grow(&self, req: Request<GrowRequest>) -> Result<Response<StatusResponse>, Status> {
         let req = req.into_inner();
         let nz = |v: u64| (v != 0).then_some(v);

@@ -11,12 +11,14 @@
 //! - [`grpc`]: containerd's Snapshots service -> [`engine`]; `EngineError` -> gRPC status codes.
 //! - [`admin`]: thinsnap's own Admin service (proto/) -> [`engine`].
 //! - [`status`]: renders the Admin service's status for `thinsnap status` (text or JSON).
+//! - [`ls`]: renders the Admin service's inventory for `thinsnap ls` (table or JSON, filters,
+//!   the reverse lookup from a dm device or thin id to its snapshot).
 //! - [`model`]: the vocabulary every layer shares (thin ids, snapshot kinds); imports nothing.
 //! - [`metrics`]: the opt-in Prometheus endpoint; call latency and errors, pool space.
 //! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
 //!   recovery at start ([`engine::recovery`]; devices of active snapshots made on first use,
 //!   quarantine: `engine::activate`), warm spares made ahead of Prepare and View
-//!   (`engine::spares`), the audit of the pool's thin ids against the store (`engine::audit`),
+//!   (`engine::spares`), the inventory behind `thinsnap ls` (`engine::inventory`), the audit of the pool's thin ids against the store (`engine::audit`),
 //!   containerd's filter syntax ([`engine::filter`]).
 //! - [`store`]: the sled database: snapshot and device records, thin id allocation, schema version.
 //! - [`pool`]: the `ThinPool` trait and its device-mapper implementation ([`pool::dm`]) over the
@@ -35,6 +37,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod fs;
 pub mod grpc;
+pub mod ls;
 pub mod metrics;
 pub mod model;
 pub mod pool;

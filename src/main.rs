@@ -1,4 +1,4 @@
-//! The `thinsnap` command: `serve` (the daemon), `status` and `pool grow` (ask the daemon),
+//! The `thinsnap` command: `serve` (the daemon), `status`, `ls` and `pool grow` (ask the daemon),
 //! `pool destroy`. The composition root: it parses the command line and wires the real pool,
 //! store and engine into [`server::run`], which owns the running daemon. The only place
 //! `anyhow` is used.
@@ -57,6 +57,27 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// List every snapshot's device, the spares, the base and what no record owns (asks the
+    /// running daemon); or, with --device or --thin-id, what owns that device.
+    Ls {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only this kind of entry.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(thinsnap::ls::KINDS))]
+        kind: Option<String>,
+        /// Only entries in this state (inactive includes awaiting activation).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(thinsnap::ls::STATES))]
+        state: Option<String>,
+        /// Print what owns this dm device (e.g. tp-snap-12); an error if nothing does.
+        #[arg(long, conflicts_with_all = ["thin_id", "kind", "state"])]
+        device: Option<String>,
+        /// Print what owns this thin id; an error if nothing does.
+        #[arg(long, conflicts_with_all = ["kind", "state"])]
+        thin_id: Option<u32>,
     },
     /// Pool maintenance.
     Pool {
@@ -156,6 +177,20 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => rt.block_on(serve(config.as_deref())),
         Command::Status { config, json } => rt.block_on(status(config.as_deref(), json)),
+        Command::Ls {
+            config,
+            json,
+            kind,
+            state,
+            device,
+            thin_id,
+        } => {
+            let lookup = device
+                .map(thinsnap::ls::Lookup::Device)
+                .or(thin_id.map(thinsnap::ls::Lookup::ThinId));
+            let select = thinsnap::ls::Select { kind, state };
+            rt.block_on(ls(config.as_deref(), json, select, lookup))
+        }
         Command::Pool {
             command:
                 PoolCommand::Destroy {
@@ -394,6 +429,36 @@ async fn status(config_path: Option<&Path>, json: bool) -> Result<()> {
         .context("status call failed")?
         .into_inner();
     print!("{}", thinsnap::status::render(&st, json));
+    Ok(())
+}
+
+async fn ls(
+    config_path: Option<&Path>,
+    json: bool,
+    select: thinsnap::ls::Select,
+    lookup: Option<thinsnap::ls::Lookup>,
+) -> Result<()> {
+    let config = load_config(config_path)?;
+    let inv = AdminClient::new(reach(&config).await?)
+        .inventory(thinsnap::admin::api::InventoryRequest::default())
+        .await
+        .map_err(|s| anyhow::anyhow!("ls failed ({:?}): {}", s.code(), s.message()))?
+        .into_inner();
+    match lookup {
+        None => print!("{}", thinsnap::ls::render(&inv, &select, json)),
+        Some(what) => {
+            let e = thinsnap::ls::lookup(&inv, &what).map_err(anyhow::Error::msg)?;
+            if json {
+                print!("{}", thinsnap::ls::render_entry_json(e));
+            } else {
+                let one = thinsnap::admin::api::InventoryResponse {
+                    entries: vec![e.clone()],
+                    ..inv.clone()
+                };
+                print!("{}", thinsnap::ls::render(&one, &select, false));
+            }
+        }
+    }
     Ok(())
 }
 

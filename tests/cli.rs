@@ -173,6 +173,35 @@ impl thinsnap::admin::api::admin_server::Admin for StubAdmin {
         }))
     }
 
+    async fn inventory(
+        &self,
+        _: tonic::Request<thinsnap::admin::api::InventoryRequest>,
+    ) -> Result<tonic::Response<thinsnap::admin::api::InventoryResponse>, tonic::Status> {
+        use thinsnap::admin::api::InventoryEntry;
+        let e = |kind: &str, state: &str, id: u32, device: &str, key: &str| InventoryEntry {
+            kind: kind.into(),
+            state: state.into(),
+            has_thin_id: true,
+            thin_id: id,
+            device: device.into(),
+            key: key.into(),
+            in_pool: "yes".into(),
+            ..Default::default()
+        };
+        Ok(tonic::Response::new(
+            thinsnap::admin::api::InventoryResponse {
+                pool_name: "stub-pool".into(),
+                thin_ids_listed: true,
+                thin_ids_error: String::new(),
+                entries: vec![
+                    e("active", "active", 3, "stub-pool-snap-3", "k8s.io/1/a"),
+                    e("committed", "inactive", 2, "stub-pool-snap-2", "c"),
+                    e("unowned", "unowned", 77, "stub-pool-snap-77", ""),
+                ],
+            },
+        ))
+    }
+
     async fn grow(
         &self,
         req: tonic::Request<thinsnap::admin::api::GrowRequest>,
@@ -184,7 +213,7 @@ impl thinsnap::admin::api::admin_server::Admin for StubAdmin {
     }
 }
 
-/// `thinsnap status` and `thinsnap pool grow` talk to the admin socket (admin.sock beside
+/// `thinsnap status`, `thinsnap ls` and `thinsnap pool grow` talk to the admin socket (admin.sock beside
 /// `address` when `admin_address` is unset), not to containerd's socket, which here nothing
 /// serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,6 +263,48 @@ async fn status_and_grow_use_the_admin_socket() {
         stderr.contains("InvalidArgument") && stderr.contains("1099511627776 refused"),
         "{stderr}"
     );
+    // `thinsnap ls`: the table, JSON with a filter, and the reverse lookups.
+    let out = run(&["ls"]).await.expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+    assert!(
+        stdout.starts_with("KIND") && stdout.contains("k8s.io/1/a"),
+        "{stdout}"
+    );
+    let out = run(&["ls", "--json", "--state", "inactive"])
+        .await
+        .expect("join");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["entries"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["entries"][0]["key"], "c");
+    let out = run(&["ls", "--device", "stub-pool-snap-3", "--json"])
+        .await
+        .expect("join");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (v["key"].as_str(), v["thin_id"].as_u64()),
+        (Some("k8s.io/1/a"), Some(3))
+    );
+    let out = run(&["ls", "--thin-id", "77"]).await.expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("thin id 77") && stderr.contains("owned by no snapshot"),
+        "{stderr}"
+    );
+    let out = run(&["ls", "--device", "stub-pool-snap-4711"])
+        .await
+        .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("dm device stub-pool-snap-4711 not found"),
+        "{stderr}"
+    );
+    let out = run(&["ls", "--kind", "nonsense"]).await.expect("join");
+    assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(
         !dir.path().join("s.sock").exists(),
         "nothing serves address"

@@ -26,6 +26,7 @@ mod commit;
 mod error;
 pub mod filter;
 mod handle;
+mod inventory;
 mod limits;
 mod locks;
 pub mod ownership;
@@ -52,6 +53,7 @@ pub use calls::Calls;
 pub(crate) use error::pool_err;
 pub use error::EngineError;
 pub use handle::{EngineHandle, Publisher};
+pub use inventory::{DeviceState, Entry, EntryKind, Inventory, Mapped};
 use limits::{check_field_paths, check_key, check_labels, size_label, SizeAsk, SizeSource};
 pub use limits::{
     MAX_FIELD_PATHS, MAX_KEY_LEN, MAX_LABELS, MAX_LABELS_BYTES, MAX_LABEL_LEN, MAX_SIZE_LABEL,

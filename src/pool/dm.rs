@@ -556,6 +556,30 @@ impl ThinPool for DmPool {
         Path::new("/dev/mapper").join(self.thin_name(id))
     }
 
+    fn prefixed_devices(&self) -> Result<Vec<super::PrefixedDevice>, PoolError> {
+        let mut found = Vec::new();
+        for name in ioctl::list_names(&self.dm)? {
+            let Some(rest) = name.strip_prefix(&self.prefix) else {
+                continue;
+            };
+            let thin_id = rest.parse::<ThinId>().ok();
+            // Gone since the list: nothing to say.
+            let Some(info) = device_info(&self.dm, &name)? else {
+                continue;
+            };
+            let not_ours = match thin_id {
+                Some(id) => self.check_ours(&name, id, &info)?.err(),
+                None => Some(format!("{rest:?} after the prefix is not a thin id")),
+            };
+            found.push(super::PrefixedDevice {
+                name,
+                thin_id,
+                not_ours,
+            });
+        }
+        Ok(found)
+    }
+
     fn status(&self) -> Result<PoolStatus, PoolError> {
         let lines = table_of(&self.dm, &self.name, false)?;
         let params = lines.first().map(|l| l.3.clone()).unwrap_or_default();

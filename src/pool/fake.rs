@@ -33,6 +33,9 @@ struct State {
     metadata_snapshot_held: bool,
     identity: String,
     fresh: bool,
+    /// dm devices with the prefix that are not the pool's devices (see
+    /// [`FakePool::add_foreign_device`]).
+    foreign_devices: Vec<(String, Option<ThinId>)>,
 }
 
 /// The pool's end of a [`Pause`]: says the call got there, then waits to be let go.
@@ -85,6 +88,7 @@ pub const OPS: &[&str] = &[
     "deactivate_deferred",
     "mapped_bytes",
     "active_ids",
+    "prefixed_devices",
     "status",
     "set_transaction_id",
     "discard",
@@ -255,6 +259,14 @@ impl FakePool {
         self.lock().metadata_snapshot_held = held;
     }
 
+    /// Adds a dm device named with the prefix that is not one of the pool's devices (someone
+    /// else's device named like ours): [`ThinPool::prefixed_devices`] lists it as not ours.
+    pub fn add_foreign_device(&self, name: &str, thin_id: Option<ThinId>) {
+        self.lock()
+            .foreign_devices
+            .push((name.to_string(), thin_id));
+    }
+
     /// Sets what [`ThinPool::host_room`] answers (None by default: not a file-backed pool).
     pub fn set_host_room(&self, room: Option<u64>) {
         self.lock().host_room = room.map(|free| super::HostRoom { free, promised: 0 });
@@ -412,6 +424,24 @@ impl ThinPool for FakePool {
         Path::new("/dev/mapper").join(format!("fake-snap-{id}"))
     }
 
+    fn prefixed_devices(&self) -> Result<Vec<super::PrefixedDevice>, PoolError> {
+        let s = self.enter("prefixed_devices", "prefixed_devices".to_string())?;
+        let ours = s.active.iter().map(|&id| super::PrefixedDevice {
+            name: format!("fake-snap-{id}"),
+            thin_id: Some(id),
+            not_ours: None,
+        });
+        let foreign = s
+            .foreign_devices
+            .iter()
+            .map(|(name, id)| super::PrefixedDevice {
+                name: name.clone(),
+                thin_id: *id,
+                not_ours: Some("its table is not this pool's".to_string()),
+            });
+        Ok(ours.chain(foreign).collect())
+    }
+
     fn status(&self) -> Result<PoolStatus, PoolError> {
         let s = self.enter("status", "status".to_string())?;
         Ok(PoolStatus {
@@ -509,6 +539,7 @@ mod tests {
             "deactivate_deferred" => pool.deactivate_deferred(1),
             "mapped_bytes" => pool.mapped_bytes(1).map(drop),
             "active_ids" => pool.active_ids().map(drop),
+            "prefixed_devices" => pool.prefixed_devices().map(drop),
             "status" => pool.status().map(drop),
             "set_transaction_id" => {
                 let now = pool.lock().transaction_id;

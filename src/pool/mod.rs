@@ -136,6 +136,16 @@ pub struct PoolStatus {
     pub metadata_snapshot_held: bool,
 }
 
+/// A dm device named with the pool's thin prefix (see [`ThinPool::prefixed_devices`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefixedDevice {
+    pub name: String,
+    /// The thin id its name gives; `None` if the rest of the name is not a number.
+    pub thin_id: Option<ThinId>,
+    /// Why it is not thinsnap's device of that thin id (another table or dm uuid); `None`: ours.
+    pub not_ours: Option<String>,
+}
+
 /// What the pool is made of, for `thinsnap status`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolInfo {
@@ -193,6 +203,11 @@ pub trait ThinPool: Send + Sync + 'static {
 
     /// The /dev/mapper path the device of `id` has when active.
     fn device_path(&self, id: ThinId) -> PathBuf;
+
+    /// Every dm device whose name has this pool's thin prefix, ours or not (`thinsnap ls`).
+    ///
+    /// Returns an error if the devices cannot be listed or read.
+    fn prefixed_devices(&self) -> Result<Vec<PrefixedDevice>, PoolError>;
 
     /// The pool's space and health.
     fn status(&self) -> Result<PoolStatus, PoolError>;

@@ -151,6 +151,10 @@ impl ThinPool for NumberedPool {
         self.inner.device_path(id)
     }
 
+    fn prefixed_devices(&self) -> Result<Vec<super::PrefixedDevice>, PoolError> {
+        self.inner.prefixed_devices()
+    }
+
     fn status(&self) -> Result<PoolStatus, PoolError> {
         self.inner.status()
     }
