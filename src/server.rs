@@ -350,7 +350,7 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
         drop(bind(&sock).expect("a stale socket is replaced"));
     }
-    use crate::store::Store;
+    use crate::pool::ThinPool;
 
     fn prep(key: &str, parent: &str) -> PrepareSnapshotRequest {
         PrepareSnapshotRequest {
@@ -361,24 +361,41 @@ mod tests {
         }
     }
 
-    /// An engine on the fake pool with its store under `dir`, and a handle on that store.
-    fn fake_engine(dir: &Path) -> (crate::engine::Engine, Store) {
-        let store = Store::open(&dir.join("db")).expect("store");
-        let early = store.clone();
-        let (engine, _) = recovery::start(
-            Arc::new(FakePool::new()),
-            store,
+    /// Starts the engine as the daemon does (`engine::start`) on `pool`, with the store at
+    /// `path` (opened again if it was just dropped).
+    async fn start_on(
+        path: &Path,
+        pool: impl FnOnce() -> Result<Arc<dyn ThinPool>, crate::pool::PoolError> + Send + 'static,
+    ) -> (EngineHandle, Option<crate::engine::StartTask>) {
+        crate::engine::start_opening(
+            path,
+            |p: &Path| Ok(crate::store::open_after_drop(p)),
+            pool,
             crate::engine::Settings::with_fs(FsConfig::default()),
-            &|_: &Path| Ok(()),
+            |_: &Path| Ok(()),
         )
-        .expect("engine");
-        (engine, early)
+        .await
+        .expect("start")
+    }
+
+    /// The engine [`start_on`] makes, once it is there.
+    async fn started(path: &Path, pool: Arc<FakePool>) -> Arc<crate::engine::Engine> {
+        let (handle, task) = start_on(path, move || Ok(pool as Arc<dyn ThinPool>)).await;
+        if let Some(task) = task {
+            task.await.expect("join").expect("start task");
+        }
+        handle.engine().await.expect("engine")
+    }
+
+    /// An engine on a fresh fake pool with its store under `dir`.
+    async fn fake_engine(dir: &Path) -> Arc<crate::engine::Engine> {
+        started(&dir.join("db"), Arc::new(FakePool::new())).await
     }
 
     #[tokio::test]
     async fn grpc_over_unix_socket_maps_status_codes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (engine, _) = fake_engine(dir.path());
+        let engine = fake_engine(dir.path()).await;
         let sock = dir.path().join("run/thinsnap.sock");
         let admin_sock = dir.path().join("run/admin.sock");
         let listener = bind(&sock).expect("bind");
@@ -395,7 +412,7 @@ mod tests {
         let server = tokio::spawn(run(
             listener,
             admin,
-            EngineHandle::ready(Arc::new(engine)),
+            EngineHandle::ready(engine),
             None,
             async {
                 let _ = stop_rx.await;
@@ -507,13 +524,23 @@ mod tests {
     #[tokio::test]
     async fn calls_during_the_start_wait_for_the_engine() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (engine, early) = fake_engine(dir.path());
-        let engine = Arc::new(engine);
+        let path = dir.path().join("db");
+        let pool = Arc::new(FakePool::new());
+        let engine = started(&path, pool.clone()).await;
         engine
             .create(crate::engine::Kind::Active, "a", "", Default::default())
             .await
             .expect("a");
-        let (handle, publisher) = EngineHandle::starting(Some(early));
+        drop(engine);
+        // The next start: the store is settled, and the pool is made only when the test says.
+        let (pool_made, make_pool) = std::sync::mpsc::channel::<()>();
+        let (handle, task) = start_on(&path, move || {
+            let _ = make_pool.recv();
+            Ok(pool as Arc<dyn ThinPool>)
+        })
+        .await;
+        let task = task.expect("a settled store is served while the engine is made");
+        let waiting = handle.clone();
         let sock = dir.path().join("thinsnap.sock");
         let listener = bind(&sock).expect("bind");
         let admin = bind(&dir.path().join("admin.sock")).expect("bind admin");
@@ -532,14 +559,19 @@ mod tests {
         assert_eq!(stat.into_inner().info.expect("info").name, "a");
         let mut c2 = c.clone();
         let prepare = tokio::spawn(async move { c2.prepare(prep("b", "")).await });
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // The Prepare has reached the handle and waits for the engine.
+        while waiting.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
         assert!(!prepare.is_finished(), "Prepare must wait for the engine");
-        publisher.ready(engine.clone());
+        pool_made.send(()).expect("make the pool");
         let m = prepare
             .await
             .expect("join")
             .expect("prepare after the start");
         assert_eq!(m.into_inner().mounts.len(), 1);
+        task.await.expect("join").expect("start task");
+        let engine = waiting.engine().await.expect("engine");
         assert!(engine.stat("b").await.is_ok());
         stop_tx.send(()).expect("stop");
         server.await.expect("join").expect("server");
@@ -571,14 +603,7 @@ mod tests {
         let path = dir.path().join("db");
         let pool = Arc::new(FakePool::new());
         let settings = crate::engine::Settings::with_fs(FsConfig::default());
-        let (engine, _) = recovery::start(
-            pool.clone(),
-            Store::open(&path).expect("store"),
-            settings.clone(),
-            &|_: &Path| Ok(()),
-        )
-        .expect("engine");
-        let engine = Arc::new(engine);
+        let engine = started(&path, pool.clone()).await;
         let handle = EngineHandle::ready(engine.clone());
         let calls = handle.calls().clone();
         let sock = dir.path().join("thinsnap.sock");
@@ -630,13 +655,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
         let pool = Arc::new(FakePool::new());
-        let settings = crate::engine::Settings::with_fs(FsConfig::default());
-        let start = |store| {
-            recovery::start(pool.clone(), store, settings.clone(), &|_: &Path| Ok(()))
-                .expect("engine")
-                .0
-        };
-        let engine = start(Store::open(&path).expect("store"));
+        let engine = started(&path, pool.clone()).await;
         engine
             .create(crate::engine::Kind::Active, "a", "", Default::default())
             .await
@@ -644,8 +663,8 @@ mod tests {
         let id = engine.record("a").expect("read").expect("a").thin_id;
         drop(engine);
         pool.reboot();
-        let engine = start(crate::store::open_after_drop(&path));
-        let handle = EngineHandle::ready(Arc::new(engine));
+        let engine = started(&path, pool.clone()).await;
+        let handle = EngineHandle::ready(engine);
         let calls = handle.calls().clone();
         let sock = dir.path().join("thinsnap.sock");
         let listener = bind(&sock).expect("bind");
@@ -685,8 +704,7 @@ mod tests {
         use crate::grpc::MAX_LIST_REPLY_BYTES;
         use prost::Message;
         let dir = tempfile::tempdir().expect("tempdir");
-        let (engine, _) = fake_engine(dir.path());
-        let engine = Arc::new(engine);
+        let engine = fake_engine(dir.path()).await;
         let labels: std::collections::BTreeMap<String, String> = (0..MAX_LABELS_BYTES
             / MAX_LABEL_LEN)
             .map(|i| {

@@ -29,10 +29,12 @@ mod handle;
 mod limits;
 mod locks;
 pub mod ownership;
+mod reads;
 mod reaper;
 pub mod recovery;
 mod space;
 mod spares;
+mod start;
 mod types;
 
 use std::collections::BTreeMap;
@@ -58,6 +60,9 @@ pub use limits::{
 };
 use locks::KeyLocks;
 pub use spares::{SpareCounts, SPARE_OWNER};
+#[cfg(test)]
+pub(crate) use start::start_opening;
+pub use start::{start, StartError, StartTask};
 pub use types::{Adopt, BaseInfo, EngineStatus, Mount, Settings, SnapshotInfo, Usage};
 
 /// Nanoseconds since the epoch, for records.
@@ -75,10 +80,6 @@ pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
             return;
         }
     }
-}
-
-fn to_time(ns: u64) -> SystemTime {
-    UNIX_EPOCH + std::time::Duration::from_nanos(ns)
 }
 
 /// How many thin ids in a row Prepare skips because a device thinsnap does not own holds them.
@@ -206,11 +207,11 @@ impl Engine {
     }
 
     fn info_of(key: &str, rec: &SnapshotRecord) -> SnapshotInfo {
-        handle::info_of(key, rec)
+        reads::info_of(key, rec)
     }
 
     fn ready(&self, key: &str) -> Result<SnapshotRecord, EngineError> {
-        handle::ready_in(&self.store, key)
+        reads::ready_in(&self.store, key)
     }
 
     /// Prepare (`kind` Active) or View (`kind` View): a thin snapshot of the parent (or of the
@@ -550,7 +551,7 @@ impl Engine {
     ///
     /// Returns NotFound if it does not exist.
     pub async fn stat(&self, key: &str) -> Result<SnapshotInfo, EngineError> {
-        handle::stat_in(&self.store, key)
+        reads::stat_in(&self.store, key)
     }
 
     /// Updates the labels of a snapshot, the only mutable field. `paths` empty replaces all
@@ -634,7 +635,7 @@ impl Engine {
     ///
     /// Returns InvalidArgument for a malformed filter or more than `filter::MAX_FILTERS`.
     pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, EngineError> {
-        handle::list_blocking(self.store.clone(), filters).await
+        reads::list_blocking(self.store.clone(), filters).await
     }
 
     /// Pool space and health with the snapshot counts.
