@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use tracing::{info, warn};
 
-use super::{check_key, check_labels, now_ns, pool_err, Engine, EngineError, Kind};
+use super::limits::{check_key, check_labels};
+use super::{now_ns, pool_err, Engine, EngineError, Kind};
 use crate::pool::{PoolError, ThinPool};
 use crate::store::CommitIntent;
 

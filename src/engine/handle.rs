@@ -9,7 +9,7 @@
 //! with (`super::reads`). Every other call (and, on a store that is not settled, every
 //! call) waits until recovery has made the engine, or gets Unavailable if the start failed.
 //!
-//! Nothing is written before the engine exists: the early reads only read.
+//! Nothing is written before the engine exists: the reads from the settled store only read.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,8 +30,9 @@ type Outcome = Option<Result<Arc<Engine>, String>>;
 /// clone: the gRPC services, the metrics endpoint and the background tasks each hold one.
 #[derive(Clone)]
 pub struct EngineHandle {
-    /// The settled store, answering Stat and List before the engine exists.
-    early: Option<Store>,
+    /// The settled store, answering Stat and List before the engine exists (none: every call
+    /// waits for the engine).
+    settled_store: Option<Store>,
     engine: watch::Receiver<Outcome>,
     /// The calls in flight, each a task of its own ([`EngineHandle::detached`]).
     calls: Calls,
@@ -61,20 +62,20 @@ impl EngineHandle {
         let (tx, rx) = watch::channel(None);
         Publisher(tx).ready(engine);
         EngineHandle {
-            early: None,
+            settled_store: None,
             engine: rx,
             calls: Calls::default(),
             waiting: Arc::default(),
         }
     }
 
-    /// A handle on an engine still to be made, answering Stat and List from `early` meanwhile
+    /// A handle on an engine still to be made, answering Stat and List from `settled_store` meanwhile
     /// (give it only a settled store: see [`Records::settled`]).
-    pub fn starting(early: Option<Store>) -> (EngineHandle, Publisher) {
+    pub fn starting(settled_store: Option<Store>) -> (EngineHandle, Publisher) {
         let (tx, rx) = watch::channel(None);
         (
             EngineHandle {
-                early,
+                settled_store,
                 engine: rx,
                 calls: Calls::default(),
                 waiting: Arc::default(),
@@ -156,7 +157,7 @@ impl EngineHandle {
         if let Some(engine) = self.now() {
             return Ok(engine.store.clone());
         }
-        match &self.early {
+        match &self.settled_store {
             Some(store) => Ok(store.clone()),
             None => Ok(self.engine().await?.store.clone()),
         }

@@ -78,7 +78,7 @@ impl Engine {
             if rec.state == State::Creating {
                 // Its call is over if nobody holds the key.
                 if let Some(_key) = self.locks.try_lock(&key) {
-                    self.heal(&key).await?;
+                    self.roll_back_half_made(&key).await?;
                 }
             }
         }

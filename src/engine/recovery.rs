@@ -742,7 +742,7 @@ impl<'a> Recovery<'a> {
                 Ok(()) => break id,
                 // Another owner's volume in a shared pool: not ours to touch (the undo below
                 // would delete it); drop the record and take the next id.
-                Err(PoolError::ThinExists(_)) if tries < super::MAX_TAKEN_IDS => {
+                Err(PoolError::ThinExists(_)) if tries < super::create::MAX_TAKEN_IDS => {
                     warn!(
                         thin_id = id,
                         "thin id taken by a device thinsnap does not own; trying the next one"

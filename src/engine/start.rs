@@ -109,13 +109,13 @@ where
     // Only a database already there is opened before the pool exists: a first start whose pool
     // cannot be made leaves nothing behind. Its records are read once for both the settled
     // check and recovery (`recovery::start_from`).
-    let (opened, early) = if db.exists() {
+    let (opened, settled_store) = if db.exists() {
         let open = open_store.clone();
         tokio::task::spawn_blocking(move || {
             let store = open()?;
             let records = Records::read(&store).map_err(StartError::Read)?;
-            let early = records.settled().then(|| store.clone());
-            Ok::<_, StartError>((Some((store, records)), early))
+            let settled_store = records.settled().then(|| store.clone());
+            Ok::<_, StartError>((Some((store, records)), settled_store))
         })
         .await
         .map_err(task_failed)??
@@ -137,7 +137,7 @@ where
         .await
         .map_err(task_failed)?
     };
-    match early {
+    match settled_store {
         None => Ok((EngineHandle::ready(recover.await?), None)),
         Some(store) => {
             let (handle, publisher) = EngineHandle::starting(Some(store));

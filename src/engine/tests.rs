@@ -9,8 +9,8 @@ use super::*;
 use crate::config::FsConfig;
 use crate::fs::FsError;
 use crate::pool::fake::FakePool;
-use crate::pool::ThinPool;
-use crate::store::{DeviceRecord, Store};
+use crate::pool::{PoolError, ThinPool};
+use crate::store::{DeviceRecord, State, Store};
 
 /// Asserts that `$call` failed with `EngineError::$variant`, saying what it got otherwise.
 macro_rules! assert_err {
