@@ -263,13 +263,3 @@ impl Engine {
 mod crash_tests;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod tests_base_size;
-#[cfg(test)]
-mod tests_handle;
-#[cfg(test)]
-mod tests_ownership;
-#[cfg(test)]
-mod tests_spares;
-#[cfg(test)]
-mod tests_upgrade;
