@@ -116,7 +116,8 @@ pub fn bind(address: &Path) -> Result<UnixListener, ServerError> {
 /// (40 of 512 KiB, made even with its metrics compiled out) and its page table (6 MiB). Where
 /// THP is `always` (the default of RHEL and of many distribution kernels, and of the test VM's
 /// Debian kernel), khugepaged backs every 2 MiB of them that has one page touched with a whole
-/// huge page, and the idle daemon grew by 20-28 MiB that nothing uses (benches/NOTES.md, Memory).
+/// huge page, and the idle daemon grew by memory that nothing uses (how much: benches/RESULTS.md,
+/// (e') resident memory split, and benches/NOTES.md, Memory).
 /// Nothing thinsnap does gains from huge pages. Where the kernel refuses (no THP), it is logged.
 pub fn disable_huge_pages() {
     if let Err(e) = nix::sys::prctl::set_thp_disable(true) {

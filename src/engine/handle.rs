@@ -2,7 +2,7 @@
 //! [`EngineHandle`].
 //!
 //! After a reboot most of a start is the kernel's: attaching the loop devices and making the thin
-//! pool (0.5-0.7 s in the VM) come before recovery can run. The store is open long before that.
+//! pool (how long: benches/RESULTS.md, (d') after a reboot) come before recovery can run. The store is open long before that.
 //! When it is *settled* (every record Ready, no Commit intent, every snapshot's device recorded:
 //! no call was cut short, so recovery cannot add, drop or rename anything a client sees), Stat
 //! and List (Walk) are answered from it at once, with the code the engine itself answers them

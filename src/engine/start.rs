@@ -4,7 +4,7 @@
 //! the start-up bench and the server's tests all start through it.
 //!
 //! After a reboot most of a start is the kernel making the pool (how long: benches/RESULTS.md,
-//! the `startup` phase). When the database is there already it is opened meanwhile, and if it is
+//! (d') after a reboot). When the database is there already it is opened meanwhile, and if it is
 //! settled ([`Records::settled`]) the handle answers Stat and List from it at once while the
 //! pool is made and recovery runs (the returned task; it hands the engine to the handle); every
 //! other call waits for it. Otherwise (the first start, or a store with a call cut short) the
