@@ -60,7 +60,7 @@ struct Migration {
 
 /// Every step, oldest first: a database of any older version is brought to [`SCHEMA_VERSION`]
 /// by the steps from its own version on. Fixtures of each older version live in
-/// `src/store/fixtures/` (`engine::tests_upgrade`).
+/// `src/store/fixtures/` (`engine::tests::upgrade`).
 const MIGRATIONS: &[Migration] = &[Migration {
     from: 1,
     what: "record the release that writes the database",
