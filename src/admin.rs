@@ -60,7 +60,11 @@ impl Admin for AdminService {
             .detached("status".into(), |e| async move { e.status().await })
             .await?;
         let engine = self.engine.engine().await?;
-        let thin_ids = if list { engine.thin_ids()? } else { Vec::new() };
+        let thin_ids: Vec<u32> = if list {
+            engine.thin_ids()?.iter().map(|id| id.get()).collect()
+        } else {
+            Vec::new()
+        };
         let info = engine.pool_info();
         let base = st.base;
         Ok(Response::new(StatusResponse {
@@ -97,7 +101,7 @@ impl Admin for AdminService {
                 })
                 .collect(),
             root: engine.root().display().to_string(),
-            base_thin_id: base.thin_id,
+            base_thin_id: base.thin_id.get(),
             min_free_space_percent: engine.min_free_percent(),
             thin_ids,
             snapshots_inactive: st.inactive,
@@ -107,11 +111,11 @@ impl Admin for AdminService {
             spares_missed: st.spares.missed,
             spares_rounds: st.spares.rounds,
             spares_refilling: st.spares.refilling,
-            spare_thin_ids: st.spare_thin_ids,
+            spare_thin_ids: st.spare_thin_ids.iter().map(|id| id.get()).collect(),
             audit_runs: st.audit.runs,
             audit_at_ns: st.audit.at_ns,
-            audit_unknown_thin_ids: st.audit.unknown,
-            audit_missing_thin_ids: st.audit.missing,
+            audit_unknown_thin_ids: st.audit.unknown.iter().map(|id| id.get()).collect(),
+            audit_missing_thin_ids: st.audit.missing.iter().map(|id| id.get()).collect(),
             audit_error: st.audit.error.unwrap_or_default(),
             remove_async: engine.remove_async(),
             deleting_devices: st.deleting,
@@ -120,7 +124,7 @@ impl Admin for AdminService {
                 .into_iter()
                 .map(|q| Quarantined {
                     key: q.key,
-                    thin_id: q.thin_id,
+                    thin_id: q.thin_id.get(),
                     kind: q.kind.as_str().to_string(),
                     reason: q.reason,
                 })

@@ -14,6 +14,7 @@ use thinsnap::admin::api::admin_client::AdminClient;
 use thinsnap::admin::api::StatusRequest;
 use thinsnap::config::Config;
 use thinsnap::engine::{self, Adopt, EngineHandle, Settings, StartTask};
+use thinsnap::model::ThinId;
 use thinsnap::pool::dm::{self, DmPool};
 use thinsnap::pool::ThinPool;
 use thinsnap::store::Store;
@@ -372,7 +373,7 @@ fn destroy(config_path: Option<&Path>, remove_files: bool) -> Result<()> {
         );
     }
     let db = config.db_path();
-    let thin_ids: Vec<u32> = if db.exists() {
+    let thin_ids: Vec<ThinId> = if db.exists() {
         let store =
             Store::open(&db).context("cannot open the database (is thinsnap still running?)")?;
         store.devices()?.iter().map(|d| d.thin_id).collect()

@@ -107,7 +107,7 @@ impl Engine {
             .await;
         if let Err(e) = done {
             self.lazy.missing(id);
-            warn!(thin_id = id, error = %e, "cannot reactivate the device of a failed call; it awaits activation");
+            warn!(thin_id = id.get(), error = %e, "cannot reactivate the device of a failed call; it awaits activation");
         }
     }
 
@@ -130,8 +130,7 @@ impl Engine {
         if !self.lazy.is_pending(id) {
             return Ok(());
         }
-        let id_text = id.to_string();
-        let device = self.thin_locks.lock(&[&id_text]).await;
+        let device = self.thin_locks.lock(&[&id]).await;
         if !self.lazy.is_pending(id) {
             // A concurrent call activated it while this one waited.
             return Ok(());
@@ -170,7 +169,7 @@ impl Engine {
             Ok(_) => {
                 info!(
                     key,
-                    thin_id = id,
+                    thin_id = id.get(),
                     "activated the snapshot's device on first use"
                 );
                 Ok(())
@@ -185,7 +184,7 @@ impl Engine {
                 Err(quarantined(key, id, &q))
             }
             Err(e) => {
-                warn!(key, thin_id = id, error = %e, "cannot activate the snapshot's device; the next call tries again");
+                warn!(key, thin_id = id.get(), error = %e, "cannot activate the snapshot's device; the next call tries again");
                 Err(pool_err(format!("snapshot {key:?}: activate thin id {id}"))(e))
             }
         }
@@ -200,7 +199,7 @@ impl Engine {
         id: ThinId,
         q: &Quarantine,
     ) -> Result<(), EngineError> {
-        warn!(key, thin_id = id, reason = ?q.reason, "quarantining snapshot");
+        warn!(key, thin_id = id.get(), reason = ?q.reason, "quarantining snapshot");
         self.store.set_quarantine(key, id, q)?;
         self.flush().await?;
         self.lazy.done(id);
@@ -212,8 +211,7 @@ impl Engine {
     ///
     /// Returns NotFound if it is not there, FailedPrecondition if it has children.
     pub(super) async fn remove_gone(&self, key: &str, id: ThinId) -> Result<(), EngineError> {
-        let id_text = id.to_string();
-        let _device = self.thin_locks.lock(&[&id_text]).await;
+        let _device = self.thin_locks.lock(&[&id]).await;
         let removed = self.store.begin_remove(key)?;
         self.store.forget_device(id)?;
         self.flush().await?;
@@ -221,7 +219,7 @@ impl Engine {
         self.lazy.done(id);
         info!(
             key,
-            thin_id = id,
+            thin_id = id.get(),
             "removed quarantined snapshot; its thin id was already gone from the pool"
         );
         Ok(())

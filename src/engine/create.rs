@@ -108,7 +108,7 @@ impl Engine {
                     // next id (ids are handed out in increasing order).
                     warn!(
                         key,
-                        thin_id = id,
+                        thin_id = id.get(),
                         "thin id taken by a device thinsnap does not own; trying the next one"
                     );
                     self.store.forget_snapshot(key)?;
@@ -122,7 +122,7 @@ impl Engine {
                     )));
                 }
                 Err(Failed(e)) => {
-                    warn!(key, thin_id = id, error = %e, "prepare failed; undoing");
+                    warn!(key, thin_id = id.get(), error = %e, "prepare failed; undoing");
                     self.undo_create(key, id).await;
                     return Err(e);
                 }
@@ -145,8 +145,8 @@ impl Engine {
         let rec = self.ready(key)?;
         info!(
             key,
-            thin_id = id,
-            origin,
+            thin_id = id.get(),
+            origin = origin.get(),
             kind = kind.as_str(),
             "created snapshot"
         );
@@ -195,7 +195,7 @@ impl Engine {
             Some(rec) if rec.state == State::Creating => {
                 warn!(
                     key,
-                    thin_id = rec.thin_id,
+                    thin_id = rec.thin_id.get(),
                     "rolling back a half-made snapshot"
                 );
                 self.undo_create(key, rec.thin_id).await;
@@ -208,7 +208,7 @@ impl Engine {
     /// Undoes a half-made snapshot: its record goes, its device is reaped.
     pub(super) async fn undo_create(&self, key: &str, id: ThinId) {
         if let Err(e) = self.store.forget_snapshot_keep_device(key) {
-            warn!(key, thin_id = id, error = %e, "cannot drop the record of an undone snapshot");
+            warn!(key, thin_id = id.get(), error = %e, "cannot drop the record of an undone snapshot");
             return;
         }
         let _ = self.flush().await;

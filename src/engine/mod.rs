@@ -97,9 +97,9 @@ pub struct Engine {
     base: BaseRecord,
     settings: Settings,
     locks: KeyLocks,
-    /// Per thin id (by its decimal text): the reap of a device and a sync Remove that may give
-    /// it back its record run one at a time.
-    thin_locks: KeyLocks,
+    /// Per thin id: the reap of a device and a sync Remove that may give it back its record run
+    /// one at a time.
+    thin_locks: KeyLocks<ThinId>,
     /// The pool-growth lock (it guards no data, only who may call the kernel): every kernel
     /// call holds it shared; growing the pool (which suspends it) holds it exclusively. Its
     /// guards are owned by the blocking closure that does the kernel work (see

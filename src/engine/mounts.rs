@@ -29,7 +29,7 @@ impl Engine {
             // rootfs.CreateDiff). A bind of where it is mounted serves a read-only and a
             // read-write mount alike, on the same live filesystem: nothing new to clean up, the
             // container sees no change, and a Remove afterwards is as before.
-            info!(key = ?key, thin_id = rec.thin_id, mount_point = %point.display(), "snapshot already mounted; answering a bind mount of it");
+            info!(key = ?key, thin_id = rec.thin_id.get(), mount_point = %point.display(), "snapshot already mounted; answering a bind mount of it");
             let mode = if rec.kind == Kind::View { "ro" } else { "rw" };
             return Ok(vec![Mount {
                 fs_type: "bind".to_string(),
@@ -53,7 +53,7 @@ impl Engine {
         match found {
             Ok(point) => point,
             Err(e) => {
-                warn!(key = ?key, thin_id = rec.thin_id, error = %e, "cannot tell whether the snapshot is mounted; answering its device");
+                warn!(key = ?key, thin_id = rec.thin_id.get(), error = %e, "cannot tell whether the snapshot is mounted; answering its device");
                 None
             }
         }

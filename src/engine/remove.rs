@@ -52,7 +52,7 @@ impl Engine {
             self.lazy.done(id);
             info!(
                 key,
-                thin_id = id,
+                thin_id = id.get(),
                 "removed snapshot; device queued for the reaper"
             );
             return Ok(());
@@ -60,8 +60,7 @@ impl Engine {
         // Sync: the device goes before the answer, or nothing does. The thin id's lock first:
         // a first-use activation of this device (Mounts, Usage) holds it until its ioctls end,
         // so the deactivation below never runs in the middle of one.
-        let id_text = id.to_string();
-        let _device = self.thin_locks.lock(&[&id_text]).await;
+        let _device = self.thin_locks.lock(&[&id]).await;
         let active = rec.kind != Kind::Committed;
         if active {
             // Deactivate first: a device still mounted refuses, and the snapshot stays intact.
@@ -87,7 +86,7 @@ impl Engine {
                     Err(e) => {
                         // The kernel kept the device (a failed or read-only pool): give the
                         // snapshot back, so the answer is true and a retry can finish it.
-                        warn!(key, thin_id = id, error = %e, "cannot delete the device; the snapshot stays");
+                        warn!(key, thin_id = id.get(), error = %e, "cannot delete the device; the snapshot stays");
                         self.store.restore_removed(key, &rec)?;
                         self.flush().await?;
                         Some(e)
@@ -103,7 +102,7 @@ impl Engine {
             return Err(e);
         }
         self.lazy.done(id);
-        info!(key, thin_id = id, "removed snapshot");
+        info!(key, thin_id = id.get(), "removed snapshot");
         Ok(())
     }
 }

@@ -153,7 +153,7 @@ impl DmPool {
         match self.own_device(id) {
             Ok(_) => Ok(true),
             Err(PoolError::ForeignDevice { name, why, .. }) => {
-                warn!(device = %name, thin_id = id, why = %why,
+                warn!(device = %name, thin_id = id.get(), why = %why,
                       "dm device has our name but is not ours: not removing it");
                 Ok(false)
             }
@@ -361,7 +361,7 @@ impl ThinPool for DmPool {
             let err = match self.message(&format!("delete {id}")) {
                 Ok(()) => {
                     if attempt > 0 {
-                        info!(pool = %self.name, thin_id = id, busy_answers = attempt,
+                        info!(pool = %self.name, thin_id = id.get(), busy_answers = attempt,
                               "deleted thin device once the kernel had removed its dm device");
                     }
                     return Ok(());
@@ -375,7 +375,7 @@ impl ThinPool for DmPool {
             {
                 return Err(self.message_err("delete", id, err));
             }
-            debug!(pool = %self.name, thin_id = id, attempt,
+            debug!(pool = %self.name, thin_id = id.get(), attempt,
                    "thin device still open in the pool while the kernel removes its dm device; waiting");
             std::thread::sleep(DELETE_BUSY_DELAY);
         }

@@ -152,7 +152,7 @@ fn tx_dec<T: serde::de::DeserializeOwned>(what: impl Into<String>, bytes: &[u8])
 }
 
 fn id_key(id: ThinId) -> [u8; 4] {
-    id.to_be_bytes()
+    id.get().to_be_bytes()
 }
 
 /// A new snapshot to record (see [`Store::begin_create`]).
@@ -459,7 +459,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut all = self.foreign_ids()?;
         all.extend(ids.iter().copied());
-        let bytes: Vec<u8> = all.iter().flat_map(|id| id.to_be_bytes()).collect();
+        let bytes: Vec<u8> = all.iter().flat_map(|id| id.get().to_be_bytes()).collect();
         self.meta.insert(META_FOREIGN, bytes)?;
         if let Some(&max) = ids.iter().max() {
             self.allocate_past(max)?;
@@ -492,13 +492,13 @@ impl Store {
     /// Makes every later thin id larger than `id` (unless the ids wrap): a shared pool's
     /// foreign ids, read at start, are then never tried (ids are handed out in increasing order).
     pub fn allocate_past(&self, id: ThinId) -> Result<(), StoreError> {
-        let next = id.saturating_add(1) & MAX_THIN_ID;
+        let next = id.get().saturating_add(1) & MAX_THIN_ID.get();
         (&self.meta,).transaction(|(meta,)| {
             let now = match meta.get(META_NEXT_ID)? {
                 Some(v) => u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4])),
                 None => 0,
             };
-            if now <= id {
+            if now <= id.get() {
                 meta.insert(META_NEXT_ID, &next.to_be_bytes())?;
             }
             Ok(())
@@ -517,17 +517,18 @@ impl Store {
     }
 }
 
-/// Takes the next thin id not held by any device record. Ids are handed out in increasing order
-/// and wrap at 2^24, so an id is not reused soon after it was freed; one with a record (whatever
-/// its state) is never reused.
 /// The thin ids of a [`META_FOREIGN`] value.
 fn decode_ids(bytes: &[u8]) -> std::collections::BTreeSet<ThinId> {
     bytes
         .chunks_exact(4)
-        .filter_map(|c| Some(u32::from_be_bytes(c.try_into().ok()?)))
+        .filter_map(|c| ThinId::new(u32::from_be_bytes(c.try_into().ok()?)))
         .collect()
 }
 
+/// Takes the next thin id not held by any device record: the one place thin ids are made
+/// ([`ThinId::new`], within dm-thin's 24 bits). Ids are handed out in increasing order and wrap
+/// at 2^24, so an id is not reused soon after it was freed; one with a record (whatever its
+/// state) is never reused.
 fn allocate_id(devices: &TransactionalTree, meta: &TransactionalTree) -> TxResult<ThinId> {
     let mut next = match meta.get(META_NEXT_ID)? {
         Some(v) => u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4])),
@@ -537,9 +538,11 @@ fn allocate_id(devices: &TransactionalTree, meta: &TransactionalTree) -> TxResul
         .get(META_FOREIGN)?
         .map(|v| decode_ids(&v))
         .unwrap_or_default();
-    for _ in 0..=MAX_THIN_ID {
-        let candidate = next & MAX_THIN_ID;
-        next = (candidate + 1) & MAX_THIN_ID;
+    let mask = MAX_THIN_ID.get();
+    for _ in 0..=mask {
+        let n = next & mask;
+        next = (n + 1) & mask;
+        let candidate = ThinId::new(n).expect("masked to dm-thin's 24 bits");
         if !foreign.contains(&candidate) && devices.get(id_key(candidate))?.is_none() {
             meta.insert(META_NEXT_ID, &next.to_be_bytes())?;
             return Ok(candidate);

@@ -54,7 +54,7 @@ impl Recovery<'_> {
                 // would delete it); drop the record and take the next id.
                 Err(PoolError::ThinExists(_)) if tries < crate::engine::create::MAX_TAKEN_IDS => {
                     warn!(
-                        thin_id = id,
+                        thin_id = id.get(),
                         "thin id taken by a device thinsnap does not own; trying the next one"
                     );
                     store.forget_device(id)?;
@@ -88,7 +88,7 @@ impl Recovery<'_> {
         let mapped = match made {
             Ok(m) => m,
             Err(e) => {
-                warn!(thin_id = id, error = %e, "cannot make base device; undoing");
+                warn!(thin_id = id.get(), error = %e, "cannot make base device; undoing");
                 if self.delete(id).is_ok() {
                     store.forget_device(id)?;
                     store.flush_sync()?;
@@ -104,7 +104,7 @@ impl Recovery<'_> {
         };
         store.set_base(&base)?;
         store.flush_sync()?;
-        info!(thin_id = id, fs = %fs.fs_type, size, "created base device");
+        info!(thin_id = id.get(), fs = %fs.fs_type, size, "created base device");
         Ok(base)
     }
 }

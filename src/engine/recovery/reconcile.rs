@@ -22,7 +22,7 @@ impl Recovery<'_> {
         let known = self.known_ids()?;
         for (key, rec) in &self.snapshots {
             if !known.contains(&rec.thin_id) {
-                warn!(key = ?key, thin_id = rec.thin_id, "snapshot record without device record; dropping");
+                warn!(key = ?key, thin_id = rec.thin_id.get(), "snapshot record without device record; dropping");
                 self.store.forget_snapshot(key)?;
             }
         }
@@ -35,14 +35,14 @@ impl Recovery<'_> {
         known.extend(self.store.foreign_ids()?);
         for &id in self.active.iter().filter(|id| !known.contains(id)) {
             warn!(
-                thin_id = id,
+                thin_id = id.get(),
                 "active dm device with our prefix but no record; deleting"
             );
             match self.delete(id) {
                 Ok(()) => self.report.orphans_deleted.push(id),
                 // Cleanup retries (an active device with no record is an orphan there too).
                 Err(e) => {
-                    warn!(thin_id = id, error = %e, "cannot delete yet; left for cleanup");
+                    warn!(thin_id = id.get(), error = %e, "cannot delete yet; left for cleanup");
                     self.report.left_for_later.push(id);
                 }
             }
@@ -82,11 +82,14 @@ impl Recovery<'_> {
         }
         if self.settings.owns_pool {
             for id in unknown {
-                warn!(thin_id = id, "thin id in the pool with no record; deleting");
+                warn!(
+                    thin_id = id.get(),
+                    "thin id in the pool with no record; deleting"
+                );
                 match self.delete(id) {
                     Ok(()) => self.report.orphans_deleted.push(id),
                     Err(e) => {
-                        warn!(thin_id = id, error = %e, "cannot delete yet; the next start tries again");
+                        warn!(thin_id = id.get(), error = %e, "cannot delete yet; the next start tries again");
                         self.report.left_for_later.push(id);
                     }
                 }
@@ -131,7 +134,7 @@ impl Recovery<'_> {
                     .map_err(pool_err(format!("delete thin id {id}")))
                 {
                     Ok(()) => {
-                        info!(thin_id = id, key = ?key,
+                        info!(thin_id = id.get(), key = ?key,
                               "undoing an interrupted create: the pool has no such thin id");
                         self.store.forget_snapshot(key)?;
                         self.pending.remove(&id);
@@ -142,7 +145,7 @@ impl Recovery<'_> {
                     }
                     // Quarantined below: kept, reported, and Remove clears it.
                     Err(e) => {
-                        warn!(thin_id = id, key = ?key, error = %e, "cannot undo the interrupted create")
+                        warn!(thin_id = id.get(), key = ?key, error = %e, "cannot undo the interrupted create")
                     }
                 }
             }
@@ -151,7 +154,7 @@ impl Recovery<'_> {
                 thin_id_gone: true,
                 since: crate::engine::now_ns(),
             };
-            warn!(key = ?key, thin_id = id, reason = ?q.reason, "quarantining snapshot");
+            warn!(key = ?key, thin_id = id.get(), reason = ?q.reason, "quarantining snapshot");
             if self.store.set_quarantine(key, id, &q)? {
                 self.pending.remove(&id);
                 self.report.awaiting_activation.retain(|&i| i != id);

@@ -46,7 +46,7 @@ impl Recovery<'_> {
             State::Deleting => self.finish_delete(dev),
             State::Ready => {
                 info!(
-                    thin_id = id,
+                    thin_id = id.get(),
                     origin = ?dev.origin,
                     "deleting a warm spare of the last run"
                 );
@@ -60,7 +60,7 @@ impl Recovery<'_> {
                     }
                     // Deleting now: the reaper, Cleanup or the next start finishes it.
                     Err(e) => {
-                        warn!(thin_id = id, error = %e, "cannot delete the spare yet; left for cleanup");
+                        warn!(thin_id = id.get(), error = %e, "cannot delete the spare yet; left for cleanup");
                         self.report.left_for_later.push(id);
                     }
                 }
@@ -92,7 +92,7 @@ impl Recovery<'_> {
         };
         match self.pool.activate(id, size) {
             Ok(_) => {
-                info!(thin_id = id, key = ?dev.owner,
+                info!(thin_id = id.get(), key = ?dev.owner,
                       "completing an interrupted create: the pool has its thin device");
                 self.store.finish_create(&dev.owner)?;
                 if let Some(r) = self.snapshots.get_mut(&dev.owner) {
@@ -109,7 +109,7 @@ impl Recovery<'_> {
                 // awaiting activation (the first call that needs it makes it, or says why). This
                 // start cannot skip thin_ls (a record was Creating): if the pool turns out not to
                 // have the thin id, the create is undone there (`quarantine_gone`).
-                warn!(thin_id = id, key = ?dev.owner, error = %e,
+                warn!(thin_id = id.get(), key = ?dev.owner, error = %e,
                       "cannot activate the device of an interrupted create; it awaits activation");
                 self.store.finish_create(&dev.owner)?;
                 if let Some(r) = self.snapshots.get_mut(&dev.owner) {
@@ -137,7 +137,7 @@ impl Recovery<'_> {
                     .as_ref()
                     .map(|c| c.name.clone())
                     .unwrap_or_default();
-                info!(thin_id = id, key = ?key, name = ?name, "completing an interrupted commit");
+                info!(thin_id = id.get(), key = ?key, name = ?name, "completing an interrupted commit");
                 self.snapshots.remove(&key);
                 self.snapshots.insert(name.clone(), rec);
                 settled.owner = name;
@@ -146,7 +146,7 @@ impl Recovery<'_> {
             // Cannot happen (the call held both keys until the crash): the snapshot stays as
             // it was, never half committed.
             Err(e) => {
-                warn!(thin_id = id, key = ?key, error = %e, "cannot complete an interrupted commit; dropping its intent");
+                warn!(thin_id = id.get(), key = ?key, error = %e, "cannot complete an interrupted commit; dropping its intent");
                 self.store.abandon_commit(&key)?;
             }
         }
@@ -163,16 +163,16 @@ impl Recovery<'_> {
             // the kill. Never delete what may not be ours: the id is left alone (counted as a
             // foreign device from now on; at worst an empty snapshot of one of our layers).
             // An active device under our prefix is ours: thinsnap activated it.
-            warn!(thin_id = id, owner = ?dev.owner,
+            warn!(thin_id = id.get(), owner = ?dev.owner,
                   "interrupted create in a shared pool: its thin id, if the pool holds it, may be another owner's; left alone");
             self.report.left_alone.push(id);
         } else {
-            info!(thin_id = id, owner = ?dev.owner, "undoing interrupted create");
+            info!(thin_id = id.get(), owner = ?dev.owner, "undoing interrupted create");
             if let Err(e) = self.delete(id) {
                 // A read-only pool, a device still open: the record stays Creating (invisible
                 // to clients); the next Prepare of the key, Cleanup or the next start tries
                 // again.
-                warn!(thin_id = id, owner = ?dev.owner, error = %e, "cannot undo the interrupted create yet; left for later");
+                warn!(thin_id = id.get(), owner = ?dev.owner, error = %e, "cannot undo the interrupted create yet; left for later");
                 self.report.left_for_later.push(id);
                 return Ok(());
             }
@@ -193,7 +193,7 @@ impl Recovery<'_> {
 
     fn finish_delete(&mut self, dev: &DeviceRecord) -> Result<(), EngineError> {
         let id = dev.thin_id;
-        info!(thin_id = id, owner = ?dev.owner, "finishing interrupted delete");
+        info!(thin_id = id.get(), owner = ?dev.owner, "finishing interrupted delete");
         match self.delete(id) {
             Ok(()) => {
                 self.store.forget_device(id)?;
@@ -201,7 +201,7 @@ impl Recovery<'_> {
             }
             // Busy (mounted by someone): the snapshot is already gone for clients; the reaper or
             // Cleanup retries. Starting must not depend on it.
-            Err(e) => warn!(thin_id = id, error = %e, "cannot delete yet; left for cleanup"),
+            Err(e) => warn!(thin_id = id.get(), error = %e, "cannot delete yet; left for cleanup"),
         }
         Ok(())
     }
@@ -218,7 +218,7 @@ impl Recovery<'_> {
         match rec {
             None => {
                 // Also a base device made but never recorded as the base (owner BASE_OWNER).
-                warn!(thin_id = id, owner = ?dev.owner, base = dev.owner == BASE_OWNER,
+                warn!(thin_id = id.get(), owner = ?dev.owner, base = dev.owner == BASE_OWNER,
                       "device record without snapshot; deleting");
                 self.store.mark_deleting(id)?;
                 self.store.flush_sync()?;
@@ -229,14 +229,14 @@ impl Recovery<'_> {
                     }
                     // Deleting now: the reaper, Cleanup or the next start finishes it.
                     Err(e) => {
-                        warn!(thin_id = id, error = %e, "cannot delete yet; left for cleanup");
+                        warn!(thin_id = id.get(), error = %e, "cannot delete yet; left for cleanup");
                         self.report.left_for_later.push(id);
                     }
                 }
             }
             Some(rec) if rec.kind == Kind::Committed => {
                 if self.active.contains(&id) {
-                    info!(thin_id = id, key = ?dev.owner, "deactivating committed snapshot");
+                    info!(thin_id = id.get(), key = ?dev.owner, "deactivating committed snapshot");
                     self.deactivate_or_defer(id, "committed snapshot");
                 }
             }
@@ -269,7 +269,7 @@ impl Recovery<'_> {
             Err(e) => Err(e),
         };
         if let Err(e) = done {
-            warn!(thin_id = id, what, error = %e, "cannot deactivate; left active");
+            warn!(thin_id = id.get(), what, error = %e, "cannot deactivate; left active");
             self.report.left_for_later.push(id);
         }
     }

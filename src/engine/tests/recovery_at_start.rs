@@ -54,11 +54,13 @@ async fn reboot_leaves_active_snapshots_and_views_awaiting_activation() {
 async fn orphan_devices_are_deleted_at_start() {
     let t = setup();
     // A device with our prefix that no record owns (e.g. left by a lost database).
-    t.pool.create_thin(4242).expect("orphan");
-    t.pool.activate(4242, 1).expect("orphan active");
+    t.pool.create_thin(ThinId::from(4242)).expect("orphan");
+    t.pool
+        .activate(ThinId::from(4242), 1)
+        .expect("orphan active");
     let (t, report) = t.restart();
     assert_eq!(report.orphans_deleted, vec![4242]);
-    assert!(!t.pool.thin_ids().contains(&4242));
+    assert!(!t.pool.thin_ids().contains(&ThinId::from(4242)));
 }
 
 #[tokio::test]
@@ -66,16 +68,16 @@ async fn unknown_thin_ids_are_orphans_in_our_pool_and_foreign_in_others() {
     let t = setup();
     // An inactive thin id no record knows (a lost database write, an older version's crash):
     // the pool's transaction id moved on without the store.
-    t.pool.create_thin(777).expect("orphan");
+    t.pool.create_thin(ThinId::from(777)).expect("orphan");
     let txid = t.pool.status().expect("status").transaction_id;
     t.pool.set_transaction_id(txid, txid + 1).expect("txid");
     let (t, report) = t.restart();
     assert!(report.thin_ids_listed);
     assert_eq!(report.orphans_deleted, vec![777]);
-    assert!(!t.pool.thin_ids().contains(&777));
+    assert!(!t.pool.thin_ids().contains(&ThinId::from(777)));
 
     // A pool someone else made: refuse to start, unless told to share it.
-    t.pool.create_thin(888).expect("foreign");
+    t.pool.create_thin(ThinId::from(888)).expect("foreign");
     let T {
         _dir,
         path,
@@ -96,7 +98,7 @@ async fn unknown_thin_ids_are_orphans_in_our_pool_and_foreign_in_others() {
     recovery::start(pool.clone(), reopen(&path), settings, &no_format)
         .expect("shared pool accepted");
     assert!(
-        pool.thin_ids().contains(&888),
+        pool.thin_ids().contains(&ThinId::from(888)),
         "a foreign device was deleted"
     );
 }
@@ -153,7 +155,8 @@ async fn the_pool_transaction_id_marks_every_change_the_store_has_seen() {
     drop(engine);
     let txid = pool.status().expect("status").transaction_id;
     assert_eq!(store_txid, Some(txid));
-    pool.create_thin(4242).expect("change the store never saw");
+    pool.create_thin(ThinId::from(4242))
+        .expect("change the store never saw");
     pool.set_transaction_id(txid, txid + 1).expect("txid");
     let (_engine, report) = start_on(&path, pool.clone());
     assert!(report.thin_ids_listed);
@@ -200,8 +203,8 @@ async fn a_shared_pools_foreign_ids_are_never_taken_nor_deleted() {
     let path = dir.path().join("db");
     let pool = Arc::new(FakePool::new());
     // Another owner's volumes, on the ids a fresh store would hand out first.
-    pool.create_thin(0).expect("foreign 0");
-    pool.create_thin(5).expect("foreign 5");
+    pool.create_thin(ThinId::from(0)).expect("foreign 0");
+    pool.create_thin(ThinId::from(5)).expect("foreign 5");
     let mut settings = Settings::with_fs(FsConfig::default());
     settings.owns_pool = false;
     settings.allow_foreign_devices = true;
@@ -209,7 +212,7 @@ async fn a_shared_pools_foreign_ids_are_never_taken_nor_deleted() {
         .expect("start on a shared pool");
     assert!(report.base_created);
     assert!(
-        engine.base.thin_id > 5,
+        engine.base.thin_id > ThinId::from(5),
         "the base took id {}, not past the pool's ids",
         engine.base.thin_id
     );
@@ -218,10 +221,10 @@ async fn a_shared_pools_foreign_ids_are_never_taken_nor_deleted() {
         .create(Kind::Active, "a", "", BTreeMap::new())
         .await
         .expect("prepare");
-    assert!(engine.record("a").expect("read").expect("a").thin_id > 5);
+    assert!(engine.record("a").expect("read").expect("a").thin_id > ThinId::from(5));
     let ids = pool.thin_ids();
     assert!(
-        ids.contains(&0) && ids.contains(&5),
+        ids.contains(&ThinId::from(0)) && ids.contains(&ThinId::from(5)),
         "a foreign volume is gone: {ids:?}"
     );
     // No id was found taken by trying it: nothing was even attempted on theirs.
@@ -240,7 +243,8 @@ async fn a_start_that_must_list_thin_ids_without_thin_ls_fails_saying_so() {
     let (_dir, path, pool) = t.into_parts();
     // A change the store never saw: this start must read the pool's thin ids.
     let txid = pool.status().expect("status").transaction_id;
-    pool.create_thin(4242).expect("change the store never saw");
+    pool.create_thin(ThinId::from(4242))
+        .expect("change the store never saw");
     pool.set_transaction_id(txid, txid + 1).expect("txid");
     pool.fail_nth_with("list_thin_ids", 1, PoolError::ThinLsMissing("pool".into()));
     let err = recovery::start(
@@ -256,7 +260,7 @@ async fn a_start_that_must_list_thin_ids_without_thin_ls_fails_saying_so() {
         "{err}"
     );
     // Nothing was deleted on a guess, and the next start (thin_ls back) deletes the orphan.
-    assert!(pool.thin_ids().contains(&4242));
+    assert!(pool.thin_ids().contains(&ThinId::from(4242)));
     let (engine, report) = start_on(&path, pool.clone());
     assert_eq!(report.orphans_deleted, vec![4242]);
     assert!(engine.record("a").expect("read").is_some());

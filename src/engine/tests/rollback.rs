@@ -95,19 +95,20 @@ async fn a_half_made_snapshot_is_rolled_back_without_a_restart() {
 async fn a_thin_id_held_by_a_foreign_device_is_skipped_never_deleted() {
     let t = setup();
     // The next ids the store will hand out are held by someone else's volumes.
-    let next = t.base_id() + 1;
+    let next = ThinId::from(t.base_id().get() + 1);
     t.pool.create_thin(next).expect("foreign");
-    t.pool.create_thin(next + 1).expect("foreign");
+    let after = ThinId::from(next.get() + 1);
+    t.pool.create_thin(after).expect("foreign");
     t.pool.write(next, 4096);
     prep(&t, "a", "")
         .await
         .expect("prepare skips the taken ids");
     let a = t.engine.record("a").expect("rec").expect("a").thin_id;
-    assert!(a > next + 1, "took a foreign id: {a}");
-    assert!(t.pool.thin_ids().contains(&next) && t.pool.thin_ids().contains(&(next + 1)));
+    assert!(a > after, "took a foreign id: {a}");
+    assert!(t.pool.thin_ids().contains(&next) && t.pool.thin_ids().contains(&after));
     assert!(
         !t.pool.calls().iter().any(|c| c == &format!("delete {next}")
-            || c == &format!("delete {}", next + 1)
+            || c == &format!("delete {after}")
             || c == &format!("discard {next}")),
         "touched a foreign device: {:?}",
         t.pool.calls()

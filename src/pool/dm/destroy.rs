@@ -69,7 +69,7 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
                 let n = dm_name(&pool_dev)?;
                 for id in thin_ids {
                     match ioctl::message(&dm, &n, &format!("delete {id}")) {
-                        Ok(()) => info!(pool = %name, thin_id = id, "deleted thin device"),
+                        Ok(()) => info!(pool = %name, thin_id = id.get(), "deleted thin device"),
                         Err(e) if matches!(errno_of(&e), Some(Errno::ENODATA)) => {}
                         Err(e) => {
                             return Err(dm_err("delete thin id", format!("{id} in {name}"))(e))
