@@ -83,8 +83,8 @@ fn no_format(_: &Path) -> Result<(), FsError> {
 }
 
 /// The fake pool with the kernel's latency put back: each call that changes a device sleeps
-/// `delay`, as a resume or a metadata commit takes time on real dm-thin (~0.2 s in the emulated
-/// VM). Concurrent calls then overlap on the blocking pool as they do on a node, which is what
+/// `delay`, as a resume or a metadata commit takes time on real dm-thin (how long:
+/// benches/RESULTS.md, (f) the floor). Concurrent calls then overlap on the blocking pool as they do on a node, which is what
 /// decides how many threads (and malloc arenas) the daemon grows under load.
 struct SlowPool {
     inner: FakePool,

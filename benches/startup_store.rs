@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use thinsnap::config::FsConfig;
-use thinsnap::engine::recovery::{self, Records};
-use thinsnap::engine::{Engine, Settings};
+use thinsnap::engine::{self, Engine, Settings};
 use thinsnap::fs::FsError;
 use thinsnap::pool::fake::FakePool;
-use thinsnap::store::{Kind, Store};
+use thinsnap::pool::ThinPool;
+use thinsnap::store::Kind;
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -65,21 +65,27 @@ fn no_format(_: &Path) -> Result<(), FsError> {
     Ok(())
 }
 
-/// What the daemon's start does besides the kernel's work: open the store, read its records
-/// and check them settled (`thinsnap serve` does both while the kernel makes the pool), then
+/// What the daemon's start does besides the kernel's work (`thinsnap::engine::start`, as
+/// `thinsnap serve` runs it): open the store, read its records and check them settled, then
 /// recovery from those records.
-fn start(db: &Path, pool: Arc<FakePool>) -> Result<Engine, BoxError> {
-    let store = Store::open(db)?;
-    let records = Records::read(&store)?;
-    let _serve_reads_early = records.settled();
-    let (engine, _) = recovery::start_from(
-        pool,
-        store,
-        records,
-        Settings::with_fs(FsConfig::default()),
-        &no_format,
-    )?;
-    Ok(engine)
+fn start(
+    rt: &tokio::runtime::Runtime,
+    db: &Path,
+    pool: Arc<FakePool>,
+) -> Result<Arc<Engine>, BoxError> {
+    rt.block_on(async {
+        let (handle, starting) = engine::start(
+            db,
+            move || Ok(pool as Arc<dyn ThinPool>),
+            Settings::with_fs(FsConfig::default()),
+            no_format,
+        )
+        .await?;
+        if let Some(task) = starting {
+            task.await??;
+        }
+        Ok(handle.engine().await?)
+    })
 }
 
 /// `active` chains, each of committed layers with an active snapshot on top, `snapshots` in all:
@@ -143,7 +149,7 @@ fn main() -> Result<(), BoxError> {
         .build()?;
 
     let t = Instant::now();
-    let engine = Arc::new(start(&db, pool.clone())?);
+    let engine = start(&rt, &db, pool.clone())?;
     rt.block_on(fill(engine.clone(), args.snapshots, args.active))?;
     let status = rt.block_on(engine.status())?;
     let filled = t.elapsed();
@@ -159,7 +165,7 @@ fn main() -> Result<(), BoxError> {
     let mut times = Vec::new();
     for i in 0..args.restarts {
         let t = Instant::now();
-        let engine = start(&db, pool.clone())?;
+        let engine = start(&rt, &db, pool.clone())?;
         let took = t.elapsed();
         let status = rt.block_on(engine.status())?;
         let seen = status.active + status.views + status.committed;

@@ -11,7 +11,7 @@ pub mod api {
     tonic::include_proto!("thinsnap.admin.v1");
 }
 
-use crate::engine::{Entry, Mapped};
+use crate::engine::{Entry, Mapped, ThinId};
 use api::admin_server::Admin;
 use api::{
     GrowRequest, InventoryEntry, InventoryRequest, InventoryResponse, LoopFile, Quarantined, Space,
@@ -46,7 +46,7 @@ fn entry(e: Entry) -> InventoryEntry {
         key: e.key.unwrap_or_default(),
         parent: e.parent.unwrap_or_default(),
         has_thin_id: e.thin_id.is_some(),
-        thin_id: e.thin_id.unwrap_or_default(),
+        thin_id: e.thin_id.map_or(0, ThinId::get),
         device: e.device,
         state: e.state.as_str().to_string(),
         note: e.note,
@@ -110,7 +110,11 @@ impl Admin for AdminService {
             .detached("status".into(), |e| async move { e.status().await })
             .await?;
         let engine = self.engine.engine().await?;
-        let thin_ids = if list { engine.thin_ids()? } else { Vec::new() };
+        let thin_ids: Vec<u32> = if list {
+            engine.thin_ids()?.iter().map(|id| id.get()).collect()
+        } else {
+            Vec::new()
+        };
         let info = engine.pool_info();
         let base = st.base;
         Ok(Response::new(StatusResponse {
@@ -147,7 +151,7 @@ impl Admin for AdminService {
                 })
                 .collect(),
             root: engine.root().display().to_string(),
-            base_thin_id: base.thin_id,
+            base_thin_id: base.thin_id.get(),
             min_free_space_percent: engine.min_free_percent(),
             thin_ids,
             snapshots_inactive: st.inactive,
@@ -157,11 +161,11 @@ impl Admin for AdminService {
             spares_missed: st.spares.missed,
             spares_rounds: st.spares.rounds,
             spares_refilling: st.spares.refilling,
-            spare_thin_ids: st.spare_thin_ids,
+            spare_thin_ids: st.spare_thin_ids.iter().map(|id| id.get()).collect(),
             audit_runs: st.audit.runs,
             audit_at_ns: st.audit.at_ns,
-            audit_unknown_thin_ids: st.audit.unknown,
-            audit_missing_thin_ids: st.audit.missing,
+            audit_unknown_thin_ids: st.audit.unknown.iter().map(|id| id.get()).collect(),
+            audit_missing_thin_ids: st.audit.missing.iter().map(|id| id.get()).collect(),
             audit_error: st.audit.error.unwrap_or_default(),
             remove_async: engine.remove_async(),
             deleting_devices: st.deleting,
@@ -170,7 +174,7 @@ impl Admin for AdminService {
                 .into_iter()
                 .map(|q| Quarantined {
                     key: q.key,
-                    thin_id: q.thin_id,
+                    thin_id: q.thin_id.get(),
                     kind: q.kind.as_str().to_string(),
                     reason: q.reason,
                 })

@@ -48,9 +48,9 @@ pub const ALL: &[&str] = &[
 ];
 
 /// Failpoints outside the Prepare/Commit/Remove calls, each killed at by a test of its own in
-/// tests/vm_faults.rs: start-up's thin_ls with the pool's metadata snapshot reserved, and a pool
-/// grow with the pool suspended.
-pub const OTHERS: &[&str] = &["recovery:metadata-snap-held", "grow:pool-suspended"];
+/// tests/vm_faults.rs (hence the name): start-up's thin_ls with the pool's metadata snapshot
+/// reserved, and a pool grow with the pool suspended.
+pub const FAULTS: &[&str] = &["recovery:metadata-snap-held", "grow:pool-suspended"];
 
 /// Failpoints of lazy activation (a device activated on first use), killed by
 /// `tests/vm_lazy.rs` rather than by the crash tests' fixture: `dm:after-device-create` is hit by
@@ -204,38 +204,118 @@ macro_rules! failpoint {
 
 #[cfg(test)]
 mod tests {
-    /// Every `failpoint!` in the source is in [`super::ALL`], [`super::OTHERS`],
-    /// [`super::LAZY`] or [`super::SPARES`], so a crash test kills at it: a failpoint no test arms proves nothing.
-    #[test]
-    fn every_failpoint_in_the_source_is_listed() {
-        fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
-            for e in std::fs::read_dir(dir).expect("read src") {
-                let p = e.expect("entry").path();
-                if p.is_dir() {
-                    walk(&p, found);
-                } else if p.extension().is_some_and(|x| x == "rs") && !p.ends_with("failpoint.rs") {
-                    let text = std::fs::read_to_string(&p).expect("read file");
-                    for part in text.split("failpoint!(\"").skip(1) {
-                        found.push(part.split('"').next().expect("name").to_string());
-                    }
-                }
+    use std::path::{Path, PathBuf};
+
+    /// The lists every failpoint name must be in.
+    const LISTS: [&[&str]; 4] = [super::ALL, super::FAULTS, super::LAZY, super::SPARES];
+
+    fn listed(name: &str) -> bool {
+        LISTS.iter().any(|list| list.contains(&name))
+    }
+
+    /// Every file under `dir` (recursively) whose name ends with one of `exts`.
+    fn files(dir: &Path, exts: &[&str], out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                files(&p, exts, out);
+            } else if p.extension().is_some_and(|x| exts.iter().any(|e| x == *e)) {
+                out.push(p);
             }
         }
+    }
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// Every `failpoint!` in the source is in [`super::ALL`], [`super::FAULTS`],
+    /// [`super::LAZY`] or [`super::SPARES`], so a crash test kills at it: a failpoint no test
+    /// arms proves nothing.
+    #[test]
+    fn every_failpoint_in_the_source_is_listed() {
+        let mut paths = Vec::new();
+        files(&root().join("src"), &["rs"], &mut paths);
         let mut found = Vec::new();
-        walk(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-            &mut found,
-        );
+        for p in paths.iter().filter(|p| !p.ends_with("failpoint.rs")) {
+            let text = std::fs::read_to_string(p).expect("read file");
+            for part in text.split("failpoint!(\"").skip(1) {
+                found.push(part.split('"').next().expect("name").to_string());
+            }
+        }
         assert!(found.len() >= super::ALL.len(), "found {found:?}");
         for name in super::SPARES {
             assert!(found.iter().any(|f| f == name), "{name:?} is in no source");
         }
         for name in found {
             assert!(
-                [super::ALL, super::OTHERS, super::LAZY, super::SPARES]
-                    .iter()
-                    .any(|list| list.contains(&name.as_str())),
+                listed(&name),
                 "failpoint {name:?} is in no list: no crash test kills at it"
+            );
+        }
+    }
+
+    /// The failpoint names the tests arm (`THINSNAP_FAILPOINT`, `THINSNAP_STALL`: in the Rust
+    /// tests, their helpers and the integration scripts) are the listed ones: a test that arms
+    /// a name no `failpoint!` has (a typo, a renamed failpoint) would kill nothing and pass.
+    /// A name is any word `<prefix>:<name>` (an `@N` after it dropped) whose prefix is one of
+    /// the listed names' prefixes.
+    #[test]
+    fn every_failpoint_a_test_arms_is_listed() {
+        let prefixes: std::collections::BTreeSet<&str> = LISTS
+            .iter()
+            .flat_map(|list| list.iter())
+            .map(|n| n.split(':').next().expect("prefix"))
+            .collect();
+        let mut paths = Vec::new();
+        files(&root().join("tests"), &["rs"], &mut paths);
+        files(&root().join("integration"), &["sh", "py", "rs"], &mut paths);
+        files(&root().join("src"), &["rs"], &mut paths);
+        let mut seen = Vec::new();
+        for p in &paths {
+            if p.ends_with("failpoint.rs") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(p) else {
+                continue;
+            };
+            for prefix in &prefixes {
+                let at = format!("{prefix}:");
+                for (i, _) in text.match_indices(&at) {
+                    // Only a whole word: a quote, `=`, `,` or a space before it.
+                    let before = text[..i].chars().next_back();
+                    if !matches!(before, Some('"' | '\'' | '=' | ',' | ' ')) {
+                        continue;
+                    }
+                    let rest = &text[i + at.len()..];
+                    let tail: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                        .collect();
+                    if tail.is_empty()
+                        || !rest[tail.len()..].starts_with(['"', '@', ',', '\'', ' ', '\n'])
+                    {
+                        continue;
+                    }
+                    let name = format!("{at}{tail}");
+                    assert!(
+                        listed(&name),
+                        "{}: failpoint {name:?} is in no list of src/failpoint.rs",
+                        p.display()
+                    );
+                    seen.push(name);
+                }
+            }
+        }
+        // The scan sees what the tests arm: the SIGTERM test's stalls and the fault tests' kills.
+        for name in [
+            "recovery:metadata-snap-held",
+            "prepare:after-take",
+            "remove:after-delete",
+        ] {
+            assert!(
+                seen.iter().any(|s| s == name),
+                "{name:?} not seen: {seen:?}"
             );
         }
     }

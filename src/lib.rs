@@ -15,8 +15,12 @@
 //!   the reverse lookup from a dm device or thin id to its snapshot).
 //! - [`model`]: the vocabulary every layer shares (thin ids, snapshot kinds); imports nothing.
 //! - [`metrics`]: the opt-in Prometheus endpoint; call latency and errors, pool space.
-//! - [`engine`]: snapshot semantics, per-key locking, intent -> kernel -> outcome ordering,
-//!   recovery at start ([`engine::recovery`]; devices of active snapshots made on first use,
+//! - [`engine`]: snapshot semantics, each call of the Snapshots API in a file named after it
+//!   (`engine::create` for Prepare and View, `engine::commit`, `engine::remove`, `engine::mounts`,
+//!   `engine::update`, `engine::usage`, `engine::reads` for Stat and List), per-key locking,
+//!   intent -> kernel -> outcome ordering; the daemon's start-up ([`engine::start()`]: the store
+//!   opened and read, reads served early from a settled store, the pool made, recovery, the
+//!   engine published), recovery at start ([`engine::recovery`]; devices of active snapshots made on first use,
 //!   quarantine: `engine::activate`), warm spares made ahead of Prepare and View
 //!   (`engine::spares`), the inventory behind `thinsnap ls` (`engine::inventory`), the audit of the pool's thin ids against the store (`engine::audit`),
 //!   containerd's filter syntax ([`engine::filter`]).

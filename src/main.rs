@@ -13,8 +13,8 @@ use tracing::info;
 use thinsnap::admin::api::admin_client::AdminClient;
 use thinsnap::admin::api::StatusRequest;
 use thinsnap::config::Config;
-use thinsnap::engine::recovery::{self, Records};
-use thinsnap::engine::{Adopt, EngineHandle, Settings};
+use thinsnap::engine::{self, Adopt, EngineHandle, Settings, StartTask};
+use thinsnap::model::ThinId;
 use thinsnap::pool::dm::{self, DmPool};
 use thinsnap::pool::ThinPool;
 use thinsnap::store::Store;
@@ -284,13 +284,14 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
     } else {
         info!(socket = %config.address.display(), "serving");
     }
-    let started = engine.clone();
+    let waiting = engine.clone();
     let shutdown = async move {
         // Ready for systemd (Type=notify; a no-op outside systemd) once the engine is there, not
         // when the socket first answers reads: a start that fails after that stops the server
         // (its error is the daemon's exit status, below) and systemd sees a failed start.
-        let started = async {
-            if started.engine().await.is_ok() {
+        // This future completes only when the start failed; after a good start it stays pending.
+        let start_failed = async {
+            if waiting.engine().await.is_ok() {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                 std::future::pending::<()>().await
             }
@@ -298,7 +299,7 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping"),
             _ = int.recv() => info!("SIGINT: stopping"),
-            _ = started => {}
+            _ = start_failed => {}
         }
         thinsnap::failpoint::release_stalls();
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -313,81 +314,20 @@ async fn serve(config_path: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Makes the pool, opens the store and recovers (see `engine::recovery`), on blocking threads.
-///
-/// After a reboot most of that is the kernel making the pool. When the database is there
-/// already, it is opened meanwhile, and if it is settled (`recovery::Records::settled`) the daemon serves
-/// at once: the handle answers Stat and List from the store while the pool is made and
-/// recovery runs (the returned task; it hands the engine to the handle), and every other call
-/// waits for it. Otherwise (the first start, or a store with a call cut short) the engine is
-/// made before anything is served.
+/// Checks that the kernel has device-mapper (refused before anything is made under root), then
+/// starts the engine on the configured pool and database (see `engine::start`).
 ///
 /// Returns an error if device-mapper is missing, or if the pool, the store or recovery fails
 /// before serving.
-async fn start(
-    config: &Config,
-    adopt: Option<Adopt>,
-) -> Result<(EngineHandle, Option<tokio::task::JoinHandle<Result<()>>>)> {
-    // A kernel without device-mapper is refused before anything is made under root.
+async fn start(config: &Config, adopt: Option<Adopt>) -> Result<(EngineHandle, Option<StartTask>)> {
     dm::check_device_mapper()?;
-    let db = config.db_path();
-    let open_store = move || {
-        Store::open(&db).context("cannot open the database (is another thinsnap using this root?)")
-    };
     let c = config.clone();
-    let pool = tokio::task::spawn_blocking(move || DmPool::open(&c));
-    // Only a database already there is opened before the pool exists: a first start whose pool
-    // cannot be made leaves nothing behind.
-    // Its records are read once for both the settled check and recovery (`start_from`).
-    let (opened, early) = if config.db_path().exists() {
-        let open = open_store.clone();
-        tokio::task::spawn_blocking(move || -> Result<_> {
-            let store = open()?;
-            let records = Records::read(&store).context("cannot read the database")?;
-            let early = records.settled().then(|| store.clone());
-            Ok((Some((store, records)), early))
-        })
-        .await??
-    } else {
-        (None, None)
-    };
-    let c = config.clone();
-    let recover = async move {
-        let pool: Arc<dyn ThinPool> = Arc::new(pool.await??);
-        tokio::task::spawn_blocking(move || -> Result<_> {
-            let (fs_config, root) = (c.fs.clone(), c.root.clone());
-            let format = move |dev: &Path| fs::format_base(dev, &fs_config, &root);
-            let mut settings = Settings::from_config(&c);
-            settings.adopt = adopt;
-            let (engine, _report) = match opened {
-                Some((store, records)) => {
-                    recovery::start_from(pool, store, records, settings, &format)?
-                }
-                None => recovery::start(pool, open_store()?, settings, &format)?,
-            };
-            Ok(Arc::new(engine))
-        })
-        .await?
-    };
-    match early {
-        None => Ok((EngineHandle::ready(recover.await?), None)),
-        Some(store) => {
-            let (handle, publisher) = EngineHandle::starting(Some(store));
-            let task = tokio::spawn(async move {
-                match recover.await {
-                    Ok(engine) => {
-                        publisher.ready(engine);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        publisher.failed(describe(&e));
-                        Err(e)
-                    }
-                }
-            });
-            Ok((handle, Some(task)))
-        }
-    }
+    let make_pool = move || DmPool::open(&c).map(|p| Arc::new(p) as Arc<dyn ThinPool>);
+    let (fs_config, root) = (config.fs.clone(), config.root.clone());
+    let format = move |dev: &Path| fs::format_base(dev, &fs_config, &root);
+    let mut settings = Settings::from_config(config);
+    settings.adopt = adopt;
+    Ok(engine::start(&config.db_path(), make_pool, settings, format).await?)
 }
 
 /// `thinsnap pool adopt`: the daemon's start-up with `what` said for the thin devices of a
@@ -498,7 +438,7 @@ fn destroy(config_path: Option<&Path>, remove_files: bool) -> Result<()> {
         );
     }
     let db = config.db_path();
-    let thin_ids: Vec<u32> = if db.exists() {
+    let thin_ids: Vec<ThinId> = if db.exists() {
         let store =
             Store::open(&db).context("cannot open the database (is thinsnap still running?)")?;
         store.devices()?.iter().map(|d| d.thin_id).collect()

@@ -31,9 +31,11 @@ use crate::model::{Kind, ThinId};
 use crate::pool::{PoolError, ThinPool};
 use crate::store::{Quarantine, SnapshotRecord, State, Store};
 
-/// Thin ids of active snapshots and views whose dm devices this run has not activated yet.
+/// Lazy activation's bookkeeping: the thin ids of active snapshots and views whose dm devices
+/// this run has not activated yet. After a reboot a start does not re-make every device before
+/// serving; the first call that needs one (Mounts, Usage, Commit, Remove) activates it.
 #[derive(Default)]
-pub(super) struct Lazy {
+pub(super) struct LazyActivation {
     /// thin id -> whether its device was missing at start (`true`: inactive, awaiting
     /// activation) or present but not yet verified by this run (`false`: a crash may have left
     /// it half made; the first call checks it with the idempotent activate).
@@ -42,12 +44,12 @@ pub(super) struct Lazy {
     activations: AtomicU64,
 }
 
-impl Lazy {
+impl LazyActivation {
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<ThinId, bool>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets what start-up found (see [`Lazy::pending`]).
+    /// Sets what start-up found (see [`LazyActivation::pending`]).
     pub(super) fn fill(&self, pending: BTreeMap<ThinId, bool>) {
         *self.map() = pending;
     }
@@ -92,6 +94,23 @@ pub struct QuarantinedInfo {
 }
 
 impl Engine {
+    /// Gives a snapshot whose call failed its device back (undoing that call's deactivation).
+    /// The caller holds the thin id's lock. A failure is logged and the snapshot awaits
+    /// activation again (see [`activate`]): the next call that needs its device (Mounts, Usage,
+    /// Commit) makes it or says why not, instead of handing out a path to nothing.
+    pub(super) async fn reactivate(&self, id: ThinId, size: u64) {
+        let done = self
+            .on_pool(move |pool| {
+                pool.activate(id, size)
+                    .map_err(pool_err(format!("reactivate thin id {id}")))
+            })
+            .await;
+        if let Err(e) = done {
+            self.lazy.missing(id);
+            warn!(thin_id = id.get(), error = %e, "cannot reactivate the device of a failed call; it awaits activation");
+        }
+    }
+
     /// Makes sure the dm device of snapshot `key` (record `rec`, read by the caller) is live:
     /// activates it if this run has not yet, exactly once however many calls ask at the same
     /// time (the thin id's lock, and the pending set read again under it).
@@ -111,8 +130,7 @@ impl Engine {
         if !self.lazy.is_pending(id) {
             return Ok(());
         }
-        let id_text = id.to_string();
-        let device = self.thin_locks.lock(&[&id_text]).await;
+        let device = self.thin_locks.lock(&[&id]).await;
         if !self.lazy.is_pending(id) {
             // A concurrent call activated it while this one waited.
             return Ok(());
@@ -151,7 +169,7 @@ impl Engine {
             Ok(_) => {
                 info!(
                     key,
-                    thin_id = id,
+                    thin_id = id.get(),
                     "activated the snapshot's device on first use"
                 );
                 Ok(())
@@ -166,7 +184,7 @@ impl Engine {
                 Err(quarantined(key, id, &q))
             }
             Err(e) => {
-                warn!(key, thin_id = id, error = %e, "cannot activate the snapshot's device; the next call tries again");
+                warn!(key, thin_id = id.get(), error = %e, "cannot activate the snapshot's device; the next call tries again");
                 Err(pool_err(format!("snapshot {key:?}: activate thin id {id}"))(e))
             }
         }
@@ -181,7 +199,7 @@ impl Engine {
         id: ThinId,
         q: &Quarantine,
     ) -> Result<(), EngineError> {
-        warn!(key, thin_id = id, reason = ?q.reason, "quarantining snapshot");
+        warn!(key, thin_id = id.get(), reason = ?q.reason, "quarantining snapshot");
         self.store.set_quarantine(key, id, q)?;
         self.flush().await?;
         self.lazy.done(id);
@@ -193,8 +211,7 @@ impl Engine {
     ///
     /// Returns NotFound if it is not there, FailedPrecondition if it has children.
     pub(super) async fn remove_gone(&self, key: &str, id: ThinId) -> Result<(), EngineError> {
-        let id_text = id.to_string();
-        let _device = self.thin_locks.lock(&[&id_text]).await;
+        let _device = self.thin_locks.lock(&[&id]).await;
         let removed = self.store.begin_remove(key)?;
         self.store.forget_device(id)?;
         self.flush().await?;
@@ -202,7 +219,7 @@ impl Engine {
         self.lazy.done(id);
         info!(
             key,
-            thin_id = id,
+            thin_id = id.get(),
             "removed quarantined snapshot; its thin id was already gone from the pool"
         );
         Ok(())

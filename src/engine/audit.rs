@@ -177,7 +177,7 @@ mod tests {
         );
 
         // Behind the store's back: a thin id made (a leak, or someone else's), and b's deleted.
-        t.pool.create_thin(77).expect("leak");
+        t.pool.create_thin(ThinId::from(77)).expect("leak");
         t.pool.deactivate(b).expect("deactivate b");
         t.pool.delete_thin(b).expect("delete b");
 
@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(found.unknown, vec![77], "{found:?}");
         assert_eq!(found.missing, vec![b], "{found:?}");
         assert!(
-            t.pool.thin_ids().contains(&77),
+            t.pool.thin_ids().contains(&ThinId::from(77)),
             "the audit deleted a thin id"
         );
         let st = t.engine.status().await.expect("status");
@@ -215,8 +215,11 @@ mod tests {
         // Cleanup audits again (and, 77 being inactive and recordless, leaves it alone).
         t.engine.cleanup().await.expect("cleanup");
         let again = t.engine.audit_report();
-        assert_eq!((again.runs, again.unknown.clone()), (2, vec![77]));
-        assert!(t.pool.thin_ids().contains(&77));
+        assert_eq!(
+            (again.runs, again.unknown.clone()),
+            (2, vec![ThinId::from(77)])
+        );
+        assert!(t.pool.thin_ids().contains(&ThinId::from(77)));
     }
 
     /// An audit that cannot list the pool's thin ids (thin_ls missing, a metadata snapshot held
@@ -224,12 +227,12 @@ mod tests {
     #[tokio::test]
     async fn a_failed_audit_is_reported() {
         let t = setup();
-        t.pool.create_thin(77).expect("leak");
+        t.pool.create_thin(ThinId::from(77)).expect("leak");
         t.engine.audit().await.expect("audit");
         t.pool.fail_next("list_thin_ids");
         assert!(t.engine.audit().await.is_err());
         let r = t.engine.audit_report();
-        assert_eq!((r.runs, r.unknown.clone()), (2, vec![77]));
+        assert_eq!((r.runs, r.unknown.clone()), (2, vec![ThinId::from(77)]));
         assert!(
             r.error.as_deref().is_some_and(|e| e.contains("thin ids")),
             "{r:?}"

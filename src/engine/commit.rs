@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use tracing::{info, warn};
 
-use super::{check_key, check_labels, now_ns, pool_err, Engine, EngineError, Kind};
+use super::limits::{check_key, check_labels};
+use super::{now_ns, pool_err, Engine, EngineError, Kind};
 use crate::pool::{PoolError, ThinPool};
 use crate::store::CommitIntent;
 
@@ -46,8 +47,7 @@ impl Engine {
         self.ensure_device(key, &rec).await?;
         let (id, size) = (rec.thin_id, rec.size);
         // The device is this call's until the Commit is done: no first-use activation races it.
-        let id_text = id.to_string();
-        let _device = self.thin_locks.lock(&[&id_text]).await;
+        let _device = self.thin_locks.lock(&[&id]).await;
         // What the committed record keeps for Usage, read from the active device.
         let what = format!("commit snapshot {key:?}");
         let mapped = self
@@ -81,7 +81,10 @@ impl Engine {
                     // unmounted yet (so does a careless client): flush the filesystem now and
                     // let the device go at its last close, as containerd's devmapper does.
                     Err(PoolError::Busy(_)) => {
-                        warn!(thin_id = id, "committing a snapshot that is still mounted");
+                        warn!(
+                            thin_id = id.get(),
+                            "committing a snapshot that is still mounted"
+                        );
                         pool.deactivate_deferred(id).map_err(pool_err(what))?;
                     }
                     Err(e) => return Err(pool_err(what)(e)),
@@ -93,12 +96,12 @@ impl Engine {
         // 3. Outcome: written; durable with the next flush, or finished by recovery.
         let finished = deactivated.and_then(|()| Ok(self.store.finish_commit(key)?));
         if let Err(e) = finished {
-            warn!(key, name, thin_id = id, error = %e, "commit failed; undoing");
+            warn!(key, name, thin_id = id.get(), error = %e, "commit failed; undoing");
             self.abandon_commit(key, id, size).await;
             return Err(e);
         }
         crate::failpoint!("commit:after-record");
-        info!(key, name, thin_id = id, mapped, "committed snapshot");
+        info!(key, name, thin_id = id.get(), mapped, "committed snapshot");
         // A layer just committed is the likeliest next parent: a spare of it is wanted.
         self.spares.touch(name);
         Ok(())
@@ -115,7 +118,7 @@ impl Engine {
         }
         .await;
         if let Err(e) = dropped {
-            warn!(key, thin_id = id, error = %e, "cannot drop the intent of a failed commit");
+            warn!(key, thin_id = id.get(), error = %e, "cannot drop the intent of a failed commit");
         }
         self.reactivate(id, size).await;
     }

@@ -424,9 +424,11 @@ mod tests {
         t.engine.mounts("v").await.expect("activate v");
         t.pool.delete_thin(q).expect("behind our back");
         assert!(t.engine.mounts("q").await.is_err(), "q is quarantined");
-        t.pool.create_thin(77).expect("unowned, inactive");
-        t.pool.create_thin(78).expect("unowned");
-        t.pool.activate(78, 1 << 20).expect("unowned, active");
+        t.pool.create_thin(77.into()).expect("unowned, inactive");
+        t.pool.create_thin(78.into()).expect("unowned");
+        t.pool
+            .activate(78.into(), 1 << 20)
+            .expect("unowned, active");
         t.pool.add_foreign_device("fake-snap-x", None);
         let calls = t.pool.calls().len();
 
@@ -478,12 +480,12 @@ mod tests {
         let e = find(&inv, t.base_id());
         assert_eq!((e.kind, e.key.as_deref()), (EntryKind::Base, None));
 
-        let e = find(&inv, 77);
+        let e = find(&inv, 77.into());
         assert_eq!(
             (e.kind, e.state, e.device.as_str(), e.in_pool),
             (EntryKind::Unowned, DeviceState::Unowned, "", Some(true))
         );
-        let e = find(&inv, 78);
+        let e = find(&inv, 78.into());
         assert_eq!(
             (e.kind, e.device.as_str()),
             (EntryKind::Unowned, "fake-snap-78")
@@ -532,9 +534,9 @@ mod tests {
         t.engine.refill_until_idle().await;
         t.engine
             .store
-            .add_foreign_ids(&[90].into_iter().collect())
+            .add_foreign_ids(&[ThinId::from(90)].into_iter().collect())
             .expect("adopt");
-        t.pool.create_thin(90).expect("someone else's");
+        t.pool.create_thin(90.into()).expect("someone else's");
         let spare = t.engine.spare_of("").expect("the base's spare");
         let inv = t.engine.inventory().await.expect("inventory");
         let e = find(&inv, spare);
@@ -542,7 +544,7 @@ mod tests {
             (e.kind, e.state, e.parent.as_deref(), e.key.as_deref()),
             (EntryKind::Spare, DeviceState::Active, None, None)
         );
-        let e = find(&inv, 90);
+        let e = find(&inv, 90.into());
         assert_eq!(
             (e.kind, e.state),
             (EntryKind::Foreign, DeviceState::Unowned)
@@ -555,14 +557,16 @@ mod tests {
     #[tokio::test]
     async fn without_thin_ls_it_says_why_and_shows_what_dm_has() {
         let t = setup();
-        t.pool.create_thin(77).expect("unowned, inactive");
-        t.pool.create_thin(78).expect("unowned");
-        t.pool.activate(78, 1 << 20).expect("unowned, active");
+        t.pool.create_thin(77.into()).expect("unowned, inactive");
+        t.pool.create_thin(78.into()).expect("unowned");
+        t.pool
+            .activate(78.into(), 1 << 20)
+            .expect("unowned, active");
         t.pool.fail_next("list_thin_ids");
         let inv = t.engine.inventory().await.expect("inventory");
         assert!(inv.thin_ids_error.is_some(), "{inv:?}");
-        assert!(inv.entries.iter().all(|e| e.thin_id != Some(77)));
-        let e = find(&inv, 78);
+        assert!(inv.entries.iter().all(|e| e.thin_id != Some(77.into())));
+        let e = find(&inv, 78.into());
         assert_eq!((e.kind, e.in_pool), (EntryKind::Unowned, None));
         assert_eq!(find(&inv, t.base_id()).in_pool, None);
     }

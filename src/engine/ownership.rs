@@ -18,6 +18,7 @@
 use tracing::{info, warn};
 
 use super::{pool_err, Adopt, EngineError, Settings};
+use crate::model::ThinId;
 use crate::pool::{PoolError, ThinPool};
 use crate::store::Store;
 
@@ -30,9 +31,9 @@ pub enum Outcome {
     /// an empty pool.
     Recorded,
     /// A new store adopted the pool's thin devices as someone else's (their ids).
-    AdoptedForeign(Vec<u32>),
+    AdoptedForeign(Vec<ThinId>),
     /// A new store's pool was emptied of the thin devices it held (their ids).
-    Reset(Vec<u32>),
+    Reset(Vec<ThinId>),
 }
 
 /// Checks that `store` belongs to `pool` (see the module doc), recording the pool's identity
@@ -94,7 +95,7 @@ pub fn check(
         // thin devices are someone else's and recovery leaves them alone anyway.
         Outcome::Recorded
     } else {
-        let list: Vec<u32> = ids.iter().copied().collect();
+        let list: Vec<ThinId> = ids.iter().copied().collect();
         match settings.adopt {
             None => {
                 return Err(EngineError::FailedPrecondition(format!(
@@ -117,7 +118,7 @@ pub fn check(
             }
             Some(Adopt::Reset) => {
                 for &id in &list {
-                    warn!(pool = %current, thin_id = id, "reset: deleting a thin device the database has no record of");
+                    warn!(pool = %current, thin_id = id.get(), "reset: deleting a thin device the database has no record of");
                     pool.deactivate(id).map_err(pool_err(format!(
                         "reset: remove the device of thin id {id}"
                     )))?;

@@ -21,21 +21,20 @@ impl Engine {
     /// forgets it. Returns whether it is gone; a failure leaves the record for
     /// [`Engine::cleanup`], the reaper and recovery to retry.
     pub(super) async fn reap(&self, id: ThinId) -> bool {
-        let id_text = id.to_string();
-        let _device = self.thin_locks.lock(&[&id_text]).await;
+        let _device = self.thin_locks.lock(&[&id]).await;
         let size = match self.store.device(id) {
             Ok(Some(d)) if d.state == State::Deleting => d.size,
             // Given back by a Remove whose delete failed, or reaped already.
             Ok(_) => return true,
             Err(e) => {
-                warn!(thin_id = id, error = %e, "cannot read the device record");
+                warn!(thin_id = id.get(), error = %e, "cannot read the device record");
                 return false;
             }
         };
         match self.reap_locked(id, size).await {
             Ok(()) => true,
             Err(e) => {
-                warn!(thin_id = id, error = %e, "cannot delete thin device; left for cleanup");
+                warn!(thin_id = id.get(), error = %e, "cannot delete thin device; left for cleanup");
                 false
             }
         }
@@ -78,7 +77,7 @@ impl Engine {
             if rec.state == State::Creating {
                 // Its call is over if nobody holds the key.
                 if let Some(_key) = self.locks.try_lock(&key) {
-                    self.heal(&key).await?;
+                    self.roll_back_half_made(&key).await?;
                 }
             }
         }
@@ -95,7 +94,7 @@ impl Engine {
             .filter(|id| !known.contains(id) && !reaped.contains(id))
         {
             // Every device we activate has a record first; one without is an orphan.
-            warn!(thin_id = id, "active device with no record; deleting");
+            warn!(thin_id = id.get(), "active device with no record; deleting");
             let gone = self
                 .on_pool(move |pool| {
                     pool.remove_device(id, None)
@@ -104,7 +103,7 @@ impl Engine {
                 .await;
             match gone {
                 Ok(()) => orphans += 1,
-                Err(e) => warn!(thin_id = id, error = %e, "cannot delete orphan"),
+                Err(e) => warn!(thin_id = id.get(), error = %e, "cannot delete orphan"),
             }
         }
         // Then the audit of thin ids (reported in status; it deletes nothing): its failure

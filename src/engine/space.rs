@@ -389,9 +389,9 @@ impl Engine {
                 )));
             }
         }
-        // Checked and grown under the exclusive kernel lock: two requests cannot both spend the
+        // Checked and grown under the exclusive pool-growth lock: two requests cannot both spend the
         // same room.
-        let exclusive = self.kernel.clone().write_owned().await;
+        let exclusive = self.grow_lock.clone().write_owned().await;
         let pool = self.pool.clone();
         let (st, room) = tokio::task::spawn_blocking(move || {
             let st = pool.status().map_err(pool_err("read pool status"))?;
@@ -421,18 +421,18 @@ impl Engine {
     }
 
     /// Grows the pool online (loop mode): data and/or metadata to the given sizes. Holds the
-    /// kernel lock exclusively: the pool is suspended while its table is reloaded.
+    /// pool-growth lock exclusively: the pool is suspended while its table is reloaded.
     ///
     /// Returns FailedPrecondition for pools thinsnap did not make, InvalidArgument for a size
     /// smaller than now.
     pub async fn grow(&self, data: Option<u64>, metadata: Option<u64>) -> Result<(), EngineError> {
         // Owned by the blocking closure: a caller gone meanwhile does not let other kernel calls
         // in while the pool is suspended.
-        let exclusive = self.kernel.clone().write_owned().await;
+        let exclusive = self.grow_lock.clone().write_owned().await;
         self.grow_locked(exclusive, data, metadata).await
     }
 
-    /// [`Engine::grow`] under the exclusive kernel lock its caller holds, which goes with the
+    /// [`Engine::grow`] under the exclusive pool-growth lock its caller holds, which goes with the
     /// grow into its blocking closure.
     async fn grow_locked(
         &self,

@@ -258,7 +258,7 @@ impl Engine {
                 };
                 if !given_back {
                     if let Err(e) = self.evict(parent, spare.id).await {
-                        warn!(thin_id = spare.id, error = %e, "cannot delete a spare; left for the next start");
+                        warn!(thin_id = spare.id.get(), error = %e, "cannot delete a spare; left for the next start");
                     }
                 }
                 return Err(e.into());
@@ -266,7 +266,7 @@ impl Engine {
         };
         if let Err(e) = self.flush().await {
             // Not durable: undo as a failed Prepare does (the device is reaped).
-            warn!(key, thin_id = spare.id, error = %e, "cannot flush the take of a spare; undoing");
+            warn!(key, thin_id = spare.id.get(), error = %e, "cannot flush the take of a spare; undoing");
             self.undo_create(key, spare.id).await;
             sp.poke.notify_one();
             return Err(e.into());
@@ -276,7 +276,7 @@ impl Engine {
         sp.poke.notify_one();
         info!(
             key,
-            thin_id = spare.id,
+            thin_id = spare.id.get(),
             kind = kind.as_str(),
             "created snapshot from a warm spare"
         );
@@ -405,7 +405,10 @@ impl Engine {
         if self.store.drop_spare(id, p)? {
             self.flush().await?;
             self.reap(id).await;
-            debug!(thin_id = id, parent, "spares: deleted an unwanted spare");
+            debug!(
+                thin_id = id.get(),
+                parent, "spares: deleted an unwanted spare"
+            );
         }
         Ok(())
     }
@@ -426,8 +429,7 @@ impl Engine {
         crate::failpoint!("spare:after-intent");
         #[cfg(test)]
         self.paused_after_intent(id, origin).await;
-        let id_text = id.to_string();
-        let _device = self.thin_locks.lock(&[&id_text]).await;
+        let _device = self.thin_locks.lock(&[&id]).await;
         // Read again under the lock: a Remove of the parent may have reaped this intent-only
         // spare meanwhile (its thin device did not exist, so the delete "succeeded") and dropped
         // its record, or marked it Deleting (its reap, waiting for this lock, deletes the
@@ -439,8 +441,8 @@ impl Engine {
                     && d.origin == Some(origin) => {}
             other => {
                 info!(
-                    thin_id = id,
-                    origin,
+                    thin_id = id.get(),
+                    origin = origin.get(),
                     parent = ?parent,
                     state = ?other.map(|d| d.state),
                     "spares: the spare's parent was removed before its device was made; not made"
@@ -475,7 +477,12 @@ impl Engine {
                         .inner()
                         .ready
                         .insert(parent.to_string(), Spare { id });
-                    debug!(thin_id = id, origin, parent, "spares: made a spare");
+                    debug!(
+                        thin_id = id.get(),
+                        origin = origin.get(),
+                        parent,
+                        "spares: made a spare"
+                    );
                 }
                 // Otherwise a Remove of the parent marked it Deleting: its reap (waiting for this
                 // thin id's lock) deletes it.
@@ -483,7 +490,7 @@ impl Engine {
             }
             Ok(false) => {
                 warn!(
-                    thin_id = id,
+                    thin_id = id.get(),
                     "spares: thin id taken by a device thinsnap does not own; not a spare"
                 );
                 self.store.forget_spare(id, p)?;

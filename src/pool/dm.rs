@@ -25,6 +25,11 @@ use super::loopback::{self, LoopFiles};
 use super::{lvm, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
 use crate::config::{Config, PoolMode};
 
+mod destroy;
+mod thin_ls;
+
+pub use destroy::destroy;
+
 const META_BLOCK: u64 = 4096;
 
 /// How long a thin delete waits out EBUSY while the kernel finishes removing the thin's dm
@@ -148,7 +153,7 @@ impl DmPool {
         match self.own_device(id) {
             Ok(_) => Ok(true),
             Err(PoolError::ForeignDevice { name, why, .. }) => {
-                warn!(device = %name, thin_id = id, why = %why,
+                warn!(device = %name, thin_id = id.get(), why = %why,
                       "dm device has our name but is not ours: not removing it");
                 Ok(false)
             }
@@ -289,95 +294,6 @@ impl DmPool {
         ioctl::message(&self.dm, name, msg)
     }
 
-    /// The thin ids in the pool's metadata, read by `thin_ls` from a metadata snapshot
-    /// (reserved, read, released). `release_stale`: at start, a snapshot already held is one a
-    /// killed thinsnap left and is released first; while serving (`false`) it is someone else's
-    /// and the answer is [`PoolError::Busy`].
-    ///
-    /// Returns ThinLsMissing without thin_ls, Busy as said, or the failing step's error.
-    fn thin_ls(
-        &self,
-        release_stale: bool,
-    ) -> Result<std::collections::BTreeSet<ThinId>, PoolError> {
-        let table = table_of(&self.dm, &self.name, true)?;
-        let Some((_, _, _, params)) = table.first() else {
-            return Err(PoolError::PoolMissing(self.name.clone()));
-        };
-        let params = ThinPoolTargetParams::from_str(&format!("thin-pool {params}"))
-            .map_err(dm_err("parse table of", &self.name))?;
-        let meta = params.metadata_dev;
-        // The metadata device's node, from sysfs (udev's /dev/block links may not exist).
-        let uevent = format!("/sys/dev/block/{}:{}/uevent", meta.major, meta.minor);
-        let devname = std::fs::read_to_string(&uevent)
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("DEVNAME=").map(|n| format!("/dev/{n}")))
-            })
-            .ok_or_else(|| PoolError::Io {
-                op: "find the metadata device in",
-                path: PathBuf::from(&uevent),
-                source: std::io::Error::other("no DEVNAME"),
-            })?;
-        // thin-provisioning.rst: a live pool's metadata may only be read through a snapshot.
-        // The kernel holds one at most: a thinsnap killed (or a power loss) between reserve
-        // and release left one behind, and every later reserve would fail with EBUSY. Release
-        // the stale one first, rather than refusing every start from now on (start-up reads
-        // the metadata before it serves; the audit while serving never releases one).
-        if self.status()?.metadata_snapshot_held {
-            if !release_stale {
-                // While serving, a held snapshot is someone else's (an admin's thin_ls).
-                return Err(PoolError::Busy(format!(
-                    "the metadata snapshot of pool {}",
-                    self.name
-                )));
-            }
-            warn!(pool = %self.name, "releasing a metadata snapshot left reserved (a start killed during thin_ls)");
-            self.message("release_metadata_snap")
-                .map_err(dm_err("release_metadata_snap", &self.name))?;
-        }
-        self.message("reserve_metadata_snap").map_err(|e| {
-            if !release_stale && errno_of(&e) == Some(Errno::EBUSY) {
-                PoolError::Busy(format!("the metadata snapshot of pool {}", self.name))
-            } else {
-                dm_err("reserve_metadata_snap", &self.name)(e)
-            }
-        })?;
-        crate::failpoint!("recovery:metadata-snap-held");
-        let out = std::process::Command::new("thin_ls")
-            .args(["--no-headers", "-m", "-o", "DEV", &devname])
-            .output();
-        if let Err(e) = self.message("release_metadata_snap") {
-            warn!(pool = %self.name, error = %e, "cannot release the metadata snapshot");
-        }
-        let out = match out {
-            Ok(o) => o,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(PoolError::ThinLsMissing(self.name.clone()))
-            }
-            Err(source) => {
-                return Err(PoolError::Io {
-                    op: "run thin_ls on",
-                    path: PathBuf::from(devname),
-                    source,
-                })
-            }
-        };
-        if !out.status.success() {
-            return Err(PoolError::Io {
-                op: "thin_ls",
-                path: PathBuf::from(devname),
-                source: std::io::Error::other(
-                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                ),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|t| t.parse().ok())
-            .collect())
-    }
-
     /// Whether an EBUSY from deleting thin id `id` is the kernel's own removal of its dm device
     /// still under way, which ends by itself: no dm device of that id exists (it is gone from
     /// the name table, its table is still being torn down, and the pool still counts the thin
@@ -445,7 +361,7 @@ impl ThinPool for DmPool {
             let err = match self.message(&format!("delete {id}")) {
                 Ok(()) => {
                     if attempt > 0 {
-                        info!(pool = %self.name, thin_id = id, busy_answers = attempt,
+                        info!(pool = %self.name, thin_id = id.get(), busy_answers = attempt,
                               "deleted thin device once the kernel had removed its dm device");
                     }
                     return Ok(());
@@ -459,7 +375,7 @@ impl ThinPool for DmPool {
             {
                 return Err(self.message_err("delete", id, err));
             }
-            debug!(pool = %self.name, thin_id = id, attempt,
+            debug!(pool = %self.name, thin_id = id.get(), attempt,
                    "thin device still open in the pool while the kernel removes its dm device; waiting");
             std::thread::sleep(DELETE_BUSY_DELAY);
         }
@@ -757,100 +673,5 @@ pub fn check_device_mapper() -> Result<(), PoolError> {
     open_dm().map(|_| ())
 }
 
-/// `thinsnap pool destroy`: removes every dm device with this pool's prefix; in existing mode
-/// deletes `thin_ids` (the ones the store knows) from the pool, which stays; in loop mode removes
-/// the pool and detaches its loop devices, and with `remove_files` deletes the sparse files.
-///
-/// Returns an error if device-mapper is missing or a device is busy.
-pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Result<(), PoolError> {
-    let dm = open_dm()?;
-    let name = &config.pool.name;
-    let pool_dev = match config.pool.mode {
-        PoolMode::Lvm => {
-            let l = &config.pool.lvm;
-            let [tpool, plain] = lvm::pool_dm_candidates(&l.volume_group, &l.thin_pool);
-            if device_exists(&dm, &tpool)? {
-                tpool
-            } else {
-                plain
-            }
-        }
-        _ => name.clone(),
-    };
-    // Only thin devices of this pool go: their table must be `thin <pool's major:minor> <id>`
-    // (a thin device holds its pool open, so without the pool there is none of ours), and a
-    // loop pool must be the one on this root's files.
-    if let Some(info) = device_info(&dm, &pool_dev)? {
-        if config.pool.mode == PoolMode::Loop {
-            let params = pool_params(&dm, &pool_dev)?;
-            loopback::check_pool_devices(config, &pool_dev, params.metadata_dev, params.data_dev)?;
-        }
-        let prefix = format!("{name}-snap-");
-        let uuid_prefix = thin_uuid_prefix(&pool_dev);
-        for n in ioctl::list_names(&dm)? {
-            let Some(id) = n
-                .strip_prefix(&prefix)
-                .and_then(|id| id.parse::<ThinId>().ok())
-            else {
-                continue;
-            };
-            let Some(dev) = device_info(&dm, &n)? else {
-                continue;
-            };
-            let uuid_ok = ioctl::uuid_of(&dev).is_none_or(|u| u == format!("{uuid_prefix}{id}"));
-            let want = format!("{} {id}", info.device());
-            let table_ok = matches!(table_of(&dm, &n, true)?.as_slice(),
-                [(_, _, t, p)] if t == "thin" && p.trim() == want);
-            if uuid_ok && table_ok {
-                remove_device(&dm, &n)?;
-                info!(device = %n, "removed dm device");
-            } else {
-                warn!(device = %n, "dm device with our name prefix is not a thin device of this pool; left alone");
-            }
-        }
-    }
-    let exists = device_exists(&dm, &pool_dev)?;
-    match config.pool.mode {
-        PoolMode::Existing | PoolMode::Lvm => {
-            if exists {
-                let n = dm_name(&pool_dev)?;
-                for id in thin_ids {
-                    match ioctl::message(&dm, &n, &format!("delete {id}")) {
-                        Ok(()) => info!(pool = %name, thin_id = id, "deleted thin device"),
-                        Err(e) if matches!(errno_of(&e), Some(Errno::ENODATA)) => {}
-                        Err(e) => {
-                            return Err(dm_err("delete thin id", format!("{id} in {name}"))(e))
-                        }
-                    }
-                }
-            }
-            if config.pool.mode == PoolMode::Lvm && remove_files {
-                lvm::teardown(config)?;
-            }
-        }
-        PoolMode::Loop => {
-            if exists {
-                remove_device(&dm, name)?;
-                info!(pool = %name, "removed thin pool");
-            }
-            loopback::release(&config.pool_dir(), remove_files)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::thin_uuid_prefix;
-
-    #[test]
-    fn thin_uuids_name_the_pool_and_fit_a_dm_uuid() {
-        assert_eq!(thin_uuid_prefix("tp"), "thinsnap-tp-snap-");
-        // LVM's pool device keeps its thin devices' uuids when it gains the -tpool layer.
-        assert_eq!(thin_uuid_prefix("vg-p-tpool"), thin_uuid_prefix("vg-p"));
-        let long = "x".repeat(127);
-        let p = thin_uuid_prefix(&long);
-        assert!(p.len() + "16777215".len() < 128, "{p}");
-        assert_ne!(p, thin_uuid_prefix(&format!("{}y", "x".repeat(126))));
-    }
-}
+mod tests;

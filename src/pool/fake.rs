@@ -531,13 +531,13 @@ mod tests {
     /// [`ready`] makes (thin 1 active, thin 2 not).
     fn call(pool: &FakePool, op: &str) -> Result<(), PoolError> {
         match op {
-            "create_thin" => pool.create_thin(10),
-            "create_snap" => pool.create_snap(11, 1),
-            "delete_thin" => pool.delete_thin(2),
-            "activate" => pool.activate(2, 1 << 20).map(drop),
-            "deactivate" => pool.deactivate(1),
-            "deactivate_deferred" => pool.deactivate_deferred(1),
-            "mapped_bytes" => pool.mapped_bytes(1).map(drop),
+            "create_thin" => pool.create_thin(ThinId::from(10)),
+            "create_snap" => pool.create_snap(ThinId::from(11), ThinId::from(1)),
+            "delete_thin" => pool.delete_thin(ThinId::from(2)),
+            "activate" => pool.activate(ThinId::from(2), 1 << 20).map(drop),
+            "deactivate" => pool.deactivate(ThinId::from(1)),
+            "deactivate_deferred" => pool.deactivate_deferred(ThinId::from(1)),
+            "mapped_bytes" => pool.mapped_bytes(ThinId::from(1)).map(drop),
             "active_ids" => pool.active_ids().map(drop),
             "prefixed_devices" => pool.prefixed_devices().map(drop),
             "status" => pool.status().map(drop),
@@ -545,7 +545,7 @@ mod tests {
                 let now = pool.lock().transaction_id;
                 pool.set_transaction_id(now, now + 1)
             }
-            "discard" => pool.discard(1, 1 << 20),
+            "discard" => pool.discard(ThinId::from(1), 1 << 20),
             "list_thin_ids" => pool.list_thin_ids().map(drop),
             "grow" => pool.grow(Some(2 << 40), None),
             "host_room" => pool.host_room().map(drop),
@@ -555,9 +555,9 @@ mod tests {
 
     fn ready() -> FakePool {
         let pool = FakePool::new();
-        pool.create_thin(1).expect("thin 1");
-        pool.create_thin(2).expect("thin 2");
-        pool.activate(1, 1 << 20).expect("activate 1");
+        pool.create_thin(ThinId::from(1)).expect("thin 1");
+        pool.create_thin(ThinId::from(2)).expect("thin 2");
+        pool.activate(ThinId::from(1), 1 << 20).expect("activate 1");
         pool
     }
 
@@ -620,14 +620,17 @@ mod tests {
         let mut pause = pool.pause_nth("activate", 1);
         let held = {
             let pool = pool.clone();
-            std::thread::spawn(move || pool.activate(2, 1 << 20))
+            std::thread::spawn(move || pool.activate(ThinId::from(2), 1 << 20))
         };
         pause.reached().await;
-        assert!(!pool.active().contains(&2), "the held call did something");
-        pool.deactivate(1).expect("other calls go on");
+        assert!(
+            !pool.active().contains(&ThinId::from(2)),
+            "the held call did something"
+        );
+        pool.deactivate(ThinId::from(1)).expect("other calls go on");
         pause.release();
         held.join().expect("thread").expect("activate");
-        assert!(pool.active().contains(&2));
+        assert!(pool.active().contains(&ThinId::from(2)));
     }
 
     #[test]

@@ -198,7 +198,7 @@ mod tests {
 
     use super::NumberedPool;
     use crate::pool::fake::FakePool;
-    use crate::pool::{PoolError, ThinPool};
+    use crate::pool::{PoolError, ThinId, ThinPool};
 
     fn numbered(owned: bool) -> (Arc<FakePool>, NumberedPool) {
         let fake = Arc::new(FakePool::new());
@@ -210,14 +210,17 @@ mod tests {
     fn each_change_of_an_owned_pool_is_numbered() {
         let (fake, pool) = numbered(true);
         assert_eq!(pool.current(), Some(0));
-        pool.create_thin(1).expect("create");
-        pool.create_snap(2, 1).expect("snap");
+        pool.create_thin(ThinId::from(1)).expect("create");
+        pool.create_snap(ThinId::from(2), ThinId::from(1))
+            .expect("snap");
         assert_eq!(pool.current(), Some(2));
-        pool.delete_thin(2).expect("delete");
+        pool.delete_thin(ThinId::from(2)).expect("delete");
         assert_eq!(pool.current(), Some(3));
         assert_eq!(fake.status().expect("status").transaction_id, 3);
         // A failed change is not numbered.
-        assert!(matches!(pool.create_thin(1), Err(PoolError::ThinExists(1))));
+        assert!(
+            matches!(pool.create_thin(ThinId::from(1)), Err(PoolError::ThinExists(id)) if id == 1)
+        );
         assert_eq!(fake.status().expect("status").transaction_id, 3);
     }
 
@@ -234,7 +237,7 @@ mod tests {
     #[test]
     fn a_pool_not_owned_is_never_numbered() {
         let (fake, pool) = numbered(false);
-        pool.create_thin(1).expect("create");
+        pool.create_thin(ThinId::from(1)).expect("create");
         assert_eq!(pool.current(), None);
         assert_eq!(fake.status().expect("status").transaction_id, 0);
         assert!(!fake
@@ -247,22 +250,23 @@ mod tests {
     fn a_failed_bump_fails_the_change_and_resyncs() {
         let (fake, pool) = numbered(true);
         fake.set_transaction_id(0, 7).expect("someone else");
-        assert!(pool.create_thin(1).is_err());
+        assert!(pool.create_thin(ThinId::from(1)).is_err());
         assert_eq!(pool.current(), Some(7));
-        pool.create_thin(2).expect("create");
+        pool.create_thin(ThinId::from(2)).expect("create");
         assert_eq!(fake.status().expect("status").transaction_id, 8);
     }
 
     #[test]
     fn remove_device_deactivates_then_deletes_and_tolerates_a_missing_id() {
         let (fake, pool) = numbered(true);
-        pool.create_thin(1).expect("create");
-        pool.activate(1, 1 << 20).expect("activate");
-        pool.remove_device(1, None).expect("remove");
+        pool.create_thin(ThinId::from(1)).expect("create");
+        pool.activate(ThinId::from(1), 1 << 20).expect("activate");
+        pool.remove_device(ThinId::from(1), None).expect("remove");
         assert!(fake.active_ids().expect("active").is_empty());
         assert_eq!(pool.current(), Some(2));
         // Already gone: still success, and not numbered (nothing changed).
-        pool.remove_device(1, None).expect("remove again");
+        pool.remove_device(ThinId::from(1), None)
+            .expect("remove again");
         assert_eq!(pool.current(), Some(2));
         let calls = fake.calls();
         let deact = calls.iter().position(|c| c.starts_with("deactivate"));

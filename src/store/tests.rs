@@ -306,7 +306,8 @@ fn foreign_ids_are_never_allocated() {
         store.pool_identity().expect("read").as_deref(),
         Some("loop pool p")
     );
-    let foreign: std::collections::BTreeSet<ThinId> = [0, 1, 3].into_iter().collect();
+    let foreign: std::collections::BTreeSet<ThinId> =
+        [0, 1, 3].into_iter().map(ThinId::from).collect();
     store.add_foreign_ids(&foreign).expect("adopt");
     assert_eq!(store.foreign_ids().expect("read"), foreign);
     assert_eq!(store.begin_device("a", 1).expect("alloc"), 4);

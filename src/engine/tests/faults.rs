@@ -36,7 +36,7 @@ async fn a_cancelled_mounts_keeps_the_device_lock_until_its_activation_ends() {
     mounts.abort();
     assert!(mounts.await.expect_err("cancelled").is_cancelled());
     assert!(
-        t.engine.thin_locks.try_lock(&a.to_string()).is_none(),
+        t.engine.thin_locks.try_lock(&a).is_none(),
         "the thin id's lock was released while its activation still runs"
     );
     // A Remove of the key now waits for the activation, then takes the device down.
@@ -74,7 +74,7 @@ async fn a_cancelled_activation_records_its_outcome() {
     assert!(mounts.await.expect_err("cancelled").is_cancelled());
     held.release();
     // The lock is free once the activation (and its bookkeeping) has ended.
-    drop(t.engine.thin_locks.lock(&[&a.to_string()]).await);
+    drop(t.engine.thin_locks.lock(&[&a]).await);
     assert!(t.pool.active().contains(&a));
     assert!(!t.engine.lazy.is_pending(a), "a live device still pending");
     assert_eq!(t.engine.lazy_activations(), 1);
@@ -94,7 +94,7 @@ async fn a_cancelled_activation_records_its_outcome() {
     mounts.abort();
     assert!(mounts.await.expect_err("cancelled").is_cancelled());
     held.release();
-    drop(t.engine.thin_locks.lock(&[&a.to_string()]).await);
+    drop(t.engine.thin_locks.lock(&[&a]).await);
     assert!(
         t.engine.lazy.is_pending(a),
         "a failed activation marked done"

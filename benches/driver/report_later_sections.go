@@ -1,8 +1,8 @@
 package main
 
-// The report's figures for issue 13: (g) container start, (h) Prepare and View on a parent with
-// spares off and on, the start after a reboot with lazy activation, RssAnon/RssFile, and the
-// side-by-side table of both storages.
+// The report's later sections (report.go has (a) to (f)), added for issue 13: (g) container
+// start, (h) Prepare and View on a parent with spares off and on, (d') the start after a reboot
+// with lazy activation, (e') RssAnon/RssFile, and the side-by-side table of both storages.
 
 import "fmt"
 

@@ -148,7 +148,7 @@ async fn a_foreign_device_under_our_name_fails_the_call_as_a_precondition() {
         1,
         crate::pool::PoolError::ForeignDevice {
             name: "fake-snap-1".into(),
-            id: 1,
+            id: ThinId::from(1),
             pool: "fake".into(),
             why: "its table is \"zero\"".into(),
         },
