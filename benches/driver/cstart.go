@@ -14,11 +14,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/mount"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/devmapper"
+	"github.com/containerd/containerd/snapshots/overlay"
 	"github.com/sirupsen/logrus"
 )
 
@@ -79,7 +81,9 @@ func scrapeMetric(url, name string) (float64, bool) {
 }
 
 var (
-	csTarget     = flag.String("target", "thinsnap", "cstart: thinsnap or devmapper")
+	csTarget     = flag.String("target", "thinsnap", "cstart: thinsnap, devmapper or overlayfs (containerd's overlay snapshotter in process, on -root)")
+	csBurst      = flag.Int("burst", 10, "cstart: Prepares started at once on the image's top layer in one burst (0: no burst)")
+	csBursts     = flag.Int("bursts", 3, "cstart: bursts timed (what they made is removed, untimed, between them)")
 	csContainers = flag.Int("containers", 50, "cstart: containers started")
 	csLayers     = flag.Int("layers", 5, "cstart: committed layers of the image")
 	csSpares     = flag.Int("spares", 0, "cstart: thinsnap's [spares] count in -config (0: off); >0 makes the driver wait for a spare before each timed call and fail if none is taken")
@@ -254,6 +258,49 @@ func parentLatency(ctx context.Context, sn snapshots.Snapshotter, tag, parent st
 	return res
 }
 
+// bursts times `rounds` bursts of n Prepares started at once (one goroutine each, released
+// together) on `parent`: every call's own latency (p50/p99 over all bursts) and each burst's wall
+// time (the first call's start to the last call's end). With spares on, each burst starts once
+// the wanted spares are ready (untimed), as after a quiet spell on a node; what a burst made is
+// removed, untimed, before the next.
+func bursts(ctx context.Context, sn snapshots.Snapshotter, tag, parent string, n, rounds int, sw *spareWatch) map[string]interface{} {
+	var lat, wall []time.Duration
+	for r := 0; r < rounds; r++ {
+		sw.wait()
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		keys := make([]string, n)
+		errs := make([]error, n)
+		for i := 0; i < n; i++ {
+			keys[i] = fmt.Sprintf("%s-burst-%d-%d", tag, r, i)
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				<-start
+				t := time.Now()
+				_, errs[i] = sn.Prepare(ctx, keys[i], parent)
+				d := time.Since(t)
+				mu.Lock()
+				lat = append(lat, d)
+				mu.Unlock()
+			}(i)
+		}
+		t0 := time.Now()
+		close(start)
+		wg.Wait()
+		wall = append(wall, time.Since(t0))
+		for i, err := range errs {
+			must(err, "burst prepare %s", keys[i])
+		}
+		for _, k := range keys {
+			must(sn.Remove(ctx, k), "remove %s", k)
+		}
+		logf("burst %d/%d of %d Prepares: %s", r+1, rounds, n, wall[len(wall)-1])
+	}
+	return map[string]interface{}{"n": n, "rounds": rounds, "prepare": summarize(lat), "wall": summarize(wall)}
+}
+
 func runCstart() {
 	ctx := context.Background()
 	res := map[string]interface{}{"snapshotter": *csTarget, "layers": *csLayers, "containers": *csContainers, "spares": *csSpares}
@@ -264,6 +311,10 @@ func runCstart() {
 		logrus.SetLevel(logrus.WarnLevel)
 		s, err := devmapper.NewSnapshotter(ctx, &devmapper.Config{RootPath: *root, PoolName: *pool, BaseImageSize: *baseSize})
 		must(err, "devmapper.NewSnapshotter")
+		sn = s
+	case "overlayfs":
+		s, err := overlay.NewSnapshotter(*root)
+		must(err, "overlay.NewSnapshotter")
 		sn = s
 	case "thinsnap":
 		d = &daemon{bin: *bin, config: *config, sock: *sock, logPath: *logPath}
@@ -295,6 +346,15 @@ func runCstart() {
 		res["container_start_spares"] = sw.counts()
 	}
 	writeJSON(*out+".partial", res)
+	if *csBurst > 0 && *csBursts > 0 {
+		logf("cstart: %d bursts of %d Prepares at once on %s", *csBursts, *csBurst, top)
+		sw3 := newSpareWatch(url, on)
+		res["burst"] = bursts(ctx, sn, tag+"-b", top, *csBurst, *csBursts, sw3)
+		if sw3.url != "" {
+			res["burst_spares"] = sw3.counts()
+		}
+		writeJSON(*out+".partial", res)
+	}
 	if *csTarget == "thinsnap" {
 		// (b)'s Prepare and View on a parent, here the image's top layer, with this run's spares.
 		logf("cstart: %d Prepares and %d Views on %s", *ops, *ops, top)
