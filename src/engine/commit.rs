@@ -26,7 +26,7 @@ impl Engine {
         check_key("name", name)?;
         check_key("key", key)?;
         check_labels(&labels)?;
-        let _busy = self.spares.busy();
+        let _busy = self.spares.call_in_flight();
         let _guard = self.locks.lock(&[key, name]).await;
         crate::failpoint!("commit:start");
         let rec = self.ready(key)?;

@@ -231,7 +231,7 @@ impl Engine {
         // A raised fs.base_size reaches new images through their first layer, as the size label
         // does (which wins when given).
         let size = size_label(key, &labels)?.or_else(|| self.grown_base_size(parent));
-        let _busy = self.spares.busy();
+        let _busy = self.spares.call_in_flight();
         let _guard = self.locks.lock(&[key]).await;
         crate::failpoint!("prepare:start");
         // A half-made snapshot of this key that its own call could not undo (a store write that
@@ -455,7 +455,7 @@ impl Engine {
     /// snapshot is still there.
     pub async fn remove(&self, key: &str) -> Result<(), EngineError> {
         check_key("key", key)?;
-        let _busy = self.spares.busy();
+        let _busy = self.spares.call_in_flight();
         // The key and its parent: the parent must not go while this snapshot may still be given
         // back (a failed delete). Locked together, in order; a key removed and made again with
         // another parent meanwhile is read again.
