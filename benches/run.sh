@@ -19,7 +19,8 @@
 # (d): BENCH_FILL_CLIENTS [16], BENCH_FIRST_MOUNTS [20]; BENCH_RESULTS (the
 # results dir, default benches/.results/run-<date>); BENCH_REPORT (default benches/RESULTS.md);
 # BENCH_BURST [10] Prepares at once on the image's top layer, BENCH_BURSTS [3] bursts;
-# BENCH_PROFILE [release] or debug (a debug daemon, no floor phase);
+# BENCH_PROFILE [release] or debug (a debug daemon, no floor phase); BENCH_PHASE_SPARES [0]: the
+# thinsnap and startup phases with spares off, or `default` (thinsnap's default count);
 # BENCH_SKIP_BUILD=1 reuses target/release as it is (the Go driver is always rebuilt: seconds);
 # VM_TIMEOUT [3600] and the rest of integration/vm.sh's variables.
 set -euo pipefail
