@@ -7,6 +7,8 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
+	"os/exec"
 	"flag"
 	"fmt"
 	"net/http"
@@ -92,6 +94,24 @@ var (
 	firstMounts  = flag.Int("first-mounts", 20, "(d) inactive snapshots whose first Mounts is timed after the reboot")
 )
 
+// spareCount reads warm spares' figure `name` (ready, taken or missed) live from `thinsnap
+// status --json` (the admin socket): /metrics refreshes its values at most every 5 s
+// (metrics::REFRESH_EVERY), which made the waits go early and the counts lag the calls.
+func spareCount(url, name string) (float64, bool) {
+	if *bin == "" || *config == "" {
+		return scrapeMetric(url, map[string]string{"ready": "thinsnap_spares_ready",
+			"taken": "thinsnap_spares_taken_total", "missed": "thinsnap_spares_missed_total"}[name])
+	}
+	outb, err := exec.Command(*bin, "status", "--config", *config, "--json").Output()
+	must(err, "thinsnap status --json")
+	var st struct {
+		Spares map[string]interface{} `json:"spares"`
+	}
+	must(json.Unmarshal(outb, &st), "parse thinsnap status --json")
+	v, ok := st.Spares[name].(float64)
+	return v, ok
+}
+
 // spareWatch waits for spares and counts what thinsnap says it took and missed.
 type spareWatch struct {
 	url                   string
@@ -109,11 +129,11 @@ func newSpareWatch(url string, on bool) *spareWatch {
 		return w
 	}
 	var ok bool
-	w.taken0, ok = scrapeMetric(url, "thinsnap_spares_taken_total")
+	w.taken0, ok = spareCount(url, "taken")
 	if !ok && on {
 		must(fmt.Errorf("thinsnap serves no thinsnap_spares_taken_total: this binary has no spares"), "spares on")
 	}
-	w.missed0, _ = scrapeMetric(url, "thinsnap_spares_missed_total")
+	w.missed0, _ = spareCount(url, "missed")
 	return w
 }
 
@@ -138,7 +158,7 @@ func (w *spareWatch) wait() {
 	t := time.Now()
 	w.waits++
 	for {
-		v, ok := scrapeMetric(w.url, "thinsnap_spares_ready")
+		v, ok := spareCount(w.url, "ready")
 		if !ok {
 			must(fmt.Errorf("thinsnap serves no thinsnap_spares_ready: this binary has no spares"), "spares on")
 		}
@@ -159,8 +179,8 @@ func (w *spareWatch) counts() map[string]interface{} {
 	if w.url == "" {
 		return nil
 	}
-	taken, _ := scrapeMetric(w.url, "thinsnap_spares_taken_total")
-	missed, _ := scrapeMetric(w.url, "thinsnap_spares_missed_total")
+	taken, _ := spareCount(w.url, "taken")
+	missed, _ := spareCount(w.url, "missed")
 	m := map[string]interface{}{"taken": taken - w.taken0, "missed": missed - w.missed0}
 	if w.on {
 		m["waits"], m["wait_timeouts"], m["wait_total_s"] = w.waits, w.timeouts, w.waitTotal.Seconds()
