@@ -9,7 +9,7 @@ guest_prelude
 
 R=$VM_RESULTS
 DRIVER=${BENCH_DRIVER:?}
-FLOOR=${BENCH_FLOOR:?}
+FLOOR=${BENCH_FLOOR:-}
 # The daemon runs from the guest's tmpfs, not from the host's tree over 9p: on a node the binary
 # sits on a local disk, while here every exec would page the 70 MB binary in over 9p under
 # emulation (seconds per start, which the start-up phase (d) would otherwise measure).
@@ -21,7 +21,10 @@ BLOCK_KIB=${BENCH_BLOCK_KIB:-64}
 BASE_MIB=${BENCH_BASE_MIB:-128}
 PHASES=${BENCH_PHASES:-devmapper thinsnap startup floor cstart}
 STORAGES=${BENCH_STORAGE:-tmpfs disk}
-SPARES=${BENCH_SPARES:-4}
+SPARES=${BENCH_SPARES:-8}
+# thinsnap's default `[spares] count` (src/config/mod.rs DEFAULT_SPARES): a spares-on run at this
+# count writes no [spares] key, so it runs the default configuration.
+DEFAULT_SPARES=8
 CONTAINERS=${BENCH_CONTAINERS:-50}
 # Where the pool files and every store go for the storage being run (set by use_storage), and
 # the suffix of its result files and pool names ("" for tmpfs, so the tmpfs files keep their names).
@@ -158,6 +161,9 @@ run_devmapper() {
 run_thinsnap() {
   local p=bts$SFX d=$BASE/bts
   tsconfig $p "$d" 127.0.0.1:9464
+  # (a)-(c) and (d) as in the runs recorded before spares were on by default (issue 25): off.
+  # BENCH_PHASE_SPARES=default runs them with thinsnap's default count.
+  [[ ${BENCH_PHASE_SPARES:-0} == default ]] || printf '[spares]\ncount = 0\n' >>"$d/config.toml"
   "$DRIVER" -mode thinsnap -bin "$THINSNAP" -config "$d/config.toml" -sock "$d/thinsnap.sock" \
     -pool $p -log "$d/daemon.log" -metrics http://127.0.0.1:9464/metrics "${common[@]}" -out "$R/thinsnap$SFX.json"
   local rc=$?
@@ -172,6 +178,7 @@ run_thinsnap() {
 run_startup() {
   local p=bst$SFX d=$BASE/bst
   tsconfig $p "$d"
+  [[ ${BENCH_PHASE_SPARES:-0} == default ]] || printf '[spares]\ncount = 0\n' >>"$d/config.toml"
   "$DRIVER" -mode startup -bin "$THINSNAP" -config "$d/config.toml" \
     -sock "$d/thinsnap.sock" -pool $p -log "$d/daemon.log" \
     -fill-clients "${BENCH_FILL_CLIENTS:-16}" -first-mounts "${BENCH_FIRST_MOUNTS:-20}" \
@@ -187,6 +194,7 @@ run_startup() {
 
 run_floor() {
   local p=bfl$SFX d=$BASE/bfl
+  [[ -x $FLOOR ]] || { echo "floor: no BENCH_FLOOR executable (BENCH_PROFILE=debug builds none)" >&2; return 1; }
   mkpool $p "$d" || return 1
   "$FLOOR" --pool $p --ops "${BENCH_OPS:-500}" --chain "${BENCH_CHAIN:-16}" \
     --base-size $((BASE_MIB << 20)) --out "$R/floor$SFX.json"
@@ -195,14 +203,21 @@ run_floor() {
   return $rc
 }
 
-# The container-start path (g): thinsnap with spares off, with spares on (BENCH_SPARES > 0), and
-# containerd's devmapper, each on a fresh pool of this storage.
-cs_common=(-mode cstart -containers "$CONTAINERS" -layers "${BENCH_LAYERS:-5}" -ops "${BENCH_OPS:-500}")
+# The container-start path (g) and the burst: thinsnap with spares off, with spares on
+# (BENCH_SPARES > 0; at thinsnap's default count, the default configuration), containerd's
+# devmapper and containerd's overlayfs (both in process), each on a fresh pool (overlayfs: a fresh
+# directory) of this storage.
+cs_common=(-mode cstart -containers "$CONTAINERS" -layers "${BENCH_LAYERS:-5}" -ops "${BENCH_OPS:-500}"
+  -burst "${BENCH_BURST:-10}" -bursts "${BENCH_BURSTS:-3}")
 run_cstart_ts() {
   local p=bcs$SFX d=$BASE/bcs spares=${1:-0} name=cstart-ts
   ((spares > 0)) && name=cstart-ts-spares
   tsconfig $p "$d" 127.0.0.1:9464
-  ((spares > 0)) && printf '[spares]\ncount = %d\n' "$spares" >>"$d/config.toml"
+  if ((spares == 0)); then
+    printf '[spares]\ncount = 0\n' >>"$d/config.toml"
+  elif ((spares != DEFAULT_SPARES)); then
+    printf '[spares]\ncount = %d\n' "$spares" >>"$d/config.toml"
+  fi
   "$DRIVER" "${cs_common[@]}" -target thinsnap -spares "$spares" -bin "$THINSNAP" -config "$d/config.toml" \
     -sock "$d/thinsnap.sock" -pool $p -log "$d/daemon.log" -metrics http://127.0.0.1:9464/metrics \
     -out "$R/$name$SFX.json"
@@ -210,6 +225,14 @@ run_cstart_ts() {
   cp "$d/daemon.log" "$R/$name$SFX-daemon.log"
   dmsetup status $p
   "$THINSNAP" pool destroy --config "$d/config.toml" --remove-files || rc=1
+  rm -rf "$d"
+  return $rc
+}
+run_cstart_ov() {
+  local d=$BASE/bco
+  mkdir -p "$d/root"
+  "$DRIVER" "${cs_common[@]}" -target overlayfs -root "$d/root" -out "$R/cstart-ov$SFX.json"
+  local rc=$?
   rm -rf "$d"
   return $rc
 }
@@ -246,6 +269,7 @@ for s in $STORAGES; do
           echo "cstart-ts-spares$SFX skipped 0" >>"$R/phases.txt"
         fi
         phase "cstart-dm$SFX" run_cstart_dm
+        phase "cstart-ov$SFX" run_cstart_ov
         ;;
       *) echo "unknown phase $p" >&2; status=1 ;;
     esac

@@ -14,9 +14,13 @@
 # BENCH_STORAGE ["tmpfs disk"] where pool files and stores live (every phase runs once per storage;
 # disk = ext4 on a sparse image attached to the VM: BENCH_DISK_IMG [benches/.results/disk.img],
 # made afresh, BENCH_DISK_GIB [16]); (g) container start: BENCH_CONTAINERS [50], BENCH_LAYERS [5],
-# BENCH_SPARES [4] thinsnap's [spares] count for the spares-on variant (0: not run);
+# BENCH_SPARES [8] thinsnap's [spares] count for the spares-on variant (0: not run; 8, the
+# default count, writes no [spares] key: the default configuration);
 # (d): BENCH_FILL_CLIENTS [16], BENCH_FIRST_MOUNTS [20]; BENCH_RESULTS (the
 # results dir, default benches/.results/run-<date>); BENCH_REPORT (default benches/RESULTS.md);
+# BENCH_BURST [10] Prepares at once on the image's top layer, BENCH_BURSTS [3] bursts;
+# BENCH_PROFILE [release] or debug (a debug daemon, no floor phase); BENCH_PHASE_SPARES [0]: the
+# thinsnap and startup phases with spares off, or `default` (thinsnap's default count);
 # BENCH_SKIP_BUILD=1 reuses target/release as it is (the Go driver is always rebuilt: seconds);
 # VM_TIMEOUT [3600] and the rest of integration/vm.sh's variables.
 set -euo pipefail
@@ -39,7 +43,14 @@ echo "run.sh: building (release)"
 # One build, release profile, for the daemon and the floor bench (`cargo bench --no-run` would
 # build both again under the bench profile).
 target=${CARGO_TARGET_DIR:-$REPO/target}
-if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
+profile=release
+if [[ ${BENCH_PROFILE:-release} == debug ]]; then
+  # A debug daemon and no floor bench: only for runs without the floor phase, when a release
+  # build does not fit in the time (the report's figures are then the debug build's).
+  profile=debug
+  [[ ${BENCH_SKIP_BUILD:-0} == 1 ]] || cargo build --bin thinsnap
+  floor=/bin/false
+elif [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
   floor=$(ls -t "$target"/release/deps/dm_floor-* 2>/dev/null | grep -v '\.d$' | head -n1)
 else
   cargo build --release --bin thinsnap --bench dm_floor
@@ -59,7 +70,7 @@ mkdir -p "$build/gopath"
 results=${BENCH_RESULTS:-$REPO/benches/.results/run-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$results"
 results=$(cd "$results" && pwd -P)
-export BENCH_DRIVER=$build/driver BENCH_FLOOR=$floor THINSNAP_BIN=$target/release/thinsnap
+export BENCH_DRIVER=$build/driver BENCH_FLOOR=$floor THINSNAP_BIN=$target/$profile/thinsnap
 pass="BENCH_DRIVER BENCH_FLOOR"
 for v in $(compgen -e | grep -E '^BENCH_' | grep -vE '^(BENCH_DRIVER|BENCH_FLOOR|BENCH_RESULTS|BENCH_REPORT)$'); do
   pass="$pass $v"

@@ -188,12 +188,15 @@ pub fn render(st: &StatusResponse, json: bool) -> String {
     if st.spares_target == 0 {
         w!("Warm Spares:               off");
     } else {
+        // What the ready ones cost (README.md, "Warm spares"): an active dm device each and a
+        // device record in the pool's metadata; a snapshot shares all its origin's blocks.
         w!(
-            "Warm Spares:               {} ready / {} (taken {}, missed {})",
+            "Warm Spares:               {} ready / {} (taken {}, missed {}; cost: {} active dm device(s), no pool data until taken)",
             st.spares_ready,
             st.spares_target,
             st.spares_taken,
-            st.spares_missed
+            st.spares_missed,
+            st.spares_ready
         );
     }
     w!("Thin Id Audit:             {}", audit_line(st));
@@ -379,7 +382,7 @@ mod tests {
         st.spare_thin_ids = vec![7, 9];
         let text = render(&st, false);
         assert!(
-            text.contains("Warm Spares:               1 ready / 2 (taken 5, missed 3)"),
+            text.contains("Warm Spares:               1 ready / 2 (taken 5, missed 3; cost: 1 active dm device(s), no pool data until taken)"),
             "{text}"
         );
         let v: serde_json::Value = serde_json::from_str(&render(&st, true)).expect("json");

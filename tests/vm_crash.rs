@@ -27,11 +27,16 @@ use tonic::Code;
 
 /// A daemon (not started) on a 1GiB loop pool with a 1% floor; `name` may be a failpoint's name.
 fn daemon(name: &str) -> Daemon {
+    daemon_with(name, "")
+}
+
+/// [`daemon`] with `more` appended to its config (`"[spares]"`: warm spares at the default count).
+fn daemon_with(name: &str, more: &str) -> Daemon {
     let d = Daemon::prepare_dir("crash", "tscr", &name.replace(':', "-"));
-    d.write_config(
+    d.write_config(&format!(
         "data_size = \"1GiB\"\nmetadata_size = \"16MiB\"\nmin_free_space = \"1%\"\n\
-         [fs]\nbase_size = \"64MiB\"",
-    );
+         [fs]\nbase_size = \"64MiB\"\n{more}"
+    ));
     d
 }
 
@@ -443,12 +448,30 @@ async fn vm_sigkill_at_spare_failpoints_converges() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_random_sigkill_under_concurrent_load() {
+    random_sigkill_under_concurrent_load(daemon("random")).await;
+}
+
+/// The same with warm spares on at the default count (an empty `[spares]` table): the refiller
+/// makes and deletes spares between the calls, so the kills also land in its steps.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_random_sigkill_under_concurrent_load_with_default_spares() {
+    let d = daemon_with("random-spares", "[spares]");
+    let text = std::fs::read_to_string(&d.config).expect("config");
+    assert!(!text.contains("count"), "the default count: {text}");
+    random_sigkill_under_concurrent_load(d).await;
+}
+
+/// Rounds of a concurrent Prepare/Commit/Remove load, each ended by a SIGKILL after a random
+/// number of answered calls; after each restart nothing leaked, every commit that was answered
+/// is still listed, and every listed active snapshot has its device.
+async fn random_sigkill_under_concurrent_load(mut d: Daemon) {
     let rounds: u64 = std::env::var("CRASH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let mut d = daemon("random");
     d.start();
+    let mut acknowledged: Vec<String> = Vec::new();
     let mut seed: u64 = 0x5eed ^ std::process::id() as u64;
     let mut rand = move |n: u64| {
         seed ^= seed << 13;
@@ -474,18 +497,18 @@ async fn vm_random_sigkill_under_concurrent_load() {
                     let key = format!("r{round}-c{client}-{i}");
                     let parent = committed.last().cloned().unwrap_or_default();
                     if let Err(e) = prepare(&mut c, &key, &parent).await {
-                        return (ok, e);
+                        return (ok, e, committed);
                     }
                     ok += 1;
                     answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if i % 3 == 2 {
                         if let Err(e) = remove(&mut c, &key).await {
-                            return (ok, e);
+                            return (ok, e, committed);
                         }
                     } else {
                         let name = format!("{key}-c");
                         if let Err(e) = commit(&mut c, &name, &key).await {
-                            return (ok, e);
+                            return (ok, e, committed);
                         }
                         committed.push(name);
                     }
@@ -510,7 +533,8 @@ async fn vm_random_sigkill_under_concurrent_load() {
         d.kill9();
         let mut ops = 0;
         for t in tasks {
-            let (ok, err) = t.await.expect("client task");
+            let (ok, err, committed) = t.await.expect("client task");
+            acknowledged.extend(committed);
             // The calls in flight die with the connection, nothing else may fail.
             assert!(
                 matches!(
@@ -525,8 +549,18 @@ async fn vm_random_sigkill_under_concurrent_load() {
         d.start();
         let (mut c, mut a) = d.clients().await;
         assert_no_leak(&d, &mut a, &format!("round {round}")).await;
+        // Nothing answered is lost: every commit that was answered is still there, committed.
+        let listed = list_all(&mut c).await;
+        for name in &acknowledged {
+            assert_eq!(
+                listed.get(name),
+                Some(&3),
+                "round {round}: the answered commit {name:?} is lost or not committed\n{}",
+                d.log_tail(40)
+            );
+        }
         // Every listed snapshot is usable: active ones have their device.
-        for (key, kind) in list_all(&mut c).await {
+        for (key, kind) in listed {
             if kind != 3 {
                 let m = mounts(&mut c, &key).await;
                 assert!(

@@ -7,6 +7,8 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
+	"os/exec"
 	"flag"
 	"fmt"
 	"net/http"
@@ -14,11 +16,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/mount"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/devmapper"
+	"github.com/containerd/containerd/snapshots/overlay"
 	"github.com/sirupsen/logrus"
 )
 
@@ -79,7 +83,9 @@ func scrapeMetric(url, name string) (float64, bool) {
 }
 
 var (
-	csTarget     = flag.String("target", "thinsnap", "cstart: thinsnap or devmapper")
+	csTarget     = flag.String("target", "thinsnap", "cstart: thinsnap, devmapper or overlayfs (containerd's overlay snapshotter in process, on -root)")
+	csBurst      = flag.Int("burst", 10, "cstart: Prepares started at once on the image's top layer in one burst (0: no burst)")
+	csBursts     = flag.Int("bursts", 3, "cstart: bursts timed (what they made is removed, untimed, between them)")
 	csContainers = flag.Int("containers", 50, "cstart: containers started")
 	csLayers     = flag.Int("layers", 5, "cstart: committed layers of the image")
 	csSpares     = flag.Int("spares", 0, "cstart: thinsnap's [spares] count in -config (0: off); >0 makes the driver wait for a spare before each timed call and fail if none is taken")
@@ -87,6 +93,24 @@ var (
 	fillClients  = flag.Int("fill-clients", 16, "(d) concurrent clients filling the store")
 	firstMounts  = flag.Int("first-mounts", 20, "(d) inactive snapshots whose first Mounts is timed after the reboot")
 )
+
+// spareCount reads warm spares' figure `name` (ready, taken or missed) live from `thinsnap
+// status --json` (the admin socket): /metrics refreshes its values at most every 5 s
+// (metrics::REFRESH_EVERY), which made the waits go early and the counts lag the calls.
+func spareCount(url, name string) (float64, bool) {
+	if *bin == "" || *config == "" {
+		return scrapeMetric(url, map[string]string{"ready": "thinsnap_spares_ready",
+			"taken": "thinsnap_spares_taken_total", "missed": "thinsnap_spares_missed_total"}[name])
+	}
+	outb, err := exec.Command(*bin, "status", "--config", *config, "--json").Output()
+	must(err, "thinsnap status --json")
+	var st struct {
+		Spares map[string]interface{} `json:"spares"`
+	}
+	must(json.Unmarshal(outb, &st), "parse thinsnap status --json")
+	v, ok := st.Spares[name].(float64)
+	return v, ok
+}
 
 // spareWatch waits for spares and counts what thinsnap says it took and missed.
 type spareWatch struct {
@@ -105,11 +129,11 @@ func newSpareWatch(url string, on bool) *spareWatch {
 		return w
 	}
 	var ok bool
-	w.taken0, ok = scrapeMetric(url, "thinsnap_spares_taken_total")
+	w.taken0, ok = spareCount(url, "taken")
 	if !ok && on {
 		must(fmt.Errorf("thinsnap serves no thinsnap_spares_taken_total: this binary has no spares"), "spares on")
 	}
-	w.missed0, _ = scrapeMetric(url, "thinsnap_spares_missed_total")
+	w.missed0, _ = spareCount(url, "missed")
 	return w
 }
 
@@ -134,7 +158,7 @@ func (w *spareWatch) wait() {
 	t := time.Now()
 	w.waits++
 	for {
-		v, ok := scrapeMetric(w.url, "thinsnap_spares_ready")
+		v, ok := spareCount(w.url, "ready")
 		if !ok {
 			must(fmt.Errorf("thinsnap serves no thinsnap_spares_ready: this binary has no spares"), "spares on")
 		}
@@ -155,8 +179,8 @@ func (w *spareWatch) counts() map[string]interface{} {
 	if w.url == "" {
 		return nil
 	}
-	taken, _ := scrapeMetric(w.url, "thinsnap_spares_taken_total")
-	missed, _ := scrapeMetric(w.url, "thinsnap_spares_missed_total")
+	taken, _ := spareCount(w.url, "taken")
+	missed, _ := spareCount(w.url, "missed")
 	m := map[string]interface{}{"taken": taken - w.taken0, "missed": missed - w.missed0}
 	if w.on {
 		m["waits"], m["wait_timeouts"], m["wait_total_s"] = w.waits, w.timeouts, w.waitTotal.Seconds()
@@ -254,6 +278,49 @@ func parentLatency(ctx context.Context, sn snapshots.Snapshotter, tag, parent st
 	return res
 }
 
+// bursts times `rounds` bursts of n Prepares started at once (one goroutine each, released
+// together) on `parent`: every call's own latency (p50/p99 over all bursts) and each burst's wall
+// time (the first call's start to the last call's end). With spares on, each burst starts once
+// the wanted spares are ready (untimed), as after a quiet spell on a node; what a burst made is
+// removed, untimed, before the next.
+func bursts(ctx context.Context, sn snapshots.Snapshotter, tag, parent string, n, rounds int, sw *spareWatch) map[string]interface{} {
+	var lat, wall []time.Duration
+	for r := 0; r < rounds; r++ {
+		sw.wait()
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		keys := make([]string, n)
+		errs := make([]error, n)
+		for i := 0; i < n; i++ {
+			keys[i] = fmt.Sprintf("%s-burst-%d-%d", tag, r, i)
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				<-start
+				t := time.Now()
+				_, errs[i] = sn.Prepare(ctx, keys[i], parent)
+				d := time.Since(t)
+				mu.Lock()
+				lat = append(lat, d)
+				mu.Unlock()
+			}(i)
+		}
+		t0 := time.Now()
+		close(start)
+		wg.Wait()
+		wall = append(wall, time.Since(t0))
+		for i, err := range errs {
+			must(err, "burst prepare %s", keys[i])
+		}
+		for _, k := range keys {
+			must(sn.Remove(ctx, k), "remove %s", k)
+		}
+		logf("burst %d/%d of %d Prepares: %s", r+1, rounds, n, wall[len(wall)-1])
+	}
+	return map[string]interface{}{"n": n, "rounds": rounds, "prepare": summarize(lat), "wall": summarize(wall)}
+}
+
 func runCstart() {
 	ctx := context.Background()
 	res := map[string]interface{}{"snapshotter": *csTarget, "layers": *csLayers, "containers": *csContainers, "spares": *csSpares}
@@ -264,6 +331,10 @@ func runCstart() {
 		logrus.SetLevel(logrus.WarnLevel)
 		s, err := devmapper.NewSnapshotter(ctx, &devmapper.Config{RootPath: *root, PoolName: *pool, BaseImageSize: *baseSize})
 		must(err, "devmapper.NewSnapshotter")
+		sn = s
+	case "overlayfs":
+		s, err := overlay.NewSnapshotter(*root)
+		must(err, "overlay.NewSnapshotter")
 		sn = s
 	case "thinsnap":
 		d = &daemon{bin: *bin, config: *config, sock: *sock, logPath: *logPath}
@@ -295,6 +366,15 @@ func runCstart() {
 		res["container_start_spares"] = sw.counts()
 	}
 	writeJSON(*out+".partial", res)
+	if *csBurst > 0 && *csBursts > 0 {
+		logf("cstart: %d bursts of %d Prepares at once on %s", *csBursts, *csBurst, top)
+		sw3 := newSpareWatch(url, on)
+		res["burst"] = bursts(ctx, sn, tag+"-b", top, *csBurst, *csBursts, sw3)
+		if sw3.url != "" {
+			res["burst_spares"] = sw3.counts()
+		}
+		writeJSON(*out+".partial", res)
+	}
 	if *csTarget == "thinsnap" {
 		// (b)'s Prepare and View on a parent, here the image's top layer, with this run's spares.
 		logf("cstart: %d Prepares and %d Views on %s", *ops, *ops, top)

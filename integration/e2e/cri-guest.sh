@@ -99,9 +99,10 @@ metadata_size = "128MiB"
 type = "ext4"
 base_size = "1GiB"
 EOF
-# THINSNAP_SPARES (set by matrix-guest.sh; default 0, off): [spares] count
+# THINSNAP_SPARES (set by matrix-guest.sh; default 0, off): [spares] count, written even when 0
+# (thinsnap's own default is 8)
+printf '[spares]\ncount = %s\n' "${THINSNAP_SPARES:-0}" >>"$TCONF"
 if ((${THINSNAP_SPARES:-0} > 0)); then
-  printf '[spares]\ncount = %s\n' "$THINSNAP_SPARES" >>"$TCONF"
   echo "thinsnap with warm spares: [spares] count = $THINSNAP_SPARES"
 fi
 

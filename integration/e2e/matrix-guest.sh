@@ -181,7 +181,8 @@ for v in $VERSIONS; do
   fi
   if [[ $v == 2.* ]]; then form=v3 cfg=containerd-config-v3.toml; else form=v2 cfg=containerd-config.toml; fi
   # Warm spares ([spares] count = 4) in one configuration only, so real containerd runs on them:
-  # every test of containerd 2.1.9; the other versions run with spares off (the default).
+  # every test of containerd 2.1.9; the other versions run with spares off (`count = 0`, written
+  # by run-guest.sh and cri-guest.sh; thinsnap's default is 8).
   export THINSNAP_SPARES=0
   [[ $v == 2.1.9 ]] && THINSNAP_SPARES=4
   scenario=short

@@ -153,13 +153,27 @@ pub struct RemoveConfig {
 /// The most warm spares `[spares] count` may ask for.
 pub const MAX_SPARES: u32 = 64;
 
+/// `[spares] count` when the file does not set it: the base's spare and seven of recently used
+/// images' top layers (or layers in demand). Each spare costs one active dm device, a device
+/// record in the pool's metadata and none of its data space until taken (see README.md, "Warm
+/// spares"); a node already keeps one active device per container, so 8 is small beside them.
+pub const DEFAULT_SPARES: u32 = 8;
+
 /// Warm spares: thin snapshots of recently used committed snapshots (and of the base) made and
 /// activated in the background, so that Prepare and View touch no kernel device.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SparesConfig {
-    /// How many spares to keep at most (one per origin); 0 turns the feature off.
+    /// How many spares to keep at most, in all; 0 turns the feature off.
     pub count: u32,
+}
+
+impl Default for SparesConfig {
+    fn default() -> Self {
+        SparesConfig {
+            count: DEFAULT_SPARES,
+        }
+    }
 }
 
 impl SparesConfig {
@@ -552,6 +566,19 @@ mod tests {
         );
         let c = Config::parse("address = \"/run/x/a.sock\"").expect("valid");
         assert_eq!(c.admin_path(), PathBuf::from("/run/x/admin.sock"));
+        // Spares are on unless the file turns them off.
+        assert_eq!(
+            Config::parse("").expect("empty").spares.count,
+            DEFAULT_SPARES
+        );
+        const { assert!(DEFAULT_SPARES > 0) };
+        assert_eq!(
+            Config::parse("[spares]\ncount = 0")
+                .expect("off")
+                .spares
+                .count,
+            0
+        );
         assert_eq!(
             Config::parse("[spares]\ncount = 64")
                 .expect("64 spares")

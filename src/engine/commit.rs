@@ -27,7 +27,7 @@ impl Engine {
         check_key("name", name)?;
         check_key("key", key)?;
         check_labels(&labels)?;
-        let _busy = self.spares.busy();
+        let _in_flight = self.spares.call_in_flight();
         let _guard = self.locks.lock(&[key, name]).await;
         crate::failpoint!("commit:start");
         let rec = self.ready(key)?;

@@ -56,7 +56,7 @@ impl Engine {
                 from: SizeSource::BaseSize,
             })
         });
-        let _busy = self.spares.busy();
+        let _in_flight = self.spares.call_in_flight();
         let _guard = self.locks.lock(&[key]).await;
         crate::failpoint!("prepare:start");
         // A half-made snapshot of this key that its own call could not undo (a store write that

@@ -16,7 +16,7 @@ impl Engine {
     /// snapshot is still there.
     pub async fn remove(&self, key: &str) -> Result<(), EngineError> {
         check_key("key", key)?;
-        let _busy = self.spares.busy();
+        let _in_flight = self.spares.call_in_flight();
         // The key and its parent: the parent must not go while this snapshot may still be given
         // back (a failed delete). Locked together, in order; a key removed and made again with
         // another parent meanwhile is read again.

@@ -9,9 +9,14 @@
 //! thin id) made as every device is: intent (Creating, flushed), then the kernel, then Ready. This
 //! module holds what only this run knows: the spares whose devices were activated by this run
 //! (the only ones handed out), the origins wanted (the base, then the most recently used or
-//! committed, one spare each, at most `count`) and the refiller ([`Engine::run_spares`]), which
-//! makes one spare at a time, only while no foreground call is in flight, never under the
-//! free-space floor or on a read-only pool. Recovery deletes every spare it finds at start.
+//! committed, one spare each; an origin in demand, used by more than one Prepare or View in the
+//! last [`DEMAND_WINDOW`], gets up to [`MAX_PER_ORIGIN`], ahead of the idle origins' spares; at
+//! most `count` in all) and the refiller ([`Engine::run_spares`]), which makes or deletes one
+//! spare at a time, never under the free-space floor or on a read-only pool. With no foreground
+//! call in flight it goes on at once; while calls are in flight it waits [`BUSY_GRACE`] after
+//! the first of them, and then after each of its rounds rests [`BUSY_REST_FACTOR`] times as long
+//! as the round took (at least [`BUSY_GRACE`]), so it takes at most 1 / (1 + factor) of the time
+//! while calls are in flight. Recovery deletes every spare it finds at start.
 //!
 //! It must not touch a spare's device except under its thin id's lock (`thin_locks`), which a
 //! Remove's reap of it also takes.
@@ -19,6 +24,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
@@ -36,13 +44,61 @@ struct Spare {
     id: ThinId,
 }
 
+/// How far back a parent's Prepares and Views count as its demand.
+pub(super) const DEMAND_WINDOW: Duration = Duration::from_secs(10);
+/// The most spares one origin in demand gets.
+pub(super) const MAX_PER_ORIGIN: usize = 4;
+/// While foreground calls are in flight, the refiller waits this long after the first of them
+/// before a round, and at least this long between rounds.
+pub(super) const BUSY_GRACE: Duration = Duration::from_millis(100);
+/// While foreground calls are in flight, the refiller rests this many times as long as its last
+/// round took: it takes at most 1 / (1 + this) of the time (a third with 2).
+pub(super) const BUSY_REST_FACTOR: u32 = 2;
+
 /// What the engine keeps of spares in memory. The parent key `""` stands for the base.
 #[derive(Default)]
 struct Inner {
-    /// Ready spares activated this run, by parent key.
-    ready: HashMap<String, Spare>,
+    /// Ready spares activated this run, by parent key (oldest first).
+    ready: HashMap<String, Vec<Spare>>,
     /// Parents recently used by a Prepare or View, or committed: most recent first.
     recent: VecDeque<String>,
+    /// Times of the Prepares and Views on each parent within [`DEMAND_WINDOW`], oldest first.
+    uses: HashMap<String, VecDeque<Instant>>,
+}
+
+impl Inner {
+    /// Spares of `parent` ready now.
+    fn ready_of(&self, parent: &str) -> usize {
+        self.ready.get(parent).map_or(0, Vec::len)
+    }
+
+    /// Takes the oldest ready spare of `parent`.
+    fn take(&mut self, parent: &str) -> Option<Spare> {
+        let v = self.ready.get_mut(parent)?;
+        let spare = (!v.is_empty()).then(|| v.remove(0));
+        if v.is_empty() {
+            self.ready.remove(parent);
+        }
+        spare
+    }
+
+    /// Uses of `parent` within [`DEMAND_WINDOW`] of `now`.
+    fn demand(&mut self, parent: &str, now: Instant) -> usize {
+        let Some(q) = self.uses.get_mut(parent) else {
+            return 0;
+        };
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > DEMAND_WINDOW)
+        {
+            q.pop_front();
+        }
+        let n = q.len();
+        if n == 0 {
+            self.uses.remove(parent);
+        }
+        n
+    }
 }
 
 /// The warm spares of one engine (see the module doc).
@@ -53,7 +109,7 @@ pub(super) struct Spares {
     inner: Mutex<Inner>,
     /// Wakes the refiller: a spare was taken or missed, a parent was used or committed.
     poke: Notify,
-    /// Foreground calls in flight: the refiller waits for none.
+    /// Foreground calls in flight (see [`Spares::call_in_flight`]).
     inflight: AtomicUsize,
     idle: Notify,
     taken: AtomicU64,
@@ -75,10 +131,10 @@ type Pause = (
     tokio::sync::oneshot::Receiver<()>,
 );
 
-/// A foreground call in flight (see [`Spares::busy`]).
-pub(super) struct Busy<'a>(&'a Spares);
+/// A foreground call in flight (see [`Spares::call_in_flight`]).
+pub(super) struct CallInFlight<'a>(&'a Spares);
 
-impl Drop for Busy<'_> {
+impl Drop for CallInFlight<'_> {
     fn drop(&mut self) {
         if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
@@ -120,10 +176,36 @@ impl Spares {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks a foreground call in flight until the guard drops.
-    pub(super) fn busy(&self) -> Busy<'_> {
+    /// Marks a foreground call in flight until the guard drops: the refiller gives way to it
+    /// (see the module doc).
+    pub(super) fn call_in_flight(&self) -> CallInFlight<'_> {
         self.inflight.fetch_add(1, Ordering::SeqCst);
-        Busy(self)
+        CallInFlight(self)
+    }
+
+    /// A Prepare or View on `parent` (`""`: the base): counted in its demand, and it goes first
+    /// in the wanted origins.
+    fn used(&self, parent: &str) {
+        if self.target == 0 {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut inner = self.inner();
+            inner
+                .uses
+                .entry(parent.to_string())
+                .or_default()
+                .push_back(now);
+            // Bounds the memory: only the parents wanted keep their uses.
+            let keep: Vec<String> = std::iter::once(String::new())
+                .chain(inner.recent.iter().cloned())
+                .chain(std::iter::once(parent.to_string()))
+                .collect();
+            inner.uses.retain(|p, _| keep.contains(p));
+            let _ = inner.demand(parent, now);
+        }
+        self.touch(parent);
     }
 
     /// `parent` was just used or committed: it goes first in the wanted origins.
@@ -147,13 +229,14 @@ impl Spares {
         }
         let mut inner = self.inner();
         inner.recent.retain(|p| p != parent);
+        inner.uses.remove(parent);
         inner.ready.remove(parent);
     }
 
     /// The counts (see [`SpareCounts`]).
     pub(super) fn counts(&self) -> SpareCounts {
         SpareCounts {
-            ready: self.inner().ready.len() as u64,
+            ready: self.inner().ready.values().map(Vec::len).sum::<usize>() as u64,
             target: self.target as u64,
             taken: self.taken.load(Ordering::Relaxed),
             missed: self.missed.load(Ordering::Relaxed),
@@ -163,12 +246,47 @@ impl Spares {
         }
     }
 
-    /// The origins wanted now, by parent key (`""`: the base), most wanted first.
-    fn wanted(&self) -> Vec<String> {
-        let inner = self.inner();
-        std::iter::once(String::new())
+    /// The origins wanted now, by parent key (`""`: the base), with how many spares each, most
+    /// wanted first; `target` in all at most. In order: one each for the base and for the
+    /// origins in demand (more than one use in [`DEMAND_WINDOW`]), then the extra ones of the
+    /// origins in demand (one per use beyond the first, up to [`MAX_PER_ORIGIN`] each, the
+    /// busiest first), then one each for the other recently used or committed origins.
+    fn wanted(&self) -> Vec<(String, usize)> {
+        let now = Instant::now();
+        let mut inner = self.inner();
+        let origins: Vec<String> = std::iter::once(String::new())
             .chain(inner.recent.iter().cloned())
             .take(self.target)
+            .collect();
+        let demand: Vec<usize> = origins.iter().map(|p| inner.demand(p, now)).collect();
+        drop(inner);
+        // Slots in the order they are granted: (index into origins).
+        let mut slots: Vec<usize> = Vec::new();
+        for (i, &d) in demand.iter().enumerate() {
+            if i == 0 || d > 1 {
+                slots.push(i);
+            }
+        }
+        let mut busiest: Vec<usize> = (0..origins.len()).filter(|&i| demand[i] > 1).collect();
+        busiest.sort_by_key(|&i| std::cmp::Reverse(demand[i]));
+        for &i in &busiest {
+            let extra = demand[i].min(MAX_PER_ORIGIN) - 1;
+            slots.extend(std::iter::repeat_n(i, extra));
+        }
+        for (i, &d) in demand.iter().enumerate() {
+            if i != 0 && d <= 1 {
+                slots.push(i);
+            }
+        }
+        slots.truncate(self.target);
+        let mut counts = vec![0usize; origins.len()];
+        for i in slots {
+            counts[i] += 1;
+        }
+        origins
+            .into_iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
             .collect()
     }
 }
@@ -218,8 +336,8 @@ impl Engine {
         if sp.target == 0 {
             return Ok(None);
         }
-        sp.touch(parent);
-        let spare = sp.inner().ready.remove(parent);
+        sp.used(parent);
+        let spare = sp.inner().take(parent);
         let Some(spare) = spare else {
             sp.missed.fetch_add(1, Ordering::Relaxed);
             sp.poke.notify_one();
@@ -244,23 +362,14 @@ impl Engine {
             }
             Err(e) => {
                 // The call is refused (the key exists, the parent is not committed): the spare
-                // is still there and still a spare; given back, or deleted if the refiller made
-                // another one meanwhile.
-                let given_back = {
-                    let mut inner = sp.inner();
-                    match inner.ready.entry(parent.to_string()) {
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(spare);
-                            true
-                        }
-                        std::collections::hash_map::Entry::Occupied(_) => false,
-                    }
-                };
-                if !given_back {
-                    if let Err(e) = self.evict(parent, spare.id).await {
-                        warn!(thin_id = spare.id.get(), error = %e, "cannot delete a spare; left for the next start");
-                    }
-                }
+                // is still there and still a spare; given back (the refiller deletes it if its
+                // parent has more than it wants now).
+                sp.inner()
+                    .ready
+                    .entry(parent.to_string())
+                    .or_default()
+                    .insert(0, spare);
+                sp.poke.notify_one();
                 return Err(e.into());
             }
         };
@@ -312,27 +421,41 @@ impl Engine {
                 _ = stopped(&mut stop) => return,
                 _ = self.spares.poke.notified() => {}
             }
+            // While calls are in flight: when the next round may start (see the module doc).
+            let mut busy_turn: Option<Instant> = None;
             loop {
-                // Foreground calls first: wait until none is in flight.
+                // Foreground calls first: go at once if none is in flight, else at the busy turn
+                // or when they have all ended.
                 loop {
                     let idle = self.spares.idle.notified();
                     tokio::pin!(idle);
                     idle.as_mut().enable();
                     if self.spares.inflight.load(Ordering::SeqCst) == 0 {
+                        busy_turn = None;
+                        break;
+                    }
+                    let turn = *busy_turn.get_or_insert_with(|| Instant::now() + BUSY_GRACE);
+                    if Instant::now() >= turn {
                         break;
                     }
                     tokio::select! {
                         biased;
                         _ = stopped(&mut stop) => return,
                         _ = idle => {}
+                        _ = tokio::time::sleep_until(turn) => {}
                     }
                 }
                 if *stop.borrow() {
                     return;
                 }
+                let began = Instant::now();
                 self.spares.rounds.fetch_add(1, Ordering::SeqCst);
                 let step = self.refill_step().await;
                 self.spares.rounds_done.fetch_add(1, Ordering::SeqCst);
+                if busy_turn.is_some() {
+                    let rest = (began.elapsed() * BUSY_REST_FACTOR).max(BUSY_GRACE);
+                    busy_turn = Some(Instant::now() + rest);
+                }
                 match step {
                     Ok(Step::Again) => {}
                     Ok(Step::Idle) => break,
@@ -351,24 +474,36 @@ impl Engine {
         // With a raised fs.base_size a new image's first layer is made at the new size, never
         // from a spare of the base at the old one (`Engine::grown_base_size`).
         if self.grown_base_size("").is_some() {
-            wanted.retain(|p| !p.is_empty());
+            wanted.retain(|(p, _)| !p.is_empty());
         }
+        let wants = |p: &str| wanted.iter().find(|(w, _)| w == p).map_or(0, |(_, n)| *n);
+        // One more than wanted: the newest goes.
         let unwanted = {
-            let inner = self.spares.inner();
-            inner
+            let mut inner = self.spares.inner();
+            let over = inner
                 .ready
                 .iter()
-                .find(|(p, _)| !wanted.contains(p))
-                .map(|(p, s)| (p.clone(), *s))
+                .find(|(p, v)| v.len() > wants(p))
+                .map(|(p, _)| p.clone());
+            over.and_then(|p| {
+                let v = inner.ready.get_mut(&p)?;
+                let spare = v.pop()?;
+                if v.is_empty() {
+                    inner.ready.remove(&p);
+                }
+                Some((p, spare))
+            })
         };
         if let Some((parent, spare)) = unwanted {
-            self.spares.inner().ready.remove(&parent);
             self.evict(&parent, spare.id).await?;
             return Ok(Step::Again);
         }
         let missing = {
             let inner = self.spares.inner();
-            wanted.into_iter().find(|p| !inner.ready.contains_key(p))
+            wanted
+                .iter()
+                .find(|(p, n)| inner.ready_of(p) < *n)
+                .map(|(p, _)| p.clone())
         };
         let Some(parent) = missing else {
             return Ok(Step::Idle);
@@ -476,7 +611,9 @@ impl Engine {
                     self.spares
                         .inner()
                         .ready
-                        .insert(parent.to_string(), Spare { id });
+                        .entry(parent.to_string())
+                        .or_default()
+                        .push(Spare { id });
                     debug!(
                         thin_id = id.get(),
                         origin = origin.get(),
@@ -581,8 +718,18 @@ impl Engine {
         rounds
     }
 
-    /// The thin id of the ready spare of `parent` (`""`: the base), if any.
+    /// The thin id of the oldest ready spare of `parent` (`""`: the base), if any.
     pub(super) fn spare_of(&self, parent: &str) -> Option<ThinId> {
-        self.spares.inner().ready.get(parent).map(|s| s.id)
+        self.spares
+            .inner()
+            .ready
+            .get(parent)
+            .and_then(|v| v.first())
+            .map(|s| s.id)
+    }
+
+    /// How many spares of `parent` are ready.
+    pub(super) fn spares_of(&self, parent: &str) -> usize {
+        self.spares.inner().ready_of(parent)
     }
 }

@@ -150,7 +150,7 @@ impl Store {
                 release_child(snapshots, p)?;
             }
             set_device_state(devices, rec.thin_id, State::Deleting)?;
-            spares::doom_spares(snapshots, devices, &rec)?;
+            spares::mark_spares_deleting(snapshots, devices, &rec)?;
             Ok(rec)
         })?;
         Ok(rec)

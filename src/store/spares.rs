@@ -39,7 +39,7 @@ fn spare_record(
 
 /// Marks Deleting every spare that `rec` (a snapshot being removed) lists and that is still a
 /// spare of its thin id (a stale entry naming a reused id is left alone).
-pub(super) fn doom_spares(
+pub(super) fn mark_spares_deleting(
     snapshots: &TransactionalTree,
     devices: &TransactionalTree,
     rec: &SnapshotRecord,
@@ -300,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn remove_of_the_parent_dooms_its_spares_and_a_dead_parent_gets_none() {
+    fn remove_of_the_parent_marks_its_spares_deleting_and_a_dead_parent_gets_none() {
         let (_d, s, b) = setup();
         let c = committed(&s, &b, "c");
         let ready = s.begin_spare(Some("c"), c, 1 << 30).expect("spare");

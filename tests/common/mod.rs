@@ -116,12 +116,20 @@ impl Daemon {
     }
 
     /// Writes the config: `root` and `address` in the test directory, `[pool] name`, then
-    /// `sections`, which go on inside `[pool]` until they open a table of their own.
+    /// `sections`, which go on inside `[pool]` until they open a table of their own. Warm spares
+    /// (on by default) are turned off (`[spares] count = 0`) unless `sections` has a `[spares]`
+    /// table (an empty one: the default count): the tests about something else count devices and
+    /// thin ids, and the spares' own tests say how many they want.
     pub fn write_config(&self, sections: &str) {
+        let spares = if sections.contains("[spares]") {
+            ""
+        } else {
+            "[spares]\ncount = 0\n"
+        };
         std::fs::write(
             &self.config,
             format!(
-                "root = \"{root}\"\naddress = \"{sock}\"\n[pool]\nname = \"{pool}\"\n{sections}\n",
+                "root = \"{root}\"\naddress = \"{sock}\"\n[pool]\nname = \"{pool}\"\n{sections}\n{spares}",
                 root = self.dir.join("state").display(),
                 sock = self.sock().display(),
                 pool = self.pool,

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use super::tests::{no_labels, prep, restart_with_settings, setup_with, T};
 use super::*;
 use crate::config::FsConfig;
+use crate::engine::spares::{BUSY_GRACE, DEMAND_WINDOW};
 use crate::store::SPARE_OWNER;
 
 fn settings(count: u32) -> Settings {
@@ -37,6 +38,11 @@ async fn committed(t: &T, name: &str, bytes: u64) -> ThinId {
         .await
         .expect("commit");
     id
+}
+
+/// Moves tokio's (paused) clock past [`DEMAND_WINDOW`]: the uses so far are no demand any more.
+async fn past_the_demand_window() {
+    tokio::time::advance(DEMAND_WINDOW + std::time::Duration::from_secs(1)).await;
 }
 
 /// The spares' device records in the store.
@@ -408,7 +414,7 @@ async fn the_free_space_floor_stops_refills() {
     assert_eq!(t.engine.spare_counts().ready, 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn eviction_bounds_the_count_and_deletes_evicted_spares() {
     let t = spares_on(2);
     committed(&t, "c1", 10).await;
@@ -417,6 +423,8 @@ async fn eviction_bounds_the_count_and_deletes_evicted_spares() {
     // Two later commits: the base and the most recent one are wanted, c1 is not.
     committed(&t, "c2", 10).await;
     committed(&t, "c3", 10).await;
+    // The Prepares on the base that made them are no demand any more (one spare each).
+    past_the_demand_window().await;
     t.engine.refill_until_idle().await;
     assert!(t.engine.spare_of("").is_some());
     assert!(t.engine.spare_of("c3").is_some());
@@ -492,40 +500,121 @@ async fn the_refiller_task_fills_in_the_background_and_stops_on_shutdown() {
     assert_no_leak(&t, "after the refiller ran");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_refiller_waits_while_a_foreground_call_is_in_flight() {
-    let t = spares_on(2);
+#[tokio::test(start_paused = true)]
+async fn the_refiller_gives_a_call_in_flight_its_grace_then_refills_at_a_bounded_share() {
+    // 30 committed layers (each committed is wanted) and the base: 31 spares of work.
+    let t = spares_on(31);
+    let mut parent = String::new();
+    for i in 0..30 {
+        let key = format!("a{i}");
+        prep(&t, &key, &parent).await.expect("prepare");
+        let name = format!("c{i}");
+        t.engine
+            .commit(&name, &key, no_labels())
+            .await
+            .expect("commit");
+        parent = name;
+    }
     let snaps = t.pool.count("create_snap");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // A call in flight from before the refiller starts (its first round is due at once).
-    let busy = t.engine.spares.busy();
+    let call = t.engine.spares.call_in_flight();
+    let t0 = tokio::time::Instant::now();
     let task = {
         let e = t.engine.clone();
         tokio::spawn(async move { e.run_spares(stop_rx).await })
     };
-    // Nothing may happen while the call is in flight: on the fake pool the base's spare is made
-    // in microseconds once the refiller runs, so a broken wait shows here (a correct one never
-    // fails this, however slow the machine).
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    // The time is tokio's paused clock: it moves only as this test sleeps.
+    let step = std::time::Duration::from_millis(1);
+    while t0.elapsed() < BUSY_GRACE - step * 2 {
+        tokio::time::sleep(step).await;
     }
     assert_eq!(
         t.engine.spare_counts().rounds,
         0,
-        "a round ran during a call"
+        "a round ran within the grace of a call in flight"
     );
     assert_eq!(t.pool.count("create_snap"), snaps);
-    drop(busy);
-    let filled = async {
-        while t.engine.spare_of("").is_none() {
-            tokio::task::yield_now().await;
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(60), filled)
-        .await
-        .expect("the refiller never ran after the call ended");
+    // Then, the call still in flight, the refiller goes on, at most one round per grace.
+    let span = std::time::Duration::from_secs(1);
+    while t0.elapsed() < span {
+        tokio::time::sleep(step).await;
+    }
+    let rounds = t.engine.spare_counts().rounds;
+    let most = (span.as_millis() / BUSY_GRACE.as_millis()) as u64 + 1;
+    assert!(
+        rounds >= 1 && t.engine.spare_counts().ready >= 1,
+        "no spare made while a call was in flight for {span:?} ({rounds} rounds)"
+    );
+    assert!(
+        rounds <= most,
+        "{rounds} rounds in {span:?} with a call in flight: more than one per {BUSY_GRACE:?}"
+    );
+    // Once the call ends, the refiller goes on at once and fills every wanted spare.
+    drop(call);
+    while t.engine.spare_counts().ready < 31 {
+        tokio::time::sleep(step).await;
+    }
     stop_tx.send(true).expect("stop");
     task.await.expect("task");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_origin_in_demand_gets_more_spares_within_the_count_until_its_demand_passes() {
+    let t = spares_on(4);
+    committed(&t, "c1", 10).await;
+    committed(&t, "c2", 10).await;
+    // The Prepares on the base that made them: no demand any more.
+    past_the_demand_window().await;
+    t.engine.refill_until_idle().await;
+    let of = |t: &T| {
+        (
+            t.engine.spares_of(""),
+            t.engine.spares_of("c1"),
+            t.engine.spares_of("c2"),
+        )
+    };
+    // Idle: the base and each committed origin, one each.
+    assert_eq!(of(&t), (1, 1, 1));
+    // Three Prepares on c1 in a row: its demand is 3, so it wants 3, ahead of c2's one; the
+    // base keeps its one, and 4 in all.
+    for i in 0..3 {
+        prep(&t, &format!("k{i}"), "c1").await.expect("prepare");
+    }
+    t.engine.refill_until_idle().await;
+    assert_eq!(of(&t), (1, 3, 0));
+    assert_eq!(t.engine.spare_counts().ready, 4, "not the count");
+    // A burst now takes the three at once: no create_snap on its path.
+    let snaps = t.pool.count("create_snap");
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        let e = t.engine.clone();
+        calls.push(tokio::spawn(async move {
+            e.create(Kind::Active, &format!("b{i}"), "c1", no_labels())
+                .await
+        }));
+    }
+    for c in calls {
+        c.await.expect("task").expect("prepare");
+    }
+    assert_eq!(
+        t.pool.count("create_snap"),
+        snaps,
+        "a burst call made a device"
+    );
+    assert_eq!(t.engine.spares_of("c1"), 0);
+    // Once its uses are older than the window, c1 is back to one and c2 gets its own again.
+    past_the_demand_window().await;
+    t.engine.refill_until_idle().await;
+    assert_eq!(of(&t), (1, 1, 1));
+    assert_no_leak(&t, "after the demand passed");
+    // With a count of 2 an origin in demand never goes beyond it.
+    let t = spares_on(2);
+    committed(&t, "c1", 10).await;
+    past_the_demand_window().await;
+    for i in 0..5 {
+        prep(&t, &format!("k{i}"), "c1").await.expect("prepare");
+    }
+    t.engine.refill_until_idle().await;
+    assert_eq!((t.engine.spares_of(""), t.engine.spares_of("c1")), (1, 1));
 }
