@@ -93,6 +93,17 @@ pub(super) fn setup() -> T {
 /// leaves it (state Creating, `roll_forward` false: recovery undoes it), and, with `made`, its
 /// `create_snap` done in the pool.
 pub(super) fn intent_of(t: &T, key: &str, made: bool) -> crate::store::CreatePlan {
+    intent_with(t, key, made, false)
+}
+
+/// [`intent_of`] with `roll_forward` as given (true: a Prepare that answered with only its
+/// intent durable, which recovery completes when the pool has its thin device).
+pub(super) fn intent_with(
+    t: &T,
+    key: &str,
+    made: bool,
+    roll_forward: bool,
+) -> crate::store::CreatePlan {
     let new = crate::store::NewSnapshot {
         key: key.into(),
         kind: Kind::Active,
@@ -100,7 +111,7 @@ pub(super) fn intent_of(t: &T, key: &str, made: bool) -> crate::store::CreatePla
         labels: no_labels(),
         now: 1,
         size: None,
-        roll_forward: false,
+        roll_forward,
     };
     let plan = t
         .engine

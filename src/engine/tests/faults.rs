@@ -166,26 +166,8 @@ async fn a_failed_reactivation_after_a_failed_commit_is_remembered() {
 /// The intent of a Prepare that answered with only its intent durable (`roll_forward`), and,
 /// with `made`, its thin device made in the pool.
 fn rolling_intent(t: &T, key: &str, made: bool) -> ThinId {
-    let new = crate::store::NewSnapshot {
-        key: key.into(),
-        kind: Kind::Active,
-        parent: None,
-        labels: no_labels(),
-        now: 1,
-        size: None,
-        roll_forward: true,
-    };
-    let plan = t
-        .engine
-        .store
-        .begin_create(&new, &t.engine.base)
-        .expect("intent");
+    let plan = intent_with(t, key, made, true);
     t.engine.store.flush_sync().expect("flush");
-    if made {
-        t.pool
-            .create_snap(plan.thin_id, plan.origin)
-            .expect("kernel");
-    }
     plan.thin_id
 }
 
