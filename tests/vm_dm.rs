@@ -173,6 +173,60 @@ async fn vm_lifecycle_on_real_dm_thin() {
     );
 }
 
+/// udev's properties of the device at `path` (`udevadm info`), after udev has settled.
+fn udev_properties(path: &str) -> String {
+    let settle = Command::new("udevadm")
+        .arg("settle")
+        .status()
+        .expect("udevadm settle");
+    assert!(settle.success(), "udevadm settle: {settle}");
+    let out = Command::new("udevadm")
+        .args(["info", "--query=property", "--name", path])
+        .output()
+        .expect("udevadm info");
+    assert!(out.status.success(), "udevadm info {path}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
+async fn vm_thin_devices_are_private_to_udev() {
+    // The VM runs udevd (virtme-ng starts it), as every node does: without it there is nothing
+    // to check, and that is a failure of the test bed, not a pass.
+    assert!(
+        Path::new("/run/udev/control").exists(),
+        "udevd is not running in this VM: this test checks what udev does with thinsnap's devices"
+    );
+    let d = daemon("udev", "");
+    let (mut c, _a) = d.clients().await;
+    let m = prepare(&mut c, "a", "").await.expect("prepare a");
+    // Written and unmounted: with the disk rules, udev's watch would probe it again now.
+    with_mount(&d.dir, &m[0], |root| {
+        std::fs::write(root.join("f"), b"data").expect("write");
+    });
+    let props = udev_properties(&m[0].source);
+    let has = |p: &str, k: &str| p.lines().any(|l| l == k);
+    // udev made /dev/mapper/NAME and knows the device as a private one: no blkid probe (no
+    // filesystem type or uuid in its database, so no by-uuid link that every snapshot of the
+    // base would claim), no systemd unit.
+    assert!(has(&props, "DM_UDEV_DISABLE_DISK_RULES_FLAG=1"), "{props}");
+    assert!(has(&props, "DM_UDEV_DISABLE_OTHER_RULES_FLAG=1"), "{props}");
+    assert!(!props.lines().any(|l| l.starts_with("ID_FS_")), "{props}");
+    let name = m[0].source.trim_start_matches("/dev/mapper/");
+    assert!(
+        !Path::new(&format!("/dev/disk/by-id/dm-name-{name}")).exists(),
+        "udev ran the disk rules on {name}"
+    );
+    // A Remove right after the unmount finds nobody holding the device.
+    remove(&mut c, "a")
+        .await
+        .expect("remove a right after its unmount");
+    assert!(!Path::new(&m[0].source).exists());
+    // The pool itself is a disk to udev, as any device an admin looks at.
+    let pool = udev_properties(&format!("/dev/mapper/{}", d.pool));
+    assert!(!has(&pool, "DM_UDEV_DISABLE_DISK_RULES_FLAG=1"), "{pool}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and device-mapper: run in the VM by integration/test.sh"]
 async fn vm_restart_and_reboot_keep_everything() {

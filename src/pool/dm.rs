@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::ioctl::{
     self, create_device, device_exists, device_info, dm_err, dm_name, errno_of, open_dm,
-    remove_device, table_of, SECTOR,
+    remove_device, table_of, Udev, SECTOR,
 };
 use super::loopback::{self, LoopFiles};
 use super::{lvm, PoolError, PoolInfo, PoolStatus, ThinId, ThinPool};
@@ -274,7 +274,7 @@ impl DmPool {
                     pool,
                     "pool left suspended (a grow killed before its resume): resuming it"
                 );
-                ioctl::resume(dm, pool)?;
+                ioctl::resume(dm, pool, Udev::Disk)?;
             } else {
                 warn!(pool, %mode, "the pool is suspended; thin I/O blocks until its owner resumes it");
             }
@@ -283,7 +283,7 @@ impl DmPool {
             if ioctl::is_suspended(&info) {
                 let name = self.thin_name(id);
                 warn!(device = %name, "thin device left suspended (a snapshot of it killed before its resume): resuming it");
-                ioctl::resume(dm, &name)?;
+                ioctl::resume(dm, &name, Udev::Private)?;
             }
         }
         Ok(())
@@ -339,7 +339,7 @@ impl ThinPool for DmPool {
         // name is not the origin (ours is then not active).
         let guard =
             if self.device_is_ours_or_absent(origin)? && device_exists(&self.dm, &origin_name)? {
-                Some(ioctl::suspend(&self.dm, &origin_name)?)
+                Some(ioctl::suspend(&self.dm, &origin_name, Udev::Private)?)
             } else {
                 None
             };
@@ -394,12 +394,12 @@ impl ThinPool for DmPool {
                 // Half made: a thinsnap killed between the device's create and its resume. No
                 // live table, so nothing can have it open: make it again.
                 warn!(device = %name, "dm device without a live table; making it again");
-                remove_device(&self.dm, &name)?;
+                remove_device(&self.dm, &name, Udev::Private)?;
             } else {
                 if ioctl::is_suspended(&info) {
                     // Left suspended by a killed thinsnap: resume it (it may be mounted).
                     warn!(device = %name, "dm device left suspended; resuming it");
-                    ioctl::resume(&self.dm, &name)?;
+                    ioctl::resume(&self.dm, &name, Udev::Private)?;
                 }
                 ioctl::ensure_node(&name, info.device());
                 return Ok(path);
@@ -412,6 +412,7 @@ impl ThinPool for DmPool {
             "thin",
             size_bytes / SECTOR,
             &format!("{} {id}", self.pool_dev),
+            Udev::Private,
         )
         .map_err(|e| match &e {
             // The thin target's constructor cannot open the thin id: the pool has no such
@@ -428,7 +429,7 @@ impl ThinPool for DmPool {
         if !self.device_is_ours_or_absent(id)? {
             return Ok(());
         }
-        remove_device(&self.dm, &self.thin_name(id))
+        remove_device(&self.dm, &self.thin_name(id), Udev::Private)
     }
 
     fn deactivate_deferred(&self, id: ThinId) -> Result<(), PoolError> {
@@ -438,14 +439,11 @@ impl ThinPool for DmPool {
         }
         // Without DM_SKIP_LOCKFS the suspend freezes the mounted filesystem: its dirty pages are
         // written to the device before the pool sees the suspend. Resumed at once.
-        ioctl::suspend(&self.dm, &name)?.resume()?;
+        ioctl::suspend(&self.dm, &name, Udev::Private)?.resume()?;
         let n = dm_name(&name)?;
         let devid = DevId::Name(&n);
         self.dm
-            .device_remove(
-                &devid,
-                DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
-            )
+            .device_remove(&devid, Udev::Private.options(DmFlags::DM_DEFERRED_REMOVE))
             .map_err(dm_err("deferred remove", &name))?;
         info!(device = %name, "still open: flushed, removal deferred to its last close");
         Ok(())
@@ -574,7 +572,7 @@ impl ThinPool for DmPool {
             .map_err(dm_err("load table of", &self.name))?;
         // Suspended and resumed at once: the resume makes the new table live. A failed resume
         // is an error: the pool would stay suspended, every thin device's I/O blocked.
-        let suspended = ioctl::suspend(&self.dm, &self.name)?;
+        let suspended = ioctl::suspend(&self.dm, &self.name, Udev::Disk)?;
         crate::failpoint!("grow:pool-suspended");
         suspended.resume()?;
         info!(pool = %self.name, data_bytes = sectors * SECTOR, "reloaded pool table");

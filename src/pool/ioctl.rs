@@ -20,6 +20,35 @@ use super::PoolError;
 /// The unit of dm table lengths.
 pub const SECTOR: u64 = 512;
 
+/// What udev does with a device's events. The flags ride in each uevent's cookie (the crate
+/// waits for udev's rules to finish with it where udev runs), and udev's dm rules keep them in
+/// its database for the device's later events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Udev {
+    /// Every rule, as for a disk: the thin pool, which an admin may look at as any device.
+    Disk,
+    /// A private device, as LVM has its internal ones (`DmOptions::private()`): udev makes
+    /// `/dev/mapper/NAME` and skips the disk rules (no `blkid` probe of each new device, no
+    /// `by-uuid` link, which every snapshot of one filesystem would claim at once, no inotify
+    /// watch that probes it again after each close for writing) and the subsystem and other
+    /// rules (systemd makes no `.device` unit of it). The thin devices: nothing but thinsnap and
+    /// the mounts it hands out reads them. It is not faster in the test VM (benches/NOTES.md,
+    /// the floor with both): what a resume waits for there is udev's dm rules, which run for
+    /// every device.
+    Private,
+}
+
+impl Udev {
+    /// The options of an ioctl on such a device, with `flags`.
+    pub fn options(self, flags: DmFlags) -> DmOptions {
+        match self {
+            Udev::Disk => DmOptions::default(),
+            Udev::Private => DmOptions::private(),
+        }
+        .set_flags(flags)
+    }
+}
+
 // BLKDISCARD = _IO(0x12, 119), argument: u64[2] {start, length} in bytes.
 nix::ioctl_write_ptr_bad!(blk_discard, 0x1277, [u64; 2]);
 
@@ -140,11 +169,13 @@ pub fn create_device(
     target: &str,
     sectors: u64,
     params: &str,
+    udev: Udev,
 ) -> Result<Device, PoolError> {
     let n = dm_name(name)?;
     let u = dm_uuid(uuid)?;
+    let opts = udev.options(DmFlags::empty());
     let info = dm
-        .device_create(&n, Some(&u), DmOptions::default())
+        .device_create(&n, Some(&u), opts)
         .map_err(dm_err("create", name))?;
     // Killed here, the device exists with no table (tests/vm_lazy.rs): the next activate
     // must make it again.
@@ -152,14 +183,11 @@ pub fn create_device(
     let id = DevId::Name(&n);
     let table = vec![(0u64, sectors, target.to_string(), params.to_string())];
     let loaded = dm
-        .table_load(&id, &table, DmOptions::default())
+        .table_load(&id, &table, opts)
         .map_err(dm_err("load table of", name))
-        .and_then(|_| {
-            dm.device_suspend(&id, DmOptions::default())
-                .map_err(dm_err("resume", name))
-        });
+        .and_then(|_| dm.device_suspend(&id, opts).map_err(dm_err("resume", name)));
     if let Err(e) = loaded {
-        if let Err(e2) = dm.device_remove(&id, DmOptions::default()) {
+        if let Err(e2) = dm.device_remove(&id, opts) {
             warn!(device = %name, error = %e2, "cannot remove half-made dm device");
         }
         return Err(e);
@@ -169,9 +197,10 @@ pub fn create_device(
     Ok(dev)
 }
 
-/// How long a removal waits out a device that is open but not mounted: udev's `blkid` opens a
-/// dm device for a moment after anything closes it for writing (mkfs, a discard, resize2fs), and
-/// the removal must not fail for that. LVM does the same (`activation/retry_deactivation`).
+/// How long a removal waits out a device that is open but not mounted: where udev runs its disk
+/// rules on a dm device ([`Udev::Disk`], or a device made before thinsnap made them private), its
+/// `blkid` opens the device for a moment after anything closes it for writing (mkfs, a discard,
+/// resize2fs, an unmount), and the removal must not fail for that. LVM does the same (`activation/retry_deactivation`).
 const BUSY_RETRIES: u32 = 30;
 const BUSY_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -179,7 +208,7 @@ const BUSY_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(1
 /// this mount namespace) is refused at once; one that is only open is waited for a few seconds.
 ///
 /// Returns [`PoolError::Busy`] if it stays open, or an error if an ioctl fails.
-pub fn remove_device(dm: &DM, name: &str) -> Result<(), PoolError> {
+pub fn remove_device(dm: &DM, name: &str, udev: Udev) -> Result<(), PoolError> {
     let n = dm_name(name)?;
     let id = DevId::Name(&n);
     let mut attempt = 0;
@@ -192,7 +221,7 @@ pub fn remove_device(dm: &DM, name: &str) -> Result<(), PoolError> {
             }
             Err(e) => return Err(dm_err("info", name)(e)),
             Ok(info) if info.open_count() > 0 => Some(info.device()),
-            Ok(info) => match dm.device_remove(&id, DmOptions::default()) {
+            Ok(info) => match dm.device_remove(&id, udev.options(DmFlags::empty())) {
                 Ok(_) => break,
                 Err(e) if errno_of(&e) == Some(Errno::ENXIO) => break,
                 Err(e) if errno_of(&e) == Some(Errno::EBUSY) => Some(info.device()),
@@ -269,6 +298,7 @@ fn remove_node(name: &str) {
 /// origin suspended when the message fails), when dropped, where a failure can only be logged.
 pub struct ResumeGuard<'a> {
     dm: &'a DM,
+    udev: Udev,
     /// `None` once resumed.
     name: Option<DmNameBuf>,
 }
@@ -281,7 +311,7 @@ impl ResumeGuard<'_> {
     /// resumes it ([`resume`]) if nothing else does first.
     pub fn resume(mut self) -> Result<(), PoolError> {
         match self.name.take() {
-            Some(name) => resume_name(self.dm, &name),
+            Some(name) => resume_name(self.dm, &name, self.udev),
             None => Ok(()),
         }
     }
@@ -290,15 +320,15 @@ impl ResumeGuard<'_> {
 impl Drop for ResumeGuard<'_> {
     fn drop(&mut self) {
         if let Some(name) = self.name.take() {
-            if let Err(e) = resume_name(self.dm, &name) {
+            if let Err(e) = resume_name(self.dm, &name, self.udev) {
                 warn!(device = %name.to_string(), error = %e, "cannot resume device: left suspended");
             }
         }
     }
 }
 
-fn resume_name(dm: &DM, name: &DmName) -> Result<(), PoolError> {
-    dm.device_suspend(&DevId::Name(name), DmOptions::default())
+fn resume_name(dm: &DM, name: &DmName, udev: Udev) -> Result<(), PoolError> {
+    dm.device_suspend(&DevId::Name(name), udev.options(DmFlags::empty()))
         .map(|_| ())
         .map_err(dm_err("resume", name.to_string()))
 }
@@ -306,8 +336,8 @@ fn resume_name(dm: &DM, name: &DmName) -> Result<(), PoolError> {
 /// Resumes dm device `name` (a suspend left behind by a process killed before its resume).
 ///
 /// Returns an error naming the device if the resume fails.
-pub fn resume(dm: &DM, name: &str) -> Result<(), PoolError> {
-    resume_name(dm, &dm_name(name)?)
+pub fn resume(dm: &DM, name: &str, udev: Udev) -> Result<(), PoolError> {
+    resume_name(dm, &dm_name(name)?, udev)
 }
 
 /// Whether the device `info` describes is suspended.
@@ -331,14 +361,15 @@ pub fn list_names(dm: &DM) -> Result<Vec<String>, PoolError> {
 /// dirty pages written first) and returns the guard that resumes it.
 ///
 /// Returns an error if the suspend fails; nothing is then left suspended.
-pub fn suspend<'a>(dm: &'a DM, name: &str) -> Result<ResumeGuard<'a>, PoolError> {
+pub fn suspend<'a>(dm: &'a DM, name: &str, udev: Udev) -> Result<ResumeGuard<'a>, PoolError> {
     let n = dm_name(name)?;
-    dm.device_suspend(
-        &DevId::Name(&n),
-        DmOptions::default().set_flags(DmFlags::DM_SUSPEND),
-    )
-    .map_err(dm_err("suspend", name))?;
-    Ok(ResumeGuard { dm, name: Some(n) })
+    dm.device_suspend(&DevId::Name(&n), udev.options(DmFlags::DM_SUSPEND))
+        .map_err(dm_err("suspend", name))?;
+    Ok(ResumeGuard {
+        dm,
+        udev,
+        name: Some(n),
+    })
 }
 
 /// Discards bytes `0..size_bytes` of the block device at `path` (BLKDISCARD).

@@ -15,7 +15,7 @@ use devicemapper::{Device, DM};
 use loopdev::{LoopControl, LoopDevice};
 use tracing::info;
 
-use super::ioctl::{create_device, SECTOR};
+use super::ioctl::{create_device, Udev, SECTOR};
 use super::{remove_file_if_exists, PoolError};
 use crate::config::Config;
 
@@ -289,7 +289,15 @@ pub fn provision(
             meta_dev.display(),
             data_dev.display()
         );
-        create_device(dm, name, uuid, "thin-pool", data_sectors, &params)?;
+        create_device(
+            dm,
+            name,
+            uuid,
+            "thin-pool",
+            data_sectors,
+            &params,
+            Udev::Disk,
+        )?;
         info!(pool = %name, data = %data_dev.display(), metadata = %meta_dev.display(),
               data_bytes = data_sectors * SECTOR, block_bytes = block, "created thin pool");
     }

@@ -7,6 +7,7 @@ use super::{pool_params, thin_uuid_prefix};
 use crate::config::{Config, PoolMode};
 use crate::pool::ioctl::{
     self, device_exists, device_info, dm_err, dm_name, errno_of, open_dm, remove_device, table_of,
+    Udev,
 };
 use crate::pool::{loopback, lvm, PoolError, ThinId};
 
@@ -55,7 +56,7 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
             let table_ok = matches!(table_of(&dm, &n, true)?.as_slice(),
                 [(_, _, t, p)] if t == "thin" && p.trim() == want);
             if uuid_ok && table_ok {
-                remove_device(&dm, &n)?;
+                remove_device(&dm, &n, Udev::Private)?;
                 info!(device = %n, "removed dm device");
             } else {
                 warn!(device = %n, "dm device with our name prefix is not a thin device of this pool; left alone");
@@ -83,7 +84,7 @@ pub fn destroy(config: &Config, thin_ids: &[ThinId], remove_files: bool) -> Resu
         }
         PoolMode::Loop => {
             if exists {
-                remove_device(&dm, name)?;
+                remove_device(&dm, name, Udev::Disk)?;
                 info!(pool = %name, "removed thin pool");
             }
             loopback::release(&config.pool_dir(), remove_files)?;
