@@ -102,8 +102,13 @@ impl Engine {
         }
         crate::failpoint!("commit:after-record");
         info!(key, name, thin_id = id.get(), mapped, "committed snapshot");
-        // A layer just committed is the likeliest next parent: a spare of it is wanted.
-        self.spares.touch(name);
+        // A layer just committed is the likeliest next parent: a spare of it is wanted; one
+        // committed by an image unpack only once the unpack has gone quiet on it.
+        if super::spares::is_unpack_key(key) {
+            self.spares.unpacked(name);
+        } else {
+            self.spares.touch(name);
+        }
         Ok(())
     }
 

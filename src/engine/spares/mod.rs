@@ -55,6 +55,22 @@ pub(super) const BUSY_GRACE: Duration = Duration::from_millis(100);
 /// round took: it takes at most 1 / (1 + this) of the time (a third with 2).
 pub(super) const BUSY_REST_FACTOR: u32 = 2;
 
+/// How long a layer committed by an image unpack waits before a spare of it is wanted: the
+/// unpack's next Prepare on it (the next layer) comes within this if the layer is not the image's
+/// top, and a spare made meanwhile would be deleted again, having cost the unpack's calls a share
+/// of the kernel for nothing.
+pub(super) const UNPACK_QUIET: Duration = Duration::from_secs(1);
+
+/// Whether `key` is the key containerd's unpacker gives the snapshot it applies a layer into:
+/// `extract-<unique> <chain id>` (containerd's `snapshots.UnpackKeyFormat`; Docker's containerd
+/// image store and the CRI pull through that unpacker).
+pub(crate) fn is_unpack_key(key: &str) -> bool {
+    key.strip_prefix("extract-").is_some_and(|rest| {
+        rest.split_once(' ')
+            .is_some_and(|(u, c)| !u.is_empty() && !c.is_empty())
+    })
+}
+
 /// What the engine keeps of spares in memory. The parent key `""` stands for the base.
 #[derive(Default)]
 struct Inner {
@@ -64,6 +80,9 @@ struct Inner {
     recent: VecDeque<String>,
     /// Times of the Prepares and Views on each parent within [`DEMAND_WINDOW`], oldest first.
     uses: HashMap<String, VecDeque<Instant>>,
+    /// Layers committed by an image unpack, with when: not wanted before [`UNPACK_QUIET`] has
+    /// passed (unless a Prepare or View that is not an unpack's uses one meanwhile).
+    unpacked: HashMap<String, Instant>,
 }
 
 impl Inner {
@@ -204,8 +223,52 @@ impl Spares {
                 .collect();
             inner.uses.retain(|p, _| keep.contains(p));
             let _ = inner.demand(parent, now);
+            // Used by a container or a view: wanted now, unpacked or not.
+            inner.unpacked.remove(parent);
         }
         self.touch(parent);
+    }
+
+    /// A Prepare of containerd's unpacker on `parent` (`""`: the base): `parent` is a layer
+    /// below the one being unpacked, which containers do not start on; it is wanted no more. A
+    /// spare of it already ready may still serve this call; the refiller deletes what is left.
+    fn unpacking_on(&self, parent: &str) {
+        if self.target == 0 || parent.is_empty() {
+            return;
+        }
+        let mut inner = self.inner();
+        inner.recent.retain(|p| p != parent);
+        inner.uses.remove(parent);
+        inner.unpacked.remove(parent);
+        drop(inner);
+        self.poke.notify_one();
+    }
+
+    /// Layer `name` was just committed by an image unpack: it goes first in the wanted origins
+    /// as a committed layer does, but is wanted only once [`UNPACK_QUIET`] has passed without
+    /// the unpack's next layer being prepared on it (see [`Spares::unpack_due`]).
+    pub(super) fn unpacked(&self, name: &str) {
+        if self.target == 0 {
+            return;
+        }
+        let mut inner = self.inner();
+        inner.unpacked.insert(name.to_string(), Instant::now());
+        // Bounded: only layers still among the recent ones keep their time.
+        drop(inner);
+        self.touch(name);
+        let mut inner = self.inner();
+        let recent: Vec<String> = inner.recent.iter().cloned().collect();
+        inner.unpacked.retain(|p, _| recent.contains(p));
+    }
+
+    /// When the oldest layer committed by an unpack becomes wanted, if one waits: the refiller
+    /// looks again then.
+    pub(super) fn unpack_due(&self) -> Option<Instant> {
+        self.inner()
+            .unpacked
+            .values()
+            .min()
+            .map(|t| *t + UNPACK_QUIET)
     }
 
     /// `parent` was just used or committed: it goes first in the wanted origins.
@@ -230,6 +293,7 @@ impl Spares {
         let mut inner = self.inner();
         inner.recent.retain(|p| p != parent);
         inner.uses.remove(parent);
+        inner.unpacked.remove(parent);
         inner.ready.remove(parent);
     }
 
@@ -254,8 +318,17 @@ impl Spares {
     fn wanted(&self) -> Vec<(String, usize)> {
         let now = Instant::now();
         let mut inner = self.inner();
+        inner
+            .unpacked
+            .retain(|_, at| now.duration_since(*at) < UNPACK_QUIET);
         let origins: Vec<String> = std::iter::once(String::new())
-            .chain(inner.recent.iter().cloned())
+            .chain(
+                inner
+                    .recent
+                    .iter()
+                    .filter(|p| !inner.unpacked.contains_key(*p))
+                    .cloned(),
+            )
             .take(self.target)
             .collect();
         let demand: Vec<usize> = origins.iter().map(|p| inner.demand(p, now)).collect();
@@ -336,7 +409,11 @@ impl Engine {
         if sp.target == 0 {
             return Ok(None);
         }
-        sp.used(parent);
+        if is_unpack_key(key) {
+            sp.unpacking_on(parent);
+        } else {
+            sp.used(parent);
+        }
         let spare = sp.inner().take(parent);
         let Some(spare) = spare else {
             sp.missed.fetch_add(1, Ordering::Relaxed);
@@ -416,10 +493,17 @@ impl Engine {
             return;
         }
         loop {
+            let due = self.spares.unpack_due();
             tokio::select! {
                 biased;
                 _ = stopped(&mut stop) => return,
                 _ = self.spares.poke.notified() => {}
+                _ = async {
+                    match due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
             }
             // While calls are in flight: when the next round may start (see the module doc).
             let mut busy_turn: Option<Instant> = None;

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use super::tests::{no_labels, prep, restart_with_settings, setup_with, T};
 use super::*;
 use crate::config::FsConfig;
-use crate::engine::spares::{BUSY_GRACE, DEMAND_WINDOW};
+use crate::engine::spares::{is_unpack_key, BUSY_GRACE, DEMAND_WINDOW, UNPACK_QUIET};
 use crate::store::SPARE_OWNER;
 
 fn settings(count: u32) -> Settings {
@@ -617,4 +617,119 @@ async fn an_origin_in_demand_gets_more_spares_within_the_count_until_its_demand_
     }
     t.engine.refill_until_idle().await;
     assert_eq!((t.engine.spares_of(""), t.engine.spares_of("c1")), (1, 1));
+}
+
+#[test]
+fn the_unpackers_keys_are_recognised() {
+    assert!(is_unpack_key("extract-123456-abcd sha256:0f1e"));
+    assert!(is_unpack_key("extract-1 c"));
+    for other in [
+        "extract-",
+        "extract-1",
+        "extract- sha256:0f",
+        "extract-1 ",
+        "x-extract-1 c",
+        "extract1 c",
+        "ctr-1",
+    ] {
+        assert!(!is_unpack_key(other), "{other:?}");
+    }
+}
+
+/// One layer of an unpack as containerd's unpacker makes it: Prepare `extract-<n> <name>` on
+/// `parent`, Commit as `name`.
+async fn unpack_layer(t: &T, n: usize, name: &str, parent: &str) {
+    let key = format!("extract-{n} {name}");
+    prep(t, &key, parent).await.expect("unpack prepare");
+    t.engine
+        .commit(name, &key, no_labels())
+        .await
+        .expect("unpack commit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unpack_gets_a_spare_of_its_top_layer_only_once_it_has_gone_quiet() {
+    let t = spares_on(8);
+    t.engine.refill_until_idle().await;
+    assert_eq!(t.engine.spares_of(""), 1);
+    // The unpack's first layer takes the base's spare; no spare of a layer is made while the
+    // unpack goes on, however often the refiller looks.
+    let snaps = t.pool.count("create_snap");
+    unpack_layer(&t, 0, "l0", "").await;
+    assert_eq!(
+        t.pool.count("create_snap"),
+        snaps,
+        "the first layer made a device"
+    );
+    t.engine.refill_until_idle().await;
+    assert_eq!(
+        t.engine.spares_of("l0"),
+        0,
+        "a spare of a layer the unpack goes on from"
+    );
+    unpack_layer(&t, 1, "l1", "l0").await;
+    t.engine.refill_until_idle().await;
+    unpack_layer(&t, 2, "l2", "l1").await;
+    t.engine.refill_until_idle().await;
+    assert_eq!(
+        (
+            t.engine.spares_of("l0"),
+            t.engine.spares_of("l1"),
+            t.engine.spares_of("l2")
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(t.engine.spares_of(""), 1, "the base's spare is made again");
+    // Quiet: the top layer, where the containers will start, gets its spare; the layers below
+    // it never do.
+    tokio::time::advance(UNPACK_QUIET).await;
+    t.engine.refill_until_idle().await;
+    assert_eq!(
+        (
+            t.engine.spares_of("l0"),
+            t.engine.spares_of("l1"),
+            t.engine.spares_of("l2")
+        ),
+        (0, 0, 1)
+    );
+    assert_no_leak(&t, "after the unpack");
+    // A container on a layer below the top (not an unpack's Prepare) wants that layer at once.
+    prep(&t, "ctr", "l1").await.expect("prepare a container");
+    t.engine.refill_until_idle().await;
+    assert_eq!(t.engine.spares_of("l1"), 1);
+    // A spare made before the unpack went on from its layer serves the unpack's Prepare, and
+    // the layer is wanted no more.
+    let before = t.pool.count("create_snap");
+    unpack_layer(&t, 3, "l3", "l2").await;
+    assert_eq!(
+        t.pool.count("create_snap"),
+        before,
+        "l2's spare was not taken"
+    );
+    tokio::time::advance(UNPACK_QUIET).await;
+    t.engine.refill_until_idle().await;
+    assert_eq!((t.engine.spares_of("l2"), t.engine.spares_of("l3")), (0, 1));
+    assert_no_leak(&t, "after the second unpack");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_refiller_task_makes_the_top_layers_spare_once_the_unpack_is_quiet() {
+    let t = spares_on(8);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let engine = t.engine.clone();
+    let task = tokio::spawn(async move { engine.run_spares(stop_rx).await });
+    unpack_layer(&t, 0, "l0", "").await;
+    unpack_layer(&t, 1, "l1", "l0").await;
+    // Nothing pokes the refiller after the last Commit: it wakes by itself once the quiet time
+    // has passed.
+    tokio::time::sleep(UNPACK_QUIET * 2).await;
+    for _ in 0..100 {
+        if t.engine.spares_of("l1") == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!((t.engine.spares_of("l0"), t.engine.spares_of("l1")), (0, 1));
+    stop_tx.send(true).expect("stop");
+    task.await.expect("refiller");
 }
