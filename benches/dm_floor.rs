@@ -13,6 +13,14 @@
 //!   has no device, as after a reboot (the floor of thinsnap's lazy activation on a first Mounts);
 //!   its device is removed again, untimed.
 //!
+//!
+//! Each series runs twice: with `DmOptions::default()` (udev runs every rule for the new device,
+//! as it does for a disk) and, as `*_private`, with the udev flags of a private device
+//! (`DmOptions::private()`: udev makes `/dev/mapper/NAME` but skips the disk rules, no `blkid`
+//! probe, no `by-uuid` links, no inotify watch, and the subsystem and other rules). Where udev
+//! runs, the resume and the remove wait for udev's rules (the cookie), so the two show what udev
+//! costs each call.
+//!
 //! Usage (root, a kernel with dm-thin):
 //!   dm_floor --pool NAME --ops N --chain DEPTH --base-size BYTES --out FILE.json
 //! `cargo bench --bench dm_floor` passes `--bench`, which is ignored.
@@ -102,6 +110,8 @@ struct Floor {
     pool: DmNameBuf,
     pool_dev: String,
     size_sectors: u64,
+    /// Options of the ioctls that make a uevent (create, load, resume, remove).
+    opts: DmOptions,
 }
 
 impl Floor {
@@ -121,7 +131,7 @@ impl Floor {
         let name = self.name(id)?;
         let t0 = Instant::now();
         self.dm
-            .device_create(&name, None, DmOptions::default())
+            .device_create(&name, None, self.opts)
             .map_err(|e| format!("create {}: {e}", &*name))?;
         let t1 = Instant::now();
         let table = vec![(
@@ -131,11 +141,11 @@ impl Floor {
             format!("{} {id}", self.pool_dev),
         )];
         self.dm
-            .table_load(&DevId::Name(&name), &table, DmOptions::default())
+            .table_load(&DevId::Name(&name), &table, self.opts)
             .map_err(|e| format!("load {}: {e}", &*name))?;
         let t2 = Instant::now();
         self.dm
-            .device_suspend(&DevId::Name(&name), DmOptions::default())
+            .device_suspend(&DevId::Name(&name), self.opts)
             .map_err(|e| format!("resume {}: {e}", &*name))?;
         let t3 = Instant::now();
         Ok([t1 - t0, t2 - t1, t3 - t2])
@@ -144,7 +154,7 @@ impl Floor {
     fn remove(&self, id: u32) -> Result<(), BoxError> {
         let name = self.name(id)?;
         self.dm
-            .device_remove(&DevId::Name(&name), DmOptions::default())
+            .device_remove(&DevId::Name(&name), self.opts)
             .map_err(|e| format!("remove {}: {e}", &*name))?;
         Ok(())
     }
@@ -262,11 +272,12 @@ fn run(args: &Args) -> Result<serde_json::Value, BoxError> {
     let pool = DmNameBuf::new(args.pool.clone())?;
     let info = dm.device_info(&DevId::Name(&pool))?;
     let pool_dev = info.device().to_string();
-    let f = Floor {
+    let mut f = Floor {
         dm,
         pool,
         pool_dev,
         size_sectors: args.base_size / SECTOR,
+        opts: DmOptions::default(),
     };
     let base = 1;
     make_base(&f, base)?;
@@ -281,6 +292,9 @@ fn run(args: &Args) -> Result<serde_json::Value, BoxError> {
     let no_parent = series(&f, base, 1000, args.ops)?;
     let with_parent = series(&f, top, 1000, args.ops)?;
     let wall = t0.elapsed();
+    f.opts = DmOptions::private();
+    let no_parent_private = series(&f, base, 1000, args.ops)?;
+    let with_parent_private = series(&f, top, 1000, args.ops)?;
     let sum = |m: &BTreeMap<String, Samples>| -> serde_json::Value {
         m.iter()
             .map(|(k, v)| (k.clone(), v.summary()))
@@ -299,6 +313,9 @@ fn run(args: &Args) -> Result<serde_json::Value, BoxError> {
         "wall_s": wall.as_secs_f64(),
         "no_parent": sum(&no_parent),
         "with_parent": sum(&with_parent),
+        "no_parent_private": sum(&no_parent_private),
+        "with_parent_private": sum(&with_parent_private),
+        "udev_running": Path::new("/run/udev/control").exists(),
     }))
 }
 

@@ -25,7 +25,7 @@ V=${BENCH_DOCKER_VERSION:-28.5.2}
 RUNS=${BENCH_DOCKER_RUNS:-30}
 WARM=${BENCH_DOCKER_WARMUP:-3}
 COMMITS=${BENCH_DOCKER_COMMITS:-5}
-SPARES=${BENCH_SPARES:-4}
+SPARES=${BENCH_SPARES:-8}
 BIN0=${THINSNAP_BIN:-$REPO/target/release/thinsnap}
 IMAGES=${E2E_IMAGES:-$REPO/integration/.results/e2e-images}
 REGISTRY=127.0.0.1:5002
@@ -123,6 +123,16 @@ pct() { sort -n "$1" | awk -v p="$2" '{a[NR] = $1} END {r = int((p * NR + 99) / 
 
 echo -e "storage\tmeasure\tms" >"$TSV"
 declare -A P50 P99 CRUN CSTOP
+# With spares on, before each run (untimed): the refiller has settled, its ready count above 0
+# and unchanged for a second (at most 60 s), as after a quiet spell on a node.
+settle_spares() {
+  local t0=$SECONDS last=-1 same=0 n
+  while ((SECONDS - t0 < 60 && same < 5)); do
+    n=$(thinsnap status --config "$W/s/thinsnap.toml" --json | jq -r '.spares.ready')
+    if [[ $n == "$last" && $n != 0 ]]; then same=$((same + 1)); else same=0 last=$n; fi
+    sleep 0.2
+  done
+}
 STORAGES=("thinsnap-0" "thinsnap-$SPARES" overlayfs)
 ((SPARES > 0)) || STORAGES=("thinsnap-0" overlayfs)
 for s in "${STORAGES[@]}"; do
@@ -131,7 +141,7 @@ for s in "${STORAGES[@]}"; do
   for ((i = 0; i < WARM; i++)); do docker run --rm --network none "$IMG" /bin/busybox true >/dev/null || die "docker run on $s"; done
   : >"$W/runs"
   for ((i = 0; i < RUNS; i++)); do
-    [[ $s == thinsnap-[1-9]* ]] && { t0=$SECONDS; until thinsnap status --config "$W/s/thinsnap.toml" --json | jq -e '.spares.ready > 0' >/dev/null; do ((SECONDS - t0 > 60)) && break; sleep 0.2; done; }
+    [[ $s == thinsnap-[1-9]* ]] && settle_spares
     a=$(ms)
     docker run --rm --network none "$IMG" /bin/busybox true >/dev/null || die "docker run on $s"
     b=$(ms)
@@ -159,7 +169,7 @@ kill "$REG_PID" 2>/dev/null
 
 {
   echo "Docker $V on containerd $CDV, thinsnap $("$W/bin/thinsnap" --version 2>/dev/null), kernel $(uname -r), $(nproc) vCPUs (software emulation)."
-  echo "\`docker run --rm --network none\` of a small busybox image, $RUNS runs after $WARM unmeasured (with spares on, each run starts once a spare is ready: the refiller's own time is not in the figure); \`docker commit\` (default pause) of a running container with a 1 MiB file against the same commit after \`docker stop\`, median of $COMMITS."
+  echo "\`docker run --rm --network none\` of a small busybox image, $RUNS runs after $WARM unmeasured (with spares on, each run starts once the refiller has settled, its ready count unchanged for a second: the refiller's own time is not in the figure); \`docker commit\` (default pause) of a running container with a 1 MiB file against the same commit after \`docker stop\`, median of $COMMITS."
   echo
   echo "| storage | run p50 (ms) | run p99 (ms) | commit running, median (ms) | commit stopped, median (ms) |"
   echo "|---|---|---|---|---|"

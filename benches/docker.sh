@@ -7,7 +7,7 @@
 #
 # Environment (defaults in brackets): BENCH_DOCKER_VERSION [28.5.2] (26.1.5 runs on containerd
 # 1.7.24, 28.5.2 on 2.1.9; both from integration/fetch-containerd.sh), BENCH_DOCKER_RUNS [30],
-# BENCH_DOCKER_WARMUP [3], BENCH_DOCKER_COMMITS [5], BENCH_SPARES [4]; THINSNAP_BIN (default
+# BENCH_DOCKER_WARMUP [3], BENCH_DOCKER_COMMITS [5], BENCH_SPARES [8, thinsnap's default count]; THINSNAP_BIN (default
 # target/release/thinsnap, built here unless BENCH_SKIP_BUILD=1); BENCH_RESULTS (default
 # benches/.results/docker-<date>); BENCH_REPORT [benches/RESULTS.md]; VM_TIMEOUT [3600].
 set -euo pipefail

@@ -208,7 +208,8 @@ run_floor() {
 # devmapper and containerd's overlayfs (both in process), each on a fresh pool (overlayfs: a fresh
 # directory) of this storage.
 cs_common=(-mode cstart -containers "$CONTAINERS" -layers "${BENCH_LAYERS:-5}" -ops "${BENCH_OPS:-500}"
-  -burst "${BENCH_BURST:-10}" -bursts "${BENCH_BURSTS:-3}")
+  -burst "${BENCH_BURST:-10}" -bursts "${BENCH_BURSTS:-3}"
+  -unpack-layers "${BENCH_UNPACK_LAYERS:-6}" -unpacks "${BENCH_UNPACKS:-3}")
 run_cstart_ts() {
   local p=bcs$SFX d=$BASE/bcs spares=${1:-0} name=cstart-ts
   ((spares > 0)) && name=cstart-ts-spares

@@ -19,6 +19,7 @@
 # (d): BENCH_FILL_CLIENTS [16], BENCH_FIRST_MOUNTS [20]; BENCH_RESULTS (the
 # results dir, default benches/.results/run-<date>); BENCH_REPORT (default benches/RESULTS.md);
 # BENCH_BURST [10] Prepares at once on the image's top layer, BENCH_BURSTS [3] bursts;
+# (j) unpacks: BENCH_UNPACKS [3] images of BENCH_UNPACK_LAYERS [6] layers (0: none);
 # BENCH_PROFILE [release] or debug (a debug daemon, no floor phase); BENCH_PHASE_SPARES [0]: the
 # thinsnap and startup phases with spares off, or `default` (thinsnap's default count);
 # BENCH_SKIP_BUILD=1 reuses target/release as it is (the Go driver is always rebuilt: seconds);

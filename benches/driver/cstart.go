@@ -8,11 +8,11 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"os/exec"
 	"flag"
 	"fmt"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -172,6 +172,26 @@ func (w *spareWatch) wait() {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	w.waitTotal += time.Since(t)
+}
+
+// settle blocks (untimed) until thinsnap's ready spares have not changed for a second, at most
+// -spare-wait: the refiller has done what it wanted, as after a quiet spell on a node. Nothing
+// with spares off.
+func (w *spareWatch) settle() {
+	if !w.on {
+		return
+	}
+	t := time.Now()
+	last, since := -1.0, time.Now()
+	for time.Since(since) < time.Second && time.Since(t) < *csSpareWait {
+		v, _ := spareCount(w.url, "ready")
+		if v != last {
+			last, since = v, time.Now()
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	w.waits++
 	w.waitTotal += time.Since(t)
 }
 
@@ -372,6 +392,15 @@ func runCstart() {
 		res["burst"] = bursts(ctx, sn, tag+"-b", top, *csBurst, *csBursts, sw3)
 		if sw3.url != "" {
 			res["burst_spares"] = sw3.counts()
+		}
+		writeJSON(*out+".partial", res)
+	}
+	if *upLayers > 0 && *upRounds > 0 {
+		logf("cstart: %d unpacks of an image of %d layers", *upRounds, *upLayers)
+		sw4 := newSpareWatch(url, on)
+		res["unpack"] = unpacks(ctx, sn, tag+"-u", *upLayers, *upRounds, *upKiB, sw4.settle)
+		if sw4.url != "" {
+			res["unpack_spares"] = sw4.counts()
 		}
 		writeJSON(*out+".partial", res)
 	}

@@ -55,6 +55,30 @@ type cstartResult struct {
 	ParentLatency map[string]Stats   `json:"parent_latency"`
 	ParentSpares  map[string]float64 `json:"parent_latency_spares"`
 	MemoryAfter   map[string]int64   `json:"memory_after"`
+	// (i) and (j); zero when the run had none.
+	Burst        burstResult        `json:"burst"`
+	BurstSpares  map[string]float64 `json:"burst_spares"`
+	Unpack       unpackResult       `json:"unpack"`
+	UnpackSpares map[string]float64 `json:"unpack_spares"`
+}
+
+// burstResult is (i): every call's latency over all bursts, and each burst's wall time.
+type burstResult struct {
+	N       int   `json:"n"`
+	Rounds  int   `json:"rounds"`
+	Prepare Stats `json:"prepare"`
+	Wall    Stats `json:"wall"`
+}
+
+// unpackResult is (j): the whole unpack of an image, and each layer's steps.
+type unpackResult struct {
+	Layers   int   `json:"layers"`
+	Rounds   int   `json:"rounds"`
+	TarBytes int   `json:"tar_bytes"`
+	Unpack   Stats `json:"unpack"`
+	Prepare  Stats `json:"prepare"`
+	Apply    Stats `json:"apply"`
+	Commit   Stats `json:"commit"`
 }
 
 type startupResult struct {
@@ -93,6 +117,10 @@ type floorResult struct {
 	Chain      int              `json:"chain"`
 	NoParent   map[string]Stats `json:"no_parent"`
 	WithParent map[string]Stats `json:"with_parent"`
+	// The same series with the udev flags of a private device (absent in runs before them).
+	NoParentPrivate   map[string]Stats `json:"no_parent_private"`
+	WithParentPrivate map[string]Stats `json:"with_parent_private"`
+	UdevRunning       bool             `json:"udev_running"`
 }
 
 // load reads NAME from the first of the comma-separated dirs that has it, or else the partial
@@ -187,9 +215,10 @@ type storage struct {
 	ts, dm                                  snapResult
 	st                                      startupResult
 	fl                                      floorResult
-	csOff, csOn, csDM                       cstartResult
+	csOff, csOn, csDM, csOV                 cstartResult
 	haveTS, haveDM, haveST, haveFL          bool
 	haveCSOff, haveCSOn, haveCSDM, csOnSkip bool
+	haveCSOV                                bool
 }
 
 func loadStorage(name, sfx string) *storage {
@@ -201,11 +230,12 @@ func loadStorage(name, sfx string) *storage {
 	s.haveCSOff = loadFinal(*dir, "cstart-ts"+sfx+".json", &s.csOff)
 	s.haveCSOn = loadFinal(*dir, "cstart-ts-spares"+sfx+".json", &s.csOn)
 	s.haveCSDM = loadFinal(*dir, "cstart-dm"+sfx+".json", &s.csDM)
+	s.haveCSOV = loadFinal(*dir, "cstart-ov"+sfx+".json", &s.csOV)
 	return s
 }
 
 func (s *storage) any() bool {
-	return s.haveTS || s.haveDM || s.haveST || s.haveFL || s.haveCSOff || s.haveCSOn || s.haveCSDM
+	return s.haveTS || s.haveDM || s.haveST || s.haveFL || s.haveCSOff || s.haveCSOn || s.haveCSDM || s.haveCSOV
 }
 
 // loadFinal is load without the .partial fallback: a spares-on run that failed its check leaves

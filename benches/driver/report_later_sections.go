@@ -59,8 +59,18 @@ func reportNew(w func(string, ...interface{}), s *storage) {
 		}
 		row(onName, s.csOn, s.haveCSOn, s.csOnMissing(), s.csOn.StartSpares)
 		row("containerd devmapper", s.csDM, s.haveCSDM, "not run", nil)
+		row("containerd overlayfs", s.csOV, s.haveCSOV, "not run", nil)
+		if s.haveCSOV {
+			w("")
+			w("Against overlayfs (this / overlayfs, start p50): thinsnap spares off %s, spares on %s, devmapper %s.",
+				ratioIf(s.haveCSOff, p50(s.csOff.Start["start"]), p50(s.csOV.Start["start"])),
+				ratioIf(s.haveCSOn, p50(s.csOn.Start["start"]), p50(s.csOV.Start["start"])),
+				ratioIf(s.haveCSDM, p50(s.csDM.Start["start"]), p50(s.csOV.Start["start"])))
+		}
 		w("")
 	}
+	reportBurstUnpack(w, s)
+	reportFloorUdev(w, s)
 	if s.haveCSOff || s.haveCSOn {
 		w("## (h) Prepare and View on a parent, spares off and on")
 		w("")
@@ -264,5 +274,133 @@ func sideBySide(w func(string, ...interface{}), stors []*storage) {
 		}
 		return fmt.Sprintf("%s (%s / %s)", mib(m["vmrss_kb"]), mib(m["rss_anon_kb"]), mib(m["rss_file_kb"]))
 	})
+	w("")
+}
+
+// ratioIf is ratio(a, b) when have, "not run" otherwise.
+func ratioIf(have bool, a, b float64) string {
+	if !have {
+		return "not run"
+	}
+	return ratio(a, b)
+}
+
+// variants are the cstart runs of one storage, in the order of the tables.
+func (s *storage) variants() []struct {
+	name string
+	r    cstartResult
+	have bool
+	sp   func(cstartResult) map[string]float64
+} {
+	on := "thinsnap, spares on"
+	if s.haveCSOn {
+		on = fmt.Sprintf("thinsnap, spares on (count %d)", s.csOn.Spares)
+	}
+	type v = struct {
+		name string
+		r    cstartResult
+		have bool
+		sp   func(cstartResult) map[string]float64
+	}
+	none := func(cstartResult) map[string]float64 { return nil }
+	return []v{
+		{"thinsnap, spares off", s.csOff, s.haveCSOff, none},
+		{on, s.csOn, s.haveCSOn, nil},
+		{"containerd devmapper", s.csDM, s.haveCSDM, none},
+		{"containerd overlayfs", s.csOV, s.haveCSOV, none},
+	}
+}
+
+// reportBurstUnpack writes (i) the burst and (j) the unpack of an image, when the run had them.
+func reportBurstUnpack(w func(string, ...interface{}), s *storage) {
+	vs := s.variants()
+	anyBurst, anyUnpack := false, false
+	for _, v := range vs {
+		anyBurst = anyBurst || (v.have && v.r.Burst.N > 0)
+		anyUnpack = anyUnpack || (v.have && v.r.Unpack.Layers > 0)
+	}
+	if anyBurst {
+		b := vs[0].r.Burst
+		for _, v := range vs {
+			if v.have && v.r.Burst.N > 0 {
+				b = v.r.Burst
+				break
+			}
+		}
+		w("## (i) A burst: %d Prepares at once on the image's top layer", b.N)
+		w("")
+		w("%d bursts of %d Prepares started together (one goroutine each) on the top layer of (g), in the same daemon or snapshotter right after (g); p50/p99 over every call of every burst, and the median wall time of a burst (first call's start to last call's end). With spares on, each burst starts once the wanted spares are ready (untimed), as after a quiet spell.", b.Rounds, b.N)
+		w("")
+		w("| variant | call p50 | call p99 | burst wall p50 | devmapper / this (p50) | this / overlayfs (p50) | spares |")
+		w("|---|---|---|---|---|---|---|")
+		dm, ov := p50(s.csDM.Burst.Prepare), p50(s.csOV.Burst.Prepare)
+		for _, v := range vs {
+			if !v.have || v.r.Burst.N == 0 {
+				w("| %s | not run | | | | | |", v.name)
+				continue
+			}
+			sp := v.r.BurstSpares
+			if v.sp != nil {
+				sp = v.sp(v.r)
+			}
+			x := v.r.Burst
+			w("| %s | %s | %s | %s | %s | %s | %s |", v.name, ms(x.Prepare.P50), ms(x.Prepare.P99), ms(x.Wall.P50),
+				ratioIf(s.haveCSDM, dm, p50(x.Prepare)), ratioIf(s.haveCSOV, p50(x.Prepare), ov), sparesCounts(sp))
+		}
+		w("")
+	}
+	if anyUnpack {
+		u := vs[0].r.Unpack
+		for _, v := range vs {
+			if v.have && v.r.Unpack.Layers > 0 {
+				u = v.r.Unpack
+				break
+			}
+		}
+		w("## (j) Unpack of an image of %d layers", u.Layers)
+		w("")
+		w("%d unpacks, each of a new image of %d layers (%.1f MiB of tar in all), as containerd's unpacker does it: per layer Stat, Prepare of `extract-<unique> <chain id>` on the layer below, mount, containerd's `archive.Apply`, unmount, Commit. The tars are in memory (a pull's fetch is the same for every snapshotter and left out), and no time passes between layers. With spares on, each unpack starts once the refiller has settled.", u.Rounds, u.Layers, float64(u.TarBytes)/(1<<20))
+		w("")
+		w("| variant | unpack p50 | unpack p99 | per layer: Prepare p50 | apply p50 | Commit p50 | devmapper / this (p50) | this / overlayfs (p50) | spares |")
+		w("|---|---|---|---|---|---|---|---|---|")
+		dm, ov := p50(s.csDM.Unpack.Unpack), p50(s.csOV.Unpack.Unpack)
+		for _, v := range vs {
+			if !v.have || v.r.Unpack.Layers == 0 {
+				w("| %s | not run | | | | | | | |", v.name)
+				continue
+			}
+			sp := v.r.UnpackSpares
+			if v.sp != nil {
+				sp = v.sp(v.r)
+			}
+			x := v.r.Unpack
+			w("| %s | %s | %s | %s | %s | %s | %s | %s | %s |", v.name, ms(x.Unpack.P50), ms(x.Unpack.P99), ms(x.Prepare.P50), ms(x.Apply.P50), ms(x.Commit.P50),
+				ratioIf(s.haveCSDM, dm, p50(x.Unpack)), ratioIf(s.haveCSOV, p50(x.Unpack), ov), sparesCounts(sp))
+		}
+		w("")
+	}
+}
+
+// reportFloorUdev writes the floor's steps with udev's default rules against a private device's
+// flags, when the floor ran both.
+func reportFloorUdev(w func(string, ...interface{}), s *storage) {
+	if !s.haveFL || len(s.fl.WithParentPrivate) == 0 {
+		return
+	}
+	w("## (f') The floor with udev's rules and with a private device's flags")
+	w("")
+	w("The floor's series twice (udev running in the VM: %v): with `DmOptions::default()` (udev runs every rule for each new device, as for a disk: `blkid` probe, `by-uuid` links, inotify watch) and with `DmOptions::private()` (udev makes `/dev/mapper/NAME` and skips the disk, subsystem and other rules), which thinsnap's thin devices use. The resume and the remove wait for udev's rules to finish (the cookie).", s.fl.UdevRunning)
+	w("")
+	w("| step | case | default p50 | private p50 | default / private |")
+	w("|---|---|---|---|---|")
+	for _, c := range []struct {
+		name      string
+		def, priv map[string]Stats
+	}{{"no parent", s.fl.NoParent, s.fl.NoParentPrivate}, {"with parent", s.fl.WithParent, s.fl.WithParentPrivate}} {
+		for _, k := range []string{"prepare", "prepare.resume", "commit", "activate", "remove_active"} {
+			d, p := c.def[k], c.priv[k]
+			w("| %s | %s | %s | %s | %s |", k, c.name, ms(d.P50), ms(p.P50), ratio(p50(d), p50(p)))
+		}
+	}
 	w("")
 }
