@@ -16,7 +16,8 @@
 //! RemoveContainer, StopPodSandbox, RemovePodSandbox; a pod on the pod network (CNI bridge:
 //! PodSandboxStatus has an address, its container runs on a thin device); a pod annotated with
 //! containerd's `containerd.io/snapshot/max-size` (its sandbox's device has that size, its
-//! filesystem grown; a value in units fails naming the label); RemoveImage; then, after
+//! filesystem grown; a value in units fails naming the label); ten pods at once (each on an
+//! active snapshot of its own; their latencies printed as `MEASURE:`); RemoveImage; then, after
 //! containerd's GC, no snapshot, thin device or thin id left (`thinsnap status --json`,
 //! `dmsetup ls`, /proc/mounts).
 //!
@@ -843,7 +844,95 @@ async fn main_scenario(ctx: &mut Ctx, a: &Args) {
     }
     pod_network(ctx, &image).await;
     max_size_annotation(ctx).await;
+    pod_burst(ctx).await;
     remove_images_and_check_empty(ctx, &image).await;
+}
+
+/// Pods created at once in [`pod_burst`].
+const BURST: usize = 10;
+
+/// Ten pods at once, as a Deployment scaling up on one node: ten RunPodSandbox calls started
+/// together (host network; the pause image is pulled already). Every one must succeed, each
+/// with an active thinsnap snapshot of its own; then all are removed. The calls' latencies are
+/// printed as `MEASURE:` (a measurement benches/NOTES.md cites, never asserted: timing is not
+/// a test).
+async fn pod_burst(ctx: &mut Ctx) {
+    step(
+        ctx,
+        &format!("{BURST} pods at once (RunPodSandbox x{BURST} started together)"),
+    );
+    let before = ts_json(ctx).await;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..BURST {
+        let mut rt = ctx.rt.clone();
+        let name = format!("cri-burst-{i}");
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = rt
+                .run_pod_sandbox(RunPodSandboxRequest {
+                    config: Some(pod_config(&name)),
+                    runtime_handler: String::new(),
+                })
+                .await;
+            (name, r, t.elapsed())
+        }));
+    }
+    let (mut pods, mut lat) = (Vec::new(), Vec::new());
+    for t in tasks {
+        match t.await {
+            Ok((name, r, d)) => {
+                if let Some(p) = ctx
+                    .t
+                    .call(&format!("RunPodSandbox {name} (one of {BURST} at once)"), r)
+                {
+                    pods.push((name, p.pod_sandbox_id));
+                    lat.push(d);
+                }
+            }
+            Err(e) => ctx.t.fail("a RunPodSandbox task", e.to_string()),
+        }
+    }
+    let wall = start.elapsed();
+    let after = ts_json(ctx).await;
+    let n = |v: &Result<serde_json::Value, String>, p: &str| {
+        v.as_ref()
+            .ok()
+            .and_then(|v| v.pointer(p))
+            .and_then(|x| x.as_u64())
+    };
+    // At least one active snapshot per pod: what the steps before left may still be going
+    // (containerd's GC removes a removed pod's snapshot in the background), never coming.
+    let (a0, a1) = (
+        n(&before, "/snapshots/active"),
+        n(&after, "/snapshots/active"),
+    );
+    ctx.t.check(
+        format!("{BURST} pods at once, each on an active snapshot ({a0:?} before, {a1:?} after)"),
+        pods.len() == BURST && a1.is_some_and(|a| a >= BURST as u64),
+        format!("{} pods made; status after {after:?}", pods.len()),
+    );
+    if !lat.is_empty() {
+        lat.sort();
+        let pct = |p: usize| lat[((p * lat.len()).div_ceil(100)).clamp(1, lat.len()) - 1];
+        let delta = |k: &str| {
+            n(&after, &format!("/spares/{k}"))
+                .zip(n(&before, &format!("/spares/{k}")))
+                .map_or("?".to_string(), |(a, b)| a.saturating_sub(b).to_string())
+        };
+        println!(
+            "MEASURE: {BURST} pods at once: RunPodSandbox p50 {} ms, p99 {} ms, wall {} ms \
+             (spares taken {}, missed {})",
+            pct(50).as_millis(),
+            pct(99).as_millis(),
+            wall.as_millis(),
+            delta("taken"),
+            delta("missed")
+        );
+    }
+    for (name, id) in pods {
+        remove_pod(ctx, &name, &id).await;
+    }
 }
 
 /// RunPodSandbox of a host-network pod `name` with one annotation.
