@@ -103,10 +103,11 @@ impl Engine {
         crate::failpoint!("commit:after-record");
         info!(key, name, thin_id = id.get(), mapped, "committed snapshot");
         // A layer just committed is the likeliest next parent: a spare of it is wanted; one
-        // committed by an image unpack only once the unpack has gone quiet on it.
+        // committed by an image unpack only once the unpack has gone quiet on it, and never one
+        // of a Docker container's init layer (one child, prepared at once).
         if super::spares::is_unpack_key(key) {
             self.spares.unpacked(name);
-        } else {
+        } else if !super::spares::is_docker_init_layer(name) {
             self.spares.touch(name);
         }
         Ok(())

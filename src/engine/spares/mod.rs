@@ -61,14 +61,43 @@ pub(super) const BUSY_REST_FACTOR: u32 = 2;
 /// of the kernel for nothing.
 pub(super) const UNPACK_QUIET: Duration = Duration::from_secs(1);
 
+/// The key a containerd client gave, from the key thinsnap receives: containerd's metadata store
+/// names every snapshot it keeps in a snapshotter `<namespace>/<n>/<client key>` (a proxy
+/// plugin sees `k8s.io/12/extract-...`, `moby/5/<id>-init-key`); a key without that form (a
+/// client calling thinsnap directly, as the benches and tests do) is returned as it is.
+pub(crate) fn client_key(key: &str) -> &str {
+    let mut parts = key.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(ns), Some(n), Some(rest))
+            if !ns.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            rest
+        }
+        _ => key,
+    }
+}
+
 /// Whether `key` is the key containerd's unpacker gives the snapshot it applies a layer into:
 /// `extract-<unique> <chain id>` (containerd's `snapshots.UnpackKeyFormat`; Docker's containerd
-/// image store and the CRI pull through that unpacker).
+/// image store and the CRI pull through that unpacker), under containerd's namespace prefix or
+/// not ([`client_key`]).
 pub(crate) fn is_unpack_key(key: &str) -> bool {
-    key.strip_prefix("extract-").is_some_and(|rest| {
-        rest.split_once(' ')
-            .is_some_and(|(u, c)| !u.is_empty() && !c.is_empty())
-    })
+    client_key(key)
+        .strip_prefix("extract-")
+        .is_some_and(|rest| {
+            rest.split_once(' ')
+                .is_some_and(|(u, c)| !u.is_empty() && !c.is_empty())
+        })
+}
+
+/// Whether `name` is the init layer Docker's containerd image store commits for one container
+/// (`<container id>-init`, prepared as `<container id>-init-key`): the container's own layer is
+/// prepared on it right away and nothing else ever is, so a spare of it would only be made to be
+/// deleted again with the container.
+pub(crate) fn is_docker_init_layer(name: &str) -> bool {
+    client_key(name)
+        .strip_suffix("-init")
+        .is_some_and(|id| !id.is_empty())
 }
 
 /// What the engine keeps of spares in memory. The parent key `""` stands for the base.
@@ -205,7 +234,7 @@ impl Spares {
     /// A Prepare or View on `parent` (`""`: the base): counted in its demand, and it goes first
     /// in the wanted origins.
     fn used(&self, parent: &str) {
-        if self.target == 0 {
+        if self.target == 0 || is_docker_init_layer(parent) {
             return;
         }
         let now = Instant::now();

@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 use super::tests::{no_labels, prep, restart_with_settings, setup_with, T};
 use super::*;
 use crate::config::FsConfig;
-use crate::engine::spares::{is_unpack_key, BUSY_GRACE, DEMAND_WINDOW, UNPACK_QUIET};
+use crate::engine::spares::{
+    client_key, is_docker_init_layer, is_unpack_key, BUSY_GRACE, DEMAND_WINDOW, UNPACK_QUIET,
+};
 use crate::store::SPARE_OWNER;
 
 fn settings(count: u32) -> Settings {
@@ -623,6 +625,23 @@ async fn an_origin_in_demand_gets_more_spares_within_the_count_until_its_demand_
 fn the_unpackers_keys_are_recognised() {
     assert!(is_unpack_key("extract-123456-abcd sha256:0f1e"));
     assert!(is_unpack_key("extract-1 c"));
+    // As a proxy plugin receives them from containerd's metadata store (seen from Docker 28).
+    assert!(is_unpack_key(
+        "moby/1/extract-611387900-oyXs sha256:832eba9fb7a61d213930972306e6583e9752d7220cf612023574c9d57ce48cc6"
+    ));
+    assert!(is_unpack_key("k8s.io/12/extract-1 sha256:0f"));
+    assert_eq!(
+        client_key("k8s.io/12/extract-1 sha256:0f"),
+        "extract-1 sha256:0f"
+    );
+    assert_eq!(client_key("a/b/extract-1 c"), "a/b/extract-1 c");
+    assert_eq!(client_key("plain"), "plain");
+    assert!(!is_unpack_key("k8s.io/x/extract-1 c"));
+    assert!(is_docker_init_layer("moby/6/0274e6bb0335dae7-init"));
+    assert!(is_docker_init_layer("c-init"));
+    assert!(!is_docker_init_layer("moby/6/-init"));
+    assert!(!is_docker_init_layer("moby/5/0274e6bb0335dae7-init-key"));
+    assert!(!is_docker_init_layer("moby/2/sha256:832e"));
     for other in [
         "extract-",
         "extract-1",
@@ -732,4 +751,34 @@ async fn the_refiller_task_makes_the_top_layers_spare_once_the_unpack_is_quiet()
     assert_eq!((t.engine.spares_of("l0"), t.engine.spares_of("l1")), (0, 1));
     stop_tx.send(true).expect("stop");
     task.await.expect("refiller");
+}
+
+#[tokio::test]
+async fn a_docker_init_layer_never_gets_a_spare() {
+    let t = spares_on(8);
+    t.engine.refill_until_idle().await;
+    committed(&t, "moby/2/sha256:top", 10).await;
+    t.engine.refill_until_idle().await;
+    assert_eq!(t.engine.spares_of("moby/2/sha256:top"), 1);
+    // docker run: the init layer on the image, committed, then the container's layer on it.
+    prep(&t, "moby/5/ctr-init-key", "moby/2/sha256:top")
+        .await
+        .expect("prepare the init layer");
+    t.engine
+        .commit("moby/6/ctr-init", "moby/5/ctr-init-key", no_labels())
+        .await
+        .expect("commit the init layer");
+    t.engine.refill_until_idle().await;
+    prep(&t, "moby/7/ctr", "moby/6/ctr-init")
+        .await
+        .expect("prepare the container");
+    t.engine.refill_until_idle().await;
+    assert_eq!(
+        t.engine.spares_of("moby/6/ctr-init"),
+        0,
+        "a spare of an init layer"
+    );
+    // The image's top layer, used by the init layer's Prepare, keeps its spare.
+    assert_eq!(t.engine.spares_of("moby/2/sha256:top"), 1);
+    assert_no_leak(&t, "after docker run");
 }
