@@ -214,11 +214,11 @@ type storage struct {
 	name, sfx                               string
 	ts, dm                                  snapResult
 	st                                      startupResult
-	fl                                      floorResult
+	fl, flNoUdev                            floorResult
 	csOff, csOn, csDM, csOV                 cstartResult
 	haveTS, haveDM, haveST, haveFL          bool
 	haveCSOff, haveCSOn, haveCSDM, csOnSkip bool
-	haveCSOV                                bool
+	haveCSOV, haveFLNoUdev                  bool
 }
 
 func loadStorage(name, sfx string) *storage {
@@ -227,6 +227,7 @@ func loadStorage(name, sfx string) *storage {
 	s.haveDM = load(*dir, "devmapper"+sfx+".json", &s.dm)
 	s.haveST = load(*dir, "startup"+sfx+".json", &s.st)
 	s.haveFL = load(*dir, "floor"+sfx+".json", &s.fl)
+	s.haveFLNoUdev = load(*dir, "floor-noudev"+sfx+".json", &s.flNoUdev)
 	s.haveCSOff = loadFinal(*dir, "cstart-ts"+sfx+".json", &s.csOff)
 	s.haveCSOn = loadFinal(*dir, "cstart-ts-spares"+sfx+".json", &s.csOn)
 	s.haveCSDM = loadFinal(*dir, "cstart-dm"+sfx+".json", &s.csDM)

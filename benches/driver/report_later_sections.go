@@ -391,15 +391,24 @@ func reportFloorUdev(w func(string, ...interface{}), s *storage) {
 	w("")
 	w("The floor's series twice (udev running in the VM: %v): with `DmOptions::default()` (udev runs every rule for each new device, as for a disk: `blkid` probe, `by-uuid` links, inotify watch) and with `DmOptions::private()` (udev makes `/dev/mapper/NAME` and skips the disk, subsystem and other rules), which thinsnap's thin devices use. The resume and the remove wait for udev's rules to finish (the cookie).", s.fl.UdevRunning)
 	w("")
-	w("| step | case | default p50 | private p50 | default / private |")
-	w("|---|---|---|---|---|")
+	if s.haveFLNoUdev {
+		w("")
+		w("(f'') Last column: the same default series run again after udevd was stopped (phase `floor-noudev`): no ioctl waits for udev; what is left is the kernel's.")
+	}
+	w("")
+	w("| step | case | default p50 | private p50 | default / private | udev stopped p50 |")
+	w("|---|---|---|---|---|---|")
 	for _, c := range []struct {
-		name      string
-		def, priv map[string]Stats
-	}{{"no parent", s.fl.NoParent, s.fl.NoParentPrivate}, {"with parent", s.fl.WithParent, s.fl.WithParentPrivate}} {
+		name            string
+		def, priv, noud map[string]Stats
+	}{{"no parent", s.fl.NoParent, s.fl.NoParentPrivate, s.flNoUdev.NoParent}, {"with parent", s.fl.WithParent, s.fl.WithParentPrivate, s.flNoUdev.WithParent}} {
 		for _, k := range []string{"prepare", "prepare.resume", "commit", "activate", "remove_active"} {
 			d, p := c.def[k], c.priv[k]
-			w("| %s | %s | %s | %s | %s |", k, c.name, ms(d.P50), ms(p.P50), ratio(p50(d), p50(p)))
+			nu := "not run"
+			if s.haveFLNoUdev {
+				nu = ms(c.noud[k].P50)
+			}
+			w("| %s | %s | %s | %s | %s | %s |", k, c.name, ms(d.P50), ms(p.P50), ratio(p50(d), p50(p)), nu)
 		}
 	}
 	w("")

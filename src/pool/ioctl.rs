@@ -32,9 +32,9 @@ pub enum Udev {
     /// `by-uuid` link, which every snapshot of one filesystem would claim at once, no inotify
     /// watch that probes it again after each close for writing) and the subsystem and other
     /// rules (systemd makes no `.device` unit of it). The thin devices: nothing but thinsnap and
-    /// the mounts it hands out reads them. It is not faster in the test VM (benches/NOTES.md,
-    /// the floor with both): what a resume waits for there is udev's dm rules, which run for
-    /// every device.
+    /// the mounts it hands out reads them. No speed-up is claimed (benches/NOTES.md: two runs
+    /// of the floor both ways disagree): what a resume waits for in the test VM is mostly
+    /// udev's dm rules, which run for every device.
     Private,
 }
 

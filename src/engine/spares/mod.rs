@@ -234,7 +234,7 @@ impl Spares {
     /// A Prepare or View on `parent` (`""`: the base): counted in its demand, and it goes first
     /// in the wanted origins.
     fn used(&self, parent: &str) {
-        if self.target == 0 || is_docker_init_layer(parent) {
+        if self.target == 0 {
             return;
         }
         let now = Instant::now();
@@ -436,6 +436,10 @@ impl Engine {
     ) -> Result<Option<Vec<Mount>>, EngineError> {
         let sp = &self.spares;
         if sp.target == 0 {
+            return Ok(None);
+        }
+        if is_docker_init_layer(parent) {
+            // Never has a spare (see `is_docker_init_layer`): not a miss either.
             return Ok(None);
         }
         if is_unpack_key(key) {

@@ -769,9 +769,11 @@ async fn a_docker_init_layer_never_gets_a_spare() {
         .await
         .expect("commit the init layer");
     t.engine.refill_until_idle().await;
+    let missed = t.engine.spare_counts().missed;
     prep(&t, "moby/7/ctr", "moby/6/ctr-init")
         .await
         .expect("prepare the container");
+    assert_eq!(t.engine.spare_counts().missed, missed, "counted as a miss");
     t.engine.refill_until_idle().await;
     assert_eq!(
         t.engine.spares_of("moby/6/ctr-init"),
