@@ -115,6 +115,14 @@ struct Inner {
 }
 
 impl Inner {
+    /// `parent` is wanted no more: out of the recent origins, its uses and unpack time dropped
+    /// (its ready spares are the caller's to keep or drop).
+    fn unwant(&mut self, parent: &str) {
+        self.recent.retain(|p| p != parent);
+        self.uses.remove(parent);
+        self.unpacked.remove(parent);
+    }
+
     /// Spares of `parent` ready now.
     fn ready_of(&self, parent: &str) -> usize {
         self.ready.get(parent).map_or(0, Vec::len)
@@ -265,11 +273,7 @@ impl Spares {
         if self.target == 0 || parent.is_empty() {
             return;
         }
-        let mut inner = self.inner();
-        inner.recent.retain(|p| p != parent);
-        inner.uses.remove(parent);
-        inner.unpacked.remove(parent);
-        drop(inner);
+        self.inner().unwant(parent);
         self.poke.notify_one();
     }
 
@@ -280,14 +284,16 @@ impl Spares {
         if self.target == 0 {
             return;
         }
-        let mut inner = self.inner();
-        inner.unpacked.insert(name.to_string(), Instant::now());
-        // Bounded: only layers still among the recent ones keep their time.
-        drop(inner);
+        self.inner()
+            .unpacked
+            .insert(name.to_string(), Instant::now());
         self.touch(name);
+        // Bounded: only layers still among the recent ones keep their time.
         let mut inner = self.inner();
-        let recent: Vec<String> = inner.recent.iter().cloned().collect();
-        inner.unpacked.retain(|p, _| recent.contains(p));
+        let Inner {
+            recent, unpacked, ..
+        } = &mut *inner;
+        unpacked.retain(|p, _| recent.contains(p));
     }
 
     /// When the oldest layer committed by an unpack becomes wanted, if one waits: the refiller
@@ -320,9 +326,7 @@ impl Spares {
             return;
         }
         let mut inner = self.inner();
-        inner.recent.retain(|p| p != parent);
-        inner.uses.remove(parent);
-        inner.unpacked.remove(parent);
+        inner.unwant(parent);
         inner.ready.remove(parent);
     }
 
