@@ -552,17 +552,20 @@ fn allocate_id(devices: &TransactionalTree, meta: &TransactionalTree) -> TxResul
 }
 
 /// The schema version recorded in the database at `path`, read without migrating it (tests of
-/// upgrades). Returns an error if it cannot be opened or records no version.
+/// upgrades). Like [`open_after_drop`], a database still locked by a handle just dropped is
+/// tried again for up to two seconds. Returns an error if it cannot be opened by then or records
+/// no version.
 #[cfg(test)]
 pub(crate) fn schema_version_at(path: &Path) -> Result<u32, StoreError> {
-    let db = sled::Config::new().path(path).open()?;
-    let v = db
-        .open_tree("meta")?
-        .get(META_SCHEMA)?
-        .ok_or_else(|| StoreError::Invariant(format!("no schema version in {}", path.display())))?;
-    Ok(u32::from_be_bytes(
-        v.as_ref().try_into().unwrap_or([0xff; 4]),
-    ))
+    retry_while_locked(|| {
+        let db = sled::Config::new().path(path).open()?;
+        let v = db.open_tree("meta")?.get(META_SCHEMA)?.ok_or_else(|| {
+            StoreError::Invariant(format!("no schema version in {}", path.display()))
+        })?;
+        Ok(u32::from_be_bytes(
+            v.as_ref().try_into().unwrap_or([0xff; 4]),
+        ))
+    })
 }
 
 /// [`Store::open`] for tests that open a database right after dropping it: sled's threads may
@@ -572,18 +575,29 @@ pub(crate) fn schema_version_at(path: &Path) -> Result<u32, StoreError> {
 /// Panics if it cannot be opened by then.
 #[cfg(test)]
 pub(crate) fn open_after_drop(path: &Path) -> Store {
-    let mut tries = 0;
+    retry_while_locked(|| Store::open(path))
+        .unwrap_or_else(|e| panic!("store {}: {e}", path.display()))
+}
+
+/// Runs `open` until it succeeds or two seconds have passed, returning its last error then.
+/// Tests only: sled's background threads keep a dropped database's file lock for a moment, and
+/// under load (CI's shared machine) that moment was long enough to fail a test that opened the
+/// database once.
+#[cfg(test)]
+fn retry_while_locked<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut said = false;
     loop {
-        match Store::open(path) {
-            Ok(s) => return s,
-            Err(e) if tries < 200 => {
-                tries += 1;
-                if tries == 1 {
-                    eprintln!("store still locked by the dropped one ({e}); trying again");
+        match open() {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() < deadline => {
+                if !said {
+                    eprintln!("database still locked by a dropped handle? ({e}); trying again");
+                    said = true;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            Err(e) => panic!("store: {e}"),
+            Err(e) => return Err(e),
         }
     }
 }

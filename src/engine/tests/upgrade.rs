@@ -75,14 +75,10 @@ async fn the_current_schema_is_written_and_can_be_kept_as_a_fixture() {
     let store = crate::store::open_after_drop(&path);
     assert_eq!(store.snapshots().expect("snapshots").len(), 4);
     drop(store);
-    let version = loop {
-        // sled's lock of the dropped handle may linger a moment
-        if let Ok(v) = crate::store::schema_version_at(&path) {
-            break v;
-        }
-        std::thread::yield_now();
-    };
-    assert_eq!(version, crate::store::SCHEMA_VERSION);
+    assert_eq!(
+        crate::store::schema_version_at(&path).expect("schema"),
+        crate::store::SCHEMA_VERSION
+    );
     if let Ok(keep) = std::env::var("THINSNAP_WRITE_FIXTURE") {
         let keep = PathBuf::from(keep);
         assert!(!keep.exists(), "{} exists already", keep.display());
