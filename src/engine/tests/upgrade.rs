@@ -16,7 +16,6 @@ use super::tests::start_on;
 use super::*;
 use crate::pool::fake::FakePool;
 use crate::pool::ThinPool;
-use crate::store::Store;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -108,7 +107,7 @@ async fn a_database_of_schema_1_is_migrated_and_served_as_it_was() {
     // The pool as the old release left it: every thin id its records name.
     let pool = Arc::new(FakePool::new());
     {
-        let store = Store::open(&path).expect("open and migrate");
+        let store = crate::store::open_after_drop(&path); // opens and migrates
         for dev in store.devices().expect("devices") {
             pool.create_thin(dev.thin_id).expect("thin id");
         }
