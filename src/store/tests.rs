@@ -248,9 +248,13 @@ fn a_database_of_a_newer_thinsnap_is_refused_naming_both_versions() {
     let path = dir.path().join("db");
     drop(store);
     stamp(&path, SCHEMA_VERSION + 1, Some("thinsnap 9.9.9"));
+    // sled's lock of the dropped handle may still be held: tried again for up to two seconds
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     let err = loop {
         match Store::open(&path) {
-            Err(StoreError::Open { .. }) => std::thread::yield_now(), // sled's lock, still held
+            Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
             Err(e) => break e,
             Ok(_) => panic!("a newer database was opened"),
         }
