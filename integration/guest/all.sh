@@ -134,7 +134,7 @@ if ((lanes > 1)) && [[ " ${parts[*]} " == *" rust "* ]] && ((${#parts[@]} > 1));
   # of the second lane. Measured in the run of 2026-12-07 (minutes, two lanes): rust 52.9 then
   # docker-28 19.1 (72.0) against conformance 7.5, e2e 30.6, docker-26 23.1 and vm_lazy 3.2
   # (64.4); on 2026-12-08 one test at a time in a VM of its own: vm_crash 31 (partly beside a Docker
-  # VM: the every-failpoint test 20.6 of it), vm_lvm 6, vm_pool_ops 3.1, vm_faults 2.8, vm_lazy 2.4,
+  # VM: the every-failpoint test 20.6 of it), vm_lvm 6, vm_pool_ops over 3.1, vm_faults 2.8, vm_lazy 2.4,
   # vm_edges 2.4, vm_dm 2.4, vm_ownership 2.1. vm_faults moved too evens the lanes out (run of
   # 2026-12-08: 50.4 and 49.8 min); vm_lvm would tip them the other way. A third lane would not help: conformance alone (two
   # tests at once) kept qemu at 150-190% of the 2-core machine, so the emulated vCPUs are the
