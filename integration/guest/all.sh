@@ -18,8 +18,8 @@
 # docker-26" (each part is
 # mostly one process at a time, so one lane leaves the second vCPU idle; two lanes cut the VM's
 # time by about a third). Every part names its own pools and devices, so they do not meet.
-# The test executables named in RUST_LATE (default "vm_lazy vm_faults") run in the second lane, after e2e
-# (part "rust-late").
+# The test executables named in RUST_LATE (default "vm_lazy vm_faults") run in the second lane,
+# at its end (part "rust-late").
 # GUEST_LANES=1 runs everything in one lane, in order, with the leftover-device check after each
 # part; with two lanes the check runs once, after both. Explicit PARTs run in one lane.
 set -uo pipefail
@@ -133,13 +133,13 @@ if ((lanes > 1)) && [[ " ${parts[*]} " == *" rust "* ]] && ((${#parts[@]} > 1));
   # Balance the lanes: the test executables named in RUST_LATE run as part "rust-late" at the end
   # of the second lane. Measured in the run of 2026-12-07 (minutes, two lanes): rust 52.9 then
   # docker-28 19.1 (72.0) against conformance 7.5, e2e 30.6, docker-26 23.1 and vm_lazy 3.2
-  # (64.4); on 2026-12-08 one test at a time in a VM of its own: vm_crash 31 (partly beside a Docker
-  # VM: the every-failpoint test 20.6 of it), vm_lvm 6, vm_pool_ops over 3.1, vm_faults 2.8, vm_lazy 2.4,
-  # vm_edges 2.4, vm_dm 2.4, vm_ownership 2.1. vm_faults moved too evens the lanes out (run of
-  # 2026-12-08: 50.4 and 49.8 min); vm_lvm would tip them the other way. A third lane would not help: conformance alone (two
-  # tests at once) kept qemu at 150-190% of the 2-core machine, so the emulated vCPUs are the
-  # bottleneck (the summary's "vcpus" line says how busy they were over a whole run).
-  # RUST_LATE=none keeps every executable in the rust part.
+  # (64.4); on 2026-12-08 one test at a time in a VM of its own: vm_crash 31 (partly beside a
+  # Docker VM; the every-failpoint test 20.6 of it), vm_lvm 6, vm_pool_ops over 3.1, vm_faults
+  # 2.8, vm_lazy 2.4, vm_edges 2.4, vm_dm 2.4, vm_ownership 2.1. Moving vm_faults too evens the
+  # lanes out (run of 2026-12-08: 50.4 and 49.8 min); vm_lvm would tip them the other way. A
+  # third lane would not help: conformance alone (two tests at once) kept qemu at 150-190% of the
+  # 2-core machine, so the emulated vCPUs are the bottleneck (the summary's "vcpus" line says how
+  # busy they were over a whole run). RUST_LATE=none keeps every executable in the rust part.
   rust_list=$results/rust.txt
   late_pattern=$(printf '%s-|' ${RUST_LATE:-vm_lazy vm_faults})
   grep -v '^[[:space:]]*\(#\|$\)' "$VM_RESULTS/rust-test-executables.txt" | grep -Ev "/(${late_pattern%|})[^/]*$" >"$rust_list"

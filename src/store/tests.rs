@@ -248,16 +248,8 @@ fn a_database_of_a_newer_thinsnap_is_refused_naming_both_versions() {
     let path = dir.path().join("db");
     drop(store);
     stamp(&path, SCHEMA_VERSION + 1, Some("thinsnap 9.9.9"));
-    // sled's lock of the dropped handle may still be held: tried again for up to two seconds
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let err = loop {
-        match Store::open(&path) {
-            Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10))
-            }
-            Err(e) => break e,
-            Ok(_) => panic!("a newer database was opened"),
-        }
+    let Err(err) = retry_while_locked(|| Store::open(&path)) else {
+        panic!("a newer database was opened");
     };
     let msg = err.to_string();
     assert!(matches!(err, StoreError::Newer { .. }), "{msg}");
@@ -322,4 +314,23 @@ fn foreign_ids_are_never_allocated() {
         .expect("rewind");
     assert_eq!(store.begin_device("b", 1).expect("alloc"), 2);
     assert_eq!(store.begin_device("c", 1).expect("alloc"), 5);
+}
+
+/// The retry of tests that reopen a database waits only for sled's lock: a held lock is
+/// recognised as such, other errors are not.
+#[test]
+fn a_held_lock_is_told_apart_from_other_errors() {
+    let (dir, store) = open();
+    let err = Store::open(&dir.path().join("db"))
+        .err()
+        .expect("opened twice");
+    assert!(is_locked(&err), "{err}");
+    drop(store);
+    let newer = StoreError::Newer {
+        path: "db".into(),
+        found: SCHEMA_VERSION + 1,
+        supported: SCHEMA_VERSION,
+        writer: "thinsnap 9.9.9".into(),
+    };
+    assert!(!is_locked(&newer));
 }
